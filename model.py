@@ -1,0 +1,321 @@
+"""Vision transformers for the seed's experiments, from scratch (torch only).
+
+One transformer serves four architectures, picked by name in `create_model`:
+  vit          the seed's baseline student: DeiT-Tiny sizes, one class token (seed 3.2)
+  deit         vit + a distillation token and its head (seed 2.3, Touvron et al. 2020)
+  cdeit        deit + a corruption token predicting the image type, strategies 1/2/3 (seed 3.3)
+  deit3_small  the teacher: DeiT-III Small, LayerScale, patch 16 at 224px (seed 3.2, 4.1)
+
+State-dict keys and layouts follow timm's VisionTransformer, so timm's published DeiT-III file
+loads here unchanged and a trained vit/deit loads into timm's deit_tiny(_distilled)_patch16_224
+built with img_size=32, patch_size=4, num_classes=10. CdeiT's extras (`corr_token`, `head_corr`,
+`corr_proj`) have names timm does not use.
+
+Forward contract:
+  eval mode  -> (B, num_classes) class logits; deit averages cls and dist, cdeit strategies 2/3
+                also average in corr_proj(corruption logits) (seed 3.3).
+  train mode -> Logits(cls, dist, corr, corr_cls), None where the model lacks the head.
+  forward_tokens(x) -> the final-norm special tokens, for the seed's 4.4 cosine analysis.
+"""
+import math
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # the Triton kernels, when this file sits beside kernels/ (optional: users copy model.py alone)
+    import kernels as _kernels
+except ImportError:
+    _kernels = None
+
+
+class Logits(NamedTuple):
+    cls: torch.Tensor                         # (B, num_classes) from the class token
+    dist: Optional[torch.Tensor] = None       # (B, num_classes) from the distillation token
+    corr: Optional[torch.Tensor] = None       # (B, num_types) from the corruption token
+    corr_cls: Optional[torch.Tensor] = None   # (B, num_classes) = corr_proj(corr), strategies 2/3
+
+
+class ModelFileError(RuntimeError):
+    """A weights file that is missing, unreadable or does not match the architecture."""
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, drop=0.0, fused_attn=True):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.fused_attn = fused_attn
+        self.qkv = nn.Linear(dim, 3 * dim)  # rows [q all heads | k all heads | v all heads]
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, hd)
+        if self.fused_attn and x.is_cuda and _kernels is not None:
+            y = _kernels.attention_packed(qkv)  # (B, N, C), no transposes around the kernel
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, hd)
+            y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact (erf) GELU, as timm and the DeiT-III weights use
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual-branch scale of DeiT-III / CaiT (timm key: `ls1.gamma`)."""
+    def __init__(self, dim, init_values):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample (Huang et al. 2016, seed 3.1)."""
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + ls1(attn(norm1(x))), x + ls2(mlp(norm2(x))) (seed 2.1)."""
+    def __init__(self, dim, num_heads, mlp_ratio, init_values, drop, drop_path, fused_attn):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, drop, fused_attn)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size, patch_size, in_chans, dim):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, num_patches, D)
+
+
+# ----------------------------------------------------------------------------- the model
+
+@dataclass
+class ViTConfig:
+    img_size: int = 32            # CIFAR-10 resolution
+    patch_size: int = 4           # 32/4 -> 64 patches for the students
+    in_chans: int = 3
+    num_classes: int = 10
+    embed_dim: int = 192          # DeiT-Tiny D (seed 3.2)
+    depth: int = 12
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    distilled: bool = False       # add the distillation token + head_dist (DeiT)
+    corruption_token: bool = False  # add the corruption token + head_corr (CdeiT)
+    num_types: int = 11           # clean + the seed's 10 corruptions (seed 3.4)
+    strategy: int = 2             # CdeiT inference strategy 1/2/3 (seed 3.3); 2 is the seed's best
+    corr_hidden: int = 0          # strategy 3 FFN width; 0 -> num_types
+    no_embed_class: bool = False  # DeiT-III: pos_embed covers patches only, tokens get none
+    init_values: float = 0.0      # LayerScale init (DeiT-III); 0 -> no LayerScale
+    drop_path: float = 0.0        # stochastic depth at the last block, linear from 0 (DeiT)
+    drop: float = 0.0             # dropout after position embedding, attention proj and MLP
+    fused_attn: bool = True       # use kernels.attention_packed on CUDA
+
+
+MODELS = {
+    "vit": ViTConfig(),
+    "deit": ViTConfig(distilled=True),
+    "cdeit": ViTConfig(distilled=True, corruption_token=True),
+    "deit3_small": ViTConfig(img_size=224, patch_size=16, num_classes=1000, embed_dim=384,
+                             num_heads=6, no_embed_class=True, init_values=1e-6),
+}
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        if cfg.strategy not in (1, 2, 3):
+            raise ValueError(f"strategy must be 1, 2 or 3, got {cfg.strategy}")
+        if cfg.corruption_token and not cfg.distilled:
+            raise ValueError("the corruption token needs the distillation token (CdeiT extends DeiT)")
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
+        self.num_prefix = 1 + int(cfg.distilled) + int(cfg.corruption_token)  # [cls, dist, corr]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.distilled else None
+        self.corr_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.corruption_token else None
+        n_pos = self.patch_embed.num_patches + (0 if cfg.no_embed_class else self.num_prefix)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, D))
+        self.pos_drop = nn.Dropout(cfg.drop)
+        dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()  # linear over depth, as DeiT
+        self.blocks = nn.Sequential(*[
+            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.init_values, cfg.drop, dpr[i], cfg.fused_attn)
+            for i in range(cfg.depth)])
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.head = nn.Linear(D, cfg.num_classes)
+        self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.distilled else None
+        self.head_corr = nn.Linear(D, cfg.num_types) if cfg.corruption_token else None
+        # seed 3.3: strategy 2 projects the corruption logits to class space with one Linear,
+        # strategy 3 with Linear -> GELU -> Linear; strategy 1 has no projection.
+        self.corr_proj = None
+        if cfg.corruption_token and cfg.strategy == 2:
+            self.corr_proj = nn.Linear(cfg.num_types, cfg.num_classes)
+        elif cfg.corruption_token and cfg.strategy == 3:
+            hidden = cfg.corr_hidden or cfg.num_types
+            self.corr_proj = nn.Sequential(nn.Linear(cfg.num_types, hidden), nn.GELU(),
+                                           nn.Linear(hidden, cfg.num_classes))
+        self.apply(self._init_weights)
+        for p in (self.pos_embed, self.cls_token, self.dist_token, self.corr_token):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self):
+        """Parameter names kept out of weight decay (timm's convention for tokens and pos_embed)."""
+        return {"pos_embed", "cls_token", "dist_token", "corr_token"}
+
+    def forward_features(self, x):
+        """(B, C, H, W) normalised images -> (B, num_prefix + num_patches, D) after the final norm."""
+        x = self.patch_embed(x)  # (B, P, D)
+        prefix = [t.expand(x.shape[0], -1, -1)
+                  for t in (self.cls_token, self.dist_token, self.corr_token) if t is not None]
+        if self.cfg.no_embed_class:  # DeiT-III: position embedding on the patches only
+            x = torch.cat(prefix + [x + self.pos_embed], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + self.pos_embed
+        x = self.blocks(self.pos_drop(x))
+        return self.norm(x)
+
+    def forward_tokens(self, x):
+        """Final-layer special tokens {cls, dist, corr} (B, D) each; the seed's 4.4 compares them."""
+        f = self.forward_features(x)
+        names = ["cls"] + ["dist"] * self.cfg.distilled + ["corr"] * self.cfg.corruption_token
+        return {n: f[:, i] for i, n in enumerate(names)}
+
+    def forward(self, x):
+        f = self.forward_features(x)
+        cls = self.head(f[:, 0])
+        dist = self.head_dist(f[:, 1]) if self.head_dist is not None else None
+        corr = self.head_corr(f[:, 2]) if self.head_corr is not None else None
+        corr_cls = self.corr_proj(corr) if self.corr_proj is not None else None
+        if self.training:
+            return Logits(cls, dist, corr, corr_cls)
+        if dist is None:
+            return cls
+        if corr_cls is None:
+            return (cls + dist) / 2  # DeiT and CdeiT strategy 1
+        return (cls + dist + corr_cls) / 3  # CdeiT strategies 2/3 (seed 3.3)
+
+
+def create_model(name, **overrides):
+    """Build one of MODELS by name; keyword overrides replace ViTConfig fields."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    unknown = set(overrides) - set(ViTConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown model option(s) {sorted(unknown)}")
+    return VisionTransformer(replace(MODELS[name], **overrides))
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: decay matrices, not biases, norms, LayerScale, tokens or pos_embed (nanoGPT/timm)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or n in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def load_teacher(path, num_classes=10, **overrides):
+    """DeiT-III Small from timm's `model.safetensors` (no pickle), every key and shape checked.
+
+    A 1000-way ImageNet head with num_classes != 1000 is dropped and a fresh head created: the
+    seed's 4.1 fits a new linear head on the frozen backbone. Any other mismatch raises
+    ModelFileError listing the missing, unexpected and mis-shaped keys.
+    """
+    import os
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelFileError(f"teacher file {path}: not found (python data.py --download fetches it)")
+    try:
+        sd = load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelFileError(f"teacher file {path}: not a readable safetensors file ({msg})") from None
+    model = create_model("deit3_small", num_classes=num_classes, **overrides)
+    expected = model.state_dict()
+    head = sd.get("head.weight")
+    if head is not None and head.shape[0] != num_classes and head.shape[1:] == expected["head.weight"].shape[1:]:
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # refit a new head (seed 4.1)
+        for k in ("head.weight", "head.bias"):
+            sd[k] = expected[k]
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    misshaped = sorted(f"{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}"
+                       for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    if missing or unexpected or misshaped:
+        parts = [f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} ({len(keys)})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                     ("mis-shaped", misshaped)) if keys]
+        raise ModelFileError(f"teacher file {path} does not match deit3_small: " + "; ".join(parts))
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    return model
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_image(cfg: ViTConfig, train=True):
+    """Matmul FLOPs of one image (2 per multiply-add), x3 for forward+backward when training."""
+    n = (cfg.img_size // cfg.patch_size) ** 2
+    t = n + 1 + int(cfg.distilled) + int(cfg.corruption_token)
+    D, L = cfg.embed_dim, cfg.depth
+    per_block = 2 * t * D * (3 * D + D + 2 * int(D * cfg.mlp_ratio)) + 2 * 2 * t * t * D
+    total = L * per_block + 2 * n * D * cfg.in_chans * cfg.patch_size ** 2
+    return total * (3 if train else 1)

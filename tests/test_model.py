@@ -1,0 +1,151 @@
+"""model.py against timm as the oracle, plus the forward contract and the teacher loader's errors."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import model
+from model import Logits, ModelFileError, create_model, load_teacher
+
+timm = pytest.importorskip("timm")  # test-only oracle (requirements-test.txt)
+
+STUDENT_KW = dict(img_size=32, patch_size=4, num_classes=10)
+
+
+def _randomize(m, seed=0):
+    """Non-trivial values everywhere (timm inits LayerScale at 1e-6 and biases at 0, which hides bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (1.0 if p.ndim == 1 and p.numel() > 1 else 0))
+    return m
+
+
+@pytest.fixture(scope="module")
+def timm_teacher_file(tmp_path_factory):
+    t = _randomize(timm.create_model("deit3_small_patch16_224", pretrained=False)).eval()
+    path = tmp_path_factory.mktemp("teacher") / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in t.state_dict().items()}, str(path))
+    return t, path
+
+
+def test_parameter_counts():
+    counts = {n: model.count_params(create_model(n)) for n in model.MODELS}
+    print("parameter counts:", counts)
+    assert counts["deit3_small"] == 22_059_496  # timm's published DeiT-III Small, 1000-way head
+    assert counts["vit"] == sum(p.numel() for p in timm.create_model(
+        "deit_tiny_patch16_224", pretrained=False, **STUDENT_KW).parameters())
+    assert counts["deit"] == sum(p.numel() for p in timm.create_model(
+        "deit_tiny_distilled_patch16_224", pretrained=False, **STUDENT_KW).parameters())
+    # cdeit = deit + corr_token (192) + its pos_embed row (192) + head_corr (192*11+11)
+    #         + the strategy-2 Linear(11 -> 10)
+    assert counts["cdeit"] - counts["deit"] == 192 + 192 + 192 * 11 + 11 + 11 * 10 + 10
+
+
+def test_teacher_matches_timm(timm_teacher_file):
+    t, path = timm_teacher_file
+    ours = load_teacher(path, num_classes=1000).eval()
+    assert len(ours.state_dict()) == len(t.state_dict()) == 176
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = t(x), ours(x)
+        feats_ref, feats = t.forward_features(x), ours.forward_features(x)
+    assert (got - ref).abs().max().item() <= 1e-5
+    assert (feats - feats_ref).abs().max().item() <= 1e-5
+
+
+def test_teacher_new_head_keeps_backbone(timm_teacher_file):
+    t, path = timm_teacher_file
+    ours = load_teacher(path, num_classes=10).eval()
+    assert ours.head.weight.shape == (10, 384)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(ours.forward_features(x)[:, 0], t.forward_features(x)[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("name,timm_name", [("vit", "deit_tiny_patch16_224"),
+                                            ("deit", "deit_tiny_distilled_patch16_224")])
+def test_student_loads_into_timm(name, timm_name):
+    ours = _randomize(create_model(name), seed=2).eval()
+    ref = timm.create_model(timm_name, pretrained=False, **STUDENT_KW).eval()
+    ref.load_state_dict(ours.state_dict())  # strict: same keys, same shapes
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max().item() <= 1e-5
+
+
+def test_forward_contract():
+    x = torch.randn(3, 3, 32, 32)
+    small = dict(depth=2, embed_dim=48, num_heads=2)
+    for name, strategy in [("vit", 2), ("deit", 2), ("cdeit", 1), ("cdeit", 2), ("cdeit", 3)]:
+        m = create_model(name, strategy=strategy, **small)
+        out = m.train()(x)
+        assert isinstance(out, Logits) and out.cls.shape == (3, 10)
+        assert (out.dist is None) == (name == "vit")
+        assert (out.corr is None) == (name != "cdeit")
+        if name == "cdeit":
+            assert out.corr.shape == (3, 11)
+            assert (out.corr_cls is None) == (strategy == 1)
+        m.eval()
+        with torch.no_grad():
+            y = m(x)
+            f = m.forward_features(x)
+            cls, dist = m.head(f[:, 0]), (m.head_dist(f[:, 1]) if m.head_dist else None)
+            if name == "vit":
+                expect = cls
+            elif name == "deit" or strategy == 1:
+                expect = (cls + dist) / 2
+            else:
+                expect = (cls + dist + m.corr_proj(m.head_corr(f[:, 2]))) / 3
+        assert y.shape == (3, 10) and torch.allclose(y, expect, atol=1e-6)
+        toks = m.forward_tokens(x)
+        assert set(toks) == {"vit": {"cls"}, "deit": {"cls", "dist"}, "cdeit": {"cls", "dist", "corr"}}[name]
+        assert torch.allclose(toks["cls"], f[:, 0])
+
+
+def test_strategy3_shapes_and_drop_path():
+    m = create_model("cdeit", strategy=3, drop_path=0.1)
+    lin = [l for l in m.corr_proj if isinstance(l, torch.nn.Linear)]
+    assert lin[0].in_features == 11 and lin[-1].out_features == 10
+    rates = [b.drop_path.p for b in m.blocks]
+    assert rates[0] == 0.0 and abs(rates[-1] - 0.1) < 1e-7
+    assert all(b > a for a, b in zip(rates, rates[1:]))  # linear increase over depth (DeiT)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("resnet")
+    with pytest.raises(ValueError, match="strategy"):
+        create_model("cdeit", strategy=4)
+    with pytest.raises(ValueError, match="unknown model option"):
+        create_model("vit", heads=3)
+
+
+def test_bad_teacher_files(tmp_path, timm_teacher_file):
+    t, good = timm_teacher_file
+    sd = {k: v.contiguous() for k, v in t.state_dict().items()}
+
+    with pytest.raises(ModelFileError, match="not found"):
+        load_teacher(tmp_path / "nope.safetensors")
+
+    missing = dict(sd); del missing["blocks.3.ls1.gamma"]
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ModelFileError, match=r"missing: blocks\.3\.ls1\.gamma"):
+        load_teacher(tmp_path / "missing.safetensors")
+
+    extra = dict(sd); extra["head_dist.weight"] = torch.zeros(10, 384)
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ModelFileError, match=r"unexpected: head_dist\.weight"):
+        load_teacher(tmp_path / "extra.safetensors")
+
+    shaped = dict(sd); shaped["pos_embed"] = torch.zeros(1, 197, 384)
+    save_file(shaped, str(tmp_path / "shaped.safetensors"))
+    with pytest.raises(ModelFileError, match=r"mis-shaped: pos_embed \(1, 197, 384\)"):
+        load_teacher(tmp_path / "shaped.safetensors")
+
+    data = good.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "pickle.pt").write_bytes(b"\x80\x04\x95 not a safetensors file at all")
+    for bad in ("trunc.safetensors", "pickle.pt"):
+        with pytest.raises(ModelFileError) as e:
+            load_teacher(tmp_path / bad)
+        assert bad in str(e.value) and "\n" not in str(e.value)
