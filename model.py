@@ -281,7 +281,7 @@ def load_teacher(path, num_classes=10, **overrides):
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ModelFileError(f"teacher file {path}: not found (python data.py --download fetches it)")
+        raise ModelFileError(f"teacher file {path}: not found (train.py downloads it into --data-dir)")
     try:
         sd = load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
