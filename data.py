@@ -1,0 +1,813 @@
+"""Data: files on disk -> the seed's 11-type mix -> device tensors -> augmented batches.
+
+Top to bottom:
+  1. the published files (CIFAR-10 python batches, CIFAR-10-C, the DeiT-III teacher) and a
+     downloader that resumes, checks checksums, renames atomically and extracts safely;
+  2. readers for the real formats (a restricted unpickler, memory-mapped .npy);
+  3. a synthetic generator that writes the same formats (tests and the offline smoke run);
+  4. the seed's 11-type mix (seed 3.4) and a leak-free variant, cached on disk;
+  5. DeviceLoader: the whole split on the device as uint8, batches are slices of a randperm
+     (airbench style, no DataLoader workers);
+  6. Augment: crop / flip / RandAugment / Random Erasing / Mixup / CutMix as batched tensor ops,
+     plus the teacher's 224px view (seed 3.4: the teacher sees the un-augmented image).
+
+Facts (URLs, checksums, layouts): ../shared/reference/data-formats.md.
+Command line: `python data.py --data-dir ./data` downloads what is missing;
+`python data.py --data-dir ./data --synthetic` writes small synthetic files instead.
+"""
+import hashlib
+import importlib
+import math
+import os
+import pickle
+import shutil
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# seed 3.4: clean + 10 CIFAR-10-C corruptions; the index is the corruption-token target.
+TYPES = ["clean", "brightness", "defocus_blur", "zoom_blur", "motion_blur", "fog", "frost", "snow",
+         "shot_noise", "gaussian_noise", "jpeg_compression"]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# All 19 files of the CIFAR-10-C release (15 benchmark corruptions + 4 extra).
+CORRUPTION_FILES = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+                    "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+                    "elastic_transform", "pixelate", "jpeg_compression",
+                    "speckle_noise", "gaussian_blur", "spatter", "saturate"]
+# The teacher's pretrained config (timm deit3_small): ImageNet statistics; students use them too.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+CIFAR_DIR, CIFARC_DIR = "cifar-10-batches-py", "CIFAR-10-C"
+CIFAR_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+               "test_batch", "batches.meta"]
+TEACHER_FILE = "deit3_small_patch16_224.safetensors"
+
+
+class DataError(RuntimeError):
+    """A missing, malformed or undownloadable data file; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Published files and the downloader
+
+class Remote(NamedTuple):
+    filename: str        # name on disk, and on a mirror: <base>/<filename>
+    url: str             # canonical address
+    md5: str | None
+    sha256: str | None
+    extract: bool        # a tar archive, extracted into data_dir and then deleted
+    required: tuple      # paths under data_dir whose presence means "already have it"
+
+
+FILES = {
+    "cifar10": Remote("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                      "c58f30108f718f92721af3b95e74349a", None, True,
+                      tuple(f"{CIFAR_DIR}/{f}" for f in CIFAR_FILES)),
+    "cifar10c": Remote("CIFAR-10-C.tar", "https://zenodo.org/record/2535967/files/CIFAR-10-C.tar",
+                       "56bf5dcef84df0e2308c6dcbcbbd8499",
+                       "c72763e101c723b7c507b96205f7e938912a5d587376173b825850cf3cb876a7", True,
+                       tuple(f"{CIFARC_DIR}/{n}.npy" for n in CORRUPTION_FILES[:15] + ["labels"])),
+    # timm/deit3_small_patch16_224.fb_in22k_ft_in1k model.safetensors; no published checksum:
+    # we check that it parses as safetensors and record its sha256 next to it.
+    "teacher": Remote(TEACHER_FILE, "https://huggingface.co/timm/deit3_small_patch16_224.fb_in22k_ft_in1k"
+                      "/resolve/main/model.safetensors", None, None, False, (TEACHER_FILE,)),
+}
+
+
+def teacher_path(data_dir):
+    return os.path.join(data_dir, TEACHER_FILE)
+
+
+def _progress(name, done, total, t0, final=False):
+    rate = done / max(time.time() - t0, 1e-6)
+    eta = f"ETA {int((total - done) / rate) // 60}:{int((total - done) / rate) % 60:02d}" if total and rate > 0 else ""
+    tot = f" / {total / 1e6:.1f} MB" if total else ""
+    sys.stderr.write(f"\r  {name}: {done / 1e6:.1f} MB{tot}  {rate / 1e6:.2f} MB/s  {eta}   " + ("\n" if final else ""))
+    sys.stderr.flush()
+
+
+def _fetch(url, part, name, quiet, timeout=60):
+    """Stream url into part, appending with an HTTP Range request when part already has bytes."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    req = urllib.request.Request(url, headers={"User-Agent": "cdeit-kit"})
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:      # nothing left to send: the part is complete
+            return
+        raise
+    with resp:
+        if have and resp.status != 206:  # server ignored the Range: start over
+            have = 0
+        length = resp.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        done, t0, last = have, time.time(), 0.0
+        with open(part, "ab" if have else "wb") as f:
+            while True:
+                chunk = resp.read(1 << 20)
+                if not chunk:
+                    break
+                f.write(chunk)
+                done += len(chunk)
+                if not quiet and time.time() - last > 0.5:
+                    _progress(name, done - have, (total - have) if total else None, t0)
+                    last = time.time()
+            f.flush()
+            os.fsync(f.fileno())
+        if not quiet:
+            _progress(name, done - have, (total - have) if total else None, t0, final=True)
+        if total is not None and done < total:
+            raise ConnectionError(f"connection closed after {done} of {total} bytes")
+
+
+def _hashes(path):
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            md5.update(block)
+            sha.update(block)
+    return md5.hexdigest(), sha.hexdigest()
+
+
+def _safe_extract(archive, data_dir):
+    """Extract a tar into data_dir, refusing members that would land outside it."""
+    root = os.path.realpath(data_dir)
+    tmp = os.path.join(data_dir, f".extract-{os.path.basename(archive)}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with tarfile.open(archive) as tf:
+            members = tf.getmembers()
+            for m in members:
+                bad = os.path.isabs(m.name) or ".." in m.name.replace("\\", "/").split("/")
+                target = os.path.realpath(os.path.join(root, m.name))
+                bad = bad or not target.startswith(root + os.sep)
+                if m.issym() or m.islnk():
+                    base = os.path.dirname(target) if m.issym() else root
+                    link = os.path.realpath(os.path.join(base, m.linkname))
+                    bad = bad or os.path.isabs(m.linkname) or not link.startswith(root + os.sep)
+                if bad or not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+                    raise DataError(f"{archive}: refusing archive member {m.name!r} "
+                                    f"(it would land outside {data_dir} or is not a plain file)")
+            os.makedirs(tmp)
+            tf.extractall(tmp, members, filter="data")   # the stdlib's own guard, as a second line
+        for dirpath, _, names in os.walk(tmp):            # move files into place one by one
+            for n in names:
+                src = os.path.join(dirpath, n)
+                dst = os.path.join(data_dir, os.path.relpath(src, tmp))
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.replace(src, dst)
+    except tarfile.TarError as e:
+        raise DataError(f"{archive}: not a readable tar archive ({e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _get(spec, data_dir, base_url, quiet, retries):
+    url = f"{base_url.rstrip('/')}/{spec.filename}" if base_url else spec.url
+    path = os.path.join(data_dir, spec.filename)
+    part = path + ".part"
+    if not os.path.exists(path):
+        for attempt in range(retries + 1):
+            try:
+                _fetch(url, part, spec.filename, quiet)
+                break
+            except (OSError, urllib.error.URLError) as e:    # includes cut connections; keep .part
+                if isinstance(e, urllib.error.HTTPError) or attempt == retries:
+                    raise
+                time.sleep(min(2 ** attempt, 10) * 0.1)
+        md5, sha = _hashes(part)
+        if (spec.md5 and md5 != spec.md5) or (spec.sha256 and sha != spec.sha256):
+            os.remove(part)
+            want = spec.sha256 if spec.sha256 and sha != spec.sha256 else spec.md5
+            got = sha if want == spec.sha256 else md5
+            raise DataError(f"{spec.filename}: checksum mismatch (expected {want}, got {got}); "
+                            f"the downloaded file was removed")
+        if spec.filename.endswith(".safetensors"):
+            try:
+                from safetensors import safe_open
+                with safe_open(part, framework="pt") as f:
+                    if not list(f.keys()):
+                        raise ValueError("no tensors")
+            except Exception as e:
+                os.remove(part)
+                raise DataError(f"{spec.filename}: not a valid safetensors file ({e}); removed") from None
+            with open(path + ".sha256", "w") as f:
+                f.write(f"{sha}  {spec.filename}\n")
+        os.replace(part, path)
+    if spec.extract:
+        _safe_extract(path, data_dir)
+        os.remove(path)    # saves 3 GB for CIFAR-10-C; the extracted files are what we read
+
+
+def _present(spec, data_dir):
+    return all(os.path.exists(os.path.join(data_dir, r)) for r in spec.required)
+
+
+def _download_all(data_dir, specs, base_url, quiet, retries):
+    os.makedirs(data_dir, exist_ok=True)
+    failed = []
+    for spec in specs:
+        if _present(spec, data_dir):
+            continue
+        try:
+            _get(spec, data_dir, base_url, quiet, retries)
+        except (DataError, OSError, urllib.error.URLError) as e:
+            failed.append((spec, e))
+    if failed:
+        lines = [f"could not fetch {len(failed)} file(s) into {os.path.abspath(data_dir)}:"]
+        for spec, e in failed:
+            url = f"{base_url.rstrip('/')}/{spec.filename}" if base_url else spec.url
+            ck = f"md5 {spec.md5}" if spec.md5 else "none published (must parse as safetensors)"
+            ck += f", sha256 {spec.sha256}" if spec.sha256 else ""
+            lines += [f"  - {spec.filename}", f"      url:      {url}", f"      checksum: {ck}",
+                      f"      put it at {os.path.join(os.path.abspath(data_dir), spec.filename)}"
+                      + (" (extracted on the next run)" if spec.extract else ""),
+                      f"      error:    {e}"]
+        raise DataError("\n".join(lines))
+
+
+def download(data_dir, base_url=None, teacher=True, quiet=False, files=None, retries=3, poll_s=2.0):
+    """Fetch into data_dir whatever is missing. base_url (or env CDEIT_MIRROR) points at a mirror
+    holding the files as <base>/<filename>. Under torchrun only rank 0 downloads: with a process
+    group the others wait at a broadcast, without one they poll until the files are in place
+    (rank 0 leaves a marker on failure). Multi-node runs need a shared data_dir."""
+    base_url = base_url or os.environ.get("CDEIT_MIRROR") or None
+    specs = list(files) if files is not None else [FILES["cifar10"], FILES["cifar10c"]] + ([FILES["teacher"]] if teacher else [])
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return _download_all(data_dir, specs, base_url, quiet, retries)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        msg = [None]
+        if rank == 0:
+            try:
+                _download_all(data_dir, specs, base_url, quiet, retries)
+            except DataError as e:
+                msg = [str(e)]
+        dist.broadcast_object_list(msg, src=0)
+        if msg[0]:
+            raise DataError(msg[0])
+        return
+    marker = os.path.join(data_dir, ".download-failed")
+    if rank == 0:
+        if os.path.exists(marker):
+            os.remove(marker)
+        try:
+            return _download_all(data_dir, specs, base_url, quiet, retries)
+        except DataError as e:
+            with open(marker, "w") as f:
+                f.write(str(e))
+            raise
+    start = time.time()
+    while not all(_present(s, data_dir) for s in specs):
+        if os.path.exists(marker) and os.path.getmtime(marker) >= start - 2:
+            with open(marker) as f:
+                raise DataError(f"rank 0 failed to download:\n{f.read()}")
+        time.sleep(poll_s)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Readers
+
+# What a CIFAR-10 batch pickle may reference: numpy's array reconstruction, nothing else
+# (dicts, lists, bytes and str are pickle opcodes, not globals).
+_NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+                  ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def __init__(self, f, path):
+        super().__init__(f, encoding="bytes")   # Python 2 str -> bytes
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in _NUMPY_GLOBALS:
+            raise DataError(f"refusing to unpickle {module}.{name} in {self.path}")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            module = module.replace("numpy.core.", "numpy._core.")   # numpy 2 moved it
+        return getattr(importlib.import_module(module), name)
+
+
+def _unpickle(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with open(path, "rb") as f:
+            obj = _SafeUnpickler(f, path).load()
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: not a readable CIFAR-10 pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _read_batch(path):
+    d = _unpickle(path)
+    if "data" not in d or "labels" not in d:
+        raise DataError(f"{path}: missing key 'data' or 'labels' (has {sorted(d)})")
+    x, y = d["data"], np.asarray(d["labels"])
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        raise DataError(f"{path}: 'data' must be a uint8 array (N, 3072), got "
+                        f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+    if y.shape != (len(x),) or y.dtype.kind not in "iu" or (len(y) and (y.min() < 0 or y.max() > 9)):
+        raise DataError(f"{path}: 'labels' must be {len(x)} integers in 0..9, got {y.dtype} {y.shape}")
+    # rows are 1024 R, 1024 G, 1024 B, each 32x32 row-major -> HWC
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y.astype(np.int64)
+
+
+def _sub(root, name):
+    return os.path.join(root, name) if os.path.isdir(os.path.join(root, name)) else root
+
+
+def read_cifar10(root):
+    """root: the data folder (holding cifar-10-batches-py/) or that folder itself."""
+    d = _sub(root, CIFAR_DIR)
+    parts = [_read_batch(os.path.join(d, f"data_batch_{i}")) for i in range(1, 6)]
+    test_x, test_y = _read_batch(os.path.join(d, "test_batch"))
+    return {"train_images": np.ascontiguousarray(np.concatenate([p[0] for p in parts])),
+            "train_labels": np.concatenate([p[1] for p in parts]),
+            "test_images": np.ascontiguousarray(test_x), "test_labels": test_y}
+
+
+def _load_npy(path, mmap):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable .npy file ({type(e).__name__}: {e})") from None
+
+
+def read_cifar10c(root, name, test_labels=None):
+    """(images, labels) of CIFAR-10-C/<name>.npy: images memory-mapped (5n, 32, 32, 3) uint8, rows
+    (s-1)*n..s*n = severity s of test image 0..n-1; labels int64 (5n,). Validated against the
+    CIFAR-10 test set (n = its length) read from root unless test_labels is given."""
+    if test_labels is None:
+        test_labels = _read_batch(os.path.join(_sub(root, CIFAR_DIR), "test_batch"))[1]
+    d = _sub(root, CIFARC_DIR)
+    n = len(test_labels)
+    path, lpath = os.path.join(d, f"{name}.npy"), os.path.join(d, "labels.npy")
+    x, y = _load_npy(path, True), _load_npy(lpath, False)
+    if x.dtype != np.uint8 or x.shape != (5 * n, 32, 32, 3):
+        raise DataError(f"{path}: expected uint8 (5*{n}, 32, 32, 3), got {x.dtype} {x.shape}")
+    if y.shape != (5 * n,) or y.dtype.kind not in "iu":
+        raise DataError(f"{lpath}: expected {5 * n} integer labels, got {y.dtype} {y.shape}")
+    if not np.array_equal(y, np.tile(test_labels, 5)):
+        raise DataError(f"{lpath}: labels are not the CIFAR-10 test labels tiled 5 times")
+    return x, y.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Synthetic files in the exact on-disk formats
+
+def _atomic_write(path, write):
+    # temp file + rename: a reader never sees half a file (no fsync: these are throwaway files)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def write_synthetic(root, train_per_class=250, test_per_class=60, seed=0):
+    """Write cifar-10-batches-py/ and CIFAR-10-C/ (19 corruptions + labels.npy) in the real layout,
+    small. Class c = a class colour + oriented stripes + noise (a tiny ViT learns it in a minute);
+    corruption k at severity s = a fixed per-name texture blended in with strength growing with s
+    (not the real corruptions: just learnable by a corruption token)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
+    templ = np.empty((10, 32, 32, 3), np.float32)
+    for c in range(10):
+        ang, freq = math.pi * c / 10, 2 + (c % 3)
+        stripes = np.sin(2 * math.pi * freq * (xx * math.cos(ang) + yy * math.sin(ang)) / 32)
+        templ[c] = 128 + 60 * rng.uniform(-1, 1, 3) + 45 * stripes[..., None]
+
+    def images(labels):
+        noise = rng.integers(-30, 31, (len(labels), 32, 32, 3), dtype=np.int16)
+        return np.clip(templ[labels].astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+    train_y = rng.permutation(np.repeat(np.arange(10), train_per_class))
+    test_y = rng.permutation(np.repeat(np.arange(10), test_per_class))
+    train_x, test_x = images(train_y), images(test_y)
+    d = os.path.join(root, CIFAR_DIR)
+    os.makedirs(d, exist_ok=True)
+
+    def batch(path, x, y, label):
+        # CHW rows like the real files; bytes keys, as Python 2 pickles load with encoding='bytes'
+        obj = {b"batch_label": label.encode(), b"labels": [int(v) for v in y],
+               b"data": np.ascontiguousarray(x.transpose(0, 3, 1, 2).reshape(len(x), 3072)),
+               b"filenames": [f"synthetic_{i}.png".encode() for i in range(len(x))]}
+        _atomic_write(path, lambda f: pickle.dump(obj, f, protocol=4))
+
+    for i, (xs, ys) in enumerate(zip(np.array_split(train_x, 5), np.array_split(train_y, 5))):
+        batch(os.path.join(d, f"data_batch_{i + 1}"), xs, ys, f"training batch {i + 1} of 5")
+    batch(os.path.join(d, "test_batch"), test_x, test_y, "testing batch 1 of 1")
+    meta = {b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": len(test_x), b"num_vis": 3072}
+    _atomic_write(os.path.join(d, "batches.meta"), lambda f: pickle.dump(meta, f, protocol=4))
+
+    dc = os.path.join(root, CIFARC_DIR)
+    os.makedirs(dc, exist_ok=True)
+    bank = rng.integers(-12, 13, test_x.shape, dtype=np.int8).astype(np.int16)  # reused, rolled per severity
+    lut = {s: (np.arange(256) * (0.85 - 0.1 * s)).astype(np.int16) for s in range(1, 6)}  # x * (1 - a)
+    for name in CORRUPTION_FILES:
+        tex = np.kron(rng.uniform(-1, 1, (4, 4, 3)), np.ones((8, 8, 1)))
+        out = np.empty((5 * len(test_x), 32, 32, 3), np.uint8)
+        for s in range(1, 6):
+            a = 0.15 + 0.1 * s    # severity -> blend strength of the texture
+            img = lut[s][test_x] + ((128 + 120 * tex) * a).astype(np.int16)
+            if "noise" in name:
+                img += s * np.roll(bank, s, axis=0)
+            np.clip(img, 0, 255, out=img)
+            out[(s - 1) * len(test_x):s * len(test_x)] = img
+        _atomic_write(os.path.join(dc, f"{name}.npy"), lambda f: np.save(f, out))
+    _atomic_write(os.path.join(dc, "labels.npy"), lambda f: np.save(f, np.tile(test_y, 5).astype(np.uint8)))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The mix (seed 3.4)
+
+def _identity(root):
+    """A cheap fingerprint of the files the mix reads (name, size, mtime): a new copy -> a new cache."""
+    h = hashlib.sha256(b"mix-v1")
+    paths = [os.path.join(_sub(root, CIFAR_DIR), f) for f in CIFAR_FILES[:6]]
+    paths += [os.path.join(_sub(root, CIFARC_DIR), f"{n}.npy") for n in TYPES[1:] + ["labels"]]
+    for p in paths:
+        st = os.stat(p) if os.path.exists(p) else None
+        h.update(f"{os.path.basename(p)}:{st and st.st_size}:{st and st.st_mtime_ns};".encode())
+    return h.hexdigest()[:12]
+
+
+def _take(pool, counts, rng, what):
+    if len(pool) < sum(counts):
+        raise DataError(f"{what}: the pool has {len(pool)} images, the requested split counts "
+                        f"{counts} need {sum(counts)}; use smaller per-class counts")
+    pool = rng.permutation(pool)
+    cuts = np.cumsum(counts)
+    return pool[:cuts[0]], pool[cuts[0]:cuts[1]], pool[cuts[1]:cuts[2]]
+
+
+def build_mix(root, split="paper", seed=0, train_per_class=4500, val_per_class=200, test_per_class=200,
+              cache_dir=None):
+    """The 11-type mix, {"train", "val", "test"} -> {images (N,3,32,32) uint8, labels, types,
+    severities (0 clean, 1..5), sources (CIFAR-10 train image i -> i, test image j -> 50000 + j)},
+    counts per class per type (seed 3.4: 4,500 / 200 / 200 -> 495,000 / 22,000 / 22,000).
+
+    Clean samples come from CIFAR-10's *training* set in both splits (the seed does not say where
+    its clean images come from; this keeps clean train/val/test disjoint).
+    split="paper": the seed's protocol: each (corruption, class) pool = the 5 severities x that
+    class's CIFAR-10 test images, drawn at random. Leak: all 5 severities of every corruption
+    derive from the same 10,000 test images, so corrupted copies of one source image land in train
+    *and* in val/test (and across corruption types); test accuracy is optimistic.
+    split="grouped": leak-free. Each class's test images are partitioned once (shared by every
+    corruption) into count/5 train / val / test sources, each used at all 5 severities; no source
+    id appears in two splits. Counts must be multiples of 5.
+    The result is cached in cache_dir (default <root>/cache; False disables) per split, seed, counts
+    and a fingerprint of the files; loaded with torch.load(weights_only=True)."""
+    if split not in ("paper", "grouped"):
+        raise ValueError(f"split must be 'paper' or 'grouped', got {split!r}")
+    counts = (int(train_per_class), int(val_per_class), int(test_per_class))
+    if min(counts) < 0 or (split == "grouped" and any(c % 5 for c in counts)):
+        raise ValueError(f"per-class counts {counts} must be >= 0 (and multiples of 5 for 'grouped')")
+    path = None
+    if cache_dir is not False:
+        cache_dir = cache_dir or os.path.join(root, "cache")
+        path = os.path.join(cache_dir, f"mix-{split}-s{seed}-{'-'.join(map(str, counts))}-{_identity(root)}.pt")
+        if os.path.exists(path):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:   # a damaged cache is rebuilt, never trusted
+                print(f"data: ignoring unreadable cache {path} ({e})", file=sys.stderr)
+
+    rng = np.random.default_rng(seed)
+    cifar = read_cifar10(root)
+    tr_y, te_y = cifar["train_labels"], cifar["test_labels"]
+    n_tr, n_te = len(tr_y), len(te_y)
+    out = {s: {k: [] for k in ("images", "labels", "types", "severities", "sources")} for s in ("train", "val", "test")}
+
+    def add(split_name, images, labels, t, sev, src):
+        d = out[split_name]
+        d["images"].append(images)
+        d["labels"].append(labels)
+        d["types"].append(np.full(len(labels), t))
+        d["severities"].append(sev)
+        d["sources"].append(src)
+
+    # clean (type 0): CIFAR-10 training images, per class
+    picks = [_take(np.flatnonzero(tr_y == c), counts, rng, f"clean class {c} (CIFAR-10 train)") for c in range(10)]
+    for i, s in enumerate(("train", "val", "test")):
+        idx = np.sort(np.concatenate([p[i] for p in picks]))
+        add(s, cifar["train_images"][idx], tr_y[idx], 0, np.zeros(len(idx), np.int64), idx)
+
+    # grouped: one partition of each class's test images, shared by every corruption
+    if split == "grouped":
+        groups = [_take(np.flatnonzero(te_y == c), [k // 5 for k in counts], rng,
+                        f"class {c} test sources (CIFAR-10 test)") for c in range(10)]
+    for t, name in enumerate(TYPES[1:], start=1):
+        x, _ = read_cifar10c(root, name, te_y)
+        for i, s in enumerate(("train", "val", "test")):
+            if split == "paper":   # rows (s-1)*n + j of this class, any severity
+                rows = np.concatenate([_take(np.flatnonzero(np.tile(te_y, 5) == c), counts, rng,
+                                             f"{name} class {c} (CIFAR-10-C)")[i] for c in range(10)])
+            else:
+                src = np.concatenate([g[i] for g in groups])
+                rows = (np.arange(5)[:, None] * n_te + src[None, :]).ravel()
+            rows = np.sort(rows)    # sorted reads from the memory map
+            add(s, np.asarray(x[rows]), te_y[rows % n_te], t, rows // n_te + 1, n_tr + rows % n_te)
+        del x
+    mix = {s: {k: torch.from_numpy(np.ascontiguousarray(np.concatenate(v)).astype(np.uint8 if k == "images" else np.int64))
+               for k, v in d.items()} for s, d in out.items()}
+    for d in mix.values():
+        d["images"] = d["images"].permute(0, 3, 1, 2).contiguous()   # NHWC -> NCHW
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(mix, tmp)
+        os.replace(tmp, path)
+    return mix
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The loader: the split lives on the device, batches are slices of a permutation (airbench)
+
+class DeviceLoader:
+    """Yields {images (b,3,32,32) uint8, labels, types, severities, sources, index} on `device`.
+    batch_size is the global batch; under DDP every rank draws the same permutation (generator
+    seeded with (seed, epoch)) and takes its contiguous slice b = batch_size // world_size of each
+    global batch, so the ranks together see each sample at most once per epoch. `index` holds row
+    numbers into the split (for cached teacher logits). Without drop_last the last, short global
+    batch is split as evenly as tensor_split does (a rank may get fewer rows, even none)."""
+
+    def __init__(self, split, batch_size, device, shuffle=True, drop_last=True, seed=0, rank=0, world_size=1):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        self.device = torch.device(device)
+        self.data = {k: split[k].to(self.device) for k in ("images", "labels", "types", "severities", "sources") if k in split}
+        self.n = len(self.data["images"])
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(self.seed * 1_000_003 + self.epoch)
+            perm = torch.randperm(self.n, generator=g, device=self.device)
+        else:
+            perm = torch.arange(self.n, device=self.device)
+        b = self.batch_size // self.world_size
+        for step in range(len(self)):
+            glob = perm[step * self.batch_size:(step + 1) * self.batch_size]
+            idx = glob[self.rank * b:(self.rank + 1) * b] if len(glob) == self.batch_size \
+                else glob.tensor_split(self.world_size)[self.rank]
+            batch = {k: v[idx] for k, v in self.data.items()}
+            batch["index"] = idx
+            yield batch
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Augmentation as batched tensor ops, and the teacher's view
+
+def _stats(device):
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    return mean, std
+
+
+def normalize(images):
+    """uint8 (or float in [0, 255]) NCHW -> float32 (x/255 - mean) / std, ImageNet statistics
+    (seed 3.4: student and teacher inputs are normalised alike)."""
+    mean, std = _stats(images.device)
+    return images.float().mul(1 / (255 * std)).sub_(mean / std)
+
+
+def teacher_view(images, size=224, mode="bicubic", dtype=torch.float32):
+    """The teacher's input (seed 3.4): the un-augmented uint8 batch resized on the device to
+    size x size (timm's deit3 config: bicubic; bilinear as an option), normalised."""
+    if mode not in ("bicubic", "bilinear"):
+        raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
+    x = F.interpolate(images.float(), size=(size, size), mode=mode, align_corners=False, antialias=False)
+    if mode == "bicubic":
+        x = x.clamp_(0, 255)   # bicubic overshoots; a uint8 image could not
+    return normalize(x).to(dtype)
+
+
+def crop_flip(images, dy, dx, flip, padding=4, mode="constant"):
+    """out[b] = pad(images[b])[dy:dy+H, dx:dx+W], mirrored where flip[b]; one gather, no padded copy."""
+    B, C, H, W = images.shape
+    ar_h = torch.arange(H, device=images.device)
+    ar_w = torch.arange(W, device=images.device)
+    rows = dy[:, None] + ar_h - padding                             # (B, H) source rows
+    cols = dx[:, None] + ar_w - padding                             # (B, W) source cols
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    if mode == "reflect":
+        rows = rows.abs(); rows = torch.where(rows > H - 1, 2 * (H - 1) - rows, rows)
+        cols = cols.abs(); cols = torch.where(cols > W - 1, 2 * (W - 1) - cols, cols)
+        valid = None
+    else:
+        valid = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
+        rows, cols = rows.clamp(0, H - 1), cols.clamp(0, W - 1)
+    idx = (rows[:, :, None] * W + cols[:, None, :]).view(B, 1, H * W).expand(B, C, H * W)
+    out = images.reshape(B, C, H * W).gather(2, idx).view(B, C, H, W)
+    return out if valid is None else out * valid[:, None].to(out.dtype)
+
+
+def _gray(x):
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])   # PIL's "L" weights
+
+
+_SMOOTH = torch.tensor([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13   # PIL ImageFilter.SMOOTH
+
+
+def _sharp_blur(x):
+    k = _SMOOTH.to(x.device).view(1, 1, 3, 3).expand(3, 1, 3, 3)
+    inner = F.conv2d(x, k, groups=3)
+    out = x.clone()
+    out[:, :, 1:-1, 1:-1] = inner   # PIL keeps the border pixels
+    return out
+
+
+# RandAugment ops (timm "rand-m9" names); m = magnitude / 10, s = random sign per sample (B,1,1,1).
+# Equalize is left out (a per-image histogram); the geometric ops are one affine per sample.
+_PIXEL_OPS = {
+    "AutoContrast": lambda x, m, s: torch.where(
+        x.amax((2, 3), keepdim=True) > x.amin((2, 3), keepdim=True),
+        (x - x.amin((2, 3), keepdim=True)) * 255 / (x.amax((2, 3), keepdim=True) - x.amin((2, 3), keepdim=True)).clamp(min=1e-3), x),
+    "Invert": lambda x, m, s: 255 - x,
+    "Posterize": lambda x, m, s: torch.floor(x / 2 ** int(4 * m)) * 2 ** int(4 * m),     # keep 8 - int(4m) bits
+    "Solarize": lambda x, m, s: torch.where(x >= 256 - 256 * m, 255 - x, x),            # threshold falls with m
+    "SolarizeAdd": lambda x, m, s: torch.where(x < 128, (x + int(110 * m)).clamp(max=255), x),
+    "Color": lambda x, m, s: (_gray(x) + (1 + 0.9 * m * s) * (x - _gray(x))).clamp(0, 255),
+    "Contrast": lambda x, m, s: (_gray(x).mean((2, 3), keepdim=True) * (-0.9 * m * s)
+                                 + (1 + 0.9 * m * s) * x).clamp(0, 255),
+    "Brightness": lambda x, m, s: (x * (1 + 0.9 * m * s)).clamp(0, 255),
+    "Sharpness": lambda x, m, s: (_sharp_blur(x) + (1 + 0.9 * m * s) * (x - _sharp_blur(x))).clamp(0, 255),
+}
+_GEOM_OPS = ["Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"]
+RANDAUG_OPS = list(_PIXEL_OPS) + _GEOM_OPS
+
+
+def _randaugment(x, ops, magnitude, g):
+    """RandAugment (Cubuk et al.; timm's rand-m9-n2 with p=0.5 per op) on float [0,255] NCHW:
+    each sample draws `ops` ops uniformly; every op is applied with probability 0.5 and a random
+    sign. Each pixel op runs on the whole batch and is selected per sample with torch.where (no
+    sync, no per-image loop); geometric ops are folded into one affine grid_sample, fill 128."""
+    B, dev, m = x.shape[0], x.device, magnitude / 10
+    n_ops = len(RANDAUG_OPS)
+    for _ in range(ops):
+        k = torch.randint(0, n_ops, (B,), generator=g, device=dev)
+        on = torch.rand(B, generator=g, device=dev) < 0.5
+        k = torch.where(on, k, torch.full_like(k, -1))
+        s = torch.where(torch.rand(B, generator=g, device=dev) < 0.5, -1.0, 1.0)
+        for j, op in enumerate(_PIXEL_OPS.values()):
+            x = torch.where((k == j).view(B, 1, 1, 1), op(x, m, s.view(B, 1, 1, 1)), x)
+        theta = torch.eye(2, 3, device=dev).repeat(B, 1, 1)
+        g0 = len(_PIXEL_OPS)
+        a = math.radians(30 * m) * s                                     # Rotate: +-27 degrees at m9
+        rot = torch.stack([torch.stack([a.cos(), -a.sin()], 1), torch.stack([a.sin(), a.cos()], 1)], 1)
+        theta[:, :, :2] = torch.where((k == g0).view(B, 1, 1), rot, theta[:, :, :2])
+        theta[:, 0, 1] = torch.where(k == g0 + 1, 0.3 * m * s, theta[:, 0, 1])     # ShearX
+        theta[:, 1, 0] = torch.where(k == g0 + 2, 0.3 * m * s, theta[:, 1, 0])     # ShearY
+        theta[:, 0, 2] = torch.where(k == g0 + 3, 2 * 0.45 * m * s, theta[:, 0, 2])  # TranslateX, 45%*m of width
+        theta[:, 1, 2] = torch.where(k == g0 + 4, 2 * 0.45 * m * s, theta[:, 1, 2])  # TranslateY
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        warped = F.grid_sample(x - 128, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 128
+        x = torch.where((k >= g0).view(B, 1, 1, 1), warped, x)
+    return x.round_()
+
+
+class Augment:
+    """The student's batch augmentation, seed Table 1 / Table 4 best row by default: random crop
+    (zero padding 4, as torchvision's RandomCrop(32, padding=4)), horizontal flip, Random Erasing
+    p=0.25, Mixup alpha 0.8 with p=0.3; RandAugment(n, m) and CutMix available, off.
+    __call__(uint8 NCHW, labels, types, generator) -> (x float32 normalised, y, t): y, t are int64
+    (B,) when no mix fired for this batch, else soft targets (B, num_classes) / (B, num_types) mixed
+    with one lambda (Mixup mixes the type targets like the labels; no smoothing here: the loss's
+    label_smoothing applies on top). Order as timm/DeiT: per-sample transforms, normalise, erase,
+    then the batch mix (pairs each sample with the flipped batch, timm's convention)."""
+
+    def __init__(self, num_classes=10, num_types=11, crop_padding=4, flip=True, mixup_alpha=0.8, mixup_prob=0.3,
+                 cutmix_alpha=1.0, cutmix_prob=0.0, erase_prob=0.25, randaug_ops=0, randaug_magnitude=9,
+                 crop_mode="constant"):
+        self.num_classes, self.num_types = num_classes, num_types
+        self.crop_padding, self.flip, self.crop_mode = crop_padding, flip, crop_mode
+        self.mixup_alpha, self.mixup_prob = mixup_alpha, mixup_prob
+        self.cutmix_alpha, self.cutmix_prob = cutmix_alpha, cutmix_prob
+        self.erase_prob, self.randaug_ops, self.randaug_magnitude = erase_prob, randaug_ops, randaug_magnitude
+
+    def __call__(self, images, labels, types, generator=None):
+        g, dev, B = generator, images.device, images.shape[0]
+        x = images
+        if self.crop_padding or self.flip:
+            p = self.crop_padding
+            dy = torch.randint(0, 2 * p + 1, (B,), generator=g, device=dev)
+            dx = torch.randint(0, 2 * p + 1, (B,), generator=g, device=dev)
+            flip = (torch.rand(B, generator=g, device=dev) < 0.5) if self.flip else torch.zeros(B, dtype=torch.bool, device=dev)
+            x = crop_flip(x, dy, dx, flip, p, self.crop_mode)
+        x = x.float()
+        if self.randaug_ops:
+            x = _randaugment(x, self.randaug_ops, self.randaug_magnitude, g)
+        x = normalize(x)
+        if self.erase_prob:
+            x = self._erase(x, g)
+        return self._mix(x, labels, types, g)
+
+    def _erase(self, x, g):
+        """Random Erasing (Zhong et al.; timm's mode='pixel', count 1): per sample with prob p, a
+        rectangle of area U(0.02, 1/3) x HW and log-uniform aspect in (0.3, 1/0.3), first of 10
+        tries that fits, filled with per-pixel N(0, 1) noise in normalised units."""
+        B, C, H, W = x.shape
+        dev = x.device
+        area = H * W * (0.02 + (1 / 3 - 0.02) * torch.rand(B, 10, generator=g, device=dev))
+        ratio = torch.exp(math.log(0.3) + 2 * math.log(1 / 0.3) * torch.rand(B, 10, generator=g, device=dev))
+        h = torch.sqrt(area * ratio).round().long()
+        w = torch.sqrt(area / ratio).round().long()
+        ok = (h < H) & (w < W)
+        first = ok.int().argmax(1, keepdim=True)
+        h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+        top = (torch.rand(B, generator=g, device=dev) * (H - h + 1)).long()   # randint(0, H - h) inclusive
+        left = (torch.rand(B, generator=g, device=dev) * (W - w + 1)).long()
+        apply = (torch.rand(B, generator=g, device=dev) < self.erase_prob) & ok.any(1)
+        sel = apply.nonzero()[:, 0]   # only erased samples get noise: randn is the costly part on CPU
+        if len(sel):
+            r = torch.arange(H, device=dev)
+            c = torch.arange(W, device=dev)
+            mr = (r >= top[sel, None]) & (r < (top + h)[sel, None])
+            mc = (c >= left[sel, None]) & (c < (left + w)[sel, None])
+            mask = (mr[:, :, None] & mc[:, None, :])[:, None]                 # (k, 1, H, W)
+            noise = torch.randn(len(sel), C, H, W, generator=g, device=dev)
+            x[sel] = torch.where(mask, noise, x[sel])
+        return x
+
+    def _mix(self, x, labels, types, g):
+        """Mixup / CutMix at batch level (timm Mixup mode='batch'): with prob mixup_prob mix the
+        batch with its flip, else with prob cutmix_prob paste a box of the flipped batch."""
+        if not ((self.mixup_prob > 0 and self.mixup_alpha > 0) or (self.cutmix_prob > 0 and self.cutmix_alpha > 0)):
+            return x, labels, types
+        # One host sync per batch: the decision changes the target's type. The draws come from a
+        # numpy generator seeded from `g`, so everything stays deterministic given `g`.
+        rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=g, device=x.device)))
+        u = rng.random()
+        if u < self.mixup_prob and self.mixup_alpha > 0:
+            lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
+            x = x * lam + x.flip(0) * (1 - lam)
+        elif u < self.mixup_prob + self.cutmix_prob and self.cutmix_alpha > 0:
+            lam = float(rng.beta(self.cutmix_alpha, self.cutmix_alpha))
+            H, W = x.shape[2:]
+            ch, cw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+            cy, cx = int(rng.integers(0, H)), int(rng.integers(0, W))
+            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, H)
+            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, W)
+            x = x.clone()
+            x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)   # the area actually pasted
+        else:
+            return x, labels, types
+
+        def soft(v, n):
+            v = F.one_hot(v, n).float() if v.dim() == 1 else v.float()
+            return v * lam + v.flip(0) * (1 - lam)
+        return x, soft(labels, self.num_classes), soft(types, self.num_types)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description="Fetch CIFAR-10, CIFAR-10-C and the DeiT-III teacher into --data-dir.")
+    ap.add_argument("--data-dir", default="./data")
+    ap.add_argument("--mirror", default=None, help="base URL holding the files as <base>/<filename> (env CDEIT_MIRROR)")
+    ap.add_argument("--no-teacher", action="store_true", help="skip the teacher weights")
+    ap.add_argument("--synthetic", action="store_true", help="write small synthetic files instead (offline smoke runs)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        if args.synthetic:
+            write_synthetic(args.data_dir)
+            print(f"wrote synthetic CIFAR-10 / CIFAR-10-C files into {args.data_dir}")
+        else:
+            download(args.data_dir, args.mirror, teacher=not args.no_teacher, quiet=args.quiet)
+            print(f"all files present in {args.data_dir}")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
