@@ -1,20 +1,33 @@
-"""Fused kernels for the hot training step.
+"""Fused Triton kernels for the hot training step (seed model's attention and Eq. 4-7 loss).
 
-`attention(q, k, v)` is a drop-in for `F.scaled_dot_product_attention(q, k, v)` on (B, H, N, D)
-tensors; `attention_packed(qkv)` takes the qkv projection's packed output (B, N, 3, H, D) and
-returns (B, N, H*D), the layout the model's output projection wants.
+    attention(q, k, v)        drop-in for F.scaled_dot_product_attention(q, k, v), (B, H, N, D)
+    attention_packed(qkv)     qkv (B, N, 3, H, D) from the qkv Linear -> (B, N, H*D)
+    distillation_loss(...)    same signature and result as losses.distillation_loss
 
-For now both use PyTorch's SDPA; the Triton kernels replace them on CUDA (issue: Triton kernels).
+CUDA tensors run the Triton kernels; CPU tensors run them only under the Triton interpreter
+(TRITON_INTERPRET=1 set before triton is imported), otherwise PyTorch (SDPA / an eager loss).
+Without triton installed, everything falls back to PyTorch. attention.py and distill_loss.py are
+standalone (torch + triton only): copy either into another project on its own.
 """
-import torch
-import torch.nn.functional as F
+try:
+    from .attention import attention, attention_packed
+    from .distill_loss import distillation_loss
+    HAS_TRITON = True
+except ImportError:  # no triton on this platform: the PyTorch paths, same contracts
+    import torch.nn.functional as _F
 
+    HAS_TRITON = False
 
-def attention(q, k, v):
-    return F.scaled_dot_product_attention(q, k, v)
+    def attention(q, k, v):
+        return _F.scaled_dot_product_attention(q, k, v)
 
+    def attention_packed(qkv):
+        B, N, _, H, D = qkv.shape
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
+        return attention(q, k, v).transpose(1, 2).reshape(B, N, H * D)
 
-def attention_packed(qkv):
-    B, N, _, H, D = qkv.shape
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
-    return attention(q, k, v).transpose(1, 2).reshape(B, N, H * D)
+    def distillation_loss(*args, **kwargs):
+        from losses import distillation_loss as eager  # imported late: losses.py may import us
+        return eager(*args, **kwargs)
+
+__all__ = ["attention", "attention_packed", "distillation_loss", "HAS_TRITON"]
