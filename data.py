@@ -449,6 +449,9 @@ def _identity(root):
     return h.hexdigest()[:12]
 
 
+TEST_SOURCE = 50000   # source id of CIFAR-10 test image j is 50000 + j, whatever the file sizes
+
+
 def _take(pool, counts, rng, what):
     if len(pool) < sum(counts):
         raise DataError(f"{what}: the pool has {len(pool)} images, the requested split counts "
@@ -493,7 +496,9 @@ def build_mix(root, split="paper", seed=0, train_per_class=4500, val_per_class=2
     rng = np.random.default_rng(seed)
     cifar = read_cifar10(root)
     tr_y, te_y = cifar["train_labels"], cifar["test_labels"]
-    n_tr, n_te = len(tr_y), len(te_y)
+    n_te = len(te_y)
+    if len(tr_y) > TEST_SOURCE:
+        raise DataError(f"{root}: {len(tr_y)} training images; source ids assume at most {TEST_SOURCE}")
     out = {s: {k: [] for k in ("images", "labels", "types", "severities", "sources")} for s in ("train", "val", "test")}
 
     def add(split_name, images, labels, t, sev, src):
@@ -524,7 +529,7 @@ def build_mix(root, split="paper", seed=0, train_per_class=4500, val_per_class=2
                 src = np.concatenate([g[i] for g in groups])
                 rows = (np.arange(5)[:, None] * n_te + src[None, :]).ravel()
             rows = np.sort(rows)    # sorted reads from the memory map
-            add(s, np.asarray(x[rows]), te_y[rows % n_te], t, rows // n_te + 1, n_tr + rows % n_te)
+            add(s, np.asarray(x[rows]), te_y[rows % n_te], t, rows // n_te + 1, TEST_SOURCE + rows % n_te)
         del x
     mix = {s: {k: torch.from_numpy(np.ascontiguousarray(np.concatenate(v)).astype(np.uint8 if k == "images" else np.int64))
                for k, v in d.items()} for s, d in out.items()}
