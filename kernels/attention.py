@@ -335,7 +335,8 @@ INTERPRETED = type(_attn_fwd_kernel).__name__ == "InterpretedFunction"
 
 def use_triton(t):
     """Run the kernels on this tensor? CUDA: yes. CPU: only under the interpreter, and not for
-    bf16 there (triton 3.8's interpreter computes bf16 tl.dot wrongly)."""
+    bf16 there (triton 3.8's interpreter computes bf16 tl.dot wrongly and rounds fp32 -> bf16
+    by truncation)."""
     if t.is_cuda:
         return True
     return INTERPRETED and t.device.type == "cpu" and t.dtype != torch.bfloat16

@@ -79,10 +79,12 @@ def _distill_loss_kernel(
         rmask = rows < B
         m2 = rmask[:, None] & cmask[None, :]
         # Rows past B load zeros (finite); their losses are masked out of the sums below.
-        z = tl.load(CLS + rows[:, None] * stride_cls + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        if HAS_CORR_CLS:  # seed Eq. 6-7: the label term sees cls + FFN(corr)
-            z += tl.load(CORR_CLS + rows[:, None] * stride_cc + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        z = tl.where(cmask[None, :], z, float("-inf"))
+        z = tl.load(CLS + rows[:, None] * stride_cls + cols[None, :], mask=m2, other=0.0)
+        if HAS_CORR_CLS:  # seed Eq. 6-7: the label term sees cls + FFN(corr), rounded to the
+            # logits' dtype like the eager `cls + corr_cls` (PyTorch also adds in fp32 and rounds)
+            zc = tl.load(CORR_CLS + rows[:, None] * stride_cc + cols[None, :], mask=m2, other=0.0)
+            z = (z.to(tl.float32) + zc.to(tl.float32)).to(CLS.dtype.element_ty)
+        z = tl.where(cmask[None, :], z.to(tl.float32), float("-inf"))
         if SOFT_LABELS:
             y = tl.load(LABELS + rows[:, None] * stride_lab + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         else:
@@ -275,8 +277,9 @@ INTERPRETED = type(_distill_loss_kernel).__name__ == "InterpretedFunction"
 
 
 def use_triton(t):
-    """CUDA tensors run the kernel; CPU tensors only under the Triton interpreter."""
-    return t.is_cuda or (INTERPRETED and t.device.type == "cpu")
+    """CUDA tensors run the kernel; CPU tensors only under the Triton interpreter, and not bf16
+    there (triton 3.8's interpreter rounds fp32 -> bf16 by truncation)."""
+    return t.is_cuda or (INTERPRETED and t.device.type == "cpu" and t.dtype != torch.bfloat16)
 
 
 def distillation_loss(out, labels, teacher_logits=None, types=None, *, distill,

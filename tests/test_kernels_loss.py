@@ -1,0 +1,191 @@
+"""kernels/distill_loss.py against the oracle, losses.distillation_loss (seed Eq. 4-7).
+
+Every model kind x distill mode x hard/soft targets x CdeiT strategy, odd batch sizes (1, 37, and
+300 so the kernel's row loop runs three ragged steps), fp32/fp16 logits, grad_output != 1,
+per-dtype tolerances, and NaN-poisoned outputs. Runs through Triton's interpreter without CUDA
+(tests/conftest.py). bf16 is checked in tests/test_kernels_gpu.py: triton 3.8's interpreter
+rounds fp32 -> bf16 by truncation, so CPU bf16 takes the eager path.
+"""
+import importlib
+
+import pytest
+import torch
+
+import kernels
+import losses
+from model import Logits
+
+K = importlib.import_module("kernels.distill_loss")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not K.INTERPRETED:
+    pytest.skip("no CUDA and TRITON_INTERPRET=1 was not set before triton was imported",
+                allow_module_level=True)
+
+C, T = 10, 11
+# Gradient tolerance (atol, rtol) by logit dtype: both sides compute in fp32 and round the
+# gradient to the logit dtype once, so the difference is at most about one rounding step.
+TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-5, 2e-3), torch.bfloat16: (1e-4, 1.6e-2)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    real = torch.Tensor.new_empty
+
+    def new_empty(self, *args, **kwargs):
+        t = real(self, *args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
+    assert torch.zeros(1).new_empty(3).isnan().all()
+
+
+def _batch(kind, B, soft, strategy=2, dtype=torch.float32, n_cls=C, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def logits(n):
+        return (2 * torch.randn(B, n, generator=g)).to(DEVICE, dtype).requires_grad_()
+
+    out = Logits(logits(n_cls), logits(n_cls) if kind != "vit" else None,
+                 logits(T) if kind == "cdeit" else None,
+                 logits(n_cls) if kind == "cdeit" and strategy > 1 else None)
+    if soft:  # mixup-style targets: two one-hots mixed with one lambda
+        lam = 0.3
+        labels = lam * torch.eye(n_cls)[torch.randint(0, n_cls, (B,), generator=g)] + \
+            (1 - lam) * torch.eye(n_cls)[torch.randint(0, n_cls, (B,), generator=g)]
+        types = lam * torch.eye(T)[torch.randint(0, T, (B,), generator=g)] + \
+            (1 - lam) * torch.eye(T)[torch.randint(0, T, (B,), generator=g)]
+    else:
+        labels = torch.randint(0, n_cls, (B,), generator=g)
+        types = torch.randint(0, T, (B,), generator=g)
+    teacher = 3 * torch.randn(B, n_cls, generator=g) if kind != "vit" else None
+    to = (lambda x: x.to(DEVICE) if x is not None else None)
+    return out, to(labels), to(teacher), to(types) if kind == "cdeit" else None
+
+
+def _compare(fused, oracle, out, labels, teacher, types, dtype, **kw):
+    inputs = [x for x in out if x is not None]
+    go = torch.tensor(-1.7, device=DEVICE)  # grad_output != 1
+    loss, parts = fused(out, labels, teacher, types, **kw)
+    grads = torch.autograd.grad(loss, inputs, go)
+    loss_r, parts_r = oracle(out, labels, teacher, types, **kw)
+    grads_r = torch.autograd.grad(loss_r, inputs, go)
+    assert loss.dtype == loss_r.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss, loss_r, atol=1e-5, rtol=1e-5)
+    assert parts.keys() == parts_r.keys()
+    for name in parts:
+        assert not parts[name].requires_grad
+        torch.testing.assert_close(parts[name], parts_r[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    atol, rtol = TOL[dtype]
+    for i, (a, e) in enumerate(zip(grads, grads_r)):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=lambda m: f"grad {i}: {m}")
+
+
+CASES = [("vit", "none", 2), ("deit", "hard", 2), ("deit", "soft", 2),
+         ("cdeit", "hard", 1), ("cdeit", "hard", 2), ("cdeit", "soft", 1), ("cdeit", "soft", 3)]
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "mixup"])
+@pytest.mark.parametrize("kind,distill,strategy", CASES, ids=lambda x: str(x))
+@pytest.mark.parametrize("B", [1, 37, 300])
+def test_fused_loss_matches_losses_py(kind, distill, strategy, soft, B, poisoned):
+    out, labels, teacher, types = _batch(kind, B, soft, strategy, seed=B)
+    _compare(kernels.distillation_loss, losses.distillation_loss, out, labels, teacher, types,
+             torch.float32, distill=distill, tau=2.5, alpha=0.3, smoothing=0.1)
+
+
+@pytest.mark.parametrize("dtype", ["fp16"] + (["bf16"] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("kind,distill,strategy", [("deit", "soft", 2), ("cdeit", "hard", 2), ("cdeit", "soft", 2)],
+                         ids=lambda x: str(x))
+def test_fused_loss_low_precision_logits(kind, distill, strategy, dtype, poisoned):
+    out, labels, teacher, types = _batch(kind, 67, False, strategy, DTYPES[dtype], seed=5)
+    teacher = teacher.half()  # a cached teacher may be stored in fp16
+    _compare(kernels.distillation_loss, losses.distillation_loss, out, labels, teacher, types,
+             DTYPES[dtype], distill=distill)
+
+
+def test_wider_heads_and_no_smoothing(poisoned):
+    """C=100 (more than one 16-wide block of columns) and smoothing=0, tau=1."""
+    out, labels, teacher, types = _batch("cdeit", 19, True, 2, n_cls=100, seed=7)
+    for distill in ("hard", "soft"):
+        _compare(kernels.distillation_loss, losses.distillation_loss, out, labels, teacher, types,
+                 torch.float32, distill=distill, tau=1.0, smoothing=0.0)
+
+
+def test_teacher_argmax_ties_take_the_first_class(poisoned):
+    out, labels, _, _ = _batch("deit", 8, False, seed=8)
+    teacher = torch.zeros(8, C, device=DEVICE)
+    teacher[:, 3] = teacher[:, 7] = 1.0  # a tie: torch.argmax picks class 3
+    _compare(kernels.distillation_loss, losses.distillation_loss, out, labels, teacher, None,
+             torch.float32, distill="hard")
+
+
+def test_own_eager_reference_matches_losses_py():
+    """The standalone file's fallback is the same objective as the kit's losses.py."""
+    for kind, distill, strategy in CASES:
+        out, labels, teacher, types = _batch(kind, 13, True, strategy, seed=9)
+        _compare(K.reference_distillation_loss, losses.distillation_loss, out, labels, teacher, types,
+                 torch.float32, distill=distill)
+
+
+def test_triton_path_really_runs(monkeypatch):
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("fell back to the eager loss")
+
+    monkeypatch.setattr(K, "reference_distillation_loss", no_fallback)
+    out, labels, teacher, types = _batch("cdeit", 9, False, seed=10)
+    loss, _ = kernels.distillation_loss(out, labels, teacher, types, distill="soft")
+    torch.testing.assert_close(loss, losses.distillation_loss(out, labels, teacher, types, distill="soft")[0])
+    if DEVICE == "cpu":  # and what the patch replaced is the fallback
+        K.INTERPRETED = False
+        try:
+            with pytest.raises(AssertionError, match="fell back"):
+                kernels.distillation_loss(out, labels, teacher, types, distill="soft")
+        finally:
+            K.INTERPRETED = True
+
+
+@pytest.mark.parametrize("bad", ["vit_with_teacher", "deit_without_teacher", "cdeit_without_types",
+                                 "teacher_shape", "labels_shape", "distill_name"])
+def test_bad_combinations_raise_like_losses_py(bad):
+    kind = {"vit_with_teacher": "vit", "cdeit_without_types": "cdeit"}.get(bad, "deit")
+    out, labels, teacher, types = _batch(kind, 4, False, seed=11)
+    kw = {"distill": "hard"}
+    if bad == "vit_with_teacher":
+        teacher, kw = torch.zeros(4, C, device=DEVICE), {"distill": "none"}
+    elif bad == "deit_without_teacher":
+        teacher = None
+    elif bad == "cdeit_without_types":
+        types = None
+    elif bad == "teacher_shape":
+        teacher = teacher[:, :5]
+    elif bad == "labels_shape":
+        labels = labels[:3]
+    else:
+        kw = {"distill": "medium"}
+    with pytest.raises(ValueError) as ours:
+        kernels.distillation_loss(out, labels, teacher, types, **kw)
+    with pytest.raises(ValueError) as theirs:
+        losses.distillation_loss(out, labels, teacher, types, **kw)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_custom_op_registration():
+    out, labels, teacher, types = _batch("cdeit", 5, False, seed=12)
+    cls, dist, corr, corr_cls = out
+    args = (cls, corr_cls, dist, teacher, corr, labels, types, 2, 3.0, 0.1, 0.25, 0.5, 0.25)
+    torch.library.opcheck(K._distill_loss_fwd, args)
+
+
+def test_compile_traces_without_graph_break():
+    out, labels, teacher, types = _batch("cdeit", 7, True, seed=13)
+
+    def step(out):
+        return kernels.distillation_loss(out, labels, teacher, types, distill="soft")[0]
+
+    loss = torch.compile(step, backend="aot_eager", fullgraph=True)(out)
+    grads = torch.autograd.grad(loss, [x for x in out if x is not None])
+    grads_r = torch.autograd.grad(step(out), [x for x in out if x is not None])
+    for a, e in zip(grads, grads_r):
+        torch.testing.assert_close(a, e)
