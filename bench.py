@@ -1,0 +1,104 @@
+"""Benchmarks outside the test suite: `python bench.py data|train|corruptions`.
+
+Each section is one function, owned by the file it measures; imports happen inside them so one
+section's dependencies never slow down or break another.
+"""
+import argparse
+import sys
+import time
+
+
+def bench_data(args):
+    """Images/s of data.py's on-device pipeline (DeviceLoader + Augment) against torchvision's
+    per-image transforms (RandomCrop(32, 4), RandomHorizontalFlip, ToTensor, Normalize,
+    RandomErasing(0.25)) through a DataLoader with 2 workers, plus the same Mixup on the collated
+    batches. Same images, same batch size. On CUDA also the full pipeline with the teacher view."""
+    import numpy as np
+    import torch
+    import torchvision.transforms as T
+    from PIL import Image
+    import data
+
+    n, bs = args.images, args.batch_size
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)   # CIFAR-sized uint8, HWC
+    labels = rng.integers(0, 10, n)
+    types = rng.integers(0, 11, n)
+    aug = data.Augment()
+
+    # torchvision: PIL image per sample, as torchvision.datasets.CIFAR10 hands them out
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize(data.MEAN, data.STD), T.RandomErasing(p=0.25, value="random")])
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return tf(Image.fromarray(images[i])), int(labels[i]), int(types[i])
+
+    loader = torch.utils.data.DataLoader(DS(), batch_size=bs, shuffle=True, num_workers=2,
+                                         drop_last=True, persistent_workers=True)
+    mix = data.Augment(crop_padding=0, flip=False, erase_prob=0.0)   # only its Mixup part
+    g = torch.Generator().manual_seed(0)
+
+    def run_tv():
+        k = 0
+        for x, y, t in loader:
+            x, y, t = mix._mix(x, y, t, g)
+            k += len(x)
+        return k
+
+    run_tv()   # warm-up epoch: worker start-up is not counted
+    t0 = time.perf_counter()
+    k = run_tv()
+    tv = k / (time.perf_counter() - t0)
+
+    split = {"images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+             "labels": torch.from_numpy(labels), "types": torch.from_numpy(types),
+             "severities": torch.zeros(n, dtype=torch.long)}
+
+    def run_ours(device, teacher=False):
+        dl = data.DeviceLoader(split, bs, device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        k = 0
+        for epoch in range(2):   # epoch 0 warms up
+            if epoch == 1:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0, k = time.perf_counter(), 0
+            dl.set_epoch(epoch)
+            for b in dl:
+                x, y, t = aug(b["images"], b["labels"], b["types"], gen)
+                if teacher:
+                    xt = data.teacher_view(b["images"], dtype=torch.bfloat16)
+                k += len(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return k / (time.perf_counter() - t0)
+
+    ours = run_ours(torch.device("cpu"))
+    print(f"data pipeline, {n} images, batch {bs}, torch threads {torch.get_num_threads()}")
+    print(f"  torchvision per-image + DataLoader(2 workers) + mixup: {tv:10.0f} img/s")
+    print(f"  data.py DeviceLoader + Augment on CPU:                  {ours:10.0f} img/s")
+    print(f"  ratio: {ours / tv:.1f}x (goal >= 20x)")
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        print(f"  data.py on {torch.cuda.get_device_name()}: augment {run_ours(dev):.0f} img/s, "
+              f"augment + teacher view (224px bf16) {run_ours(dev, teacher=True):.0f} img/s")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("what", choices=["data", "train", "corruptions"])
+    ap.add_argument("--images", type=int, default=20480, help="data: images per timed epoch")
+    ap.add_argument("--batch-size", type=int, default=512, help="data: batch size")
+    args, _ = ap.parse_known_args()
+    fn = getattr(sys.modules[__name__], f"bench_{args.what}", None)
+    if fn is None:
+        sys.exit(f"bench.py: section {args.what!r} is not written yet")
+    fn(args)
+
+
+if __name__ == "__main__":
+    main()

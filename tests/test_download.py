@@ -1,0 +1,239 @@
+"""data.download against a local HTTP server on 127.0.0.1 (nothing else is contacted): mirrors,
+resume with Range after a cut connection, checksums, safe extraction, tampered pickles, torchrun
+ranks, the offline error."""
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import tarfile
+import threading
+
+import pytest
+import torch
+
+import data
+
+
+class _Server:
+    """Serves self.files {name: bytes}; honours Range; can cut the first response of a file."""
+
+    def __init__(self):
+        self.files, self.cut, self.log = {}, set(), []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                name = self.path.lstrip("/")
+                outer.log.append((name, self.headers.get("Range")))
+                body = outer.files.get(name)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start, rng = 0, self.headers.get("Range")
+                if rng:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(body):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                if name in outer.cut:   # send half, then drop the connection
+                    outer.cut.discard(name)
+                    self.wfile.write(body[start:start + (len(body) - start) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[start:])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+def _tar(members, gz=False):
+    """members: {name: bytes} or (name, TarInfo-tweak) -> archive bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tf:
+        for name, body in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(body, tuple):   # (type, linkname)
+                info.type, info.linkname = body
+                tf.addfile(info)
+            else:
+                info.size = len(body)
+                tf.addfile(info, io.BytesIO(body))
+    return buf.getvalue()
+
+
+def _spec(name, body, required, extract=True, md5=None):
+    return data.Remote(name, f"https://example.invalid/{name}", md5 or hashlib.md5(body).hexdigest(),
+                       hashlib.sha256(body).hexdigest(), extract, tuple(required))
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """Small synthetic CIFAR-10 / CIFAR-10-C files, packed as the published archives."""
+    root = tmp_path_factory.mktemp("src")
+    data.write_synthetic(str(root), train_per_class=20, test_per_class=4)
+    out = {}
+    for folder, arch, gz in (("cifar-10-batches-py", "cifar-10-python.tar.gz", True), ("CIFAR-10-C", "CIFAR-10-C.tar", False)):
+        files = {f"{folder}/{n}": (root / folder / n).read_bytes() for n in sorted(os.listdir(root / folder))}
+        out[arch] = (_tar(files, gz), list(files))
+    from safetensors.torch import save_file
+    save_file({"cls_token": torch.zeros(1, 1, 4)}, str(root / "t.safetensors"))
+    out["teacher"] = (root / "t.safetensors").read_bytes()
+    return out
+
+
+def _specs(synth):
+    (c10, c10_files), (c10c, c10c_files) = synth["cifar-10-python.tar.gz"], synth["CIFAR-10-C.tar"]
+    return [_spec("cifar-10-python.tar.gz", c10, c10_files), _spec("CIFAR-10-C.tar", c10c, c10c_files),
+            data.Remote(data.TEACHER_FILE, "https://example.invalid/model.safetensors", None, None, False,
+                        (data.TEACHER_FILE,))]
+
+
+def test_download_extract_read(server, synth, tmp_path, capsys):
+    server.files = {"cifar-10-python.tar.gz": synth["cifar-10-python.tar.gz"][0],
+                    "CIFAR-10-C.tar": synth["CIFAR-10-C.tar"][0], data.TEACHER_FILE: synth["teacher"]}
+    d = str(tmp_path / "data")
+    data.download(d, server.url, files=_specs(synth))
+    assert "MB/s" in capsys.readouterr().err   # the progress line
+    assert sorted(os.listdir(d)) == ["CIFAR-10-C", "cifar-10-batches-py", data.TEACHER_FILE, data.TEACHER_FILE + ".sha256"]
+    assert data.read_cifar10(d)["test_images"].shape == (40, 32, 32, 3)
+    assert data.read_cifar10c(d, "frost")[0].shape == (200, 32, 32, 3)
+    sha = hashlib.sha256(synth["teacher"]).hexdigest()
+    assert open(os.path.join(d, data.TEACHER_FILE + ".sha256")).read().split()[0] == sha
+    assert data.teacher_path(d) == os.path.join(d, data.TEACHER_FILE)
+    n = len(server.log)
+    data.download(d, server.url, files=_specs(synth), quiet=True)   # all present: no request
+    assert len(server.log) == n
+
+
+def test_mirror_from_environment(server, synth, tmp_path, monkeypatch):
+    server.files = {"CIFAR-10-C.tar": synth["CIFAR-10-C.tar"][0]}
+    monkeypatch.setenv("CDEIT_MIRROR", server.url)
+    data.download(str(tmp_path), files=_specs(synth)[1:2], quiet=True)
+    assert server.log == [("CIFAR-10-C.tar", None)]
+
+
+def test_resume_after_cut_connection(server, synth, tmp_path):
+    body = synth["CIFAR-10-C.tar"][0]
+    server.files = {"CIFAR-10-C.tar": body}
+    spec = _specs(synth)[1:2]
+    server.cut = {"CIFAR-10-C.tar"}
+    with pytest.raises(data.DataError, match="CIFAR-10-C.tar"):        # no retries: fails, keeps .part
+        data.download(str(tmp_path), server.url, files=spec, quiet=True, retries=0)
+    part = tmp_path / "CIFAR-10-C.tar.part"
+    assert part.stat().st_size == len(body) // 2
+    data.download(str(tmp_path), server.url, files=spec, quiet=True)  # next run resumes
+    assert server.log[-1] == ("CIFAR-10-C.tar", f"bytes={len(body) // 2}-")
+    assert os.path.exists(tmp_path / "CIFAR-10-C" / "labels.npy")
+    assert not part.exists() and not (tmp_path / "CIFAR-10-C.tar").exists()
+    # within one call: the cut is retried with a Range request
+    server.cut, server.log = {"cifar-10-python.tar.gz"}, []
+    server.files["cifar-10-python.tar.gz"] = synth["cifar-10-python.tar.gz"][0]
+    data.download(str(tmp_path), server.url, files=_specs(synth)[:1], quiet=True)
+    assert [r for _, r in server.log] == [None, f"bytes={len(synth['cifar-10-python.tar.gz'][0]) // 2}-"]
+    assert data.read_cifar10(str(tmp_path))["train_labels"].shape == (200,)
+
+
+def test_checksum_mismatch_leaves_nothing(server, synth, tmp_path):
+    body = synth["CIFAR-10-C.tar"][0]
+    server.files = {"CIFAR-10-C.tar": body + b"tampered"}
+    with pytest.raises(data.DataError) as e:
+        data.download(str(tmp_path), server.url, files=_specs(synth)[1:2], quiet=True)
+    msg = str(e.value)
+    assert "CIFAR-10-C.tar: checksum mismatch" in msg and "removed" in msg and hashlib.sha256(body).hexdigest() in msg
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_teacher_file_removed(server, synth, tmp_path):
+    server.files = {data.TEACHER_FILE: b"<html>not found</html>"}
+    with pytest.raises(data.DataError, match="not a valid safetensors file"):
+        data.download(str(tmp_path), server.url, files=_specs(synth)[2:], quiet=True)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("member", [
+    {"../evil.txt": b"x"},
+    {"/tmp/evil-abs.txt": b"x"},
+    {"cifar-10-batches-py/link": (tarfile.SYMTYPE, "../../evil.txt")},
+    {"cifar-10-batches-py/hard": (tarfile.LNKTYPE, "../evil.txt")},
+])
+def test_archive_members_outside_refused(server, tmp_path, member):
+    body = _tar({"cifar-10-batches-py/ok.txt": b"fine", **member})
+    server.files = {"evil.tar": body}
+    d = tmp_path / "data"
+    with pytest.raises(data.DataError, match="refusing archive member"):
+        data.download(str(d), server.url, files=[_spec("evil.tar", body, ["cifar-10-batches-py/ok.txt"])], quiet=True)
+    assert not (tmp_path / "evil.txt").exists() and not os.path.exists("/tmp/evil-abs.txt")
+    assert not (d / "cifar-10-batches-py").exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Evil.marker}",))
+
+
+def test_tampered_pickle_refused(server, synth, tmp_path):
+    _Evil.marker = tmp_path / "pwned"
+    batch = pickle.dumps({b"data": _Evil(), b"labels": [0]}, protocol=4)
+    files = {f"cifar-10-batches-py/{n}": b"" for n in data.CIFAR_FILES}
+    body = _tar({**files, "cifar-10-batches-py/data_batch_1": batch}, gz=True)
+    server.files = {"cifar-10-python.tar.gz": body}
+    d = tmp_path / "data"
+    data.download(str(d), server.url, files=[_spec("cifar-10-python.tar.gz", body, list(files))], quiet=True)
+    with pytest.raises(data.DataError) as e:
+        data.read_cifar10(str(d))
+    assert "refusing to unpickle posix.system" in str(e.value) and "data_batch_1" in str(e.value)
+    assert not _Evil.marker.exists()
+
+
+def test_offline_error_lists_every_file(tmp_path):
+    with pytest.raises(data.DataError) as e:   # nothing listens on port 9 of 127.0.0.1
+        data.download(str(tmp_path), "http://127.0.0.1:9", quiet=True, retries=0)
+    msg = str(e.value)
+    assert "could not fetch 3 file(s)" in msg
+    for spec in data.FILES.values():
+        assert f"http://127.0.0.1:9/{spec.filename}" in msg and os.path.join(str(tmp_path), spec.filename) in msg
+    assert data.FILES["cifar10"].md5 in msg and data.FILES["cifar10c"].sha256 in msg
+    with pytest.raises(SystemExit) as ex:
+        data.main(["--data-dir", str(tmp_path), "--mirror", "http://127.0.0.1:9", "--quiet", "--no-teacher"])
+    assert ex.value.code == 1
+
+
+def test_torchrun_ranks_wait_for_rank0(server, synth, tmp_path, monkeypatch):
+    spec = _specs(synth)[1:2]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    server.files = {"CIFAR-10-C.tar": synth["CIFAR-10-C.tar"][0]}
+    # rank 1 never downloads: it waits until rank 0 (here: a thread) has put the files in place
+    t = threading.Timer(0.3, lambda: data._download_all(str(tmp_path), spec, server.url, True, 0))
+    t.start()
+    data.download(str(tmp_path), server.url, files=spec, quiet=True, poll_s=0.05)
+    t.join()
+    assert [n for n, _ in server.log] == ["CIFAR-10-C.tar"]
+    # rank 0 fails -> it leaves a marker and the waiting rank raises too
+    d = tmp_path / "other"
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(data.DataError):
+        data.download(str(d), "http://127.0.0.1:9", files=spec, quiet=True, retries=0)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(data.DataError, match="rank 0 failed"):
+        data.download(str(d), "http://127.0.0.1:9", files=spec, quiet=True, poll_s=0.05)
