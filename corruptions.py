@@ -1,0 +1,556 @@
+"""
+On-device CIFAR-10-C corruptions: the 15 benchmark corruptions of Hendrycks & Dietterich (2019) at
+severities 1-5, as batched PyTorch ops on whatever device the batch lives on.
+
+Standalone (torch + numpy; PIL or torchvision only to read the frost photographs and for the JPEG
+codec), so you can copy this one file into another project.
+
+    import corruptions
+    y = corruptions.corrupt(x, "motion_blur", 3, generator=g)          # x: (B,32,32,3) uint8
+    y = corruptions.corrupt_batch(x, types, severities, generator=g)  # per-sample type/severity
+
+The parameters are the CIFAR ones of Hendrycks' generator (`make_cifar_c.py` in
+hendrycks/robustness), not ImageNet-C's; see ../shared/reference/data-formats.md. Every function
+works on x in [0, 1] (float32, (B,3,32,32)) and ends like the release: clip, x255, then `np.uint8`,
+which truncates (floor). Where the release's last step was an 8-bit codec (ImageMagick's motion
+blur PNG, PIL's resize, JPEG) the values are already integers, rounded as that codec rounds.
+
+Randomness: every draw comes from `generator` (a torch.Generator), on the generator's device, and
+is then moved to the images' device; a CPU generator therefore gives the same draws for CPU and
+CUDA batches. Without a generator the global RNG of the images' device is used. The release set
+no seed, so its files cannot be regenerated bit for bit; what we match is the algorithm.
+"""
+import functools
+import importlib.util
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# The benchmark's 15, in CIFAR-10-C's order.
+CORRUPTIONS = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+               "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+               "elastic_transform", "pixelate", "jpeg_compression"]
+# The seed's 10 training corruptions (seed 3.4), in the data issue's type-index order 1..10.
+SEEN = ["brightness", "defocus_blur", "zoom_blur", "motion_blur", "fog", "frost", "snow",
+        "shot_noise", "gaussian_noise", "jpeg_compression"]
+# The other 5 benchmark corruptions, never seen in training: type indices 11..15.
+UNSEEN = ["impulse_noise", "glass_blur", "contrast", "elastic_transform", "pixelate"]
+TYPE_NAMES = ["clean"] + SEEN + UNSEEN
+
+SIZE = 32  # CIFAR's parameters (plasma map, elastic IMSIZE, glass scan range) assume 32x32
+
+
+class CorruptionError(ValueError):
+    """Bad input to corrupt()/corrupt_batch(), or a missing optional dependency."""
+
+
+# ---------------------------------------------------------------------------------------------
+# random draws: on the generator's device, then moved to the images' device
+
+def _rand(shape, gen, device):
+    dev = gen.device if gen is not None else device
+    return torch.rand(shape, generator=gen, device=dev).to(device)
+
+
+def _randn(shape, gen, device):
+    dev = gen.device if gen is not None else device
+    return torch.randn(shape, generator=gen, device=dev).to(device)
+
+
+def _randint(low, high, shape, gen, device):  # high exclusive, like np.random.randint
+    dev = gen.device if gen is not None else device
+    return torch.randint(low, high, shape, generator=gen, device=dev).to(device)
+
+
+def _to255(y01):
+    return y01.clamp(0, 1) * 255
+
+
+# ---------------------------------------------------------------------------------------------
+# shared building blocks
+
+def _gauss1d(sigma, truncate, device):
+    """scipy.ndimage's Gaussian taps (what skimage.filters.gaussian uses): radius int(t*s+0.5)."""
+    r = int(truncate * sigma + 0.5)
+    if r == 0:
+        return torch.ones(1, device=device)
+    i = torch.arange(-r, r + 1, dtype=torch.float64)
+    w = torch.exp(-0.5 * (i / sigma) ** 2)
+    return (w / w.sum()).float().to(device)
+
+
+def _sep_conv(x, k, mode):
+    """Separable filter of (B,C,H,W) with 1-D taps k on both axes; mode is F.pad's border mode
+    ('replicate' = scipy 'nearest'; 'reflect' = OpenCV reflect-101)."""
+    r = (k.numel() - 1) // 2
+    if r == 0:
+        return x * k[0]
+    C = x.shape[1]
+    x = F.pad(x, (r, r, r, r), mode=mode)
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+
+
+def _scipy_reflect_sep(field, sigma, truncate):
+    """skimage gaussian(mode='reflect') of (B,H,W): scipy 'reflect' is half-sample symmetric
+    (d c b a | a b c d), i.e. reflect with the edge repeated; pad by mirroring explicitly."""
+    k = _gauss1d(sigma, truncate, field.device)
+    r = (k.numel() - 1) // 2
+    f = field[:, None]
+    # half-sample symmetric padding = concat flipped edge strips (r < size here)
+    f = torch.cat([f[..., :r].flip(-1), f, f[..., -r:].flip(-1)], dim=-1)
+    f = torch.cat([f[..., :r, :].flip(-2), f, f[..., -r:, :].flip(-2)], dim=-2)
+    f = F.conv2d(f, k.view(1, 1, 1, -1))
+    return F.conv2d(f, k.view(1, 1, -1, 1))[:, 0]
+
+
+@functools.lru_cache(maxsize=None)
+def _zoom_matrix(z, device):
+    """(32,32) 1-D operator of the release's clipped_zoom: crop the centre ceil(32/z), scale by z
+    with scipy ndimage.zoom(order=1) (align-corners: out o samples in o*(in-1)/(out-1)), keep the
+    top-left-centred 32. Row o of the matrix holds the linear-interpolation weights of output o."""
+    ch = int(math.ceil(SIZE / z))
+    top = (SIZE - ch) // 2
+    out = int(round(ch * z))
+    trim = (out - SIZE) // 2
+    A = np.zeros((SIZE, SIZE))
+    for o in range(SIZE):
+        c = (o + trim) * (ch - 1) / (out - 1)
+        i0 = int(math.floor(c))
+        f = c - i0
+        A[o, top + i0] += 1 - f
+        if f > 0:
+            A[o, top + i0 + 1] += f
+    return torch.tensor(A, dtype=torch.float32, device=device)
+
+
+def _motion_blur(x, radius, sigma, angles):
+    """ImageMagick's MotionBlurImage on (B,C,H,W) float values 0..255, one angle (degrees) per
+    sample. Width 2*ceil(radius)+1 one-sided taps exp(-i^2/2s^2), normalised; tap i reads pixel
+    (x + ceil(i cos a - 0.5), y + ceil(i sin a - 0.5)), edge pixels repeated. Rounded to 8 bits
+    like the PNG the release decoded. One batched gather per tap, no per-image loop."""
+    B, C, H, W = x.shape
+    width = 2 * int(math.ceil(radius)) + 1
+    i = torch.arange(width, dtype=torch.float64)
+    w = torch.exp(-i * i / (2 * sigma * sigma))
+    w = (w / w.sum()).float().to(x.device)
+    a = torch.deg2rad(angles.double().cpu())[:, None]             # (B,1), float64 as in C
+    ox = torch.ceil(i[None] * torch.cos(a) - 0.5).long().to(x.device)  # (B,width)
+    oy = torch.ceil(i[None] * torch.sin(a) - 0.5).long().to(x.device)
+    yy = torch.arange(H, device=x.device).view(1, H, 1)
+    xx = torch.arange(W, device=x.device).view(1, 1, W)
+    flat = x.reshape(B, C, H * W)
+    out = torch.zeros_like(flat)
+    for t in range(width):
+        r = (yy + oy[:, t].view(B, 1, 1)).clamp(0, H - 1)
+        c = (xx + ox[:, t].view(B, 1, 1)).clamp(0, W - 1)
+        idx = (r * W + c).view(B, 1, H * W).expand(B, C, H * W)
+        out += w[t] * flat.gather(2, idx)
+    return torch.floor(out + 0.5).clamp(0, 255).view(B, C, H, W)
+
+
+# ---------------------------------------------------------------------------------------------
+# the 15 corruptions: f(x in [0,1] (B,3,32,32) float32, severity, generator) -> values 0..255
+
+def gaussian_noise(x, s, g):
+    c = [0.04, 0.06, 0.08, 0.09, 0.10][s - 1]
+    return _to255(x + c * _randn(x.shape, g, x.device))
+
+
+def shot_noise(x, s, g):
+    c = [500, 250, 100, 75, 50][s - 1]
+    dev = g.device if g is not None else x.device
+    return _to255(torch.poisson((x * c).to(dev), generator=g).to(x.device) / c)
+
+
+def impulse_noise(x, s, g):
+    # skimage random_noise(mode='s&p'): each element flipped with p=amount, salt or pepper 50/50.
+    # (skimage <0.15 drew a fixed count of coordinates instead; same density, see the report.)
+    c = [0.01, 0.02, 0.03, 0.05, 0.07][s - 1]
+    flip = _rand(x.shape, g, x.device) < c
+    salt = _rand(x.shape, g, x.device) < 0.5
+    y = torch.where(flip & salt, torch.ones_like(x), x)
+    return _to255(torch.where(flip & ~salt, torch.zeros_like(x), y))
+
+
+@functools.lru_cache(maxsize=None)
+def _defocus_kernel(s, device):
+    radius, alias = [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)][s - 1]
+    L = np.arange(-8, 9)  # all CIFAR radii are <= 8: 17x17 grid, 3x3 alias blur
+    X, Y = np.meshgrid(L, L)
+    d = ((X ** 2 + Y ** 2) <= radius ** 2).astype(np.float32)
+    d /= d.sum()
+    g = np.exp(-np.arange(-1, 2) ** 2 / (2 * alias ** 2))  # OpenCV getGaussianKernel(3, alias)
+    g /= g.sum()
+    d = torch.tensor(d, dtype=torch.float64)[None, None]
+    g = torch.tensor(g)
+    d = F.conv2d(F.pad(d, (1, 1, 1, 1), mode="reflect"), g.view(1, 1, 1, 3))
+    d = F.conv2d(d, g.view(1, 1, 3, 1))[0, 0]
+    # the disk (r <= 1.5) plus the 3x3 blur fits in 5x5; everything outside is exactly 0
+    nz = d.abs().sum(0).nonzero()
+    r = int(max(8 - nz.min(), nz.max() - 8))
+    return d[8 - r:9 + r, 8 - r:9 + r].float().to(device)
+
+
+def defocus_blur(x, s, g):
+    k = _defocus_kernel(s, x.device)
+    r = (k.shape[0] - 1) // 2
+    # OpenCV filter2D, per channel, default border = reflect-101 = F.pad 'reflect'
+    y = F.conv2d(F.pad(x, (r, r, r, r), mode="reflect"), k.expand(3, 1, -1, -1), groups=3)
+    return _to255(y)
+
+
+def glass_blur(x, s, g):
+    sigma, delta, iters = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)][s - 1]
+    B = x.shape[0]
+    k = _gauss1d(sigma, 4.0, x.device)       # skimage gaussian: truncate 4, mode 'nearest'
+    u8 = torch.floor(_sep_conv(x, k, "replicate") * 255)  # the release's np.uint8(...)
+    # Local pixel swaps, scanning rows h and columns w from 31 down to 2; np.random.randint(-1, 1)
+    # gives offsets in {-1, 0}. The swaps don't depend on pixel values, so we run them on a
+    # per-sample permutation of the 1024 positions (one batched step per scan position) and
+    # gather the pixels once at the end.
+    n = SIZE - 2 * delta
+    d = _randint(-delta, delta, (iters, n * n, 2, B), g, torch.device("cpu"))  # (dx, dy)
+    perm = torch.arange(SIZE * SIZE).repeat(B, 1)
+    rows = torch.arange(B)
+    pos = [h * SIZE + w for h in range(SIZE - delta, delta, -1) for w in range(SIZE - delta, delta, -1)]
+    for it in range(iters):
+        for j, a in enumerate(pos):
+            b = a + d[it, j, 1] * SIZE + d[it, j, 0]
+            pa = perm[:, a].clone()
+            perm[:, a] = perm[rows, b]
+            perm[rows, b] = pa
+    perm = perm.to(x.device).view(B, 1, -1).expand(B, 3, -1)
+    y = u8.reshape(B, 3, -1).gather(2, perm).view_as(x) / 255
+    return _to255(_sep_conv(y, k, "replicate"))
+
+
+def motion_blur(x, s, g):
+    radius, sigma = [(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)][s - 1]
+    angles = _rand(x.shape[0], g, x.device) * 90 - 45
+    # the release went through an 8-bit PNG both ways: uint8 in, rounded 8-bit out
+    return _motion_blur(torch.round(x * 255), radius, sigma, angles)
+
+
+@functools.lru_cache(maxsize=None)
+def _zoom_blur_operator(s, device):
+    # np.arange's float quirk: arange(1, 1.16, 0.01) has 16 factors (not 17): keep numpy's.
+    E = [1.06, 1.11, 1.16, 1.21, 1.26][s - 1]
+    zs = np.arange(1, E, 0.01)
+    M = torch.eye(SIZE * SIZE, dtype=torch.float64)
+    for z in zs:
+        A = _zoom_matrix(float(z), torch.device("cpu")).double()
+        M += torch.kron(A, A)  # separable zoom as one (1024,1024) linear map
+    return (M / (len(zs) + 1)).float().to(device)
+
+
+def zoom_blur(x, s, g):
+    M = _zoom_blur_operator(s, x.device)
+    return _to255((x.reshape(-1, SIZE * SIZE) @ M.T).view_as(x))
+
+
+def snow(x, s, g):
+    loc, scale, z, thr, mb_r, mb_s, blend = [
+        (0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+        (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+        (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)][s - 1]
+    B = x.shape[0]
+    layer = loc + scale * _randn((B, SIZE, SIZE), g, x.device)
+    A = _zoom_matrix(float(z), x.device)
+    layer = A @ layer @ A.T
+    layer = torch.where(layer < thr, torch.zeros_like(layer), layer)
+    layer = torch.floor(layer.clamp(0, 1) * 255)[:, None]  # the release's uint8 'L' PNG
+    angles = _rand(B, g, x.device) * 90 - 135
+    layer = _motion_blur(layer, mb_r, mb_s, angles) / 255
+    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]  # cv2 RGB2GRAY
+    x = blend * x + (1 - blend) * torch.maximum(x, gray * 1.5 + 0.5)
+    return _to255(x + layer + layer.flip(-1, -2))  # + the layer rotated 180 degrees
+
+
+def frost_dir():
+    """Folder of Hendrycks' frost photographs inside the `imagecorruptions` package. Located
+    without importing it (its __init__ needs pkg_resources)."""
+    spec = importlib.util.find_spec("imagecorruptions")
+    if spec is None or not spec.submodule_search_locations:
+        raise CorruptionError("frost needs the frost photographs shipped by the imagecorruptions "
+                              "package: pip install imagecorruptions")
+    return os.path.join(list(spec.submodule_search_locations)[0], "frost")
+
+
+def _read_rgb(path):
+    try:
+        from PIL import Image
+        with Image.open(path) as im:
+            return torch.from_numpy(np.array(im.convert("RGB")))  # alpha dropped, like cv2
+    except ImportError:
+        from torchvision.io import ImageReadMode, read_image
+        return read_image(path, mode=ImageReadMode.RGB).permute(1, 2, 0)
+
+
+def _resize_linear(img, factor):
+    """OpenCV resize(fx=fy=factor, INTER_LINEAR) of (H,W,3) uint8: output size round(n*factor),
+    half-pixel centres, source (d+0.5)/factor-0.5, clamped; rounded. At factor 0.2 the sources
+    land on whole pixels (5d+2), so this is an exact subsample, as OpenCV's is."""
+    out = img.double()
+    for dim in (0, 1):
+        n = img.shape[dim]
+        m = int(round(n * factor))
+        src = ((torch.arange(m, dtype=torch.float64) + 0.5) / factor - 0.5).clamp(0, n - 1)
+        i0 = src.floor().long()
+        f = (src - i0).view([-1, 1, 1] if dim == 0 else [1, -1, 1])
+        i1 = (i0 + 1).clamp(max=n - 1)
+        out = out.index_select(dim, i0) * (1 - f) + out.index_select(dim, i1) * f
+    return torch.floor(out + 0.5)
+
+
+@functools.lru_cache(maxsize=None)
+def _frost_textures(device):
+    """frost1..frost5 (the release draws randint(5), so frost6 is never used), resized by 0.2,
+    zero-padded into one (5,Hmax,Wmax,3) tensor, plus each texture's (H, W)."""
+    folder = frost_dir()
+    texs = []
+    for i in range(1, 6):
+        name = [f for f in sorted(os.listdir(folder)) if f.startswith(f"frost{i}.")]
+        if not name:
+            raise CorruptionError(f"{folder}: frost{i} photograph missing; reinstall imagecorruptions")
+        texs.append(_resize_linear(_read_rgb(os.path.join(folder, name[0])), 0.2).float())
+    H = max(t.shape[0] for t in texs)
+    W = max(t.shape[1] for t in texs)
+    out = torch.zeros(5, H, W, 3)
+    for i, t in enumerate(texs):
+        out[i, :t.shape[0], :t.shape[1]] = t
+    sizes = torch.tensor([t.shape[:2] for t in texs])
+    return out.to(device), sizes.to(device)
+
+
+def frost(x, s, g):
+    a, b = [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)][s - 1]
+    tex, sizes = _frost_textures(x.device)
+    B = x.shape[0]
+    idx = _randint(0, 5, (B,), g, x.device)
+    hw = sizes[idx] - SIZE                                       # randint(0, H-32): exclusive
+    start = torch.floor(_rand((B, 2), g, x.device) * hw).long()  # (row, col) per sample
+    ar = torch.arange(SIZE, device=x.device)
+    r = (start[:, 0, None] + ar)[:, :, None]
+    c = (start[:, 1, None] + ar)[:, None, :]
+    crop = tex[idx[:, None, None], r, c].permute(0, 3, 1, 2)     # (B,3,32,32) RGB
+    # frost works on 0..255 values: clip(a x + b frost, 0, 255)
+    return (a * torch.round(x * 255) + b * crop).clamp(0, 255)
+
+
+def _plasma_fractal(B, decay, g, device):
+    """Diamond-square heightmap (B,32,32) normalised to [0,1], all samples at once. numpy axis 0
+    is dim 1 here. Each wibble adds wibble * U(-wibble, wibble) (the release's quirk)."""
+    m = torch.zeros(B, SIZE, SIZE, dtype=torch.float64, device=device)
+    step, wibble = SIZE, 100.0
+
+    def wibbled(a):
+        u = _rand(a.shape, g, device).double() * 2 - 1
+        return a / 4 + wibble * wibble * u
+
+    while step >= 2:
+        h = step // 2
+        corner = m[:, 0::step, 0::step]                   # fill the squares
+        sq = corner + corner.roll(-1, 1)
+        sq = sq + sq.roll(-1, 2)
+        m[:, h::step, h::step] = wibbled(sq)
+        dr = m[:, h::step, h::step]                       # fill the diamonds
+        ul = m[:, 0::step, 0::step]
+        m[:, 0::step, h::step] = wibbled(dr + dr.roll(1, 1) + ul + ul.roll(-1, 2))
+        m[:, h::step, 0::step] = wibbled(dr + dr.roll(1, 2) + ul + ul.roll(-1, 1))
+        step //= 2
+        wibble /= decay
+    m = m - m.amin(dim=(1, 2), keepdim=True)
+    return (m / m.amax(dim=(1, 2), keepdim=True)).float()
+
+
+def fog(x, s, g):
+    c, decay = [(0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)][s - 1]
+    mx = x.amax(dim=(1, 2, 3), keepdim=True)
+    x = x + c * _plasma_fractal(x.shape[0], decay, g, x.device)[:, None]
+    return _to255(x * mx / (mx + c))
+
+
+def brightness(x, s, g):
+    # skimage rgb2hsv -> V += c (clipped) -> hsv2rgb keeps hue and saturation, so it is exactly
+    # rgb * V'/V (and V' gray where V = 0): one pointwise op instead of the HSV round trip.
+    c = [0.05, 0.1, 0.15, 0.2, 0.3][s - 1]
+    v = x.amax(dim=1, keepdim=True)
+    v2 = (v + c).clamp(max=1)
+    y = torch.where(v > 0, x * (v2 / v.clamp(min=1e-12)), v2.expand_as(x))
+    return _to255(y)
+
+
+def contrast(x, s, g):
+    c = [0.75, 0.5, 0.4, 0.3, 0.15][s - 1]
+    m = x.mean(dim=(2, 3), keepdim=True)
+    return _to255((x - m) * c + m)
+
+
+def _reflect101(c, n):
+    """Reflect coordinates about pixel centres 0 and n-1 (OpenCV BORDER_REFLECT_101)."""
+    c = torch.remainder(c, 2 * (n - 1))
+    return torch.where(c > n - 1, 2 * (n - 1) - c, c)
+
+
+def _reflect_half(c, n):
+    """scipy map_coordinates mode='reflect' for order 1: half-sample symmetric about -0.5 and
+    n-0.5; a coordinate in the outer half pixel reads the edge pixel, i.e. clamp."""
+    c = torch.remainder(c + 0.5, 2 * n)
+    c = torch.where(c >= n, 2 * n - c, c) - 0.5
+    return c.clamp(0, n - 1)
+
+
+def _bilinear(x, rows, cols):
+    """Sample (B,C,H,W) at per-sample pixel coordinates rows/cols (B,H,W), already in range."""
+    n = SIZE - 1
+    grid = torch.stack([cols / n * 2 - 1, rows / n * 2 - 1], dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def elastic_transform(x, s, g):
+    alpha, sigma, aff = [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06),
+                         (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)][s - 1]
+    alpha, sigma, aff = SIZE * alpha, SIZE * sigma, SIZE * aff
+    B, dev = x.shape[0], x.device
+    # random affine: three points (x, y) moved by U(-aff, aff); cv2.getAffineTransform(p1, p2)
+    p1 = torch.tensor([[26.0, 26.0], [26.0, 6.0], [6.0, 6.0]], dtype=torch.float64)
+    p2 = p1 + (_rand((B, 3, 2), g, dev).double().cpu() * 2 - 1) * aff
+    P = torch.cat([p1, torch.ones(3, 1, dtype=torch.float64)], 1)   # (3,3)
+    # warpAffine reads src at M^-1 (dst): solve the inverse map p2 -> p1 directly
+    Q = torch.cat([p2, torch.ones(B, 3, 1, dtype=torch.float64)], 2)  # (B,3,3)
+    Minv = torch.linalg.solve(Q, P.expand(B, 3, 3)).transpose(1, 2)  # (B,2,3)
+    Minv = Minv.float().to(dev)
+    yy, xx = torch.meshgrid(torch.arange(SIZE, device=dev, dtype=torch.float32),
+                            torch.arange(SIZE, device=dev, dtype=torch.float32), indexing="ij")
+    sx = Minv[:, 0, 0, None, None] * xx + Minv[:, 0, 1, None, None] * yy + Minv[:, 0, 2, None, None]
+    sy = Minv[:, 1, 0, None, None] * xx + Minv[:, 1, 1, None, None] * yy + Minv[:, 1, 2, None, None]
+    # OpenCV quantises warp coordinates to 1/32 pixel (INTER_BITS = 5)
+    sx, sy = torch.round(sx * 32) / 32, torch.round(sy * 32) / 32
+    x = _bilinear(x, _reflect101(sy, SIZE), _reflect101(sx, SIZE))
+    # smoothed random displacement (dx on columns, dy on rows), map_coordinates mode='reflect'
+    ux = _rand((B, SIZE, SIZE), g, dev) * 2 - 1
+    uy = _rand((B, SIZE, SIZE), g, dev) * 2 - 1
+    if alpha > 0:
+        dx = _scipy_reflect_sep(ux, sigma, 3.0) * alpha
+        dy = _scipy_reflect_sep(uy, sigma, 3.0) * alpha
+        x = _bilinear(x, _reflect_half(yy + dy, SIZE), _reflect_half(xx + dx, SIZE))
+    return _to255(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _pil_box_matrix(n_in, n_out, device):
+    """Pillow's BOX resample weights (precompute_coeffs): window centre (o+0.5)*scale, support
+    0.5*max(scale,1), candidate inputs [int(centre-support+0.5), int(centre+support+0.5)),
+    box(t) = 1 for -0.5 <= t < 0.5 on (x - centre + 0.5)/filterscale, normalised per output."""
+    scale = n_in / n_out
+    fs = max(scale, 1.0)
+    support = 0.5 * fs
+    A = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        centre = (o + 0.5) * scale
+        lo = max(int(centre - support + 0.5), 0)
+        hi = min(int(centre + support + 0.5), n_in)
+        for i in range(lo, hi):
+            t = (i - centre + 0.5) / fs
+            if -0.5 <= t < 0.5:
+                A[o, i] = 1.0
+        A[o] /= A[o].sum()
+    return torch.tensor(A, dtype=torch.float32, device=device)
+
+
+def _pil_resize(x255, n):
+    """PIL resize(BOX) of (B,C,H,W) 0..255 values to n x n: horizontal pass then vertical, each
+    rounded to 8 bits like Pillow's uint8 intermediate."""
+    A = _pil_box_matrix(x255.shape[-1], n, x255.device)
+    y = torch.floor(x255 @ A.T + 0.5).clamp(0, 255)   # horizontal
+    return torch.floor(A @ y + 0.5).clamp(0, 255)     # vertical
+
+
+def pixelate(x, s, g):
+    c = [0.95, 0.9, 0.85, 0.75, 0.65][s - 1]
+    y = _pil_resize(torch.round(x * 255), int(SIZE * c))
+    return _pil_resize(y, SIZE)
+
+
+def jpeg_compression(x, s, g):
+    import warnings
+    q = [80, 65, 58, 50, 40][s - 1]
+    u8 = torch.round(x * 255).to(torch.uint8)
+    with warnings.catch_warnings():  # torchvision 0.29 flags its codecs as moving to torchcodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import decode_jpeg, encode_jpeg
+        # a list in, a list out: on CUDA tensors torchvision batches through nvjpeg (GPU codec);
+        # on CPU it is libjpeg, one image after another (the codec's loop, not ours)
+        dec = decode_jpeg(encode_jpeg(list(u8), quality=q), device=x.device)
+    return torch.stack(dec).float()
+
+
+_FUNCS = {f.__name__: f for f in (gaussian_noise, shot_noise, impulse_noise, defocus_blur,
+                                  glass_blur, motion_blur, zoom_blur, snow, frost, fog,
+                                  brightness, contrast, elastic_transform, pixelate,
+                                  jpeg_compression)}
+assert list(_FUNCS) == CORRUPTIONS
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+def _check_images(images):
+    if not torch.is_tensor(images) or images.dtype != torch.uint8 or images.dim() != 4:
+        raise CorruptionError("images must be a uint8 tensor (B,32,32,3) or (B,3,32,32), got "
+                              f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
+    if images.shape[1:] == (SIZE, SIZE, 3):
+        return True
+    if images.shape[1:] == (3, SIZE, SIZE):
+        return False
+    raise CorruptionError(f"images must be (B,32,32,3) or (B,3,32,32), got {tuple(images.shape)}")
+
+
+def corrupt(images, name, severity, generator=None):
+    """Apply one corruption at one severity (1..5) to a uint8 batch (B,32,32,3) or (B,3,32,32) on
+    any device. Returns the same shape, dtype and device."""
+    hwc = _check_images(images)
+    if name not in _FUNCS:
+        raise CorruptionError(f"unknown corruption {name!r}; expected one of {CORRUPTIONS}")
+    if int(severity) != severity or not 1 <= severity <= 5:
+        raise CorruptionError(f"severity must be an integer 1..5, got {severity!r}")
+    if images.shape[0] == 0:
+        return images.clone()
+    x = images.permute(0, 3, 1, 2) if hwc else images
+    x = x.float().div(255).contiguous()
+    y = _FUNCS[name](x, int(severity), generator)
+    y = torch.floor(y).clamp(0, 255).to(torch.uint8)  # the release's np.uint8 truncation
+    return y.permute(0, 2, 3, 1).contiguous() if hwc else y
+
+
+def corrupt_batch(images, types, severities, generator=None):
+    """Per-sample corruption: types (B,) index TYPE_NAMES (0 = clean passes through unchanged,
+    1..10 = the seed's SEEN, 11..15 = UNSEEN), severities (B,) in 1..5 (ignored for clean).
+    Samples are grouped by (type, severity) and each group is one corrupt() call, groups taken
+    in ascending (type, severity) order with the same generator; so the result equals those
+    corrupt() calls made in that order."""
+    _check_images(images)
+    types = torch.as_tensor(types, device=images.device).long().view(-1)
+    sev = torch.as_tensor(severities, device=images.device).long().view(-1)
+    if types.numel() != images.shape[0] or sev.numel() != images.shape[0]:
+        raise CorruptionError(f"types ({types.numel()}) and severities ({sev.numel()}) must have "
+                              f"one entry per image ({images.shape[0]})")
+    if types.numel() and (types.min() < 0 or types.max() >= len(TYPE_NAMES)):
+        raise CorruptionError(f"type indices must be in 0..{len(TYPE_NAMES) - 1} (TYPE_NAMES)")
+    sev = torch.where(types == 0, torch.zeros_like(sev), sev)
+    bad = (types > 0) & ((sev < 1) | (sev > 5))
+    if bad.any():
+        raise CorruptionError("severities must be in 1..5 for every corrupted sample")
+    out = images.clone()
+    keys = types * 8 + sev
+    for key in torch.unique(keys).tolist():        # sorted ascending
+        t, s = divmod(key, 8)
+        if t == 0:
+            continue
+        idx = (keys == key).nonzero().squeeze(1)
+        out[idx] = corrupt(images[idx], TYPE_NAMES[t], s, generator)
+    return out
