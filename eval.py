@@ -1,0 +1,707 @@
+"""Evaluate trained students (and the fitted teacher head) on the seed's mix or on CIFAR-10-C.
+
+    python eval.py runs/cdeit/best.pt                      # test split of the mix it was trained on
+    python eval.py vit.pt deit.pt cdeit.pt --baseline vit.json   # side by side, like seed Table 3
+    python eval.py --teacher data/cache/teacher_head.pt    # the fitted teacher head (seed 4.1: 87.4%)
+    python eval.py best.pt --benchmark cifar10c [--extra]  # the standard 15 x 5 CIFAR-10-C protocol
+
+Top to bottom: 1. pure metric functions (seed 3.5; each tested on hand-computed values),
+2. loading checkpoints, teacher heads and baseline JSONs (one clear line on any bad file),
+3. running a model over a split, batched on the device (bf16 autocast on CUDA),
+4. the metrics of one run, 5. the CIFAR-10-C benchmark, 6. tables, plot, command line.
+
+ECE is Guo et al.'s standard definition over the whole split at once (seed Eq. 8-9). The seed's
+ECEs (~0.0002) are far smaller because one public implementation sums per-batch ECEs and divides by
+the number of samples; ours are not comparable to those numbers.
+
+--json writes one dict for one checkpoint and a list of dicts (command-line order, the teacher last)
+for several; outputs are written only after everything succeeded, atomically.
+"""
+import argparse
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import model as model_lib
+
+STUDENT_KIND, HEAD_KIND, EVAL_KIND = "cdeit-kit/student", "cdeit-kit/teacher-head", "cdeit-kit/eval"
+CORRUPTIONS = data.TYPES[1:]  # the seed's 10 corruption types (index 1..10 of the mix)
+BENCHMARK = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+             "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+             "elastic_transform", "pixelate", "jpeg_compression"]  # Hendrycks & Dietterich's 15
+EXTRA = ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
+ROBUSTBENCH_WRN28_10 = 73.46  # RobustBench CIFAR-10-C, Standard WRN-28-10, mean accuracy over 15 x 5
+
+
+class EvalError(RuntimeError):
+    """A bad input file or option; the message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------- 1. metrics
+
+def calibration_bins(confidences, correct, n_bins=15):
+    """Per-bin (count, accuracy, mean confidence) over equal-width bins (lower, upper] of [0, 1].
+
+    A confidence of exactly 1.0 falls in the last bin and one of exactly 0 in the first (bucketize
+    with right=False puts x in bin i when edge[i-1] < x <= edge[i]). Empty bins have acc = conf = 0.
+    """
+    conf = confidences.double().flatten()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    idx = torch.bucketize(conf, edges[1:-1], right=False)  # 0..n_bins-1
+    count = torch.bincount(idx, minlength=n_bins).double()
+    hits = torch.bincount(idx, weights=correct.double().flatten(), minlength=n_bins)
+    confsum = torch.bincount(idx, weights=conf, minlength=n_bins)
+    safe = count.clamp(min=1)
+    return count, hits / safe, confsum / safe
+
+
+def expected_calibration_error(logits, labels, n_bins=15):
+    """Guo et al. 2017, seed Eq. 9: sum_m |B_m|/n |acc(B_m) - conf(B_m)|, top-1 softmax confidence,
+    15 equal-width bins (lower, upper], empty bins skipped, the whole set at once."""
+    probs = logits.double().softmax(-1)  # float64: a 1.0 - 1e-9 confidence stays below the last edge
+    conf, pred = probs.max(-1)
+    count, acc, cf = calibration_bins(conf, pred == labels, n_bins)
+    return float(((count / count.sum()) * (acc - cf).abs()).sum())  # empty bins add 0
+
+
+def topk_accuracy(logits, labels, k=1):
+    k = min(k, logits.shape[-1])
+    return float((logits.topk(k, -1).indices == labels[:, None]).any(-1).double().mean())
+
+
+def nll(logits, labels):
+    return float(F.cross_entropy(logits.double(), labels))
+
+
+def _mean_or_none(x):
+    return float(x.double().mean()) if x.numel() else None
+
+
+def per_type_accuracy(correct, types):
+    """{type name: accuracy} over the 11 image types (seed 3.4 order); None where a type is absent."""
+    return {name: _mean_or_none(correct[types == t]) for t, name in enumerate(data.TYPES)}
+
+
+def per_severity_accuracy(correct, types, severities):
+    """{"1".."5": accuracy over the corrupted images of that severity} (clean images have severity 0)."""
+    return {str(s): _mean_or_none(correct[(types > 0) & (severities == s)]) for s in range(1, 6)}
+
+
+def corruption_errors(correct, types, severities):
+    """{corruption: [E_1..E_5]}: error rate per corruption and severity (None for an empty cell)."""
+    return {name: [None if (m := (types == t) & (severities == s)).sum() == 0
+                   else 1.0 - float(correct[m].double().mean()) for s in range(1, 6)]
+            for t, name in enumerate(data.TYPES) if t > 0}
+
+
+def mean_corruption_error(per_type):
+    """Unnormalised mean error over the 10 corruption types (each type weighted equally)."""
+    errs = [1.0 - per_type[c] for c in CORRUPTIONS if per_type.get(c) is not None]
+    return sum(errs) / len(errs) if errs else None
+
+
+def _ce_ratios(errors, baseline_errors, clean=0.0, baseline_clean=0.0):
+    ratios = []
+    for c, e in errors.items():
+        if c not in baseline_errors:
+            raise EvalError(f"the baseline has no errors for corruption {c!r}")
+        pairs = [(a, b) for a, b in zip(e, baseline_errors[c]) if a is not None and b is not None]
+        den = sum(b - baseline_clean for _, b in pairs)
+        ratios.append(sum(a - clean for a, _ in pairs) / den if pairs and den != 0 else math.nan)
+    return ratios
+
+
+def mce(errors, baseline_errors):
+    """Hendrycks & Dietterich, seed Eq. 10: CE_c = sum_s E_sc / sum_s E^base_sc, mCE = mean_c CE_c.
+    errors: {corruption: [E_1..E_5]}; severities missing on either side are left out of both sums.
+    Returned as a fraction (x100 for the percentages the literature prints)."""
+    r = _ce_ratios(errors, baseline_errors)
+    return sum(r) / len(r) if r else math.nan
+
+
+def relative_mce(errors, clean_error, baseline_errors, baseline_clean_error):
+    """Relative mCE: the same ratio after subtracting each model's own clean error from every E_sc
+    (how much a model degrades under corruption, relative to the baseline's degradation)."""
+    r = _ce_ratios(errors, baseline_errors, clean_error, baseline_clean_error)
+    return sum(r) / len(r) if r else math.nan
+
+
+def confusion_matrix(pred, target, n):
+    """(n, n) counts, rows = true index, columns = predicted index."""
+    return torch.bincount(target * n + pred, minlength=n * n).reshape(n, n)
+
+
+# ----------------------------------------------------------------------------- 2. input files
+
+def _first_line(e):
+    s = str(e).strip()
+    return f"{type(e).__name__}: {s.splitlines()[0] if s else ''}"
+
+
+def _torch_load(path, what):
+    """torch.load(weights_only=True) with one clear line for each way a file can be bad."""
+    if not os.path.isfile(path):
+        raise EvalError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):  # a pickle that asks for code: never run it
+            m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            detail = f" (it asks for {m.group(1)})" if m else ""
+            raise EvalError(f"{path}: refused by the weights_only loader{detail}: a tampered or "
+                            f"foreign pickle, not a {what}") from None
+        raise EvalError(f"{path}: not a torch {what} ({_first_line(e)})") from None
+    except Exception as e:  # truncated zip, not a zip, bad records, ...
+        raise EvalError(f"{path}: unreadable {what}, truncated or not a torch file ({_first_line(e)})") from None
+
+
+def _check_kind(ck, path, kind):
+    if not isinstance(ck, dict) or "kind" not in ck:
+        raise EvalError(f"{path}: no 'kind' field, not a cdeit-kit file (expected kind {kind!r})")
+    if ck["kind"] != kind:
+        hint = {HEAD_KIND: "; pass a teacher head with --teacher",
+                STUDENT_KIND: "; pass a student checkpoint positionally"}.get(ck["kind"], "")
+        raise EvalError(f"{path}: kind {ck['kind']!r}, expected {kind!r}{hint}")
+    if ck.get("version") != 1:
+        raise EvalError(f"{path}: unsupported {kind} version {ck.get('version')!r} (this eval.py reads 1)")
+
+
+def _load_weights(net, sd, path):
+    """load_state_dict with every key and shape checked first, reported on one line."""
+    want = net.state_dict()
+    if not isinstance(sd, dict):
+        raise EvalError(f"{path}: 'model' is not a state dict")
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    shaped = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != tuple(want[k].shape))
+    if missing or unexpected or shaped:
+        parts = [f"{n}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
+                 for n, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if v]
+        raise EvalError(f"{path}: weights do not fit the model ({'; '.join(parts)})")
+    net.load_state_dict(sd)
+
+
+def load_student(path):
+    """-> (model on CPU in eval mode, checkpoint dict without the optimizer)."""
+    ck = _torch_load(path, "checkpoint")
+    _check_kind(ck, path, STUDENT_KIND)
+    for key in ("model_name", "model_args", "model", "data_args"):
+        if key not in ck:
+            raise EvalError(f"{path}: checkpoint lacks the {key!r} field")
+    if ck["model_name"] not in ("vit", "deit", "cdeit"):
+        raise EvalError(f"{path}: model_name {ck['model_name']!r} is not a student (vit, deit, cdeit)")
+    try:
+        net = model_lib.create_model(ck["model_name"], **ck["model_args"])
+    except (TypeError, ValueError) as e:
+        raise EvalError(f"{path}: model_args do not build a {ck['model_name']}: {e}") from None
+    _load_weights(net, ck["model"], path)
+    ck.pop("optimizer", None)
+    return net.eval(), ck
+
+
+def load_head(path):
+    ck = _torch_load(path, "teacher head")
+    _check_kind(ck, path, HEAD_KIND)
+    for key in ("weight", "bias", "teacher_path", "data_args"):
+        if key not in ck:
+            raise EvalError(f"{path}: teacher head lacks the {key!r} field")
+    w, b = ck["weight"], ck["bias"]
+    if not (torch.is_tensor(w) and torch.is_tensor(b) and w.ndim == 2 and b.shape == (w.shape[0],)):
+        raise EvalError(f"{path}: weight/bias must be (C, D) and (C,) tensors")
+    return ck
+
+
+def _eval_identity(res):
+    """What must match between a run and its --baseline: the images evaluated, not the file paths."""
+    if res.get("benchmark"):
+        return {"benchmark": res["benchmark"]}
+    da = {k: v for k, v in (res.get("data_args") or {}).items() if k != "root"}
+    return {"split": res.get("split"), "data_args": da}
+
+
+def load_baseline(path):
+    if not os.path.isfile(path):
+        raise EvalError(f"{path}: baseline JSON not found")
+    try:
+        with open(path) as f:
+            base = json.load(f)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{path}: not a readable JSON file ({_first_line(e)})") from None
+    if isinstance(base, list):
+        if len(base) != 1:
+            raise EvalError(f"{path}: holds {len(base)} results; a baseline must be one eval (one checkpoint)")
+        base = base[0]
+    if not isinstance(base, dict) or base.get("kind") != EVAL_KIND:
+        raise EvalError(f"{path}: not a JSON written by eval.py --json (kind != {EVAL_KIND!r})")
+    if not isinstance(base.get("corruption_errors"), dict) or base.get("clean_error") is None:
+        raise EvalError(f"{path}: baseline lacks corruption_errors / clean_error")
+    return base
+
+
+def check_baseline(base, res, path):
+    a, b = _eval_identity(res), _eval_identity(base)
+    if a != b:
+        diff = {k: (b.get(k), a.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        what = "; ".join(f"{k}: baseline {u} vs this run {v}" for k, (u, v) in sorted(diff.items()))
+        raise EvalError(f"{path}: baseline was evaluated on other images ({what})")
+
+
+# ----------------------------------------------------------------------------- 3. running a model
+
+def _autocast(device):
+    # bf16 autocast on CUDA (as in training); fp32 on CPU, where bf16 matmuls are slow
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def combine(net, heads):
+    """The eval-mode class logits from per-head logits, as model.py's forward contract defines them:
+    vit cls; deit (cls + dist) / 2; cdeit strategy 1 the same, 2/3 (cls + dist + corr_proj(corr)) / 3."""
+    if "dist" not in heads:
+        return heads["cls"]
+    if getattr(net, "corr_proj", None) is None:
+        return (heads["cls"] + heads["dist"]) / 2
+    return (heads["cls"] + heads["dist"] + net.corr_proj(heads["corr"])) / 3
+
+
+@torch.no_grad()
+def run_student(net, images, device, batch_size):
+    """One pass of forward_tokens per batch gives every head, the combined logits and the token
+    cosines (seed 4.4). The first batch is checked against the model's own eval forward, so a change
+    in model.py's combination rule cannot go unnoticed. -> (dict of CPU tensors, images/s)."""
+    net = net.to(device).eval()
+    out = {}
+    images = images.to(device)  # the whole split on the device once, as uint8 (airbench style)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        x = data.normalize(images[i:i + batch_size])
+        with _autocast(device):
+            tok = net.forward_tokens(x)
+            heads = {"cls": net.head(tok["cls"])}
+            if "dist" in tok:
+                heads["dist"] = net.head_dist(tok["dist"])
+            if "corr" in tok:
+                heads["corr"] = net.head_corr(tok["corr"])
+            heads["combined"] = combine(net, heads)
+            if net.corr_proj is not None:  # the class-token head as cdeit trains it (seed Eq. 6)
+                heads["cls_corr"] = heads["cls"] + net.corr_proj(heads["corr"])
+            if i == 0:
+                ref = net(x).float()
+                if not torch.allclose(heads["combined"].float(), ref, atol=1e-2 if device.type == "cuda" else 1e-4,
+                                      rtol=1e-2 if device.type == "cuda" else 1e-4):
+                    raise EvalError("eval.py's combine() disagrees with model.py's eval forward; update combine()")
+        for k in [k for k in ("dist", "corr") if k in tok]:
+            heads[f"cos_cls_{k}"] = F.cosine_similarity(tok["cls"].float(), tok[k].float(), dim=-1)
+        for k, v in heads.items():
+            out.setdefault(k, []).append(v.float().cpu())
+    _sync(device)
+    dt = time.perf_counter() - t0
+    return {k: torch.cat(v) for k, v in out.items()}, len(images) / max(dt, 1e-9)
+
+
+@torch.no_grad()
+def run_teacher(head, split_name, split, device, batch_size):
+    """The fitted teacher head (seed 4.1) on the split: from the cached class-token features beside
+    the head when they match the split, else DeiT-III on data.teacher_view of the images."""
+    path = head["_path"]
+    W, b = head["weight"].float(), head["bias"].float()
+    feats = os.path.join(os.path.dirname(os.path.abspath(path)), f"features_{split_name}.pt")
+    if os.path.isfile(feats):
+        try:
+            c = torch.load(feats, map_location="cpu", weights_only=True)
+            f, y = c["features"], c["labels"]
+            if f.shape == (len(split["labels"]), W.shape[1]) and torch.equal(y.long(), split["labels"]):
+                t0 = time.perf_counter()
+                logits = f.float() @ W.T + b
+                return {"combined": logits}, len(logits) / max(time.perf_counter() - t0, 1e-9), feats
+            print(f"eval.py: {feats} does not match the {split_name} split; running the teacher", file=sys.stderr)
+        except Exception as e:  # a damaged cache is recomputed, never trusted
+            print(f"eval.py: ignoring {feats} ({_first_line(e)}); running the teacher", file=sys.stderr)
+    try:
+        net = model_lib.load_teacher(head["teacher_path"], num_classes=W.shape[0], **head.get("teacher_args", {}))
+    except model_lib.ModelFileError as e:
+        raise EvalError(f"{path}: {e}") from None
+    with torch.no_grad():
+        net.head.weight.copy_(W)
+        net.head.bias.copy_(b)
+    net = net.to(device).eval()
+    images, out = split["images"].to(device), []
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        x = data.teacher_view(images[i:i + batch_size], size=net.cfg.img_size, mode=head.get("resize", "bicubic"))
+        with _autocast(device):
+            out.append(net(x).float().cpu())
+    _sync(device)
+    return {"combined": torch.cat(out)}, len(images) / max(time.perf_counter() - t0, 1e-9), head["teacher_path"]
+
+
+# ----------------------------------------------------------------------------- 4. metrics of one run
+
+def summarize(outs, split):
+    """All the issue's metrics from run_student/run_teacher outputs and the split's bookkeeping."""
+    logits, y = outs["combined"], split["labels"]
+    types, sev = split["types"], split["severities"]
+    correct = logits.argmax(-1) == y
+    per_type = per_type_accuracy(correct, types)
+    count, acc, conf = calibration_bins(logits.double().softmax(-1).max(-1).values, correct)
+    r = {"n": len(y), "accuracy": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5),
+         "nll": nll(logits, y), "ece": expected_calibration_error(logits, y),
+         "per_type": per_type, "per_severity": per_severity_accuracy(correct, types, sev),
+         "clean_error": None if per_type["clean"] is None else 1.0 - per_type["clean"],
+         "mean_corruption_error": mean_corruption_error(per_type),
+         "corruption_errors": corruption_errors(correct, types, sev),
+         "mce": None, "relative_mce": None,
+         "head_accuracy": {k: topk_accuracy(outs[k], y, 1) for k in ("cls", "dist", "cls_corr", "combined") if k in outs},
+         "corruption_accuracy": None, "confusion_matrix": None,
+         "token_similarity": {"cls_dist": None, "cls_corr": None},
+         "calibration": {"count": count.tolist(), "accuracy": acc.tolist(), "confidence": conf.tolist()}}
+    if "corr" in outs:  # seed 4.3: how well the corruption token names the image type
+        pred_t = outs["corr"].argmax(-1)
+        r["corruption_accuracy"] = float((pred_t == types).double().mean())
+        r["confusion_matrix"] = confusion_matrix(pred_t, types, len(data.TYPES)).tolist()
+    for k in ("dist", "corr"):  # seed 4.4: final-layer class token vs the other special tokens
+        if f"cos_cls_{k}" in outs:
+            r["token_similarity"][f"cls_{k}"] = float(outs[f"cos_cls_{k}"].double().mean())
+    return r
+
+
+def add_mce(res, base, base_path):
+    res["mce"] = mce(res["corruption_errors"], base["corruption_errors"])
+    res["relative_mce"] = relative_mce(res["corruption_errors"], res["clean_error"],
+                                       base["corruption_errors"], base["clean_error"])
+    res["baseline"] = base_path
+
+
+# ----------------------------------------------------------------------------- 5. CIFAR-10-C benchmark
+
+@torch.no_grad()
+def _predict(net, images_hwc, labels, device, batch_size):
+    """Top-1 correctness and confidence of net over (N, 32, 32, 3) uint8 rows (memory-mapped is fine)."""
+    correct, conf = [], []
+    for i in range(0, len(images_hwc), batch_size):
+        xb = torch.from_numpy(np.array(images_hwc[i:i + batch_size])).to(device)  # a copy: memmaps are read-only
+        x = data.normalize(xb.permute(0, 3, 1, 2).contiguous())  # HWC files -> NCHW
+        with _autocast(device):
+            p = net(x).float().softmax(-1)
+        c, pred = p.max(-1)
+        correct.append((pred.cpu() == torch.as_tensor(labels[i:i + batch_size])))
+        conf.append(c.double().cpu())
+    return torch.cat(correct), torch.cat(conf)
+
+
+def run_benchmark(net, root, device, batch_size, extra=False):
+    """Hendrycks & Dietterich's protocol: clean CIFAR-10 test + each corruption x 5 severities x all
+    rows of the real files; accuracy = mean over the 15 x 5 cells (RobustBench's number)."""
+    cifar = data.read_cifar10(root)
+    test_x, test_y = cifar["test_images"], cifar["test_labels"]
+    n = len(test_y)
+    net = net.to(device).eval()
+    t0, seen = time.perf_counter(), 0
+    clean, clean_conf = _predict(net, test_x, test_y, device, batch_size)
+    per, confs, hits = {}, [clean_conf], [clean]
+    for name in BENCHMARK + (EXTRA if extra else []):
+        x, y = data.read_cifar10c(root, name, test_y)
+        c, cf = _predict(net, x, y, device, batch_size)
+        per[name] = [float(c[s * n:(s + 1) * n].double().mean()) for s in range(5)]
+        seen += len(y)
+        if name in BENCHMARK:
+            confs.append(cf)
+            hits.append(c)
+        print(f"  {name:<18} " + " ".join(f"{100 * a:6.2f}" for a in per[name]) +
+              f"   ({seen / (time.perf_counter() - t0):,.0f} img/s)", flush=True)
+    ips = (n + seen) / max(time.perf_counter() - t0, 1e-9)
+    cells = [a for c in BENCHMARK for a in per[c]]
+    conf, hit = torch.cat(confs), torch.cat(hits)
+    count, acc, cf = calibration_bins(conf, hit)
+    mean = lambda v: sum(v) / len(v)
+    r = {"n": n, "clean_accuracy": float(clean.double().mean()), "accuracy": mean(cells),
+         "per_corruption": per,
+         "per_severity": {str(s + 1): mean([per[c][s] for c in BENCHMARK]) for s in range(5)},
+         "mean_accuracy_seen": mean([a for c in BENCHMARK if c in CORRUPTIONS for a in per[c]]),
+         "mean_accuracy_unseen": mean([a for c in BENCHMARK if c not in CORRUPTIONS for a in per[c]]),
+         "ece": float(((count / count.sum()) * (acc - cf).abs()).sum()),  # clean + 15 x 5, pooled
+         "clean_error": 1.0 - float(clean.double().mean()),
+         "mean_corruption_error": 1.0 - mean(cells),
+         "corruption_errors": {c: [1.0 - a for a in per[c]] for c in BENCHMARK},
+         "mce": None, "relative_mce": None, "robustbench_reference": ROBUSTBENCH_WRN28_10,
+         "calibration": {"count": count.tolist(), "accuracy": acc.tolist(), "confidence": cf.tolist()}}
+    if extra:
+        r["mean_accuracy_extra"] = mean([a for c in EXTRA for a in per[c]])
+    return r, ips
+
+
+# ----------------------------------------------------------------------------- 6. output
+
+def _pct(v, digits=2):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.{digits}f}"
+
+
+def _num(v, digits=4):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _label(r):
+    return f"{r['model_name']}/{r['distill'] or '-'}"
+
+
+def print_one(r):
+    print(f"\n{r['checkpoint']}: {r['model_name']} (distill {r['distill'] or 'none'}), "
+          f"{r['split']} split of data split {r['data_args'].get('split')!r}, {r['n']:,} images, "
+          f"{r['images_per_s']:,.0f} img/s on {r['device']}")
+    if r.get("benchmark"):
+        print(f"  clean {_pct(r['clean_accuracy'])}%  CIFAR-10-C mean over 15 x 5: {_pct(r['accuracy'])}% "
+              f"(RobustBench Standard WRN-28-10: {ROBUSTBENCH_WRN28_10}%)  seen types {_pct(r['mean_accuracy_seen'])}%"
+              f"  unseen types {_pct(r['mean_accuracy_unseen'])}%  ECE {_num(r['ece'])}  mCE {_pct(r['mce'])}%")
+        return
+    ts, ha = r["token_similarity"], r["head_accuracy"]
+    print(f"  accuracy {_pct(r['accuracy'])}%  top-5 {_pct(r['top5'])}%  NLL {_num(r['nll'])}  ECE {_num(r['ece'])}  "
+          f"clean error {_pct(r['clean_error'])}%  mean corruption error {_pct(r['mean_corruption_error'])}%  "
+          f"mCE {_pct(r['mce'])}%  relative mCE {_pct(r['relative_mce'])}%")
+    extra = [f"final-layer cos(cls, {k[4:]}) {v:.3f}" for k, v in ts.items() if v is not None]
+    if r["corruption_accuracy"] is not None:
+        extra.append(f"corruption-token type accuracy {_pct(r['corruption_accuracy'])}%")
+    print("  accuracy of each head alone: " + "  ".join(f"{k} {_pct(v)}%" for k, v in ha.items()) +
+          "".join(f"  | {e}" for e in extra))
+    print(f"  {'type':<18}{'acc %':>7}{'err %':>7}   error % at severity 1..5")
+    for t, a in r["per_type"].items():
+        sev = "" if t == "clean" else " ".join(f"{_pct(e, 1):>5}" for e in r["corruption_errors"][t])
+        print(f"  {t:<18}{_pct(a, 1):>7}{_pct(None if a is None else 1 - a, 1):>7}   {sev}")
+    print(f"  {'all corrupted':<18}" + " " * 17 + " ".join(
+        f"{_pct(None if a is None else 1 - a, 1):>5}" for a in r["per_severity"].values()))
+    if r["confusion_matrix"] is not None:
+        print("  corruption-token confusion, rows = true type, columns = predicted (type index as above, 0 = clean)")
+        print("       " + " ".join(f"{j:>5}" for j in range(len(data.TYPES))))
+        for i, row in enumerate(r["confusion_matrix"]):
+            print(f"  {i:>4} " + " ".join(f"{v:>5}" for v in row))
+
+
+def print_table(results):
+    """One side-by-side table, like the seed's Table 3 (model, distillation, accuracy, ECE, mCE)."""
+    bench = bool(results[0].get("benchmark"))
+    cols = (["model", "distill", "clean %", "C10-C %", "ECE", "mCE %", "rel mCE %", "img/s"] if bench else
+            ["model", "distill", "acc %", "top5 %", "NLL", "ECE", "clean err %", "corr err %", "mCE %",
+             "rel mCE %", "type acc %", "cos(cls,dist)", "cos(cls,corr)"])
+    rows = []
+    for r in results:
+        if bench:
+            rows.append([r["model_name"], r["distill"] or "-", _pct(r["clean_accuracy"]), _pct(r["accuracy"]),
+                         _num(r["ece"]), _pct(r["mce"]), _pct(r["relative_mce"]), f"{r['images_per_s']:,.0f}"])
+        else:
+            ts = r["token_similarity"]
+            rows.append([r["model_name"], r["distill"] or "-", _pct(r["accuracy"]), _pct(r["top5"]), _num(r["nll"]),
+                         _num(r["ece"]), _pct(r["clean_error"]), _pct(r["mean_corruption_error"]), _pct(r["mce"]),
+                         _pct(r["relative_mce"]), _pct(r["corruption_accuracy"]), _num(ts["cls_dist"], 3),
+                         _num(ts["cls_corr"], 3)])
+    w = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    print("\n" + "  ".join(c.rjust(w[i]) for i, c in enumerate(cols)))
+    for r, row in zip(results, rows):
+        print("  ".join(v.rjust(w[i]) for i, v in enumerate(row)) + f"  {r['checkpoint']}")
+    if not bench:  # per type error side by side (seed 4.4)
+        print("\nper type error %   " + "  ".join(f"{_label(r):>14}" for r in results))
+        for t in data.TYPES:
+            print(f"{t:<18} " + "  ".join(f"{_pct(None if r['per_type'][t] is None else 1 - r['per_type'][t]):>14}"
+                                         for r in results))
+
+
+def render_plot(results, f):
+    """Reliability diagram + per-type (or per-corruption) error bars, one colour per result."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1, 2]})
+    ax1.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for r in results:
+        cal = r["calibration"]
+        pts = [(c, a) for n, c, a in zip(cal["count"], cal["confidence"], cal["accuracy"]) if n > 0]
+        ax1.plot(*zip(*pts), "o-", label=f"{_label(r)} (ECE {r['ece']:.3f})")
+    ax1.set(xlabel="confidence (top-1 softmax)", ylabel="accuracy", title="reliability (15 bins)", xlim=(0, 1), ylim=(0, 1))
+    ax1.legend(fontsize=8)
+    if results[0].get("benchmark"):
+        names = list(results[0]["per_corruption"])
+        errs = [[1 - sum(r["per_corruption"][c]) / 5 for c in names] for r in results]
+        ax2.set_title("CIFAR-10-C error per corruption (mean over severities)")
+    else:
+        names = data.TYPES
+        errs = [[math.nan if r["per_type"][t] is None else 1 - r["per_type"][t] for t in names] for r in results]
+        ax2.set_title(f"error per image type ({results[0]['split']} split)")
+    width = 0.8 / len(results)
+    for j, (r, e) in enumerate(zip(results, errs)):
+        ax2.bar(np.arange(len(names)) + (j - (len(results) - 1) / 2) * width, e, width, label=_label(r))
+    ax2.set_xticks(np.arange(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax2.set_ylabel("error")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _jsonable(v):
+    if isinstance(v, float):
+        return None if math.isnan(v) or math.isinf(v) else v
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if torch.is_tensor(v):
+        return _jsonable(v.tolist())
+    if isinstance(v, (np.integer, np.floating)):
+        return _jsonable(v.item())
+    return v
+
+
+def _stage(path, write):
+    """Write to a temp file beside path (flushed, fsynced); the caller os.replace()s it when all is well."""
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise EvalError(f"{path}: folder {d} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _device(name):
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise EvalError(f"--device {name}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def evaluate(args):
+    if not args.checkpoints and not args.teacher:
+        raise EvalError("give at least one checkpoint (or --teacher HEAD.pt)")
+    if args.extra and not args.benchmark:
+        raise EvalError("--extra only applies with --benchmark cifar10c")
+    if args.benchmark and args.teacher:
+        raise EvalError("--benchmark evaluates students; the teacher head is evaluated on the mix only")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (optional dependency, checked before any work)
+        except ImportError:
+            raise EvalError(f"--plot {args.plot}: matplotlib is not installed (pip install matplotlib)") from None
+    device = _device(args.device)
+    jobs = []  # (result skeleton, model or head) in command-line order, everything loaded and checked first
+    for path in args.checkpoints:
+        net, ck = load_student(path)
+        cfg = ck.get("config") if isinstance(ck.get("config"), dict) else {}
+        jobs.append(({"checkpoint": path, "model_name": ck["model_name"], "model_args": ck["model_args"],
+                      "distill": cfg.get("distill"), "dataset": ck.get("dataset"), "epoch": ck.get("epoch"),
+                      "data_args": dict(ck["data_args"])}, net))
+    if args.teacher:
+        head = load_head(args.teacher)
+        head["_path"] = args.teacher
+        jobs.append(({"checkpoint": args.teacher, "model_name": "deit3_small", "model_args": head.get("teacher_args", {}),
+                      "distill": None, "dataset": None, "epoch": None, "data_args": dict(head["data_args"])}, head))
+    base = load_baseline(args.baseline) if args.baseline else None
+    for r, _ in jobs:
+        if args.data_dir:
+            r["data_args"]["root"] = args.data_dir
+        r.update(kind=EVAL_KIND, version=1, split="cifar10c" if args.benchmark else args.split,
+                 benchmark=args.benchmark, device=str(device), baseline=None)
+        if base is not None:
+            check_baseline(base, r, args.baseline)  # before any work: refuse a baseline on other images
+
+    results, mixes = [], {}
+    for r, obj in jobs:
+        if args.benchmark:
+            if r["data_args"].get("split") in ("paper", "grouped"):
+                print(f"eval.py: warning: {r['checkpoint']} was trained on the {r['data_args']['split']!r} mix, whose "
+                      "corrupted images come from CIFAR-10-C itself: these benchmark images are NOT held out",
+                      file=sys.stderr)
+            print(f"{r['checkpoint']}: CIFAR-10-C accuracy % per severity 1..5")
+            m, ips = run_benchmark(obj, r["data_args"]["root"], device, args.batch_size, args.extra)
+        else:
+            key = json.dumps(r["data_args"], sort_keys=True)
+            if key not in mixes:
+                try:
+                    mixes[key] = data.build_mix(**r["data_args"])
+                except TypeError as e:
+                    raise EvalError(f"{r['checkpoint']}: data_args do not fit data.build_mix ({e})") from None
+            split = mixes[key][args.split]
+            if isinstance(obj, dict):
+                outs, ips, src = run_teacher(obj, args.split, split, device, args.batch_size)
+                r["teacher_source"] = src
+            else:
+                outs, ips = run_student(obj, split["images"], device, args.batch_size)
+            m = summarize(outs, split)
+        r.update(m, images_per_s=ips)
+        if base is not None:
+            add_mce(r, base, args.baseline)
+        results.append(r)
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate cdeit-kit checkpoints (seed 3.5, 4.4).")
+    p.add_argument("checkpoints", nargs="*", help="student checkpoints (train.py's ckpt.pt / best.pt)")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--json", help="write the results here (one dict, or a list for several checkpoints)")
+    p.add_argument("--baseline", help="an earlier eval.py --json of the baseline (e.g. the ViT) for mCE")
+    p.add_argument("--plot", help="reliability diagram + per-type errors as a PNG (needs matplotlib)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--benchmark", choices=["cifar10c"], help="the standard CIFAR-10-C protocol (15 x 5)")
+    p.add_argument("--extra", action="store_true", help="with --benchmark: also the 4 extra corruptions")
+    p.add_argument("--teacher", help="a fitted teacher head file (teacher_head.pt), evaluated on the same split")
+    p.add_argument("--data-dir", help="data folder, if not where the checkpoint was trained")
+    args = p.parse_args(argv)
+    staged = []
+    try:
+        if args.batch_size < 1:
+            raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
+        results = evaluate(args)
+        for r in results:
+            print_one(r)
+        if len(results) > 1:
+            print_table(results)
+        if args.benchmark:
+            print(f"\nreference: RobustBench CIFAR-10-C, Standard WRN-28-10, mean accuracy {ROBUSTBENCH_WRN28_10}%")
+        # outputs only now that everything succeeded: staged to temp files, then renamed together
+        if args.plot:
+            staged.append((_stage(args.plot, lambda f: render_plot(results, f)), args.plot))
+        if args.json:
+            blob = _jsonable(results[0] if len(results) == 1 else results)
+            text = json.dumps(blob, indent=1, allow_nan=False).encode()
+            staged.append((_stage(args.json, lambda f: f.write(text)), args.json))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+            print(f"wrote {path}")
+        return 0
+    except (EvalError, data.DataError, model_lib.ModelFileError, OSError) as e:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        print("eval.py: error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""eval.py: metrics on hand-computed values, then the command line end to end on synthetic files."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import data
+import eval as ev
+from model import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(depth=2, embed_dim=48, num_heads=2)
+DATA_ARGS = dict(split="paper", seed=0, train_per_class=20, val_per_class=5, test_per_class=5)
+try:
+    import matplotlib  # noqa: F401  (optional: --plot is tested when it is installed)
+    HAVE_MPL = True
+except ImportError:
+    HAVE_MPL = False
+KEYS = ["accuracy", "top5", "nll", "ece", "per_type", "per_severity", "clean_error", "mean_corruption_error",
+        "mce", "relative_mce", "corruption_accuracy", "token_similarity", "confusion_matrix", "head_accuracy",
+        "checkpoint", "model_name", "split", "data_args", "corruption_errors", "images_per_s"]
+
+
+def two_class_logits(p_top, top):
+    """Logits whose softmax gives probability p_top to class `top` (log-probabilities are logits)."""
+    p = torch.tensor(p_top, dtype=torch.float64)
+    lg = torch.stack([torch.log(p), torch.log1p(-p)], 1)
+    return torch.where(torch.tensor(top)[:, None] == 0, lg, lg.flip(1))
+
+
+# ----------------------------------------------------------------------------- ECE
+
+def test_ece_hand_example():
+    # 6 predictions: four at confidence 0.95 (3 right), two at 0.55 (1 right).
+    # Bins are (k/15, (k+1)/15]: 0.95 -> bin 14 (0.933, 1], 0.55 -> bin 8 (0.533, 0.6].
+    # ECE = 4/6 * |3/4 - 0.95| + 2/6 * |1/2 - 0.55| = 4/6 * 0.20 + 2/6 * 0.05 = 0.13333 + 0.01667 = 0.15
+    logits = two_class_logits([0.95, 0.95, 0.95, 0.95, 0.55, 0.55], [0, 1, 0, 1, 0, 1])
+    labels = torch.tensor([0, 1, 0, 0, 0, 0])  # wrong: sample 3 (pred 1) and sample 5 (pred 1)
+    assert ev.expected_calibration_error(logits, labels) == pytest.approx(0.15, abs=1e-12)
+    conf, pred = logits.softmax(-1).max(-1)
+    count, acc, cf = ev.calibration_bins(conf, pred == labels)
+    assert count[14] == 4 and count[8] == 2 and count.sum() == 6
+    assert acc[14] == pytest.approx(0.75) and cf[8] == pytest.approx(0.55)
+    # 10 classes, 3 bins: conf 0.1 (bin 1: (0.0667, 0.1333]), 0.5 (bin 7: (0.4667, 0.5333]), 0.9 (bin 13)
+    # one prediction each, correct only at 0.9 -> ECE = 1/3 (0.1 + 0.5 + 0.1) = 0.23333
+    probs = torch.full((3, 10), 0.0)
+    for i, p in enumerate([0.1, 0.5, 0.9]):
+        probs[i] = (1 - p) / 9
+        probs[i, 3] = p
+    probs[0] = 0.1  # a tie at 0.1: argmax picks class 0, the label is 3 -> wrong
+    labels = torch.tensor([3, 0, 3])
+    assert ev.expected_calibration_error(probs.double().log(), labels) == pytest.approx((0.1 + 0.5 + 0.1) / 3, abs=1e-9)
+
+
+def test_ece_bin_edges_and_confidence_one():
+    edges = torch.linspace(0, 1, 16, dtype=torch.float64)
+    # (lower, upper]: an edge belongs to the bin below it; 0 goes to the first bin, 1.0 to the last
+    count, _, _ = ev.calibration_bins(torch.stack([edges[3], edges[0], edges[15], edges[3] + 1e-9]),
+                                      torch.ones(4, dtype=torch.bool))
+    assert count[2] == 1 and count[0] == 1 and count[14] == 1 and count[3] == 1
+    logits = torch.tensor([[100.0, 0.0]] * 4, dtype=torch.float64)
+    assert (logits.softmax(-1).max(-1).values == 1.0).all()  # confidence exactly 1.0
+    # all right -> ECE 0; half right -> bin 14 has acc 0.5, conf 1.0 -> ECE = 4/4 * 0.5 = 0.5
+    assert ev.expected_calibration_error(logits, torch.zeros(4, dtype=torch.long)) == 0.0
+    assert ev.expected_calibration_error(logits, torch.tensor([0, 0, 1, 1])) == pytest.approx(0.5)
+
+
+def test_ece_invariants():
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    p = 0.1 + 0.9 * torch.rand(n, generator=g, dtype=torch.float64)  # top-1 probability
+    probs = ((1 - p) / 9)[:, None].repeat(1, 10)
+    probs[:, 0] = p  # the prediction is class 0 with confidence p
+    right = torch.rand(n, generator=g, dtype=torch.float64) < p  # correct with probability p
+    labels = torch.where(right, 0, torch.randint(1, 10, (n,), generator=g))
+    assert ev.expected_calibration_error(probs.log(), labels) < 0.01  # calibrated by construction
+    wrong = torch.zeros(n, 10, dtype=torch.float64)
+    wrong[:, 0] = 30.0  # confidence ~1, label never class 0
+    assert ev.expected_calibration_error(wrong, torch.randint(1, 10, (n,), generator=g)) > 0.999
+
+
+def test_accuracy_and_nll():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+    labels = torch.tensor([0, 1])
+    assert ev.topk_accuracy(logits, labels, 1) == 0.5 and ev.topk_accuracy(logits, labels, 2) == 1.0
+    assert ev.topk_accuracy(logits, labels, 5) == 1.0  # k above the class count means all classes
+    lse = math.log(math.exp(2) + math.exp(1) + 1)  # NLL = mean(lse - 2, lse - 1)
+    assert ev.nll(logits, labels) == pytest.approx(lse - 1.5)
+
+
+# ----------------------------------------------------------------------------- mCE and bookkeeping
+
+def test_mce_hand_example():
+    errs = {"a": [0.1, 0.2, 0.3, 0.4, 0.5], "b": [0.0, 0.1, 0.1, 0.1, 0.2]}  # sums 1.5, 0.5
+    base = {"a": [0.2, 0.3, 0.4, 0.5, 0.6], "b": [0.1, 0.1, 0.2, 0.2, 0.4]}  # sums 2.0, 1.0
+    # CE_a = 1.5 / 2.0 = 0.75, CE_b = 0.5 / 1.0 = 0.5 -> mCE = 0.625
+    assert ev.mce(errs, base) == pytest.approx(0.625)
+    # relative, clean errors 0.05 (model) and 0.1 (baseline):
+    # a: (1.5 - 5*0.05) / (2.0 - 5*0.1) = 1.25 / 1.5; b: (0.5 - 0.25) / (1.0 - 0.5) = 0.5
+    assert ev.relative_mce(errs, 0.05, base, 0.1) == pytest.approx((1.25 / 1.5 + 0.5) / 2)
+    assert ev.mce(base, base) == pytest.approx(1.0)
+    # a severity missing on one side is left out of both sums: a = (0.1+0.2+0.3+0.4) / (0.2+0.3+0.4+0.5)
+    holey = {"a": [0.1, 0.2, 0.3, 0.4, None]}
+    assert ev.mce(holey, base) == pytest.approx(1.0 / 1.4)
+    with pytest.raises(ev.EvalError):
+        ev.mce({"zzz": [0.1] * 5}, base)
+
+
+def test_per_type_and_severity_bookkeeping():
+    types = torch.tensor([0, 0, 1, 1, 1, 2, 2, 10])
+    sev = torch.tensor([0, 0, 1, 1, 3, 5, 5, 2])
+    correct = torch.tensor([1, 0, 1, 0, 1, 0, 0, 1], dtype=torch.bool)
+    pt = ev.per_type_accuracy(correct, types)
+    assert list(pt) == data.TYPES
+    assert pt["clean"] == 0.5 and pt["brightness"] == pytest.approx(2 / 3) and pt["defocus_blur"] == 0.0
+    assert pt["jpeg_compression"] == 1.0 and pt["fog"] is None
+    # severity s over corrupted images: s1 -> samples 2,3 (1 of 2); s2 -> 7; s3 -> 4; s5 -> 5,6; s4 none
+    assert ev.per_severity_accuracy(correct, types, sev) == {"1": 0.5, "2": 1.0, "3": 1.0, "4": None, "5": 0.0}
+    ce = ev.corruption_errors(correct, types, sev)
+    assert list(ce) == data.TYPES[1:]
+    assert ce["brightness"] == [0.5, None, 0.0, None, None] and ce["defocus_blur"] == [None] * 4 + [1.0]
+    # mean over the corruption types present: brightness 1/3, defocus_blur 1, jpeg 0 -> 4/9
+    assert ev.mean_corruption_error(pt) == pytest.approx(4 / 9)
+    cm = ev.confusion_matrix(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3)
+    assert cm.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def make_ckpt(path, name, root, data_args=DATA_ARGS, seed=0, **extra):
+    torch.manual_seed(seed)
+    net = create_model(name, **TINY)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.randn(2, 3, 32, 32)).cls.sum().backward()  # train mode: Logits
+    opt.step()
+    ck = {"kind": "cdeit-kit/student", "version": 1, "model_name": name, "model_args": dict(TINY),
+          "model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": 1, "step": 1,
+          "rng": {"torch": torch.get_rng_state()}, "config": {"model": name, "distill": "hard" if name != "vit" else "none"},
+          "data_args": dict(root=str(root), **data_args), "dataset": "synthetic", "best_val_accuracy": 0.0,
+          "teacher": None}
+    ck.update(extra)
+    torch.save(ck, path)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    data.write_synthetic(d / "data", train_per_class=50, test_per_class=20)
+    paths = {n: d / f"{n}.pt" for n in ("vit", "deit", "cdeit")}
+    nets = {n: make_ckpt(p, n, d / "data", seed=i) for i, (n, p) in enumerate(paths.items())}
+    return d, paths, nets
+
+
+def run_cli(*args):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *map(str, args)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_cli_end_to_end(files):
+    d, paths, nets = files
+    out = d / "cdeit.json"
+    rc, so, se = run_cli(paths["cdeit"], "--json", out, "--device", "cpu")
+    assert rc == 0, se
+    assert "img/s" in so and "corruption-token confusion" in so
+    r = json.loads(out.read_text())
+    for k in KEYS:
+        assert k in r, k
+    assert r["model_name"] == "cdeit" and r["split"] == "test" and r["data_args"]["split"] == "paper"
+    assert r["n"] == 11 * 10 * DATA_ARGS["test_per_class"]
+    assert list(r["per_type"]) == data.TYPES and list(r["per_severity"]) == ["1", "2", "3", "4", "5"]
+    assert len(r["confusion_matrix"]) == 11 and sum(map(sum, r["confusion_matrix"])) == r["n"]
+    assert set(r["head_accuracy"]) == {"cls", "dist", "cls_corr", "combined"}
+    assert r["head_accuracy"]["combined"] == r["accuracy"]
+    assert r["mce"] is None and r["relative_mce"] is None  # no baseline given
+
+    # the same numbers computed here, independently of eval.py's batching and token path
+    test = data.build_mix(**r["data_args"])["test"]
+    with torch.no_grad():
+        logits = nets["cdeit"](data.normalize(test["images"]))
+        tok = nets["cdeit"].forward_tokens(data.normalize(test["images"]))
+    assert r["accuracy"] == pytest.approx(float((logits.argmax(-1) == test["labels"]).float().mean()))
+    assert r["nll"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, test["labels"])), rel=1e-4)
+    cos = torch.nn.functional.cosine_similarity(tok["cls"], tok["corr"], dim=-1).mean()
+    assert r["token_similarity"]["cls_corr"] == pytest.approx(float(cos), abs=1e-5)
+    types_pred = nets["cdeit"].head_corr(tok["corr"]).argmax(-1)
+    assert r["corruption_accuracy"] == pytest.approx(float((types_pred == test["types"]).float().mean()))
+
+
+def test_several_checkpoints_with_baseline(files, capsys):
+    d, paths, _ = files
+    base = d / "vit.json"
+    assert ev.main([str(paths["vit"]), "--split", "val", "--json", str(base), "--device", "cpu",
+                    "--batch-size", "128"]) == 0
+    out, png = d / "all.json", d / "all.png"
+    plot = ["--plot", str(png)] if HAVE_MPL else []
+    assert ev.main([str(paths["vit"]), str(paths["deit"]), str(paths["cdeit"]), "--split", "val",
+                    "--baseline", str(base), "--json", str(out), "--device", "cpu", *plot]) == 0
+    so = capsys.readouterr().out
+    assert "mCE %" in so and "per type error %" in so
+    if HAVE_MPL:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rs = json.loads(out.read_text())
+    assert [r["model_name"] for r in rs] == ["vit", "deit", "cdeit"]
+    assert rs[0]["mce"] == pytest.approx(1.0) and rs[0]["relative_mce"] == pytest.approx(1.0)  # vs itself
+    b = json.loads(base.read_text())
+    assert rs[2]["mce"] == pytest.approx(ev.mce(rs[2]["corruption_errors"], b["corruption_errors"]))
+    assert rs[0]["token_similarity"] == {"cls_dist": None, "cls_corr": None}
+    assert rs[1]["token_similarity"]["cls_dist"] is not None and rs[1]["corruption_accuracy"] is None
+
+
+def test_teacher_head(files):
+    d, _, _ = files
+    targs = dict(depth=1, embed_dim=48, num_heads=2, img_size=64)
+    torch.manual_seed(5)
+    teacher = create_model("deit3_small", **targs).eval()
+    tdir = d / "teacher"
+    tdir.mkdir()
+    save_file(teacher.state_dict(), str(tdir / "model.safetensors"))
+    W, b = torch.randn(10, 48), torch.randn(10)
+    head = {"kind": "cdeit-kit/teacher-head", "version": 1, "weight": W, "bias": b,
+            "teacher_path": str(tdir / "model.safetensors"), "teacher_sha256": "-", "teacher_args": targs,
+            "data_args": dict(root=str(d / "data"), **DATA_ARGS), "resize": "bicubic",
+            "val_accuracy": 0.0, "test_accuracy": 0.0}
+    torch.save(head, tdir / "teacher_head.pt")
+    test = data.build_mix(**head["data_args"])["test"]
+    with torch.no_grad():
+        f = teacher.forward_features(data.teacher_view(test["images"], size=64))[:, 0]
+    expect = float(((f @ W.T + b).argmax(-1) == test["labels"]).float().mean())
+    # 1) no cached features: DeiT-III is rebuilt and run on the teacher view
+    assert ev.main(["--teacher", str(tdir / "teacher_head.pt"), "--json", str(d / "t1.json"), "--device", "cpu"]) == 0
+    r = json.loads((d / "t1.json").read_text())
+    assert r["model_name"] == "deit3_small" and r["accuracy"] == pytest.approx(expect)
+    assert r["teacher_source"].endswith("model.safetensors")
+    # 2) cached features beside the head (here deliberately different, so the source is visible)
+    f2 = torch.randn(len(f), 48).half()
+    torch.save({"features": f2, "labels": test["labels"]}, tdir / "features_test.pt")
+    assert ev.main(["--teacher", str(tdir / "teacher_head.pt"), "--json", str(d / "t2.json"), "--device", "cpu"]) == 0
+    r2 = json.loads((d / "t2.json").read_text())
+    assert r2["teacher_source"].endswith("features_test.pt")
+    assert r2["accuracy"] == pytest.approx(float(((f2.float() @ W.T + b).argmax(-1) == test["labels"]).float().mean()))
+
+
+def test_benchmark_cifar10c(files, tmp_path, capsys):
+    d, paths, nets = files
+    small = tmp_path / "data"  # a smaller CIFAR-10-C (40 test images -> 200 rows per file)
+    data.write_synthetic(small, train_per_class=10, test_per_class=4, seed=1)
+    out = tmp_path / "bench.json"
+    assert ev.main([str(paths["deit"]), "--benchmark", "cifar10c", "--extra", "--data-dir", str(small),
+                    "--json", str(out), "--device", "cpu"]) == 0
+    cap = capsys.readouterr()
+    assert "NOT held out" in cap.err and "73.46" in cap.out
+    r = json.loads(out.read_text())
+    assert list(r["per_corruption"]) == ev.BENCHMARK + ev.EXTRA and r["n"] == 40
+    cells = [a for c in ev.BENCHMARK for a in r["per_corruption"][c]]  # the mean is over the 15 only
+    assert len(cells) == 75 and r["accuracy"] == pytest.approx(sum(cells) / 75)
+    assert list(r["corruption_errors"]) == ev.BENCHMARK
+    # one cell by hand: fog at severity 3 (rows 2n..3n of fog.npy)
+    x, y = data.read_cifar10c(small, "fog")
+    rows = torch.from_numpy(x[80:120].copy()).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        acc = (nets["deit"](data.normalize(rows)).argmax(-1) == torch.from_numpy(y[80:120])).float().mean()
+    assert r["per_corruption"]["fog"][2] == pytest.approx(float(acc))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _bad(args, capsys, must_name):
+    rc = ev.main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and str(must_name) in err, err
+    return err
+
+
+def test_bad_inputs(files, tmp_path, capsys):
+    d, paths, _ = files
+    out = tmp_path / "out.json"
+    good = paths["vit"].read_bytes()
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(good[: len(good) // 2])
+    _bad([tmp_path / "missing.pt", "--json", out], capsys, "missing.pt")
+    assert "truncated" in _bad([trunc, "--json", out], capsys, trunc)
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    evil = tmp_path / "evil.pt"
+    torch.save({"kind": "cdeit-kit/student", "x": Evil()}, evil)
+    assert "weights_only" in _bad([evil, "--json", out], capsys, evil)
+    assert not marker.exists()
+
+    bare = tmp_path / "bare.pt"
+    torch.save(create_model("vit", **TINY).state_dict(), bare)
+    assert "kind" in _bad([bare, "--json", out], capsys, bare)
+    head = tmp_path / "head.pt"
+    torch.save({"kind": "cdeit-kit/teacher-head", "version": 1}, head)
+    assert "--teacher" in _bad([head, "--json", out], capsys, head)
+    other = tmp_path / "other.pt"
+    make_ckpt(other, "vit", d / "data")
+    ck = torch.load(other, weights_only=True)
+    ck["model"].pop("head.bias")
+    torch.save(ck, other)
+    assert "head.bias" in _bad([other, "--json", out], capsys, other)
+    assert not out.exists()
+
+    # a baseline from another split: refused before anything is evaluated; an existing output survives
+    val = tmp_path / "val.json"
+    assert ev.main([str(paths["vit"]), "--split", "val", "--json", str(val), "--device", "cpu"]) == 0
+    out.write_text("old")
+    capsys.readouterr()
+    assert "split" in _bad([paths["deit"], "--baseline", val, "--json", out], capsys, val)
+    assert out.read_text() == "old"
+    moved = tmp_path / "moved.pt"
+    make_ckpt(moved, "vit", d / "data", data_args=dict(DATA_ARGS, split="grouped"))
+    assert "grouped" in _bad([moved, "--split", "val", "--baseline", val], capsys, val)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
+
+def test_bad_input_cli_one_line(tmp_path):
+    p = tmp_path / "junk.pt"
+    p.write_text("not a checkpoint")
+    rc, so, se = run_cli(p, "--json", tmp_path / "o.json")
+    assert rc != 0 and len(se.strip().splitlines()) == 1 and "junk.pt" in se and "Traceback" not in se
+    assert sorted(os.listdir(tmp_path)) == ["junk.pt"]
+
+
+def test_plot_without_matplotlib(files, tmp_path, capsys, monkeypatch):
+    d, paths, _ = files
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    _bad([paths["vit"], "--plot", tmp_path / "p.png", "--json", tmp_path / "p.json"], capsys, "pip install matplotlib")
+    assert os.listdir(tmp_path) == []
