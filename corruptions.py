@@ -66,7 +66,7 @@ def _randint(low, high, shape, gen, device):  # high exclusive, like np.random.r
 
 
 def _to255(y01):
-    return y01.clamp(0, 1) * 255
+    return y01.clamp_(0, 1).mul_(255)  # in place: y01 is always a fresh temporary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,9 +521,10 @@ def corrupt(images, name, severity, generator=None):
     if images.shape[0] == 0:
         return images.clone()
     x = images.permute(0, 3, 1, 2) if hwc else images
-    x = x.float().div(255).contiguous()
+    x = x.contiguous().float().div_(255)
     y = _FUNCS[name](x, int(severity), generator)
-    y = torch.floor(y).clamp(0, 255).to(torch.uint8)  # the release's np.uint8 truncation
+    # the release's np.uint8 truncation: float -> uint8 truncates, and y >= 0 after the clamp
+    y = y.clamp_(0, 255).to(torch.uint8)
     return y.permute(0, 2, 3, 1).contiguous() if hwc else y
 
 
