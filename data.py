@@ -598,8 +598,12 @@ def _stats(device):
 def normalize(images):
     """uint8 (or float in [0, 255]) NCHW -> float32 (x/255 - mean) / std, ImageNet statistics
     (seed 3.4: student and teacher inputs are normalised alike)."""
-    mean, std = _stats(images.device)
-    return images.float().mul(1 / (255 * std)).sub_(mean / std)
+    return _normalize_(images.float() if images.dtype != torch.float32 else images.clone())
+
+
+def _normalize_(x):
+    mean, std = _stats(x.device)
+    return x.mul_(1 / (255 * std)).sub_(mean / std)
 
 
 def teacher_view(images, size=224, mode="bicubic", dtype=torch.float32):
@@ -614,23 +618,23 @@ def teacher_view(images, size=224, mode="bicubic", dtype=torch.float32):
 
 
 def crop_flip(images, dy, dx, flip, padding=4, mode="constant"):
-    """out[b] = pad(images[b])[dy:dy+H, dx:dx+W], mirrored where flip[b]; one gather, no padded copy."""
+    """out[b] = pad(images[b])[dy:dy+H, dx:dx+W], mirrored where flip[b]: one gather per batch.
+    mode "constant" pads with zeros (torchvision RandomCrop's default), "reflect" mirrors."""
     B, C, H, W = images.shape
     ar_h = torch.arange(H, device=images.device)
     ar_w = torch.arange(W, device=images.device)
-    rows = dy[:, None] + ar_h - padding                             # (B, H) source rows
-    cols = dx[:, None] + ar_w - padding                             # (B, W) source cols
+    rows = dy[:, None] + ar_h                                       # (B, H) rows of the padded image
+    cols = dx[:, None] + ar_w                                       # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols)
-    if mode == "reflect":
-        rows = rows.abs(); rows = torch.where(rows > H - 1, 2 * (H - 1) - rows, rows)
-        cols = cols.abs(); cols = torch.where(cols > W - 1, 2 * (W - 1) - cols, cols)
-        valid = None
+    if mode == "reflect":   # map padded coordinates back into the image, no padded copy
+        rows, cols = (rows - padding).abs(), (cols - padding).abs()
+        rows = torch.where(rows > H - 1, 2 * (H - 1) - rows, rows)
+        cols = torch.where(cols > W - 1, 2 * (W - 1) - cols, cols)
+        src, Wp = images, W
     else:
-        valid = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
-        rows, cols = rows.clamp(0, H - 1), cols.clamp(0, W - 1)
-    idx = (rows[:, :, None] * W + cols[:, None, :]).view(B, 1, H * W).expand(B, C, H * W)
-    out = images.reshape(B, C, H * W).gather(2, idx).view(B, C, H, W)
-    return out if valid is None else out * valid[:, None].to(out.dtype)
+        src, Wp = F.pad(images, (padding,) * 4), W + 2 * padding
+    idx = (rows[:, :, None] * Wp + cols[:, None, :]).view(B, 1, H * W).expand(B, C, H * W)
+    return src.reshape(B, C, -1).gather(2, idx).view(B, C, H, W)
 
 
 def _gray(x):
@@ -697,6 +701,21 @@ def _randaugment(x, ops, magnitude, g):
     return x.round_()
 
 
+_NOISE = {}
+
+
+def _noise(n, device, g):
+    """n N(0, 1) values. On CPU a window at a random offset of a fixed bank of 2^22 normals (made
+    once): fresh normals were the costliest step of the CPU pipeline, and erased patches only need
+    noise, not independence across batches."""
+    if device.type != "cpu" or n > 1 << 22:    # accelerators: fresh normals are cheap
+        return torch.randn(n, generator=g, device=device)
+    if "cpu" not in _NOISE:
+        _NOISE["cpu"] = torch.randn(1 << 22, generator=torch.Generator().manual_seed(0))
+    start = int(torch.randint(0, (1 << 22) - n + 1, (1,), generator=g))
+    return _NOISE["cpu"][start:start + n]
+
+
 class Augment:
     """The student's batch augmentation, seed Table 1 / Table 4 best row by default: random crop
     (zero padding 4, as torchvision's RandomCrop(32, padding=4)), horizontal flip, Random Erasing
@@ -728,7 +747,7 @@ class Augment:
         x = x.float()
         if self.randaug_ops:
             x = _randaugment(x, self.randaug_ops, self.randaug_magnitude, g)
-        x = normalize(x)
+        x = _normalize_(x)                 # x is already a fresh float tensor
         if self.erase_prob:
             x = self._erase(x, g)
         return self._mix(x, labels, types, g)
@@ -739,25 +758,26 @@ class Augment:
         tries that fits, filled with per-pixel N(0, 1) noise in normalised units."""
         B, C, H, W = x.shape
         dev = x.device
-        area = H * W * (0.02 + (1 / 3 - 0.02) * torch.rand(B, 10, generator=g, device=dev))
-        ratio = torch.exp(math.log(0.3) + 2 * math.log(1 / 0.3) * torch.rand(B, 10, generator=g, device=dev))
+        u = torch.rand(B, 23, generator=g, device=dev)   # one draw: 10 areas, 10 ratios, top, left, apply
+        area = H * W * (0.02 + (1 / 3 - 0.02) * u[:, :10])
+        ratio = torch.exp(math.log(0.3) + 2 * math.log(1 / 0.3) * u[:, 10:20])
         h = torch.sqrt(area * ratio).round().long()
         w = torch.sqrt(area / ratio).round().long()
         ok = (h < H) & (w < W)
         first = ok.int().argmax(1, keepdim=True)
         h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
-        top = (torch.rand(B, generator=g, device=dev) * (H - h + 1)).long()   # randint(0, H - h) inclusive
-        left = (torch.rand(B, generator=g, device=dev) * (W - w + 1)).long()
-        apply = (torch.rand(B, generator=g, device=dev) < self.erase_prob) & ok.any(1)
-        sel = apply.nonzero()[:, 0]   # only erased samples get noise: randn is the costly part on CPU
-        if len(sel):
+        top = (u[:, 20] * (H - h + 1)).long()             # randint(0, H - h), inclusive
+        left = (u[:, 21] * (W - w + 1)).long()
+        sel = ((u[:, 22] < self.erase_prob) & ok.any(1)).nonzero()[:, 0]
+        if len(sel):   # write only the erased pixels: flat indices of every rectangle's elements
             r = torch.arange(H, device=dev)
             c = torch.arange(W, device=dev)
             mr = (r >= top[sel, None]) & (r < (top + h)[sel, None])
             mc = (c >= left[sel, None]) & (c < (left + w)[sel, None])
-            mask = (mr[:, :, None] & mc[:, None, :])[:, None]                 # (k, 1, H, W)
-            noise = torch.randn(len(sel), C, H, W, generator=g, device=dev)
-            x[sel] = torch.where(mask, noise, x[sel])
+            k, i, j = (mr[:, :, None] & mc[:, None, :]).nonzero().unbind(1)   # (m,) each
+            flat = (sel[k, None] * C + torch.arange(C, device=dev)) * (H * W) + (i * W + j)[:, None]
+            x = x.contiguous()
+            x.view(-1).index_put_((flat.view(-1),), _noise(flat.numel(), dev, g))
         return x
 
     def _mix(self, x, labels, types, g):
@@ -771,7 +791,7 @@ class Augment:
         u = rng.random()
         if u < self.mixup_prob and self.mixup_alpha > 0:
             lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
-            x = x * lam + x.flip(0) * (1 - lam)
+            x = x.flip(0).mul_(1 - lam).add_(x, alpha=lam)   # lam x + (1 - lam) x.flip(0)
         elif u < self.mixup_prob + self.cutmix_prob and self.cutmix_alpha > 0:
             lam = float(rng.beta(self.cutmix_alpha, self.cutmix_alpha))
             H, W = x.shape[2:]
