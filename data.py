@@ -16,6 +16,7 @@ Command line: `python data.py --data-dir ./data` downloads what is missing;
 `python data.py --data-dir ./data --synthetic` writes small synthetic files instead.
 """
 import hashlib
+import http.client
 import importlib
 import math
 import os
@@ -86,8 +87,8 @@ def teacher_path(data_dir):
     return os.path.join(data_dir, TEACHER_FILE)
 
 
-def _progress(name, done, total, t0, final=False):
-    rate = done / max(time.time() - t0, 1e-6)
+def _progress(name, done, total, t0, start, final=False):
+    rate = (done - start) / max(time.time() - t0, 1e-6)   # this session's bytes / time
     eta = f"ETA {int((total - done) / rate) // 60}:{int((total - done) / rate) % 60:02d}" if total and rate > 0 else ""
     tot = f" / {total / 1e6:.1f} MB" if total else ""
     sys.stderr.write(f"\r  {name}: {done / 1e6:.1f} MB{tot}  {rate / 1e6:.2f} MB/s  {eta}   " + ("\n" if final else ""))
@@ -120,12 +121,12 @@ def _fetch(url, part, name, quiet, timeout=60):
                 f.write(chunk)
                 done += len(chunk)
                 if not quiet and time.time() - last > 0.5:
-                    _progress(name, done - have, (total - have) if total else None, t0)
+                    _progress(name, done, total, t0, have)
                     last = time.time()
             f.flush()
             os.fsync(f.fileno())
         if not quiet:
-            _progress(name, done - have, (total - have) if total else None, t0, final=True)
+            _progress(name, done, total, t0, have, final=True)
         if total is not None and done < total:
             raise ConnectionError(f"connection closed after {done} of {total} bytes")
 
@@ -181,7 +182,7 @@ def _get(spec, data_dir, base_url, quiet, retries):
             try:
                 _fetch(url, part, spec.filename, quiet)
                 break
-            except (OSError, urllib.error.URLError) as e:    # includes cut connections; keep .part
+            except (OSError, http.client.HTTPException) as e:   # cut connections too; keep the .part
                 if isinstance(e, urllib.error.HTTPError) or attempt == retries:
                     raise
                 time.sleep(min(2 ** attempt, 10) * 0.1)
@@ -221,7 +222,7 @@ def _download_all(data_dir, specs, base_url, quiet, retries):
             continue
         try:
             _get(spec, data_dir, base_url, quiet, retries)
-        except (DataError, OSError, urllib.error.URLError) as e:
+        except (DataError, OSError, http.client.HTTPException, ValueError) as e:
             failed.append((spec, e))
     if failed:
         lines = [f"could not fetch {len(failed)} file(s) into {os.path.abspath(data_dir)}:"]
@@ -519,22 +520,22 @@ def build_mix(root, split="paper", seed=0, train_per_class=4500, val_per_class=2
     if split == "grouped":
         groups = [_take(np.flatnonzero(te_y == c), [k // 5 for k in counts], rng,
                         f"class {c} test sources (CIFAR-10 test)") for c in range(10)]
+    tiled = np.tile(te_y, 5)
     for t, name in enumerate(TYPES[1:], start=1):
         x, _ = read_cifar10c(root, name, te_y)
+        if split == "paper":   # any rows (s-1)*n + j of class c: 5 severities x the class's test images
+            picks = [_take(np.flatnonzero(tiled == c), counts, rng, f"{name} class {c} (CIFAR-10-C)") for c in range(10)]
+        else:                  # every severity of the class's sources in that split
+            picks = [[(np.arange(5)[:, None] * n_te + g[i][None, :]).ravel() for i in range(3)] for g in groups]
         for i, s in enumerate(("train", "val", "test")):
-            if split == "paper":   # rows (s-1)*n + j of this class, any severity
-                rows = np.concatenate([_take(np.flatnonzero(np.tile(te_y, 5) == c), counts, rng,
-                                             f"{name} class {c} (CIFAR-10-C)")[i] for c in range(10)])
-            else:
-                src = np.concatenate([g[i] for g in groups])
-                rows = (np.arange(5)[:, None] * n_te + src[None, :]).ravel()
-            rows = np.sort(rows)    # sorted reads from the memory map
+            rows = np.sort(np.concatenate([p[i] for p in picks]))    # sorted reads from the memory map
             add(s, np.asarray(x[rows]), te_y[rows % n_te], t, rows // n_te + 1, TEST_SOURCE + rows % n_te)
         del x
-    mix = {s: {k: torch.from_numpy(np.ascontiguousarray(np.concatenate(v)).astype(np.uint8 if k == "images" else np.int64))
-               for k, v in d.items()} for s, d in out.items()}
-    for d in mix.values():
-        d["images"] = d["images"].permute(0, 3, 1, 2).contiguous()   # NHWC -> NCHW
+    mix = {}
+    for s, d in out.items():   # concatenate one field at a time, freeing the pieces as we go
+        mix[s] = {k: torch.from_numpy(np.concatenate(d.pop(k)).astype(np.int64, copy=False))
+                  for k in ("labels", "types", "severities", "sources")}
+        mix[s]["images"] = torch.from_numpy(np.concatenate(d.pop("images"))).permute(0, 3, 1, 2).contiguous()
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"

@@ -220,6 +220,10 @@ def test_grouped_has_no_source_overlap_and_paper_does(mixes):
     p = mixes["paper"]
     psrc = {s: set(p[s]["sources"][p[s]["types"] > 0].tolist()) for s in p}
     assert len(psrc["train"] & psrc["test"]) > 0   # the seed's protocol leaks source images
+    # ... but never the same corrupted image twice: (type, severity, source) is unique across splits
+    for m in (p, g):
+        keys = torch.cat([m[s]["sources"] * 100 + m[s]["types"] * 10 + m[s]["severities"] for s in m])
+        assert len(set(keys.tolist())) == len(keys)
 
 
 def test_mix_pools_too_small(root, tmp_path):
