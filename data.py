@@ -173,11 +173,38 @@ def _safe_extract(archive, data_dir):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _verify(spec, file, downloaded):
+    """Checksums (or, for the teacher, a safetensors parse); a bad download is deleted, a bad file
+    the user put there is left alone for them to inspect."""
+    md5, sha = _hashes(file)
+    fix = "the downloaded file was removed" if downloaded else "delete or replace it"
+    bad = None
+    if spec.sha256 and sha != spec.sha256:
+        bad = f"checksum mismatch (expected sha256 {spec.sha256}, got {sha})"
+    elif spec.md5 and md5 != spec.md5:
+        bad = f"checksum mismatch (expected md5 {spec.md5}, got {md5})"
+    elif spec.filename.endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+            with safe_open(file, framework="pt") as f:
+                if not list(f.keys()):
+                    raise ValueError("no tensors")
+        except Exception as e:
+            bad = f"not a valid safetensors file ({type(e).__name__}: {e})"
+    if bad:
+        if downloaded:
+            os.remove(file)
+        raise DataError(f"{spec.filename}: {bad}; {fix}")
+    return sha
+
+
 def _get(spec, data_dir, base_url, quiet, retries):
     url = f"{base_url.rstrip('/')}/{spec.filename}" if base_url else spec.url
     path = os.path.join(data_dir, spec.filename)
     part = path + ".part"
-    if not os.path.exists(path):
+    if os.path.exists(path):        # put there by hand (the offline error says where)
+        sha = _verify(spec, path, downloaded=False)
+    else:
         for attempt in range(retries + 1):
             try:
                 _fetch(url, part, spec.filename, quiet)
@@ -186,25 +213,11 @@ def _get(spec, data_dir, base_url, quiet, retries):
                 if isinstance(e, urllib.error.HTTPError) or attempt == retries:
                     raise
                 time.sleep(min(2 ** attempt, 10) * 0.1)
-        md5, sha = _hashes(part)
-        if (spec.md5 and md5 != spec.md5) or (spec.sha256 and sha != spec.sha256):
-            os.remove(part)
-            want = spec.sha256 if spec.sha256 and sha != spec.sha256 else spec.md5
-            got = sha if want == spec.sha256 else md5
-            raise DataError(f"{spec.filename}: checksum mismatch (expected {want}, got {got}); "
-                            f"the downloaded file was removed")
-        if spec.filename.endswith(".safetensors"):
-            try:
-                from safetensors import safe_open
-                with safe_open(part, framework="pt") as f:
-                    if not list(f.keys()):
-                        raise ValueError("no tensors")
-            except Exception as e:
-                os.remove(part)
-                raise DataError(f"{spec.filename}: not a valid safetensors file ({e}); removed") from None
-            with open(path + ".sha256", "w") as f:
-                f.write(f"{sha}  {spec.filename}\n")
-        os.replace(part, path)
+        sha = _verify(spec, part, downloaded=True)
+        os.replace(part, path)      # atomic: a file under its real name is always complete
+    if spec.filename.endswith(".safetensors"):
+        with open(path + ".sha256", "w") as f:   # no published checksum: record what we got
+            f.write(f"{sha}  {spec.filename}\n")
     if spec.extract:
         _safe_extract(path, data_dir)
         os.remove(path)    # saves 3 GB for CIFAR-10-C; the extracted files are what we read

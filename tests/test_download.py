@@ -161,6 +161,15 @@ def test_checksum_mismatch_leaves_nothing(server, synth, tmp_path):
     msg = str(e.value)
     assert "CIFAR-10-C.tar: checksum mismatch" in msg and "removed" in msg and hashlib.sha256(body).hexdigest() in msg
     assert os.listdir(tmp_path) == []
+    # a file put there by hand is checked too, and left for the user
+    (tmp_path / "CIFAR-10-C.tar").write_bytes(b"by hand")
+    with pytest.raises(data.DataError, match="CIFAR-10-C.tar: checksum mismatch.*delete or replace it"):
+        data.download(str(tmp_path), server.url, files=_specs(synth)[1:2], quiet=True)
+    assert os.listdir(tmp_path) == ["CIFAR-10-C.tar"]
+    (tmp_path / "CIFAR-10-C.tar").write_bytes(body)    # the right file by hand: used, no request
+    n = len(server.log)
+    data.download(str(tmp_path), server.url, files=_specs(synth)[1:2], quiet=True)
+    assert len(server.log) == n and os.path.exists(tmp_path / "CIFAR-10-C" / "labels.npy")
 
 
 def test_bad_teacher_file_removed(server, synth, tmp_path):
