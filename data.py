@@ -655,63 +655,70 @@ def _gray(x):
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])   # PIL's "L" weights
 
 
-_SMOOTH = torch.tensor([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13   # PIL ImageFilter.SMOOTH
+def _sharpness(x, f):
+    """PIL ImageEnhance.Sharpness: blend with the SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]] / 13),
+    border pixels kept as PIL does."""
+    blur = x.clone()
+    blur[:, :, 1:-1, 1:-1] = (F.avg_pool2d(x, 3, stride=1) * 9 + 4 * x[:, :, 1:-1, 1:-1]) / 13
+    return (blur + f * (x - blur)).clamp(0, 255)
 
 
-def _sharp_blur(x):
-    k = _SMOOTH.to(x.device).view(1, 1, 3, 3).expand(3, 1, 3, 3)
-    inner = F.conv2d(x, k, groups=3)
-    out = x.clone()
-    out[:, :, 1:-1, 1:-1] = inner   # PIL keeps the border pixels
-    return out
+def _affine(x, a, b, c, d, tx, ty):
+    """Per-sample affine warp (output -> input map, normalised coordinates), bilinear, fill 128."""
+    theta = torch.stack([torch.stack([a, b, tx], 1), torch.stack([c, d, ty], 1)], 1)   # (n, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x - 128, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 128
 
 
-# RandAugment ops (timm "rand-m9" names); m = magnitude / 10, s = random sign per sample (B,1,1,1).
-# Equalize is left out (a per-image histogram); the geometric ops are one affine per sample.
-_PIXEL_OPS = {
-    "AutoContrast": lambda x, m, s: torch.where(
-        x.amax((2, 3), keepdim=True) > x.amin((2, 3), keepdim=True),
-        (x - x.amin((2, 3), keepdim=True)) * 255 / (x.amax((2, 3), keepdim=True) - x.amin((2, 3), keepdim=True)).clamp(min=1e-3), x),
+def _minmax(x):
+    return x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+
+
+# RandAugment ops, timm's "rand" set minus Equalize (a per-image histogram); increasing variants
+# (stronger with m). m = magnitude / 10; s = a random sign per sample, shape (n,). x: float [0,255].
+_one, _zero = torch.ones_like, torch.zeros_like
+RANDAUG_OPS = {
+    "AutoContrast": lambda x, m, s: ((x - _minmax(x)[0]) * 255 / (_minmax(x)[1] - _minmax(x)[0]).clamp(min=1)),
     "Invert": lambda x, m, s: 255 - x,
-    "Posterize": lambda x, m, s: torch.floor(x / 2 ** int(4 * m)) * 2 ** int(4 * m),     # keep 8 - int(4m) bits
-    "Solarize": lambda x, m, s: torch.where(x >= 256 - 256 * m, 255 - x, x),            # threshold falls with m
+    "Posterize": lambda x, m, s: torch.floor(x / 2 ** int(4 * m)) * 2 ** int(4 * m),   # keeps 8 - int(4m) bits
+    "Solarize": lambda x, m, s: torch.where(x >= 256 - 256 * m, 255 - x, x),
     "SolarizeAdd": lambda x, m, s: torch.where(x < 128, (x + int(110 * m)).clamp(max=255), x),
-    "Color": lambda x, m, s: (_gray(x) + (1 + 0.9 * m * s) * (x - _gray(x))).clamp(0, 255),
-    "Contrast": lambda x, m, s: (_gray(x).mean((2, 3), keepdim=True) * (-0.9 * m * s)
-                                 + (1 + 0.9 * m * s) * x).clamp(0, 255),
-    "Brightness": lambda x, m, s: (x * (1 + 0.9 * m * s)).clamp(0, 255),
-    "Sharpness": lambda x, m, s: (_sharp_blur(x) + (1 + 0.9 * m * s) * (x - _sharp_blur(x))).clamp(0, 255),
-}
-_GEOM_OPS = ["Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"]
-RANDAUG_OPS = list(_PIXEL_OPS) + _GEOM_OPS
+    "Color": lambda x, m, s: (_gray(x) + (1 + 0.9 * m * s).view(-1, 1, 1, 1) * (x - _gray(x))).clamp(0, 255),
+    "Contrast": lambda x, m, s: (_gray(x).mean((2, 3), keepdim=True) + (1 + 0.9 * m * s).view(-1, 1, 1, 1)
+                                 * (x - _gray(x).mean((2, 3), keepdim=True))).clamp(0, 255),
+    "Brightness": lambda x, m, s: (x * (1 + 0.9 * m * s).view(-1, 1, 1, 1)).clamp(0, 255),
+    "Sharpness": lambda x, m, s: _sharpness(x, (1 + 0.9 * m * s).view(-1, 1, 1, 1)),
+    "Rotate": lambda x, m, s: _affine(x, torch.cos(math.radians(30 * m) * s), -torch.sin(math.radians(30 * m) * s),
+                                      torch.sin(math.radians(30 * m) * s), torch.cos(math.radians(30 * m) * s),
+                                      _zero(s), _zero(s)),                               # +-27 degrees at m9
+    "ShearX": lambda x, m, s: _affine(x, _one(s), 0.3 * m * s, _zero(s), _one(s), _zero(s), _zero(s)),
+    "ShearY": lambda x, m, s: _affine(x, _one(s), _zero(s), 0.3 * m * s, _one(s), _zero(s), _zero(s)),
+    "TranslateX": lambda x, m, s: _affine(x, _one(s), _zero(s), _zero(s), _one(s), 0.9 * m * s, _zero(s)),
+    "TranslateY": lambda x, m, s: _affine(x, _one(s), _zero(s), _zero(s), _one(s), _zero(s), 0.9 * m * s),
+}   # translate 0.9 m in normalised units = 45% m of the width, timm's translate_pct 0.45
+
+
+def _apply_ops(x, k, s, m):
+    """x[i] <- RANDAUG_OPS[k[i]](x[i]) (k[i] == len(ops): unchanged). The batch is sorted by op,
+    each op runs once on its contiguous chunk, the chunks are scattered back: one host sync (the
+    chunk sizes), no per-image loop, no op computed for samples that did not draw it."""
+    fns = list(RANDAUG_OPS.values())
+    order = torch.argsort(k, stable=True)
+    counts = torch.bincount(k, minlength=len(fns) + 1).tolist()
+    xs, ss = x[order].split(counts), s[order].split(counts)
+    out = [fn(xc, m, sc) if len(xc) else xc for fn, xc, sc in zip(fns, xs, ss)] + [xs[-1]]
+    return torch.empty_like(x).index_copy_(0, order, torch.cat(out))
 
 
 def _randaugment(x, ops, magnitude, g):
-    """RandAugment (Cubuk et al.; timm's rand-m9-n2 with p=0.5 per op) on float [0,255] NCHW:
-    each sample draws `ops` ops uniformly; every op is applied with probability 0.5 and a random
-    sign. Each pixel op runs on the whole batch and is selected per sample with torch.where (no
-    sync, no per-image loop); geometric ops are folded into one affine grid_sample, fill 128."""
-    B, dev, m = x.shape[0], x.device, magnitude / 10
-    n_ops = len(RANDAUG_OPS)
+    """RandAugment (Cubuk et al.; timm rand-m9-n2: `ops` ops per sample drawn uniformly, each
+    applied with p=0.5 and a random sign) on float [0,255] NCHW."""
+    B, dev, n = x.shape[0], x.device, len(RANDAUG_OPS)
     for _ in range(ops):
-        k = torch.randint(0, n_ops, (B,), generator=g, device=dev)
-        on = torch.rand(B, generator=g, device=dev) < 0.5
-        k = torch.where(on, k, torch.full_like(k, -1))
+        k = torch.randint(0, n, (B,), generator=g, device=dev)
+        k = torch.where(torch.rand(B, generator=g, device=dev) < 0.5, k, n)   # n: this layer skipped
         s = torch.where(torch.rand(B, generator=g, device=dev) < 0.5, -1.0, 1.0)
-        for j, op in enumerate(_PIXEL_OPS.values()):
-            x = torch.where((k == j).view(B, 1, 1, 1), op(x, m, s.view(B, 1, 1, 1)), x)
-        theta = torch.eye(2, 3, device=dev).repeat(B, 1, 1)
-        g0 = len(_PIXEL_OPS)
-        a = math.radians(30 * m) * s                                     # Rotate: +-27 degrees at m9
-        rot = torch.stack([torch.stack([a.cos(), -a.sin()], 1), torch.stack([a.sin(), a.cos()], 1)], 1)
-        theta[:, :, :2] = torch.where((k == g0).view(B, 1, 1), rot, theta[:, :, :2])
-        theta[:, 0, 1] = torch.where(k == g0 + 1, 0.3 * m * s, theta[:, 0, 1])     # ShearX
-        theta[:, 1, 0] = torch.where(k == g0 + 2, 0.3 * m * s, theta[:, 1, 0])     # ShearY
-        theta[:, 0, 2] = torch.where(k == g0 + 3, 2 * 0.45 * m * s, theta[:, 0, 2])  # TranslateX, 45%*m of width
-        theta[:, 1, 2] = torch.where(k == g0 + 4, 2 * 0.45 * m * s, theta[:, 1, 2])  # TranslateY
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        warped = F.grid_sample(x - 128, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 128
-        x = torch.where((k >= g0).view(B, 1, 1, 1), warped, x)
+        x = _apply_ops(x, k, s, magnitude / 10)
     return x.round_()
 
 

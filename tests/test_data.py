@@ -386,3 +386,27 @@ def test_randaugment_runs_batched():
     assert (out >= lo.view(1, 3, 1, 1) - 1e-5).all() and (out <= hi.view(1, 3, 1, 1) + 1e-5).all()
     changed = (out - data.normalize(x)).abs().flatten(1).amax(1) > 1e-4
     assert 0.5 <= changed.float().mean() <= 0.95     # p(no op applied twice) = 1/4
+
+
+def test_randaugment_ops_against_torchvision_and_dispatch():
+    import torchvision.transforms.functional as TF
+    x, _, _ = _batch(8)
+    xf, one = x.float(), torch.ones(8)
+    m = 0.9
+    f = 1 + 0.9 * m
+    refs = {"Invert": TF.invert(x), "Posterize": TF.posterize(x, 8 - int(4 * m)),
+            "Solarize": TF.solarize(x, 256 - 256 * m), "Brightness": TF.adjust_brightness(x, f),
+            "Color": TF.adjust_saturation(x, f), "Contrast": TF.adjust_contrast(x, f),
+            "Sharpness": TF.adjust_sharpness(x, f), "AutoContrast": TF.autocontrast(x)}
+    for name, ref in refs.items():
+        got = data.RANDAUG_OPS[name](xf, m, one).round()
+        assert (got - ref.float()).abs().max() <= 1, name        # uint8 rounding in torchvision
+    # the sorted-chunk dispatch equals applying each sample's op to it alone
+    g = torch.Generator().manual_seed(0)
+    x, _, _ = _batch(40)
+    k = torch.randint(0, len(data.RANDAUG_OPS) + 1, (40,), generator=g)
+    s = torch.where(torch.rand(40, generator=g) < 0.5, -1.0, 1.0)
+    got = data._apply_ops(x.float(), k, s, m)
+    fns = list(data.RANDAUG_OPS.values()) + [lambda v, m, s: v]
+    for i in range(40):
+        assert torch.allclose(got[i], fns[k[i]](x[i:i + 1].float(), m, s[i:i + 1])[0], atol=1e-3)
