@@ -70,8 +70,11 @@ def expected_calibration_error(logits, labels, n_bins=15):
     15 equal-width bins (lower, upper], empty bins skipped, the whole set at once."""
     probs = logits.double().softmax(-1)  # float64: a 1.0 - 1e-9 confidence stays below the last edge
     conf, pred = probs.max(-1)
-    count, acc, cf = calibration_bins(conf, pred == labels, n_bins)
-    return float(((count / count.sum()) * (acc - cf).abs()).sum())  # empty bins add 0
+    return _ece(*calibration_bins(conf, pred == labels, n_bins))
+
+
+def _ece(count, acc, conf):
+    return float(((count / count.sum()) * (acc - conf).abs()).sum())  # empty bins add 0
 
 
 def topk_accuracy(logits, labels, k=1):
@@ -118,22 +121,20 @@ def _ce_ratios(errors, baseline_errors, clean=0.0, baseline_clean=0.0):
         pairs = [(a, b) for a, b in zip(e, baseline_errors[c]) if a is not None and b is not None]
         den = sum(b - baseline_clean for _, b in pairs)
         ratios.append(sum(a - clean for a, _ in pairs) / den if pairs and den != 0 else math.nan)
-    return ratios
+    return sum(ratios) / len(ratios) if ratios else math.nan
 
 
 def mce(errors, baseline_errors):
     """Hendrycks & Dietterich, seed Eq. 10: CE_c = sum_s E_sc / sum_s E^base_sc, mCE = mean_c CE_c.
     errors: {corruption: [E_1..E_5]}; severities missing on either side are left out of both sums.
     Returned as a fraction (x100 for the percentages the literature prints)."""
-    r = _ce_ratios(errors, baseline_errors)
-    return sum(r) / len(r) if r else math.nan
+    return _ce_ratios(errors, baseline_errors)
 
 
 def relative_mce(errors, clean_error, baseline_errors, baseline_clean_error):
     """Relative mCE: the same ratio after subtracting each model's own clean error from every E_sc
     (how much a model degrades under corruption, relative to the baseline's degradation)."""
-    r = _ce_ratios(errors, baseline_errors, clean_error, baseline_clean_error)
-    return sum(r) / len(r) if r else math.nan
+    return _ce_ratios(errors, baseline_errors, clean_error, baseline_clean_error)
 
 
 def confusion_matrix(pred, target, n):
@@ -362,7 +363,7 @@ def summarize(outs, split):
     r = {"n": len(y), "accuracy": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5),
          "nll": nll(logits, y), "ece": expected_calibration_error(logits, y),
          "per_type": per_type, "per_severity": per_severity_accuracy(correct, types, sev),
-         "clean_error": None if per_type["clean"] is None else 1.0 - per_type["clean"],
+         "clean_error": _err(per_type["clean"]),
          "mean_corruption_error": mean_corruption_error(per_type),
          "corruption_errors": corruption_errors(correct, types, sev),
          "mce": None, "relative_mce": None,
@@ -434,7 +435,7 @@ def run_benchmark(net, root, device, batch_size, extra=False):
          "per_severity": {str(s + 1): mean([per[c][s] for c in BENCHMARK]) for s in range(5)},
          "mean_accuracy_seen": mean([a for c in BENCHMARK if c in CORRUPTIONS for a in per[c]]),
          "mean_accuracy_unseen": mean([a for c in BENCHMARK if c not in CORRUPTIONS for a in per[c]]),
-         "ece": float(((count / count.sum()) * (acc - cf).abs()).sum()),  # clean + 15 x 5, pooled
+         "ece": _ece(count, acc, cf),  # clean + 15 x 5, pooled
          "clean_error": 1.0 - float(clean.double().mean()),
          "mean_corruption_error": 1.0 - mean(cells),
          "corruption_errors": {c: [1.0 - a for a in per[c]] for c in BENCHMARK},
@@ -447,12 +448,16 @@ def run_benchmark(net, root, device, batch_size, extra=False):
 
 # ----------------------------------------------------------------------------- 6. output
 
+def _num(v, digits=4, scale=1):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{scale * v:.{digits}f}"
+
+
 def _pct(v, digits=2):
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.{digits}f}"
+    return _num(v, digits, 100)
 
 
-def _num(v, digits=4):
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+def _err(acc):
+    return None if acc is None else 1.0 - acc
 
 
 def _label(r):
@@ -469,9 +474,9 @@ def print_one(r):
               f"  unseen types {_pct(r['mean_accuracy_unseen'])}%  ECE {_num(r['ece'])}  mCE {_pct(r['mce'])}%")
         return
     ts, ha = r["token_similarity"], r["head_accuracy"]
+    mce_txt = f"  mCE {_pct(r['mce'])}%  relative mCE {_pct(r['relative_mce'])}%" if r["baseline"] else ""
     print(f"  accuracy {_pct(r['accuracy'])}%  top-5 {_pct(r['top5'])}%  NLL {_num(r['nll'])}  ECE {_num(r['ece'])}  "
-          f"clean error {_pct(r['clean_error'])}%  mean corruption error {_pct(r['mean_corruption_error'])}%  "
-          f"mCE {_pct(r['mce'])}%  relative mCE {_pct(r['relative_mce'])}%")
+          f"clean error {_pct(r['clean_error'])}%  mean corruption error {_pct(r['mean_corruption_error'])}%{mce_txt}")
     extra = [f"final-layer cos(cls, {k[4:]}) {v:.3f}" for k, v in ts.items() if v is not None]
     if r["corruption_accuracy"] is not None:
         extra.append(f"corruption-token type accuracy {_pct(r['corruption_accuracy'])}%")
@@ -480,9 +485,8 @@ def print_one(r):
     print(f"  {'type':<18}{'acc %':>7}{'err %':>7}   error % at severity 1..5")
     for t, a in r["per_type"].items():
         sev = "" if t == "clean" else " ".join(f"{_pct(e, 1):>5}" for e in r["corruption_errors"][t])
-        print(f"  {t:<18}{_pct(a, 1):>7}{_pct(None if a is None else 1 - a, 1):>7}   {sev}")
-    print(f"  {'all corrupted':<18}" + " " * 17 + " ".join(
-        f"{_pct(None if a is None else 1 - a, 1):>5}" for a in r["per_severity"].values()))
+        print(f"  {t:<18}{_pct(a, 1):>7}{_pct(_err(a), 1):>7}   {sev}")
+    print(f"  {'all corrupted':<35}" + " ".join(f"{_pct(_err(a), 1):>5}" for a in r["per_severity"].values()))
     if r["confusion_matrix"] is not None:
         print("  corruption-token confusion, rows = true type, columns = predicted (type index as above, 0 = clean)")
         print("       " + " ".join(f"{j:>5}" for j in range(len(data.TYPES))))
@@ -514,8 +518,7 @@ def print_table(results):
     if not bench:  # per type error side by side (seed 4.4)
         print("\nper type error %   " + "  ".join(f"{_label(r):>14}" for r in results))
         for t in data.TYPES:
-            print(f"{t:<18} " + "  ".join(f"{_pct(None if r['per_type'][t] is None else 1 - r['per_type'][t]):>14}"
-                                         for r in results))
+            print(f"{t:<18} " + "  ".join(f"{_pct(_err(r['per_type'][t])):>14}" for r in results))
 
 
 def render_plot(results, f):
@@ -641,11 +644,11 @@ def evaluate(args):
         else:
             key = json.dumps(r["data_args"], sort_keys=True)
             if key not in mixes:
-                try:
-                    mixes[key] = data.build_mix(**r["data_args"])
-                except TypeError as e:
-                    raise EvalError(f"{r['checkpoint']}: data_args do not fit data.build_mix ({e})") from None
-            split = mixes[key][args.split]
+                try:  # keep only the split evaluated (the real mix's train split is 1.5 GB)
+                    mixes[key] = data.build_mix(**r["data_args"])[args.split]
+                except (TypeError, ValueError) as e:
+                    raise EvalError(f"{r['checkpoint']}: data_args {r['data_args']} do not build a mix ({e})") from None
+            split = mixes[key]
             if isinstance(obj, dict):
                 outs, ips, src = run_teacher(obj, args.split, split, device, args.batch_size)
                 r["teacher_source"] = src
