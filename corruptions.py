@@ -169,10 +169,9 @@ def impulse_noise(x, s, g):
     # skimage random_noise(mode='s&p'): each element flipped with p=amount, salt or pepper 50/50.
     # (skimage <0.15 drew a fixed count of coordinates instead; same density, see the report.)
     c = [0.01, 0.02, 0.03, 0.05, 0.07][s - 1]
-    flip = _rand(x.shape, g, x.device) < c
-    salt = _rand(x.shape, g, x.device) < 0.5
-    y = torch.where(flip & salt, torch.ones_like(x), x)
-    return _to255(torch.where(flip & ~salt, torch.zeros_like(x), y))
+    u = _rand(x.shape, g, x.device)  # one uniform: u < c/2 salt, c/2 <= u < c pepper
+    y = torch.where(u < c / 2, 1.0, x)
+    return _to255(torch.where((u >= c / 2) & (u < c), 0.0, y))
 
 
 @functools.lru_cache(maxsize=None)
@@ -355,12 +354,12 @@ def frost(x, s, g):
 def _plasma_fractal(B, decay, g, device):
     """Diamond-square heightmap (B,32,32) normalised to [0,1], all samples at once. numpy axis 0
     is dim 1 here. Each wibble adds wibble * U(-wibble, wibble) (the release's quirk)."""
-    m = torch.zeros(B, SIZE, SIZE, dtype=torch.float64, device=device)
+    m = torch.zeros(B, SIZE, SIZE, device=device)  # float32: normalised at the end anyway
     step, wibble = SIZE, 100.0
 
     def wibbled(a):
-        u = _rand(a.shape, g, device).double() * 2 - 1
-        return a / 4 + wibble * wibble * u
+        u = _rand(a.shape, g, device).mul_(2 * wibble * wibble).sub_(wibble * wibble)
+        return u.add_(a, alpha=0.25)
 
     while step >= 2:
         h = step // 2
@@ -375,7 +374,7 @@ def _plasma_fractal(B, decay, g, device):
         step //= 2
         wibble /= decay
     m = m - m.amin(dim=(1, 2), keepdim=True)
-    return (m / m.amax(dim=(1, 2), keepdim=True)).float()
+    return m / m.amax(dim=(1, 2), keepdim=True)
 
 
 def fog(x, s, g):
@@ -478,8 +477,9 @@ def _pil_resize(x255, n):
     """PIL resize(BOX) of (B,C,H,W) 0..255 values to n x n: horizontal pass then vertical, each
     rounded to 8 bits like Pillow's uint8 intermediate."""
     A = _pil_box_matrix(x255.shape[-1], n, x255.device)
-    y = torch.floor(x255 @ A.T + 0.5).clamp(0, 255)   # horizontal
-    return torch.floor(A @ y + 0.5).clamp(0, 255)     # vertical
+    # box weights are >= 0 and sum to 1, so values stay in 0..255: no clamp needed
+    y = (x255 @ A.T).add_(0.5).floor_()   # horizontal
+    return (A @ y).add_(0.5).floor_()     # vertical
 
 
 def pixelate(x, s, g):
