@@ -139,16 +139,19 @@ def _motion_blur(x, radius, sigma, angles):
     a = torch.deg2rad(angles.double().cpu())[:, None]             # (B,1), float64 as in C
     ox = torch.ceil(i[None] * torch.cos(a) - 0.5).long().to(x.device)  # (B,width)
     oy = torch.ceil(i[None] * torch.sin(a) - 0.5).long().to(x.device)
-    yy = torch.arange(H, device=x.device).view(1, H, 1)
-    xx = torch.arange(W, device=x.device).view(1, 1, W)
-    flat = x.reshape(B, C, H * W)
-    out = torch.zeros_like(flat)
+    # edge pixels repeated = replicate padding by the longest offset; then tap t of sample b is
+    # the padded image read at base + (oy*Wp + ox): one broadcast add and one gather per tap
+    P = width - 1
+    Wp = W + 2 * P
+    flat = F.pad(x, (P, P, P, P), mode="replicate").reshape(B, C, -1)
+    base = ((torch.arange(H, device=x.device)[:, None] + P) * Wp
+            + torch.arange(W, device=x.device)[None] + P).view(1, H * W)
+    shift = oy * Wp + ox                                            # (B, width)
+    out = torch.zeros(B, C, H * W, device=x.device)
     for t in range(width):
-        r = (yy + oy[:, t].view(B, 1, 1)).clamp(0, H - 1)
-        c = (xx + ox[:, t].view(B, 1, 1)).clamp(0, W - 1)
-        idx = (r * W + c).view(B, 1, H * W).expand(B, C, H * W)
+        idx = (base + shift[:, t, None]).view(B, 1, H * W).expand(B, C, H * W)
         out.add_(flat.gather(2, idx), alpha=w[t])
-    return torch.floor(out + 0.5).clamp(0, 255).view(B, C, H, W)
+    return out.add_(0.5).floor_().clamp_(0, 255).view(B, C, H, W)
 
 
 # ---------------------------------------------------------------------------------------------
