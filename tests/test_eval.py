@@ -337,3 +337,23 @@ def test_plot_without_matplotlib(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     _bad([paths["vit"], "--plot", tmp_path / "p.png", "--json", tmp_path / "p.json"], capsys, "pip install matplotlib")
     assert os.listdir(tmp_path) == []
+
+
+def test_smoke_run_checkpoint_evaluates(request, tmp_path):
+    """The issue's end-to-end check on the checkpoint of `python train.py --model cdeit --distill hard
+    --dataset synthetic --device cpu`. That run takes minutes on 2 cores and tests/test_train.py already
+    runs it, so it is not repeated here: this test uses a session fixture `smoke_run` (the run's out dir)
+    when tests/conftest.py provides one, and says it is skipped otherwise."""
+    try:
+        out = request.getfixturevalue("smoke_run")
+    except pytest.FixtureLookupError:
+        pytest.skip("tests/conftest.py has no session fixture smoke_run (train.py smoke run out dir)")
+    ckpt = os.path.join(str(out), "best.pt")
+    head = torch.load(ckpt, map_location="cpu", weights_only=True)["teacher"]["head"]
+    rc, so, se = run_cli(ckpt, "--teacher", head, "--json", tmp_path / "smoke.json", "--device", "cpu")
+    assert rc == 0, se
+    student, teacher = json.loads((tmp_path / "smoke.json").read_text())
+    for k in KEYS:
+        assert k in student, k
+    assert student["model_name"] == "cdeit" and teacher["model_name"] == "deit3_small"
+    assert teacher["accuracy"] == pytest.approx(torch.load(head, weights_only=True)["test_accuracy"])
