@@ -595,7 +595,7 @@ class DeviceLoader:
             glob = perm[step * self.batch_size:(step + 1) * self.batch_size]
             idx = glob[self.rank * b:(self.rank + 1) * b] if len(glob) == self.batch_size \
                 else glob.tensor_split(self.world_size)[self.rank]
-            batch = {k: v[idx] for k, v in self.data.items()}
+            batch = {k: v.index_select(0, idx) for k, v in self.data.items()}   # row copies
             batch["index"] = idx
             yield batch
 
@@ -631,24 +631,38 @@ def teacher_view(images, size=224, mode="bicubic", dtype=torch.float32):
     return normalize(x).to(dtype)
 
 
+_CROP_INDEX = {}
+
+
+def _crop_index(H, W, padding, mode, device):
+    """(2, 2p+1, 2p+1, H*W) int64: for each (flip, dy, dx), the flat source index of every output
+    pixel, in the zero-padded image ("constant") or in the image itself ("reflect"). Built once."""
+    key = (H, W, padding, mode, str(device))
+    if key not in _CROP_INDEX:
+        n = 2 * padding + 1
+        f, dy, dx = (t.reshape(-1) for t in torch.meshgrid(torch.arange(2), torch.arange(n), torch.arange(n), indexing="ij"))
+        rows = dy[:, None] + torch.arange(H)                           # rows of the padded image
+        cols = dx[:, None] + torch.arange(W)
+        cols = torch.where(f[:, None] == 1, cols.flip(1), cols)        # mirrored crop
+        Wp = W + 2 * padding
+        if mode == "reflect":   # back into the image, mirroring at the borders (no padded copy)
+            rows, cols = (rows - padding).abs(), (cols - padding).abs()
+            rows = torch.where(rows > H - 1, 2 * (H - 1) - rows, rows)
+            cols = torch.where(cols > W - 1, 2 * (W - 1) - cols, cols)
+            Wp = W
+        _CROP_INDEX[key] = (rows[:, :, None] * Wp + cols[:, None, :]).view(2, n, n, H * W).to(device)
+    return _CROP_INDEX[key]
+
+
 def crop_flip(images, dy, dx, flip, padding=4, mode="constant"):
-    """out[b] = pad(images[b])[dy:dy+H, dx:dx+W], mirrored where flip[b]: one gather per batch.
+    """out[b] = pad(images[b])[dy:dy+H, dx:dx+W], mirrored where flip[b], as one gather.
     mode "constant" pads with zeros (torchvision RandomCrop's default), "reflect" mirrors."""
     B, C, H, W = images.shape
-    ar_h = torch.arange(H, device=images.device)
-    ar_w = torch.arange(W, device=images.device)
-    rows = dy[:, None] + ar_h                                       # (B, H) rows of the padded image
-    cols = dx[:, None] + ar_w                                       # (B, W)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    if mode == "reflect":   # map padded coordinates back into the image, no padded copy
-        rows, cols = (rows - padding).abs(), (cols - padding).abs()
-        rows = torch.where(rows > H - 1, 2 * (H - 1) - rows, rows)
-        cols = torch.where(cols > W - 1, 2 * (W - 1) - cols, cols)
-        src, Wp = images, W
-    else:
-        src, Wp = F.pad(images, (padding,) * 4), W + 2 * padding
-    idx = (rows[:, :, None] * Wp + cols[:, None, :]).view(B, 1, H * W).expand(B, C, H * W)
-    return src.reshape(B, C, -1).gather(2, idx).view(B, C, H, W)
+    table = _crop_index(H, W, padding, mode, images.device)
+    n = 2 * padding + 1
+    idx = table.view(-1, H * W).index_select(0, (flip.long() * n + dy) * n + dx)   # (B, H*W)
+    src = images if mode == "reflect" else F.pad(images, (padding,) * 4)
+    return src.reshape(B, C, -1).gather(2, idx.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
 
 
 def _gray(x):
@@ -790,15 +804,16 @@ class Augment:
         top = (u[:, 20] * (H - h + 1)).long()             # randint(0, H - h), inclusive
         left = (u[:, 21] * (W - w + 1)).long()
         sel = ((u[:, 22] < self.erase_prob) & ok.any(1)).nonzero()[:, 0]
-        if len(sel):   # write only the erased pixels: flat indices of every rectangle's elements
-            r = torch.arange(H, device=dev)
-            c = torch.arange(W, device=dev)
-            mr = (r >= top[sel, None]) & (r < (top + h)[sel, None])
-            mc = (c >= left[sel, None]) & (c < (left + w)[sel, None])
-            k, i, j = (mr[:, :, None] & mc[:, None, :]).nonzero().unbind(1)   # (m,) each
-            flat = (sel[k, None] * C + torch.arange(C, device=dev)) * (H * W) + (i * W + j)[:, None]
+        if len(sel):   # write only the erased pixels: enumerate each rectangle's h*w positions
+            ws, counts = w[sel], h[sel] * w[sel]
+            base = (sel * C * H + top[sel]) * W + left[sel]          # flat index of each top-left
+            owner = torch.repeat_interleave(torch.arange(len(sel), device=dev), counts)       # (m,)
+            pos = torch.arange(len(owner), device=dev) - (counts.cumsum(0) - counts).index_select(0, owner)
+            w_o = ws.index_select(0, owner)
+            flat = base.index_select(0, owner) + pos // w_o * W + pos % w_o                   # channel 0
+            flat = (flat[:, None] + torch.arange(C, device=dev) * (H * W)).view(-1)
             x = x.contiguous()
-            x.view(-1).index_put_((flat.view(-1),), _noise(flat.numel(), dev, g))
+            x.view(-1).index_copy_(0, flat, _noise(len(flat), dev, g))
         return x
 
     def _mix(self, x, labels, types, g):
