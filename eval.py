@@ -471,7 +471,8 @@ def print_one(r):
     if r.get("benchmark"):
         print(f"  clean {_pct(r['clean_accuracy'])}%  CIFAR-10-C mean over 15 x 5: {_pct(r['accuracy'])}% "
               f"(RobustBench Standard WRN-28-10: {ROBUSTBENCH_WRN28_10}%)  seen types {_pct(r['mean_accuracy_seen'])}%"
-              f"  unseen types {_pct(r['mean_accuracy_unseen'])}%  ECE {_num(r['ece'])}  mCE {_pct(r['mce'])}%")
+              f"  unseen types {_pct(r['mean_accuracy_unseen'])}%  ECE {_num(r['ece'])}  mCE {_pct(r['mce'])}%" +
+              (f"  4 extra corruptions {_pct(r['mean_accuracy_extra'])}%" if "mean_accuracy_extra" in r else ""))
         return
     ts, ha = r["token_similarity"], r["head_accuracy"]
     mce_txt = f"  mCE {_pct(r['mce'])}%  relative mCE {_pct(r['relative_mce'])}%" if r["baseline"] else ""

@@ -322,6 +322,9 @@ def test_bad_inputs(files, tmp_path, capsys):
     make_ckpt(moved, "vit", d / "data", data_args=dict(DATA_ARGS, split="grouped"))
     assert "grouped" in _bad([moved, "--split", "val", "--baseline", val], capsys, val)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+    _bad([], capsys, "at least one checkpoint")
+    if not torch.cuda.is_available():
+        _bad([paths["vit"], "--device", "cuda"], capsys, "CUDA is not available")
 
 
 def test_bad_input_cli_one_line(tmp_path):
