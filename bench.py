@@ -96,6 +96,72 @@ def bench_data(args):
               f"augment + teacher view (224px bf16) {run_ours(dev, teacher=True):.0f} img/s")
 
 
+def bench_corruptions(args):
+    """Images/s of corruptions.corrupt on batches (B=1024 by default, every severity in turn)
+    against the per-image numpy/scipy/PIL reference pipeline of tests/test_corruptions.py (the
+    published CIFAR-10-C algorithm, one image at a time), on real 32x32 photographs. On CUDA
+    (when present) the batched numbers are printed for the GPU as well."""
+    import importlib.util
+    import os
+    import numpy as np
+    import torch
+    import corruptions as C
+
+    ap = argparse.ArgumentParser(prog="bench.py corruptions")
+    ap.add_argument("--batch", type=int, default=1024, help="images per corrupt() call")
+    ap.add_argument("--ref-images", type=int, default=60, help="images through the reference")
+    ap.add_argument("--only", default="", help="comma-separated corruption names")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    opts, _ = ap.parse_known_args(sys.argv[2:])
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "test_corruptions.py")
+    spec = importlib.util.spec_from_file_location("test_corruptions", path)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    names = opts.only.split(",") if opts.only else C.CORRUPTIONS
+    photos = ref.PHOTOS
+    batch = torch.from_numpy(np.concatenate([photos] * (opts.batch // len(photos) + 1))[:opts.batch])
+    rng = np.random.default_rng(0)
+
+    def ours(x, device):
+        x = x.to(device)
+        g = torch.Generator(device=device).manual_seed(0)
+        for s in range(1, 6):   # warm-up: kernels, operators, frost textures, codec
+            C.corrupt(x[:32], name, s, g)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for s in range(1, 6):
+            C.corrupt(x, name, s, g)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return 5 * len(x) / (time.perf_counter() - t0)
+
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    print(f"corruptions.py, batches of {opts.batch}, vs the per-image reference "
+          f"({opts.ref_images} images per severity); torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    head = f"{'corruption':18s} {'reference img/s':>16s} {'ours cpu img/s':>15s} {'ratio':>7s}"
+    print(head + ("  {:>15s} {:>8s}".format("ours cuda img/s", "ratio") if len(devices) > 1 else ""))
+    ratios = []
+    for name in names:
+        n = opts.ref_images if name != "glass_blur" else max(opts.ref_images // 4, 1)
+        imgs = photos[np.arange(n) % len(photos)]
+        t0 = time.perf_counter()
+        for s in range(1, 6):
+            ref.reference(name, imgs, s, rng)
+        r = 5 * n / (time.perf_counter() - t0)
+        o = [ours(batch, d) for d in devices]
+        ratios.append(o[0] / r)
+        line = f"{name:18s} {r:16.0f} {o[0]:15.0f} {o[0] / r:6.1f}x"
+        if len(o) > 1:
+            line += f"  {o[1]:15.0f} {o[1] / r:7.1f}x"
+        print(line, flush=True)
+    gm = float(np.exp(np.mean(np.log(ratios))))
+    print(f"cpu ratio: geometric mean {gm:.1f}x, min {min(ratios):.1f}x ({names[int(np.argmin(ratios))]})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("what", choices=["data", "train", "corruptions"])

@@ -50,19 +50,9 @@ class CorruptionError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # random draws: on the generator's device, then moved to the images' device
 
-def _rand(shape, gen, device):
-    dev = gen.device if gen is not None else device
-    return torch.rand(shape, generator=gen, device=dev).to(device)
-
-
-def _randn(shape, gen, device):
-    dev = gen.device if gen is not None else device
-    return torch.randn(shape, generator=gen, device=dev).to(device)
-
-
-def _randint(low, high, shape, gen, device):  # high exclusive, like np.random.randint
-    dev = gen.device if gen is not None else device
-    return torch.randint(low, high, shape, generator=gen, device=dev).to(device)
+def _draw(fn, shape, gen, device, *args):
+    """fn(*args, shape) (torch.rand/randn/randint) from gen, on gen's device, moved to device."""
+    return fn(*args, shape, generator=gen, device=gen.device if gen is not None else device).to(device)
 
 
 def _to255(y01):
@@ -72,24 +62,16 @@ def _to255(y01):
 # ---------------------------------------------------------------------------------------------
 # shared building blocks
 
-def _gauss1d(sigma, truncate, device):
-    """scipy.ndimage's Gaussian taps (what skimage.filters.gaussian uses): radius int(t*s+0.5)."""
-    r = int(truncate * sigma + 0.5)
-    if r == 0:
-        return torch.ones(1, device=device)
-    i = torch.arange(-r, r + 1, dtype=torch.float64)
-    w = torch.exp(-0.5 * (i / sigma) ** 2)
-    return (w / w.sum()).float().to(device)
-
-
 @functools.lru_cache(maxsize=None)
 def _gauss_matrix(sigma, truncate, mode, device):
     """(32,32) operator of scipy.ndimage's 1-D Gaussian filter along one axis, borders included:
     mode 'nearest' (edge repeated; skimage gaussian's default) or 'reflect' (half-sample
-    symmetric, d c b a | a b c d). A separable filter of a batch is then G @ X @ G^T: two small
-    batched matmuls, much faster on CPU than a single-channel convolution."""
-    k = _gauss1d(sigma, truncate, torch.device("cpu")).double()
-    r = (k.numel() - 1) // 2
+    symmetric, d c b a | a b c d). Taps exp(-t^2/2s^2), normalised, radius int(truncate*s+0.5).
+    A separable filter of a batch is then G @ X @ G^T: two small batched matmuls."""
+    r = int(truncate * sigma + 0.5)
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2) if r > 0 else torch.ones(1, dtype=torch.float64)
+    k = k / k.sum()
     G = torch.zeros(SIZE, SIZE, dtype=torch.float64)
     for o in range(SIZE):
         for t in range(-r, r + 1):
@@ -159,7 +141,7 @@ def _motion_blur(x, radius, sigma, angles):
 
 def gaussian_noise(x, s, g):
     c = [0.04, 0.06, 0.08, 0.09, 0.10][s - 1]
-    return _to255(_randn(x.shape, g, x.device).mul_(c).add_(x))
+    return _to255(_draw(torch.randn, x.shape, g, x.device).mul_(c).add_(x))
 
 
 def shot_noise(x, s, g):
@@ -172,7 +154,7 @@ def impulse_noise(x, s, g):
     # skimage random_noise(mode='s&p'): each element flipped with p=amount, salt or pepper 50/50.
     # (skimage <0.15 drew a fixed count of coordinates instead; same density, see the report.)
     c = [0.01, 0.02, 0.03, 0.05, 0.07][s - 1]
-    u = _rand(x.shape, g, x.device)  # one uniform: u < c/2 salt, c/2 <= u < c pepper
+    u = _draw(torch.rand, x.shape, g, x.device)  # one uniform: u < c/2 salt, c/2 <= u < c pepper
     y = torch.where(u < c / 2, 1.0, x)
     return _to255(torch.where((u >= c / 2) & (u < c), 0.0, y))
 
@@ -223,7 +205,7 @@ def glass_blur(x, s, g):
     # per-sample permutation of the 1024 positions (one batched step per scan position) and
     # gather the pixels once at the end.
     n = SIZE - 2 * delta
-    d = _randint(-delta, delta, (iters, n * n, 2, B), g, torch.device("cpu")).numpy()  # (dx, dy)
+    d = _draw(torch.randint, (iters, n * n, 2, B), g, "cpu", -delta, delta).numpy()  # (dx, dy)
     pos = [h * SIZE + w for h in range(SIZE - delta, delta, -1) for w in range(SIZE - delta, delta, -1)]
     # perm[p, b]: which source pixel sits at position p of sample b. numpy, position-major, so
     # each step touches one contiguous row; numpy indexing costs less per call than torch ops.
@@ -243,7 +225,7 @@ def glass_blur(x, s, g):
 
 def motion_blur(x, s, g):
     radius, sigma = [(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)][s - 1]
-    angles = _rand(x.shape[0], g, x.device) * 90 - 45
+    angles = _draw(torch.rand, x.shape[0], g, x.device) * 90 - 45
     # the release went through an 8-bit PNG both ways: uint8 in, rounded 8-bit out
     return _motion_blur(torch.round(x * 255), radius, sigma, angles)
 
@@ -271,12 +253,12 @@ def snow(x, s, g):
         (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
         (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)][s - 1]
     B = x.shape[0]
-    layer = loc + scale * _randn((B, SIZE, SIZE), g, x.device)
+    layer = loc + scale * _draw(torch.randn, (B, SIZE, SIZE), g, x.device)
     A = _zoom_matrix(float(z), x.device)
     layer = A @ layer @ A.T
     layer = torch.where(layer < thr, torch.zeros_like(layer), layer)
     layer = torch.floor(layer.clamp(0, 1) * 255)[:, None]  # the release's uint8 'L' PNG
-    angles = _rand(B, g, x.device) * 90 - 135
+    angles = _draw(torch.rand, B, g, x.device) * 90 - 135
     layer = _motion_blur(layer, mb_r, mb_s, angles) / 255
     gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]  # cv2 RGB2GRAY
     x = blend * x + (1 - blend) * torch.maximum(x, gray * 1.5 + 0.5)
@@ -343,9 +325,9 @@ def frost(x, s, g):
     a, b = [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)][s - 1]
     tex, sizes = _frost_textures(x.device)
     B = x.shape[0]
-    idx = _randint(0, 5, (B,), g, x.device)
+    idx = _draw(torch.randint, (B,), g, x.device, 0, 5)
     hw = sizes[idx] - SIZE                                       # randint(0, H-32): exclusive
-    start = torch.floor(_rand((B, 2), g, x.device) * hw).long()  # (row, col) per sample
+    start = (_draw(torch.rand, (B, 2), g, x.device) * hw).long()  # (row, col) per sample
     ar = torch.arange(SIZE, device=x.device)
     r = (start[:, 0, None] + ar)[:, :, None]
     c = (start[:, 1, None] + ar)[:, None, :]
@@ -361,7 +343,7 @@ def _plasma_fractal(B, decay, g, device):
     step, wibble = SIZE, 100.0
 
     def wibbled(a):
-        u = _rand(a.shape, g, device).mul_(2 * wibble * wibble).sub_(wibble * wibble)
+        u = _draw(torch.rand, a.shape, g, device).mul_(2 * wibble * wibble).sub_(wibble * wibble)
         return u.add_(a, alpha=0.25)
 
     while step >= 2:
@@ -431,7 +413,7 @@ def elastic_transform(x, s, g):
     B, dev = x.shape[0], x.device
     # random affine: three points (x, y) moved by U(-aff, aff); cv2.getAffineTransform(p1, p2)
     p1 = torch.tensor([[26.0, 26.0], [26.0, 6.0], [6.0, 6.0]], dtype=torch.float64)
-    p2 = p1 + (_rand((B, 3, 2), g, dev).double().cpu() * 2 - 1) * aff
+    p2 = p1 + (_draw(torch.rand, (B, 3, 2), g, dev).double().cpu() * 2 - 1) * aff
     P = torch.cat([p1, torch.ones(3, 1, dtype=torch.float64)], 1)   # (3,3)
     # warpAffine reads src at M^-1 (dst): solve the inverse map p2 -> p1 directly
     Q = torch.cat([p2, torch.ones(B, 3, 1, dtype=torch.float64)], 2)  # (B,3,3)
@@ -445,8 +427,8 @@ def elastic_transform(x, s, g):
     sx, sy = torch.round(sx * 32) / 32, torch.round(sy * 32) / 32
     x = _bilinear(x, _reflect101(sy, SIZE), _reflect101(sx, SIZE))
     # smoothed random displacement (dx on columns, dy on rows), map_coordinates mode='reflect'
-    ux = _rand((B, SIZE, SIZE), g, dev) * 2 - 1
-    uy = _rand((B, SIZE, SIZE), g, dev) * 2 - 1
+    ux = _draw(torch.rand, (B, SIZE, SIZE), g, dev) * 2 - 1
+    uy = _draw(torch.rand, (B, SIZE, SIZE), g, dev) * 2 - 1
     if alpha > 0:
         G = _gauss_matrix(sigma, 3.0, "reflect", dev)  # skimage gaussian(mode='reflect', truncate=3)
         dx = _sep_filter(ux, G) * alpha
