@@ -603,10 +603,15 @@ class DeviceLoader:
 # ----------------------------------------------------------------------------------------------
 # 6. Augmentation as batched tensor ops, and the teacher's view
 
-def _stats(device):
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-    return mean, std
+_STATS = {}
+
+
+def _stats(device):   # (1 / (255 std), mean / std), cached per device: no host copy per batch
+    key = str(device)
+    if key not in _STATS:
+        mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+        _STATS[key] = ((1 / (255 * std)).to(device), (mean / std).to(device))
+    return _STATS[key]
 
 
 def normalize(images):
@@ -616,8 +621,8 @@ def normalize(images):
 
 
 def _normalize_(x):
-    mean, std = _stats(x.device)
-    return x.mul_(1 / (255 * std)).sub_(mean / std)
+    scale, shift = _stats(x.device)
+    return x.mul_(scale).sub_(shift)
 
 
 def teacher_view(images, size=224, mode="bicubic", dtype=torch.float32):
@@ -759,7 +764,9 @@ class Augment:
     (B,) when no mix fired for this batch, else soft targets (B, num_classes) / (B, num_types) mixed
     with one lambda (Mixup mixes the type targets like the labels; no smoothing here: the loss's
     label_smoothing applies on top). Order as timm/DeiT: per-sample transforms, normalise, erase,
-    then the batch mix (pairs each sample with the flipped batch, timm's convention)."""
+    then the batch mix (pairs each sample with the flipped batch, timm's convention).
+    Deterministic given a torch.Generator on the images' device. Host syncs per batch: one for the
+    mix decision, one for the number of erased samples (and one per RandAugment layer)."""
 
     def __init__(self, num_classes=10, num_types=11, crop_padding=4, flip=True, mixup_alpha=0.8, mixup_prob=0.3,
                  cutmix_alpha=1.0, cutmix_prob=0.0, erase_prob=0.25, randaug_ops=0, randaug_magnitude=9,
@@ -835,8 +842,7 @@ class Augment:
             cy, cx = int(rng.integers(0, H)), int(rng.integers(0, W))
             y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, H)
             x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, W)
-            x = x.clone()
-            x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+            x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]   # right side is a copy
             lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)   # the area actually pasted
         else:
             return x, labels, types
