@@ -571,8 +571,6 @@ def _jsonable(v):
 def _stage(path, write):
     """Write to a temp file beside path (flushed, fsynced); the caller os.replace()s it when all is well."""
     d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise EvalError(f"{path}: folder {d} does not exist")
     fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -611,6 +609,9 @@ def evaluate(args):
             import matplotlib  # noqa: F401  (optional dependency, checked before any work)
         except ImportError:
             raise EvalError(f"--plot {args.plot}: matplotlib is not installed (pip install matplotlib)") from None
+    for out in filter(None, (args.json, args.plot)):  # fail before the work, not after it
+        if os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise EvalError(f"{out}: not a writable file path (a folder, or its folder does not exist)")
     device = _device(args.device)
     jobs = []  # (result skeleton, model or head) in command-line order, everything loaded and checked first
     for path in args.checkpoints:

@@ -323,6 +323,7 @@ def test_bad_inputs(files, tmp_path, capsys):
     assert "grouped" in _bad([moved, "--split", "val", "--baseline", val], capsys, val)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
     _bad([], capsys, "at least one checkpoint")
+    _bad([paths["vit"], "--json", tmp_path / "no" / "such" / "dir.json"], capsys, "dir.json")
     if not torch.cuda.is_available():
         _bad([paths["vit"], "--device", "cuda"], capsys, "CUDA is not available")
 
