@@ -77,6 +77,9 @@ def test_read_python2_style_pickle(tmp_path, root):
     p.write_bytes(_py2_batch_pickle(x, y))
     xs, ys = data._read_batch(str(p))
     assert np.array_equal(xs, x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)) and ys.tolist() == y.tolist()
+    p.write_bytes(pickle.dumps({"data": x, "labels": y.tolist()}, protocol=5))   # str keys, numpy 2 pickle
+    xs, ys = data._read_batch(str(p))
+    assert np.array_equal(xs, x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)) and ys.tolist() == y.tolist()
 
 
 def test_read_cifar10c(root):
