@@ -1,0 +1,161 @@
+"""train.py: the offline smoke run, exact resume, atomic saves, flag errors, DDP == one process.
+
+Everything runs on CPU. Apart from the smoke run (the real README command, full DeiT-Tiny size),
+students are tiny (2 blocks, D=48) on a few hundred synthetic images, so the file stays within
+its share of the suite's time budget (~2.5 minutes on 2 cores, most of it the smoke run).
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from model import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--depth", "2", "--embed-dim", "48", "--num-heads", "2", "--train-per-class", "4",
+        "--val-per-class", "2", "--test-per-class", "2", "--batch-size", "44", "--head-epochs", "2",
+        "--dataset", "synthetic", "--device", "cpu"]  # 440 train images -> 10 steps per epoch
+CKPT_KEYS = {"kind", "version", "model_name", "model_args", "model", "optimizer", "epoch", "step", "rng",
+             "config", "data_args", "dataset", "best_val_accuracy", "teacher"}
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # in-process runs: one thread is faster for tiny models and immune to a busy shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))  # synthetic files + teacher cache, shared by the tests
+
+
+def test_smoke_run_end_to_end(tmp_path):
+    """The README's offline command, as a user types it (only the folders moved into tmp)."""
+    cmd = [sys.executable, "train.py", "--model", "cdeit", "--distill", "hard", "--dataset", "synthetic",
+           "--device", "cpu", "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "SYNTHETIC" in r.stdout and "RANDOM" in r.stdout  # says plainly that nothing here is real
+    assert re.search(r"teacher: head fitted .* val [\d.]+%, test [\d.]+%", r.stdout)
+    assert re.search(r"step \d+/\d+ \| epoch 1 \| loss [\d.]+ \(label [\d.]+ teacher [\d.]+ type [\d.]+\)",
+                     r.stdout)
+    out = tmp_path / "out"
+    for f in ("config.json", "summary.csv", "ckpt.pt", "best.pt"):
+        assert (out / f).is_file(), f
+    assert len((out / "summary.csv").read_text().strip().splitlines()) == 1 + 2  # header + 2 epochs
+    ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert CKPT_KEYS <= set(ck) and ck["kind"] == "cdeit-kit/student" and ck["epoch"] == 2
+    assert ck["data_args"]["train_per_class"] == 20 and ck["dataset"] == "synthetic"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    head = torch.load(ck["teacher"]["head"], map_location="cpu", weights_only=True)
+    assert head["kind"] == "cdeit-kit/teacher-head" and head["weight"].shape == (10, 96)
+    # the checkpoint rebuilds the model by itself, as eval.py does
+    m = create_model(ck["model_name"], **ck["model_args"])
+    m.load_state_dict(ck["model"])
+    assert len(ck["model"]) > 100  # 12 blocks
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("stop_at", [10, 13])  # at the epoch boundary / mid-epoch (a SIGTERM-style save)
+def test_resume_is_bit_identical(tmp_path, data_dir, stop_at):
+    base = TINY + ["--model", "cdeit", "--distill", "hard", "--epochs", "2", "--data-dir", data_dir,
+                   "--log-interval", "1"]  # defaults keep mixup, erasing, drop-path: every RNG matters
+    assert train.main(base + ["--out-dir", str(tmp_path / "a")]) == 0
+    assert train.main(base + ["--out-dir", str(tmp_path / "b")], stop_at_step=stop_at) == 0
+    ck = torch.load(tmp_path / "b" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ck["step"] == stop_at and ck["epoch"] == stop_at // 10
+    assert train.main(base + ["--out-dir", str(tmp_path / "b"), "--resume"]) == 0
+    a, b = _weights(tmp_path / "a" / "ckpt.pt"), _weights(tmp_path / "b" / "ckpt.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = (tmp_path / "a" / "summary.csv").read_text().splitlines()
+    sb = (tmp_path / "b" / "summary.csv").read_text().splitlines()
+    strip = lambda lines: [line.rsplit(",", 1)[0] for line in lines]  # noqa: E731 (drop epoch_time_s)
+    assert strip(sa) == strip(sb)
+
+
+def test_atomic_save_keeps_old_file_on_crash(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.atomic_save({"w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise RuntimeError("disk gone")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        train.atomic_save({"w": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+
+
+def test_bad_flags_give_one_line_and_nonzero_exit(tmp_path, data_dir, capsys):
+    r = subprocess.run([sys.executable, "train.py", "--model", "vit", "--distill", "hard"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "--distill none" in r.stderr, r.stderr
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cases = [(["--model", "deit", "--distill", "none"], "--distill hard or soft"),
+             (["--model", "deit", "--distill", "soft", "--teacher", str(tmp_path / "none.safetensors")],
+              "none.safetensors not found"),
+             (["--model", "vit", "--distill", "none", "--out-dir", str(blocker / "run")], "cannot write to out dir"),
+             (["--model", "vit", "--distill", "none", "--out-dir", str(tmp_path / "x"), "--resume"], "no checkpoint")]
+    for flags, msg in cases:
+        capsys.readouterr()
+        argv = TINY + ["--data-dir", data_dir, "--out-dir", str(tmp_path / "o")] + flags
+        assert train.main(argv) == 1, flags
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.strip().count("\n") == 0, err
+
+
+def _losses(stdout):
+    return [float(v) for v in re.findall(r"^step \d+/\d+ \| epoch \d+ \| loss ([\d.]+)", stdout, re.M)]
+
+
+def test_ddp_two_processes_match_one(tmp_path, data_dir):
+    """torchrun --nproc_per_node=2 (gloo) vs one process, same global batch of 44.
+
+    DeviceLoader hands each rank one half of the same global batch, and DDP averages the two
+    halves' gradients, so the step is the same one up to fp32 summation order. What would differ
+    by construction is randomness drawn per rank (augmentation generators and drop-path masks are
+    seeded from (seed, epoch, rank)), so this test turns those off: no crop/flip/erasing/mixup, no
+    drop-path. The teacher logits come from the shared cache."""
+    flags = TINY + ["--model", "cdeit", "--distill", "soft", "--epochs", "1", "--data-dir", data_dir,
+                    "--log-interval", "1", "--crop-padding", "0", "--no-hflip", "--erase-prob", "0",
+                    "--mixup-prob", "0", "--drop-path", "0", "--lr", "1e-2", "--warmup-epochs", "0"]
+    one = subprocess.run([sys.executable, "train.py", *flags, "--out-dir", str(tmp_path / "one")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=_env())
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *flags, "--out-dir", str(tmp_path / "two")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=_env())
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "on 2 x cpu" in two.stdout
+    l1, l2 = _losses(one.stdout), _losses(two.stdout)
+    assert len(l1) == len(l2) == 10
+    assert l1 == pytest.approx(l2, abs=2e-4)  # printed with 4 decimals
+    w1, w2 = _weights(tmp_path / "one" / "ckpt.pt"), _weights(tmp_path / "two" / "ckpt.pt")
+    torch.manual_seed(0)
+    w0 = create_model("cdeit", depth=2, embed_dim=48, num_heads=2, drop_path=0.0).state_dict()
+    moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
+    assert moved > 1e-3  # ten real steps happened, so agreement below is not agreement at init
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -1,0 +1,628 @@
+"""Train a ViT / DeiT / CdeiT student on the seed's 11-type corruption mix (seed 3.4).
+
+    python train.py --model cdeit --distill hard                  # one process (GPU if there is one)
+    torchrun --nproc_per_node=8 train.py --model cdeit --distill hard
+    python train.py --model cdeit --distill hard --dataset synthetic --device cpu   # offline smoke run
+
+Top to bottom: flags (defaults = the seed's Table 1 / Table 4 best row), distributed set-up,
+(1) data: download or synthesise, build the mix; (2) the teacher, once per dataset: DeiT-III Small
+features cached fp16, a fresh 10-way head fitted on them (seed 4.1), logits for every training row
+cached; (3) the student loop: device-resident loader, batched augmentation, bf16 autocast, AdamW,
+per-step warmup + cosine, DDP; atomic checkpoints, exact resume, clean stop on SIGTERM / Ctrl-C.
+Only rank 0 prints and writes. Checkpoint format: what eval.py reads (see `checkpoint` below).
+"""
+import argparse
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import losses
+from model import ModelFileError, count_params, create_model, load_teacher, param_groups
+
+# --dataset synthetic: what changes when the user did not set it (about 2,000 training images, so
+# the whole pipeline runs in a couple of minutes on a laptop CPU). Data and teacher are fake.
+SYNTHETIC_DEFAULTS = dict(epochs=1, batch_size=64, warmup_epochs=0.25, train_per_class=20,
+                          val_per_class=5, test_per_class=5, head_epochs=50)
+SYNTHETIC_TEACHER = dict(depth=1, embed_dim=96, num_heads=2)  # deit3_small-shaped, random weights
+HEAD_LR, HEAD_WD, HEAD_BATCH = 5e-5, 0.05, 256  # seed 4.1: AdamW 5e-5, wd 0.05, no augmentation
+
+
+class TrainError(RuntimeError):
+    """A bad flag combination or an unusable file or folder; printed as one line."""
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--model", default="cdeit", choices=["vit", "deit", "cdeit"])
+    a("--distill", default="hard", choices=["none", "hard", "soft"], help="vit needs none (seed 3.3)")
+    a("--strategy", type=int, default=2, choices=[1, 2, 3], help="CdeiT inference strategy (seed 3.3)")
+    # seed Table 1 / Table 4 best row; None = dataset-dependent default (SYNTHETIC_DEFAULTS)
+    a("--epochs", type=int, default=None, help="15 (synthetic: 1)")
+    a("--batch-size", type=int, default=None, help="global batch, split across ranks; 1024 (synthetic: 64)")
+    a("--lr", type=float, default=5e-4, help="base lr, scaled by global batch / 512 (DeiT)")
+    a("--min-lr", type=float, default=1e-5, help="cosine floor (DeiT)")
+    a("--weight-decay", type=float, default=0.05)
+    a("--warmup-epochs", type=float, default=None, help="3 (synthetic: 0.25)")
+    a("--smoothing", type=float, default=0.1)
+    a("--drop-path", type=float, default=0.1)
+    a("--drop", type=float, default=0.0)
+    a("--mixup", type=float, default=0.8, help="mixup alpha")
+    a("--mixup-prob", type=float, default=0.3)
+    a("--cutmix", type=float, default=1.0, help="cutmix alpha")
+    a("--cutmix-prob", type=float, default=0.0)
+    a("--erase-prob", type=float, default=0.25)
+    a("--randaug", type=int, default=0, help="RandAugment magnitude with 2 ops; 0 = off")
+    a("--crop-padding", type=int, default=4, help="random-crop padding; 0 = no crop")
+    a("--hflip", action=argparse.BooleanOptionalAction, default=True)
+    a("--tau", type=float, default=3.0)
+    a("--alpha", type=float, default=0.5)
+    a("--clip-grad", type=float, default=None, help="max grad norm; off by default")
+    a("--split", default="paper", choices=["paper", "grouped"])
+    a("--dataset", default="cifar", choices=["cifar", "synthetic"])
+    a("--data-dir", default="./data")
+    a("--mirror", default=None, help="base URL for downloads (env CDEIT_MIRROR)")
+    a("--train-per-class", type=int, default=None, help="per class per type; 4500 (synthetic: 20)")
+    a("--val-per-class", type=int, default=None, help="200 (synthetic: 5)")
+    a("--test-per-class", type=int, default=None, help="200 (synthetic: 5)")
+    a("--teacher", default=None, help="teacher safetensors; default: the downloaded DeiT-III Small")
+    a("--teacher-view", default="cached", choices=["cached", "augmented"],
+      help="cached: logits of the un-augmented 224px image, computed once (seed 3.4); "
+           "augmented: teacher runs live on the student's augmented batch (Beyer et al. 2022)")
+    a("--teacher-resize", default="bicubic", choices=["bicubic", "bilinear"])
+    a("--head-epochs", type=int, default=None, help="epochs of the teacher-head fit; 10 (synthetic: 50)")
+    a("--depth", type=int, default=None, help="student size overrides (tests, quick runs)")
+    a("--embed-dim", type=int, default=None)
+    a("--num-heads", type=int, default=None)
+    a("--out-dir", default=None, help="default out/<model>-<distill>-<split>-s<seed>[-synthetic]")
+    a("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    a("--seed", type=int, default=0)
+    a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast; default bf16 on CUDA, off on CPU")
+    a("--compile", action="store_true")
+    a("--fused", action=argparse.BooleanOptionalAction, default=True, help="Triton kernels on CUDA")
+    a("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    a("--log-interval", type=int, default=20)
+    args = p.parse_args(argv)
+    defaults = SYNTHETIC_DEFAULTS if args.dataset == "synthetic" else dict(
+        epochs=15, batch_size=1024, warmup_epochs=3, train_per_class=4500, val_per_class=200,
+        test_per_class=200, head_epochs=10)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.out_dir is None:
+        tag = "-synthetic" if args.dataset == "synthetic" else ""
+        args.out_dir = os.path.join("out", f"{args.model}-{args.distill}-{args.split}-s{args.seed}{tag}")
+    return args
+
+
+def check_args(args, world_size=1):
+    if args.model == "vit" and args.distill != "none":
+        raise TrainError(f"--model vit has no distillation token: use --distill none, not {args.distill}")
+    if args.model != "vit" and args.distill == "none":
+        raise TrainError(f"--model {args.model} learns its distillation token from the teacher: "
+                         "use --distill hard or soft (or --model vit)")
+    if args.batch_size % world_size:
+        raise TrainError(f"--batch-size {args.batch_size} is not divisible by {world_size} processes")
+    if args.epochs < 1 or args.log_interval < 1:
+        raise TrainError("--epochs and --log-interval must be >= 1")
+
+
+# ----------------------------------------------------------------------------- distributed set-up
+
+def setup(args):
+    """DDP from torchrun's env (RANK, LOCAL_RANK, WORLD_SIZE), nanoGPT style."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                               int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainError("--device cuda: no CUDA device is available (use --device cpu)")
+        device = torch.device("cuda", local_rank if ddp else torch.device(dev).index or 0)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    check_args(args, world)  # before init: a bad flag fails every rank alike, no rank waits
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dict(ddp=ddp, rank=rank, world=world, device=device, master=rank == 0)
+
+
+def on_master_first(ctx, fn):
+    """Run fn on rank 0 while the others wait; a failure there stops every rank (no hang)."""
+    err = None
+    if ctx["master"]:
+        try:
+            fn()
+        except (TrainError, data.DataError, ModelFileError, OSError) as e:
+            err = e
+    if ctx["ddp"]:
+        msg = [str(err) if err else None]
+        dist.broadcast_object_list(msg, src=0)
+        if msg[0] and not ctx["master"]:
+            raise SystemExit(1)  # rank 0 prints the reason
+    if err:
+        raise err
+
+
+def log(ctx, *msg):
+    if ctx["master"]:
+        print(*msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_save(obj, path):
+    """Write to a temp file, flush + fsync, then rename: a crash leaves the old file intact.
+    A str is written as text (config.json, summary.csv), anything else with torch.save."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w" if isinstance(obj, str) else "wb") as f:
+            f.write(obj) if isinstance(obj, str) else torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prepare_out_dir(args):
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        probe = os.path.join(args.out_dir, f".write-test{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise TrainError(f"cannot write to out dir {args.out_dir}: {e.strerror or e}") from None
+    ckpt = os.path.join(args.out_dir, "ckpt.pt")
+    if os.path.exists(ckpt) and not args.resume:
+        raise TrainError(f"{ckpt} exists: pass --resume to continue it, or choose another --out-dir")
+    if args.resume and not os.path.exists(ckpt):
+        raise TrainError(f"--resume: no checkpoint at {ckpt}")
+
+
+# ----------------------------------------------------------------------------- (1) data
+
+def prepare_data(args, ctx):
+    """Files on disk -> the mix. Returns (splits, data_args, teacher_path, teacher_args)."""
+    needs_teacher = args.model != "vit"
+    if args.dataset == "synthetic":
+        root = os.path.join(args.data_dir, "synthetic")
+        teacher = args.teacher or os.path.join(root, "teacher_synthetic.safetensors")
+        teacher_args = {} if args.teacher else dict(SYNTHETIC_TEACHER)
+
+        def make():
+            if not os.path.exists(os.path.join(root, "CIFAR-10-C", "labels.npy")):
+                data.write_synthetic(root)
+            if needs_teacher and not args.teacher and not os.path.exists(teacher):
+                from safetensors.torch import save_file
+                torch.manual_seed(args.seed)
+                t = create_model("deit3_small", **SYNTHETIC_TEACHER)  # random weights, 1000-way head
+                for n, p in t.named_parameters():  # LayerScale 1, not 1e-6: else every image gives
+                    if n.endswith(".gamma"):       # the same class token and the head learns nothing
+                        p.data.fill_(1.0)
+                save_file({k: v.contiguous() for k, v in t.state_dict().items()}, teacher + ".tmp")
+                os.replace(teacher + ".tmp", teacher)
+        log(ctx, f"NOTE: --dataset synthetic: the images are SYNTHETIC (written by data.write_synthetic "
+                 f"into {root}) and the teacher weights are RANDOM (a 1-block deit3_small); accuracies "
+                 f"say nothing about CIFAR-10. Small defaults unless set: {SYNTHETIC_DEFAULTS}")
+    else:
+        root = args.data_dir
+        teacher = args.teacher or data.teacher_path(root)
+        teacher_args = {}
+
+        def make():
+            data.download(root, args.mirror, teacher=needs_teacher and not args.teacher)
+    on_master_first(ctx, make)
+    if needs_teacher and not os.path.isfile(teacher):
+        raise TrainError(f"teacher file {teacher} not found (python data.py --data-dir {args.data_dir} "
+                         "downloads it, or pass --teacher PATH)")
+    data_args = dict(root=root, split=args.split, seed=args.seed, train_per_class=args.train_per_class,
+                     val_per_class=args.val_per_class, test_per_class=args.test_per_class)
+    splits = {}
+    on_master_first(ctx, lambda: splits.update(data.build_mix(**data_args)))  # rank 0 builds the cache
+    if not splits:
+        splits = data.build_mix(**data_args)  # the other ranks read it
+    log(ctx, "data: " + ", ".join(f"{k} {len(v['labels']):,}" for k, v in splits.items())
+        + f" images ({args.split} split, {root})")
+    return splits, data_args, (teacher if needs_teacher else None), teacher_args
+
+
+# ----------------------------------------------------------------------------- (2) the teacher
+
+@torch.no_grad()
+def teacher_features(teacher, images, device, resize, amp_dtype):
+    """Final-norm class token of the teacher on the 224px view (seed 4.1), fp16 on the CPU."""
+    bs = 256 if device.type == "cuda" else 64
+    out = []
+    for i in range(0, len(images), bs):
+        x = data.teacher_view(images[i:i + bs].to(device), 224, resize)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out.append(teacher.forward_features(x)[:, 0].half().cpu())
+    return torch.cat(out)
+
+
+def fit_head(feats, device, epochs, seed):
+    """Fit the new 10-way linear head on frozen cached features (seed 4.1); pick the epoch by val."""
+    g = torch.Generator().manual_seed(seed)
+    X = {s: feats[s]["features"].to(device).float() for s in feats}
+    y = {s: feats[s]["labels"].to(device) for s in feats}
+    head = nn.Linear(X["train"].shape[1], 10).to(device)
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+    opt = torch.optim.AdamW(head.parameters(), lr=HEAD_LR, weight_decay=HEAD_WD)
+    acc = lambda s: (head(X[s]).argmax(1) == y[s]).float().mean().item()  # noqa: E731
+    best = (-1.0, None)
+    for _ in range(epochs):
+        perm = torch.randperm(len(y["train"]), generator=g).to(device)
+        for i in range(0, len(perm), HEAD_BATCH):
+            idx = perm[i:i + HEAD_BATCH]
+            loss = F.cross_entropy(head(X["train"][idx]), y["train"][idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            if acc("val") > best[0]:  # select by val, never test
+                best = (acc("val"), {k: v.detach().clone() for k, v in head.state_dict().items()})
+    head.load_state_dict(best[1])
+    with torch.no_grad():
+        return head, best[0], acc("test")
+
+
+def prepare_teacher(args, ctx, splits, data_args, path, teacher_args, amp_dtype):
+    """Cache dir with features_{train,val,test}.pt, teacher_head.pt, logits_train.pt (keyed by the
+    teacher file's sha256, split, seed, counts, resize), built once on rank 0 and shared by runs.
+    Returns (info for the checkpoint, train logits on the device or None, live teacher or None)."""
+    device = ctx["device"]
+    sha = sha256_file(path)
+    counts = f"{args.train_per_class}-{args.val_per_class}-{args.test_per_class}"
+    cache = os.path.join(data_args["root"], "cache",
+                         f"teacher-{sha[:16]}-{args.split}-s{args.seed}-{counts}-{args.teacher_resize}")
+    head_path = os.path.join(cache, "teacher_head.pt")
+    logits_path = os.path.join(cache, "logits_train.pt")
+
+    def build():
+        os.makedirs(cache, exist_ok=True)
+        if os.path.exists(head_path) and os.path.exists(logits_path):
+            h = torch.load(head_path, map_location="cpu", weights_only=True)
+            if h.get("head_epochs") == args.head_epochs:
+                log(ctx, f"teacher: cached head and logits in {cache} (val {h['val_accuracy']:.2%}, "
+                         f"test {h['test_accuracy']:.2%})")
+                return
+        teacher = load_teacher(path, num_classes=10, **teacher_args).to(device).eval()
+        feats = {}
+        for s in ("train", "val", "test"):
+            fp = os.path.join(cache, f"features_{s}.pt")
+            ok = os.path.exists(fp)
+            if ok:
+                feats[s] = torch.load(fp, map_location="cpu", weights_only=True)
+                ok = len(feats[s]["labels"]) == len(splits[s]["labels"])
+            if not ok:
+                t0 = time.time()
+                f = teacher_features(teacher, splits[s]["images"], device, args.teacher_resize, amp_dtype)
+                feats[s] = {"features": f, "labels": splits[s]["labels"].clone()}
+                atomic_save(feats[s], fp)
+                log(ctx, f"teacher: {s} features {tuple(f.shape)} in {time.time() - t0:.1f}s "
+                         f"({len(f) / (time.time() - t0):.0f} img/s)")
+        head, val_acc, test_acc = fit_head(feats, device, args.head_epochs, args.seed)
+        log(ctx, f"teacher: head fitted ({args.head_epochs} epochs, AdamW lr {HEAD_LR}, wd {HEAD_WD}): "
+                 f"val {val_acc:.2%}, test {test_acc:.2%} (seed 4.1 reports 87.4%)")
+        with torch.no_grad():
+            logits = head(feats["train"]["features"].to(device).float()).cpu()
+        atomic_save({"logits": logits, "labels": feats["train"]["labels"]}, logits_path)
+        atomic_save({"kind": "cdeit-kit/teacher-head", "version": 1, "weight": head.weight.detach().cpu(),
+                     "bias": head.bias.detach().cpu(), "teacher_path": os.path.abspath(path),
+                     "teacher_sha256": sha, "teacher_args": dict(teacher_args), "data_args": dict(data_args),
+                     "resize": args.teacher_resize, "val_accuracy": val_acc, "test_accuracy": test_acc,
+                     "head_epochs": args.head_epochs}, head_path)
+    on_master_first(ctx, build)
+    logits = torch.load(logits_path, map_location="cpu", weights_only=True)["logits"].to(device)
+    info = {"path": os.path.abspath(path), "sha256": sha, "head": os.path.abspath(head_path)}
+    live = None
+    if args.teacher_view == "augmented":  # the consistent teacher: full model with the fitted head
+        h = torch.load(head_path, map_location="cpu", weights_only=True)
+        live = load_teacher(path, num_classes=10, **teacher_args)
+        live.head.load_state_dict({"weight": h["weight"], "bias": h["bias"]})
+        live = live.to(device).eval().requires_grad_(False)
+    return info, logits, live
+
+
+# ----------------------------------------------------------------------------- (3) the student
+
+def lr_at(step, total, warmup, peak, floor):
+    """Per-step linear warmup then cosine decay to floor (seed Table 1: cosine, 3 warmup epochs)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
+
+
+def rank_seed(seed, epoch, rank):
+    # every epoch's randomness derives from (seed, epoch, rank): an epoch replays exactly on resume
+    return (seed * 100_003 + epoch) * 1009 + rank
+
+
+@torch.no_grad()
+def evaluate(model, split, device, amp_dtype):
+    model.eval()
+    correct, bs = 0, 512 if device.type == "cuda" else 256
+    for i in range(0, len(split["labels"]), bs):
+        x = data.normalize(split["images"][i:i + bs].to(device))
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            correct += (model(x).argmax(1) == split["labels"][i:i + bs].to(device)).sum().item()
+    model.train()
+    return correct / max(1, len(split["labels"]))
+
+
+def train_step(model, optimizer, scaler, loss_fn, x, y, t, teacher_logits, args, amp_dtype):
+    """One optimisation step on an augmented batch; returns (loss, parts) undetached from the device."""
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = model(x)
+    loss, parts = loss_fn(out, y, teacher_logits, t if args.model == "cdeit" else None, distill=args.distill,
+                          tau=args.tau, alpha=args.alpha, smoothing=args.smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if args.clip_grad:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, parts
+
+
+def rng_state(device, gen):
+    s = {"cpu": torch.get_rng_state(), "augment": gen.get_state()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def set_rng_state(device, gen, s):
+    torch.set_rng_state(s["cpu"])
+    gen.set_state(s["augment"])
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+STOP = {"why": None}  # set by SIGTERM / Ctrl-C; the loop saves and leaves at the next check
+
+
+def _request_stop(signum, frame):
+    STOP["why"] = signal.Signals(signum).name
+    signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+
+def build_student(args, device):
+    model_args = dict(num_classes=10, num_types=len(data.TYPES), drop_path=args.drop_path, drop=args.drop,
+                      fused_attn=args.fused, **({"strategy": args.strategy} if args.model == "cdeit" else {}))
+    model_args.update({k: getattr(args, k) for k in ("depth", "embed_dim", "num_heads") if getattr(args, k)})
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    return create_model(args.model, **model_args).to(device), model_args
+
+
+def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, live_teacher, amp_dtype,
+                  stop_at_step=None):
+    device, master, world, rank = ctx["device"], ctx["master"], ctx["world"], ctx["rank"]
+    raw_model, model_args = build_student(args, device)
+    peak = args.lr * args.batch_size / 512  # DeiT's linear scaling (seed Table 1)
+    optimizer = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=peak,
+                                  fused=True if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loader = data.DeviceLoader(splits["train"], args.batch_size, device, shuffle=True, drop_last=True,
+                               seed=args.seed, rank=rank, world_size=world)
+    augment = data.Augment(num_classes=10, num_types=len(data.TYPES), crop_padding=args.crop_padding,
+                           flip=args.hflip, mixup_alpha=args.mixup, mixup_prob=args.mixup_prob,
+                           cutmix_alpha=args.cutmix, cutmix_prob=args.cutmix_prob, erase_prob=args.erase_prob,
+                           randaug_ops=2 if args.randaug else 0, randaug_magnitude=args.randaug)
+    gen = torch.Generator(device=device)
+    loss_fn = losses.distillation_loss
+    if args.fused and device.type == "cuda":
+        import kernels
+        loss_fn = getattr(kernels, "distillation_loss", loss_fn)
+    spe = len(loader)  # steps per epoch
+    if spe == 0:
+        raise TrainError(f"--batch-size {args.batch_size} exceeds the {loader.n} training images")
+    total, warmup, floor = args.epochs * spe, int(args.warmup_epochs * spe), min(args.min_lr, peak)
+
+    ckpt_path, best_path = (os.path.join(args.out_dir, n) for n in ("ckpt.pt", "best.pt"))
+    epoch, step, best_val, history, resume_rng = 0, 0, -1.0, [], None
+    sums = torch.zeros(4, dtype=torch.float64)  # per-epoch sums of loss, label, teacher, type
+    if args.resume:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("kind") != "cdeit-kit/student" or (ck["model_name"], ck["model_args"], ck["data_args"]) \
+                != (args.model, model_args, data_args):
+            raise TrainError(f"{ckpt_path} was trained with another model or data configuration "
+                             f"({ck.get('model_name')}, {ck.get('model_args')}, {ck.get('data_args')})")
+        raw_model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        epoch, step, best_val, history = ck["epoch"], ck["step"], ck["best_val_accuracy"], ck["history"]
+        if step > epoch * spe:  # stopped mid-epoch: replay this rank's RNG from the save
+            sums = torch.tensor(ck["epoch_sums"], dtype=torch.float64)  # this epoch's losses so far
+            if ck["rng"]["world_size"] == world:
+                resume_rng = ck["rng"]["ranks"][rank]
+            else:
+                log(ctx, "warning: mid-epoch resume on another process count is not bit-exact")
+        log(ctx, f"resumed {ckpt_path}: epoch {epoch}, step {step}, best val {best_val:.2%}")
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if ctx["ddp"]:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def checkpoint(path):
+        """The file eval.py reads: only tensors and plain values (torch.load weights_only=True)."""
+        states = [rng_state(device, gen)] * world
+        if ctx["ddp"]:
+            dist.all_gather_object(states, rng_state(device, gen))
+        if master:
+            atomic_save({"kind": "cdeit-kit/student", "version": 1, "model_name": args.model,
+                         "model_args": model_args, "model": raw_model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+                         "rng": {"world_size": world, "ranks": states}, "config": vars(args),
+                         "data_args": data_args, "dataset": args.dataset, "best_val_accuracy": best_val,
+                         "teacher": teacher_info, "history": history, "epoch_sums": sums.tolist()}, path)
+
+    if master:
+        atomic_save(json.dumps(vars(args), indent=2) + "\n", os.path.join(args.out_dir, "config.json"))
+    cfg = raw_model.cfg
+    log(ctx, f"student: {args.model} ({count_params(raw_model):,} params, {cfg.depth} blocks, D={cfg.embed_dim}), "
+             f"{args.distill} distillation, {spe} steps/epoch x {args.epochs} epochs, global batch "
+             f"{args.batch_size} on {world} x {device.type}, peak lr {peak:.2e}, amp {amp_dtype}, "
+             f"loss {loss_fn.__module__}")
+    names = ["label", "teacher", "type"][:1 + (args.distill != "none") + (args.model == "cdeit")]
+    handlers = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    STOP["why"], stopped, t_start, steps_done = None, None, time.time(), 0
+    try:
+        while epoch < args.epochs and not stopped:
+            torch.manual_seed(rank_seed(args.seed, epoch, rank))  # drop-path masks
+            gen.manual_seed(rank_seed(args.seed, epoch, rank) + 1)  # augmentation draws
+            if resume_rng is not None:
+                set_rng_state(device, gen, resume_rng)
+                resume_rng = None
+            loader.set_epoch(epoch)
+            buf = torch.zeros(args.log_interval, 4, device=device)  # loss, label, teacher, type per step
+            n_buf, t_epoch, t_int = 0, time.time(), time.time()
+            lr = lr_at(step, total, warmup, peak, floor)
+            for i, batch in enumerate(loader):
+                if i < step - epoch * spe:
+                    continue  # mid-epoch resume: these batches were trained before the stop
+                lr = lr_at(step, total, warmup, peak, floor)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                x, y, t = augment(batch["images"], batch["labels"], batch["types"], generator=gen)
+                tl = None
+                if live_teacher is not None:  # --teacher-view augmented: the teacher sees what the student sees
+                    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        tl = live_teacher(F.interpolate(x, size=224, mode=args.teacher_resize)).float()
+                elif teacher_logits is not None:
+                    tl = teacher_logits[batch["index"]]  # cached once (seed 4.1)
+                loss, parts = train_step(model, optimizer, scaler, loss_fn, x, y, t, tl, args, amp_dtype)
+                buf[n_buf] = torch.stack([loss.detach().float()] + [parts[k].float() for k in names]
+                                         + [loss.new_zeros(())] * (3 - len(names)))
+                n_buf, step, steps_done = n_buf + 1, step + 1, steps_done + 1
+                if stop_at_step is not None and step >= stop_at_step:
+                    STOP["why"] = STOP["why"] or f"stop_at_step={stop_at_step}"
+                # one host sync per interval: losses averaged over ranks, non-finite check, stop requests
+                # (one process checks for a stop every step; DDP ranks must agree, so at intervals)
+                if n_buf == args.log_interval or i == spe - 1 or (STOP["why"] and not ctx["ddp"]):
+                    flag = torch.tensor([float(STOP["why"] is not None)], device=device)
+                    if ctx["ddp"]:
+                        dist.all_reduce(buf), dist.all_reduce(flag)
+                        buf /= world
+                    rows = buf[:n_buf].double().cpu()
+                    bad = (~torch.isfinite(rows[:, 0])).nonzero()
+                    if len(bad):
+                        raise TrainError(f"non-finite loss at step {step - n_buf + int(bad[0]) + 1}; stopped, "
+                                         f"the last good checkpoint is {ckpt_path}")
+                    sums += rows.sum(0)
+                    m, rate = rows.mean(0), n_buf * args.batch_size / (time.time() - t_int)
+                    eta = (total - step) * (time.time() - t_start) / steps_done
+                    log(ctx, f"step {step}/{total} | epoch {epoch + 1} | loss {m[0]:.4f} ("
+                        + " ".join(f"{k} {m[j + 1]:.3f}" for j, k in enumerate(names))
+                        + f") | lr {lr:.2e} | {rate:.0f} img/s | eta {eta / 60:.1f}m")
+                    buf.zero_()
+                    n_buf, t_int = 0, time.time()
+                    if flag.item() > 0:
+                        stopped = STOP["why"] or "a stop on another rank"
+                        break
+            if stopped and step < (epoch + 1) * spe:  # mid-epoch: save where we are
+                checkpoint(ckpt_path)
+                log(ctx, f"stopped ({stopped}) at step {step}: saved {ckpt_path}; continue with --resume")
+                break
+            epoch += 1
+            val = torch.tensor([evaluate(raw_model, splits["val"], device, amp_dtype) if master else 0.0],
+                               device=device)
+            if ctx["ddp"]:
+                dist.broadcast(val, 0)  # every rank agrees on "improved" (checkpoint() is collective)
+            val = val.item()
+            row = dict(epoch=epoch, step=step, lr=lr, **{f"train_{k}": v / spe for k, v in
+                                                        zip(["loss", "label", "teacher", "type"], sums.tolist())},
+                       val_accuracy=val, epoch_time_s=round(time.time() - t_epoch, 2))
+            history.append(row)
+            sums = torch.zeros(4, dtype=torch.float64)
+            improved, best_val = val > best_val, max(best_val, val)
+            log(ctx, f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} | val accuracy {val:.2%}"
+                + (" (best)" if improved else "") + f" | {row['epoch_time_s']:.0f}s")
+            checkpoint(ckpt_path)
+            if improved:  # best val accuracy; test data never selects anything
+                checkpoint(best_path)
+            if master:
+                w = io.StringIO()
+                wr = csv.DictWriter(w, fieldnames=list(row))
+                wr.writeheader(), wr.writerows(history)
+                atomic_save(w.getvalue(), os.path.join(args.out_dir, "summary.csv"))
+            if stopped:  # the stop came on an epoch's last step: the epoch was finished and saved
+                log(ctx, f"stopped ({stopped}) after epoch {epoch}: saved {ckpt_path}; continue with --resume")
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if epoch >= args.epochs and steps_done == 0:
+        log(ctx, f"already trained {epoch} epochs; nothing to do")
+    return dict(best_val_accuracy=best_val, step=step, stopped=stopped)
+
+
+# ----------------------------------------------------------------------------- main
+
+def run(args, stop_at_step=None):
+    ctx = setup(args)
+    try:
+        device = ctx["device"]
+        amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+        if amp == "fp16" and device.type != "cuda":
+            raise TrainError("--amp fp16 needs CUDA; use --amp bf16 or off on CPU")
+        on_master_first(ctx, lambda: prepare_out_dir(args))
+        splits, data_args, tpath, targs = prepare_data(args, ctx)
+        info, logits, live = None, None, None
+        if tpath is not None:
+            info, logits, live = prepare_teacher(args, ctx, splits, data_args, tpath, targs, amp_dtype)
+        t0 = time.time()
+        res = train_student(args, ctx, splits, data_args, info, logits, live, amp_dtype, stop_at_step)
+        if not res["stopped"]:
+            log(ctx, f"done in {(time.time() - t0) / 60:.1f} min: best val accuracy "
+                     f"{res['best_val_accuracy']:.2%}; files in {args.out_dir} "
+                     "(config.json, summary.csv, ckpt.pt, best.pt); next: python eval.py "
+                     f"{os.path.join(args.out_dir, 'best.pt')}")
+        return res
+    finally:
+        if ctx["ddp"]:
+            dist.destroy_process_group()
+
+
+def main(argv=None, stop_at_step=None):
+    args = get_args(argv)
+    try:
+        run(args, stop_at_step)
+    except (TrainError, data.DataError, ModelFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
