@@ -140,6 +140,10 @@ def _hashes(path):
     return md5.hexdigest(), sha.hexdigest()
 
 
+def _inside(path, root):
+    return path == root or path.startswith(root + os.sep)
+
+
 def _safe_extract(archive, data_dir):
     """Extract a tar into data_dir, refusing members that would land outside it."""
     root = os.path.realpath(data_dir)
@@ -149,18 +153,19 @@ def _safe_extract(archive, data_dir):
         with tarfile.open(archive) as tf:
             members = tf.getmembers()
             for m in members:
-                bad = os.path.isabs(m.name) or ".." in m.name.replace("\\", "/").split("/")
                 target = os.path.realpath(os.path.join(root, m.name))
-                bad = bad or not target.startswith(root + os.sep)
+                bad = os.path.isabs(m.name) or ".." in m.name.replace("\\", "/").split("/") or not _inside(target, root)
                 if m.issym() or m.islnk():
-                    base = os.path.dirname(target) if m.issym() else root
-                    link = os.path.realpath(os.path.join(base, m.linkname))
-                    bad = bad or os.path.isabs(m.linkname) or not link.startswith(root + os.sep)
+                    link = os.path.realpath(os.path.join(os.path.dirname(target) if m.issym() else root, m.linkname))
+                    bad = bad or os.path.isabs(m.linkname) or not _inside(link, root)
                 if bad or not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
                     raise DataError(f"{archive}: refusing archive member {m.name!r} "
                                     f"(it would land outside {data_dir} or is not a plain file)")
             os.makedirs(tmp)
-            tf.extractall(tmp, members, filter="data")   # the stdlib's own guard, as a second line
+            try:
+                tf.extractall(tmp, members, filter="data")   # the stdlib's own guard, as a second line
+            except TypeError:                                # Python < 3.11.4: no filters
+                tf.extractall(tmp, members)
         for dirpath, _, names in os.walk(tmp):            # move files into place one by one
             for n in names:
                 src = os.path.join(dirpath, n)
