@@ -8,16 +8,16 @@ Math, for one (batch, head), non-causal, scale = D**-0.5:
     dV = P^T dO    dP = dO V^T    delta = rowsum(dO * O)    dS = P * (dP - delta)
     dQ = dS K * scale              dK = dS^T Q * scale         (FlashAttention-2's backward)
 
-Why a separate kernel: the kit's sequences are short (66-67 tokens for the 32px students, 197 for
-the 224px teacher). A forward program therefore holds the whole key range of one (batch, head) in
-one tile and does an exact softmax in one pass: no online rescaling, no key loop. The backward has
-two kernels: one program per query block computes dQ against the whole key range (like the
-forward), and one program per key block loops over the query blocks for dK and dV. Neither needs
-atomics. Softmax uses exp2 with log2(e) folded into the scale.
+Design for short sequences (66-67 tokens for the 32px students, 197 for the 224px teacher):
+each forward program owns one query block of one (batch, head) and sweeps that head's whole key
+range itself (online softmax over key chunks of 32), so no work is split across programs. The
+backward has two kernels, neither with atomics: one program per query block computes dQ over the
+whole key range (like the forward), one program per key block loops over all query blocks for dK
+and dV. delta = rowsum(dO * O) is recomputed in both from dO and O (cheaper than a third launch
+at these sizes). Softmax uses exp2 with log2(e) folded into the scale.
 
 Dtypes: fp16 / bf16 in, fp32 accumulation, output in the input dtype; fp32 is accepted (its dots
-run in full IEEE precision, like SDPA's math path). Any N (ragged sizes are masked) as long as the
-padded K and V tiles fit in shared memory (see `supported`); otherwise SDPA is used.
+run as 3xTF32, about fp32 accuracy). Any N >= 1 (ragged sizes are masked), head dim up to 128.
 
 Public API:
     attention(q, k, v)     drop-in for F.scaled_dot_product_attention(q, k, v), (B, H, N, D)
@@ -51,29 +51,35 @@ def _attn_fwd_kernel(
     o_base = off_b * stride_ob + off_h * stride_oh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)  # the whole key range of this (batch, head)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    mask_n = offs_n < N
     mask_d = offs_d < D
-
     q = tl.load(Q + q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-    kv_offs = q_base + offs_n[:, None] * stride_qn + offs_d[None, :]
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
 
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-    s = tl.where(mask_n[None, :], s, float("-inf"))  # padded keys get no weight
-    m = tl.max(s, 1)
-    p = tl.exp2(s - m[:, None])
-    l = tl.sum(p, 1)
-    o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC) / l[:, None]  # (BLOCK_M, BLOCK_D) fp32
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (log2 units)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)                # running row sum of exp2
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):  # this program sweeps the whole key range
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        kv_offs = q_base + offs_n[:, None] * stride_qn + offs_d[None, :]
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.where(mask_n[None, :], s, float("-inf"))  # padded keys get no weight
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every chunk has a real key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
 
+    o = acc / l_i[:, None]
     tl.store(O + o_base + offs_m[:, None] * stride_on + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(LSE + pid_bh * N + offs_m, (m + tl.log2(l)) * 0.6931471805599453, mask=mask_m)
+    tl.store(LSE + pid_bh * N + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
 
 
 @triton.jit
@@ -94,33 +100,34 @@ def _attn_bwd_dq_kernel(
     o_base = off_b * stride_ob + off_h * stride_oh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    mask_n = offs_n < N
     mask_d = offs_d < D
     row_mask = mask_m[:, None] & mask_d[None, :]
-
     q_offs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
     o_offs = o_base + offs_m[:, None] * stride_on + offs_d[None, :]
     q = tl.load(Q + q_offs, mask=row_mask, other=0.0)    # (BLOCK_M, BLOCK_D)
     do = tl.load(DO + o_offs, mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
     o = tl.load(O + o_offs, mask=row_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # (BLOCK_M,) rowsum(dO * O)
-    lse = tl.load(LSE + pid_bh * N + offs_m, mask=mask_m, other=0.0)
+    lse2 = tl.load(LSE + pid_bh * N + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    qk_scale = sm_scale * 1.4426950408889634
 
-    kv_offs = q_base + offs_n[:, None] * stride_qn + offs_d[None, :]
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
-
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
-    p = tl.exp2((s * sm_scale - lse[:, None]) * 1.4426950408889634)
-    p = tl.where(mask_n[None, :], p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-    ds = p * (dp - delta[:, None])
-    dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC) * sm_scale
-    tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=row_mask)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):  # the whole key range, no atomics
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        kv_offs = q_base + offs_n[:, None] * stride_qn + offs_d[None, :]
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s * qk_scale - lse2[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    tl.store(DQ + q_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
@@ -175,52 +182,51 @@ def _attn_bwd_dkdv_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers. Block sizes are a heuristic for an H100/H200-class GPU (228 KB shared memory, 255
-# registers a thread), not autotuned: the forward and dQ programs hold K and V of the whole key
-# range (BLOCK_N = next power of two >= N) plus an fp32 (BLOCK_M, BLOCK_N) score tile, so
-# BLOCK_M is kept small (32) and the warp count grows with the tile to bound registers a thread.
+# Launchers. Block sizes (BLOCK_M, BLOCK_N, num_warps) were picked offline for sm_90 (H100/H200)
+# from Triton 3.8's compile + ptxas register and spill counts (no spills, wgmma where it fits, the
+# fewest padded rows/columns at N=67 and 197); they are not yet timed on a GPU. Padded tiles that
+# hold the whole 197-key range at once spill registers at D=128, hence the key loop.
 
 def _pow2(x):
     return max(16, triton.next_power_of_2(x))
 
 
 def supported(N, D, dtype):
-    """True when the whole-key-range tiles fit: padded K and V at most 64 KB each (N=256, D=128
-    in fp16; fp32 halves that). Larger problems use SDPA; this kit never gets near them."""
-    return N >= 1 and 1 <= D <= 256 and dtype in (torch.float16, torch.bfloat16, torch.float32) \
-        and _pow2(N) * _pow2(D) * (4 if dtype == torch.float32 else 2) <= 65536
+    """Shapes the kernels take; anything else goes to SDPA."""
+    return N >= 1 and 1 <= D <= 128 and dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _dot_prec(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp16/bf16 ignore it
+    # fp32: 3xTF32 tensor-core dots, about fp32 accuracy; "ieee" would be an FMA loop that spills.
+    return "tf32x3" if dtype == torch.float32 else "tf32"  # fp16/bf16 ignore it
+
+
+def _config(kernel, D, dtype):
+    wide = D > 64 or dtype == torch.float32
+    return {"fwd": (64, 32, 8),
+            "dq": (32, 32, 8) if wide else (64, 32, 8),
+            "dkdv": (16, 32, 8) if wide else (16, 64, 8)}[kernel]  # dkdv: (query step, key block)
 
 
 def _fwd(q, k, v, o, lse, B, H, N, D, qs, os_):
     """qs, os_: (batch, head, seq) strides of the q/k/v views and of the o view."""
-    BLOCK_N, BLOCK_D = _pow2(N), _pow2(D)
-    BLOCK_M = min(64, BLOCK_N) if BLOCK_N <= 64 else 32
-    warps = 4 if BLOCK_M * BLOCK_N <= 4096 else 8
-    grid = (B * H, triton.cdiv(N, BLOCK_M))
-    _attn_fwd_kernel[grid](q, k, v, o, lse, *qs, *os_, H, N, D, D ** -0.5 * 1.4426950408889634,
-                           BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                           DOT_PREC=_dot_prec(q.dtype), num_warps=warps, num_stages=1)
+    BLOCK_M, BLOCK_N, warps = _config("fwd", D, q.dtype)
+    _attn_fwd_kernel[(B * H, triton.cdiv(N, BLOCK_M))](
+        q, k, v, o, lse, *qs, *os_, H, N, D, D ** -0.5 * 1.4426950408889634,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_pow2(D), DOT_PREC=_dot_prec(q.dtype),
+        num_warps=warps, num_stages=2)
 
 
 def _bwd(q, k, v, o, do, lse, dq, dk, dv, B, H, N, D, qs, os_):
-    BLOCK_N, BLOCK_D = _pow2(N), _pow2(D)
-    prec = _dot_prec(q.dtype)
-    # dQ: whole key range per program, four live fp32 (BLOCK_M, BLOCK_N) tiles at most (s, p, dp, ds).
-    BLOCK_M = 16 if BLOCK_N * BLOCK_D >= 256 * 128 else 32
-    warps = 4 if BLOCK_M * BLOCK_N <= 4096 else 8
+    prec, BLOCK_D = _dot_prec(q.dtype), _pow2(D)
+    BLOCK_M, BLOCK_N, warps = _config("dq", D, q.dtype)
     _attn_bwd_dq_kernel[(B * H, triton.cdiv(N, BLOCK_M))](
         q, k, v, dq, o, do, lse, *qs, *os_, H, N, D, D ** -0.5,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PREC=prec, num_warps=warps, num_stages=1)
-    # dK, dV: a key block of 64 (32 at D=128) with fp32 accumulators, looping over query blocks of 32.
-    BLOCK_KV = min(64 if BLOCK_D <= 64 else 32, BLOCK_N)
-    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(N, BLOCK_KV))](
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PREC=prec, num_warps=warps, num_stages=2)
+    BLOCK_M, BLOCK_N, warps = _config("dkdv", D, q.dtype)
+    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(N, BLOCK_N))](
         q, k, v, dk, dv, o, do, lse, *qs, *os_, H, N, D, D ** -0.5,
-        BLOCK_M=min(32, BLOCK_N), BLOCK_N=BLOCK_KV, BLOCK_D=BLOCK_D, DOT_PREC=prec,
-        num_warps=4, num_stages=2)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PREC=prec, num_warps=warps, num_stages=2)
 
 
 # ----------------------------------------------------------------------------------------------

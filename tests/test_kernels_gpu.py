@@ -1,0 +1,129 @@
+"""GPU-only kernel checks (skipped without CUDA; bench/gpu.sh runs them on a lent GPU).
+
+bf16 cannot be checked through triton 3.8's interpreter (its bf16 tl.dot is wrong and it rounds
+fp32 -> bf16 by truncation), and D=128 and the real batch shapes are too slow there, so they are
+checked here on the compiled kernels; plus a torch.compile'd model step through the kernels with
+no graph break.
+"""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+# (atol, rtol) against a float64 reference; fp32 runs its dots as 3xTF32 (about fp32 accuracy).
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (4e-2, 4e-2)}
+
+
+def _reference(q, k, v, go):
+    q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v)
+    return (o, *torch.autograd.grad(o, (q, k, v), go.double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("shape", [(2, 3, 67, 64), (3, 2, 66, 32), (2, 6, 197, 64), (1, 2, 197, 128),
+                                   (2, 2, 256, 128), (4, 3, 1, 64), (1, 1, 17, 128)],
+                         ids=lambda s: "B{}H{}N{}D{}".format(*s))
+def test_attention_on_gpu(shape, dtype):
+    A = importlib.import_module("kernels.attention")
+    if not A.supported(shape[2], shape[3], dtype):
+        pytest.skip("falls back to SDPA by design (tiles too large for shared memory)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, go = (torch.randn(*shape, device="cuda", generator=g).to(dtype) for _ in range(4))
+    ref = _reference(q, k, v, go)
+    qkv = torch.stack([q, k, v], 2).transpose(1, 3).contiguous()  # (B, N, 3, H, D)
+    for packed in (False, True):
+        if packed:
+            x = qkv.clone().requires_grad_()
+            B, N, _, H, D = x.shape
+            o = kernels.attention_packed(x)
+            (dx,) = torch.autograd.grad(o, x, go.transpose(1, 2).reshape(B, N, H * D))
+            got = [o.view(B, N, H, D).transpose(1, 2)] + [dx[:, :, i].transpose(1, 2) for i in range(3)]
+        else:
+            xs = [t.clone().requires_grad_() for t in (q, k, v)]
+            o = kernels.attention(*xs)
+            got = [o, *torch.autograd.grad(o, xs, go)]
+        atol, rtol = TOL[dtype]
+        for name, a, e in zip(("o", "dq", "dk", "dv"), got, ref):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a.double(), e, atol=atol, rtol=rtol,
+                                       msg=lambda m: f"{name} packed={packed}: {m}")
+
+
+def test_attention_large_batch_int64_offsets():
+    """A packed qkv past 2**31 elements would overflow int32 offsets; the far end checks it.
+    (B=32768, N=67, 3, H=6, D=64: 2.5e9 bf16 elements, ~5 GB, plus a 1.7 GB output.)"""
+    B, H, N, D = 32768, 6, 67, 64
+    try:
+        qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=torch.bfloat16)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    o = kernels.attention_packed(qkv)
+    tail = qkv[-2:].permute(2, 0, 3, 1, 4).unbind(0)
+    ref = F.scaled_dot_product_attention(*tail).transpose(1, 2).reshape(2, N, H * D)
+    torch.testing.assert_close(o[-2:].float(), ref.float(), atol=4e-2, rtol=4e-2)
+
+
+@pytest.mark.parametrize("kind,distill", [("deit", "soft"), ("cdeit", "hard"), ("cdeit", "soft")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_loss_on_gpu(kind, distill, dtype):
+    import losses
+    from model import Logits
+    B, C, T = 1024, 10, 11
+    g = torch.Generator(device="cuda").manual_seed(1)
+
+    def logits(n):
+        return (2 * torch.randn(B, n, device="cuda", generator=g)).to(dtype).requires_grad_()
+
+    out = Logits(logits(C), logits(C), logits(T) if kind == "cdeit" else None, logits(C) if kind == "cdeit" else None)
+    labels = torch.softmax(torch.randn(B, C, device="cuda", generator=g), 1)  # mixup-style soft targets
+    teacher = 3 * torch.randn(B, C, device="cuda", generator=g)
+    types = torch.randint(0, T, (B,), device="cuda", generator=g) if kind == "cdeit" else None
+    inputs = [x for x in out if x is not None]
+    go = torch.tensor(0.37, device="cuda")
+    loss, parts = kernels.distillation_loss(out, labels, teacher, types, distill=distill)
+    loss_r, parts_r = losses.distillation_loss(out, labels, teacher, types, distill=distill)
+    torch.testing.assert_close(loss, loss_r, atol=1e-5, rtol=1e-5)
+    for name in parts_r:
+        torch.testing.assert_close(parts[name], parts_r[name], atol=1e-5, rtol=1e-5)
+    atol, rtol = (1e-4, 1.6e-2) if dtype == torch.bfloat16 else (1e-6, 1e-5)
+    for a, e in zip(torch.autograd.grad(loss, inputs, go), torch.autograd.grad(loss_r, inputs, go)):
+        torch.testing.assert_close(a, e, atol=atol, rtol=rtol)
+
+
+def test_compiled_model_step_has_no_graph_break():
+    """A deit train step (forward, fused loss, backward) under torch.compile(fullgraph=True) with the
+    Triton kernels, against the same step eager with SDPA and losses.py."""
+    import losses
+    from model import create_model
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    fused = create_model("deit", fused_attn=True).cuda().train()
+    plain = create_model("deit", fused_attn=False).cuda().train()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(64, 3, 32, 32, device="cuda")
+    labels = torch.randint(0, 10, (64,), device="cuda")
+    teacher = torch.randn(64, 10, device="cuda")
+
+    def loss_of(model, loss_fn, x):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        return loss_fn(out, labels, teacher, distill="hard")[0]
+
+    counters.clear()
+    # fullgraph=True raises on any graph break; the counters double-check it.
+    compiled = torch.compile(lambda x: loss_of(fused, kernels.distillation_loss, x), fullgraph=True)
+    loss = compiled(x)
+    loss.backward()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    loss_ref = loss_of(plain, losses.distillation_loss, x)
+    loss_ref.backward()
+    torch.testing.assert_close(loss, loss_ref, atol=2e-2, rtol=2e-2)
+    for (name, p), p_ref in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=2e-2, rtol=1e-1, msg=lambda m: f"{name}: {m}")
