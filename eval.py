@@ -149,12 +149,13 @@ def _first_line(e):
     return f"{type(e).__name__}: {s.splitlines()[0] if s else ''}"
 
 
-def _torch_load(path, what):
-    """torch.load(weights_only=True) with one clear line for each way a file can be bad."""
+def _load(path, what, kind, fields):
+    """torch.load(weights_only=True), then kind, version and fields checked: one clear line for each
+    way a file can be bad (missing, truncated, tampered, another kind)."""
     if not os.path.isfile(path):
         raise EvalError(f"{path}: {what} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):  # a pickle that asks for code: never run it
             m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
@@ -164,9 +165,6 @@ def _torch_load(path, what):
         raise EvalError(f"{path}: not a torch {what} ({_first_line(e)})") from None
     except Exception as e:  # truncated zip, not a zip, bad records, ...
         raise EvalError(f"{path}: unreadable {what}, truncated or not a torch file ({_first_line(e)})") from None
-
-
-def _check_kind(ck, path, kind):
     if not isinstance(ck, dict) or "kind" not in ck:
         raise EvalError(f"{path}: no 'kind' field, not a cdeit-kit file (expected kind {kind!r})")
     if ck["kind"] != kind:
@@ -175,6 +173,10 @@ def _check_kind(ck, path, kind):
         raise EvalError(f"{path}: kind {ck['kind']!r}, expected {kind!r}{hint}")
     if ck.get("version") != 1:
         raise EvalError(f"{path}: unsupported {kind} version {ck.get('version')!r} (this eval.py reads 1)")
+    missing = [k for k in fields if k not in ck]
+    if missing:
+        raise EvalError(f"{path}: {what} lacks the field(s) {', '.join(missing)}")
+    return ck
 
 
 def _load_weights(net, sd, path):
@@ -193,11 +195,7 @@ def _load_weights(net, sd, path):
 
 def load_student(path):
     """-> (model on CPU in eval mode, checkpoint dict without the optimizer)."""
-    ck = _torch_load(path, "checkpoint")
-    _check_kind(ck, path, STUDENT_KIND)
-    for key in ("model_name", "model_args", "model", "data_args"):
-        if key not in ck:
-            raise EvalError(f"{path}: checkpoint lacks the {key!r} field")
+    ck = _load(path, "checkpoint", STUDENT_KIND, ("model_name", "model_args", "model", "data_args"))
     if ck["model_name"] not in ("vit", "deit", "cdeit"):
         raise EvalError(f"{path}: model_name {ck['model_name']!r} is not a student (vit, deit, cdeit)")
     try:
@@ -210,11 +208,7 @@ def load_student(path):
 
 
 def load_head(path):
-    ck = _torch_load(path, "teacher head")
-    _check_kind(ck, path, HEAD_KIND)
-    for key in ("weight", "bias", "teacher_path", "data_args"):
-        if key not in ck:
-            raise EvalError(f"{path}: teacher head lacks the {key!r} field")
+    ck = _load(path, "teacher head", HEAD_KIND, ("weight", "bias", "teacher_path", "data_args"))
     w, b = ck["weight"], ck["bias"]
     if not (torch.is_tensor(w) and torch.is_tensor(b) and w.ndim == 2 and b.shape == (w.shape[0],)):
         raise EvalError(f"{path}: weight/bias must be (C, D) and (C,) tensors")
@@ -498,28 +492,30 @@ def print_one(r):
 def print_table(results):
     """One side-by-side table, like the seed's Table 3 (model, distillation, accuracy, ECE, mCE)."""
     bench = bool(results[0].get("benchmark"))
-    cols = (["model", "distill", "clean %", "C10-C %", "ECE", "mCE %", "rel mCE %", "img/s"] if bench else
-            ["model", "distill", "acc %", "top5 %", "NLL", "ECE", "clean err %", "corr err %", "mCE %",
-             "rel mCE %", "type acc %", "cos(cls,dist)", "cos(cls,corr)"])
-    rows = []
-    for r in results:
-        if bench:
-            rows.append([r["model_name"], r["distill"] or "-", _pct(r["clean_accuracy"]), _pct(r["accuracy"]),
-                         _num(r["ece"]), _pct(r["mce"]), _pct(r["relative_mce"]), f"{r['images_per_s']:,.0f}"])
-        else:
-            ts = r["token_similarity"]
-            rows.append([r["model_name"], r["distill"] or "-", _pct(r["accuracy"]), _pct(r["top5"]), _num(r["nll"]),
-                         _num(r["ece"]), _pct(r["clean_error"]), _pct(r["mean_corruption_error"]), _pct(r["mce"]),
-                         _pct(r["relative_mce"]), _pct(r["corruption_accuracy"]), _num(ts["cls_dist"], 3),
-                         _num(ts["cls_corr"], 3)])
+    spec = [("model", lambda r: r["model_name"]), ("distill", lambda r: r["distill"] or "-")]
+    spec += ([("clean %", lambda r: _pct(r["clean_accuracy"])), ("C10-C %", lambda r: _pct(r["accuracy"])),
+              ("ECE", lambda r: _num(r["ece"])), ("mCE %", lambda r: _pct(r["mce"])),
+              ("rel mCE %", lambda r: _pct(r["relative_mce"]))] if bench else
+             [("acc %", lambda r: _pct(r["accuracy"])), ("top5 %", lambda r: _pct(r["top5"])),
+              ("NLL", lambda r: _num(r["nll"])), ("ECE", lambda r: _num(r["ece"])),
+              ("clean err %", lambda r: _pct(r["clean_error"])),
+              ("corr err %", lambda r: _pct(r["mean_corruption_error"])), ("mCE %", lambda r: _pct(r["mce"])),
+              ("rel mCE %", lambda r: _pct(r["relative_mce"])), ("type acc %", lambda r: _pct(r["corruption_accuracy"])),
+              ("cos(cls,dist)", lambda r: _num(r["token_similarity"]["cls_dist"], 3)),
+              ("cos(cls,corr)", lambda r: _num(r["token_similarity"]["cls_corr"], 3))])
+    spec.append(("img/s", lambda r: f"{r['images_per_s']:,.0f}"))
+    cols, rows = [c for c, _ in spec], [[f(r) for _, f in spec] for r in results]
     w = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    print("\n" + "  ".join(c.rjust(w[i]) for i, c in enumerate(cols)))
+    print(f"\n{results[0]['split']} split, {results[0]['device']}\n" + "  ".join(c.rjust(w[i]) for i, c in enumerate(cols)))
     for r, row in zip(results, rows):
         print("  ".join(v.rjust(w[i]) for i, v in enumerate(row)) + f"  {r['checkpoint']}")
     if not bench:  # per type error side by side (seed 4.4)
         print("\nper type error %   " + "  ".join(f"{_label(r):>14}" for r in results))
         for t in data.TYPES:
             print(f"{t:<18} " + "  ".join(f"{_pct(_err(r['per_type'][t])):>14}" for r in results))
+        print("accuracy % of each head alone")
+        for h in ("cls", "dist", "cls_corr", "combined"):
+            print(f"{h:<18} " + "  ".join(f"{_pct(r['head_accuracy'].get(h)):>14}" for r in results))
 
 
 def render_plot(results, f):
@@ -561,10 +557,6 @@ def _jsonable(v):
         return {str(k): _jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]
-    if torch.is_tensor(v):
-        return _jsonable(v.tolist())
-    if isinstance(v, (np.integer, np.floating)):
-        return _jsonable(v.item())
     return v
 
 
@@ -683,10 +675,7 @@ def main(argv=None):
         if args.batch_size < 1:
             raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
         results = evaluate(args)
-        for r in results:
-            print_one(r)
-        if len(results) > 1:
-            print_table(results)
+        print_one(results[0]) if len(results) == 1 else print_table(results)  # several: side by side
         if args.benchmark:
             print(f"\nreference: RobustBench CIFAR-10-C, Standard WRN-28-10, mean accuracy {ROBUSTBENCH_WRN28_10}%")
         # outputs only now that everything succeeded: staged to temp files, then renamed together
