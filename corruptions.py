@@ -195,6 +195,23 @@ def defocus_blur(x, s, g):
     return _to255((x.reshape(-1, SIZE * SIZE) @ R).view(x.shape))
 
 
+def _glass_permutation(d, delta):
+    """The release's swap loop as a permutation: d (iters, n*n, 2, B) offsets (dx, dy), scan
+    position j = (31-h)*n + (31-w). Returns (B,1024): source pixel of each position. numpy,
+    position-major, so each step touches one contiguous row (less per-call cost than torch)."""
+    B = d.shape[-1]
+    pos = [h * SIZE + w for h in range(SIZE - delta, delta, -1) for w in range(SIZE - delta, delta, -1)]
+    perm = np.tile(np.arange(SIZE * SIZE)[:, None], (1, B))
+    cols = np.arange(B)
+    for it in range(d.shape[0]):
+        for j, a in enumerate(pos):
+            b = a + d[it, j, 1] * SIZE + d[it, j, 0]
+            pa = perm[a].copy()
+            perm[a] = perm[b, cols]
+            perm[b, cols] = pa
+    return torch.from_numpy(perm.T.copy())
+
+
 def glass_blur(x, s, g):
     sigma, delta, iters = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)][s - 1]
     B = x.shape[0]
@@ -206,19 +223,7 @@ def glass_blur(x, s, g):
     # gather the pixels once at the end.
     n = SIZE - 2 * delta
     d = _draw(torch.randint, (iters, n * n, 2, B), g, "cpu", -delta, delta).numpy()  # (dx, dy)
-    pos = [h * SIZE + w for h in range(SIZE - delta, delta, -1) for w in range(SIZE - delta, delta, -1)]
-    # perm[p, b]: which source pixel sits at position p of sample b. numpy, position-major, so
-    # each step touches one contiguous row; numpy indexing costs less per call than torch ops.
-    perm = np.tile(np.arange(SIZE * SIZE)[:, None], (1, B))
-    cols = np.arange(B)
-    for it in range(iters):
-        for j, a in enumerate(pos):
-            b = a + d[it, j, 1] * SIZE + d[it, j, 0]
-            pa = perm[a].copy()
-            perm[a] = perm[b, cols]
-            perm[b, cols] = pa
-    perm = torch.from_numpy(perm.T.copy())
-    perm = perm.to(x.device).view(B, 1, -1).expand(B, 3, -1)
+    perm = _glass_permutation(d, delta).to(x.device).view(B, 1, -1).expand(B, 3, -1)
     y = u8.reshape(B, 3, -1).gather(2, perm).view_as(x) / 255
     return _to255(_sep_filter(y, G))
 
@@ -411,9 +416,19 @@ def elastic_transform(x, s, g):
                          (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)][s - 1]
     alpha, sigma, aff = SIZE * alpha, SIZE * sigma, SIZE * aff
     B, dev = x.shape[0], x.device
-    # random affine: three points (x, y) moved by U(-aff, aff); cv2.getAffineTransform(p1, p2)
+    # random affine: three points (x, y) moved by U(-aff, aff); uniform fields for dx, dy
+    shift = (_draw(torch.rand, (B, 3, 2), g, dev).double().cpu() * 2 - 1) * aff
+    ux = _draw(torch.rand, (B, SIZE, SIZE), g, dev) * 2 - 1
+    uy = _draw(torch.rand, (B, SIZE, SIZE), g, dev) * 2 - 1
+    return _to255(_elastic(x, alpha, sigma, shift, ux, uy))
+
+
+def _elastic(x, alpha, sigma, shift, ux, uy):
+    """The deterministic part of elastic_transform: affine of shifted points, then the field."""
+    B, dev = x.shape[0], x.device
+    # cv2.getAffineTransform(p1, p2) with p2 = p1 + shift, then warpAffine (reflect-101 borders)
     p1 = torch.tensor([[26.0, 26.0], [26.0, 6.0], [6.0, 6.0]], dtype=torch.float64)
-    p2 = p1 + (_draw(torch.rand, (B, 3, 2), g, dev).double().cpu() * 2 - 1) * aff
+    p2 = p1 + shift
     P = torch.cat([p1, torch.ones(3, 1, dtype=torch.float64)], 1)   # (3,3)
     # warpAffine reads src at M^-1 (dst): solve the inverse map p2 -> p1 directly
     Q = torch.cat([p2, torch.ones(B, 3, 1, dtype=torch.float64)], 2)  # (B,3,3)
@@ -423,18 +438,16 @@ def elastic_transform(x, s, g):
                             torch.arange(SIZE, device=dev, dtype=torch.float32), indexing="ij")
     sx = Minv[:, 0, 0, None, None] * xx + Minv[:, 0, 1, None, None] * yy + Minv[:, 0, 2, None, None]
     sy = Minv[:, 1, 0, None, None] * xx + Minv[:, 1, 1, None, None] * yy + Minv[:, 1, 2, None, None]
-    # OpenCV quantises warp coordinates to 1/32 pixel (INTER_BITS = 5)
-    sx, sy = torch.round(sx * 32) / 32, torch.round(sy * 32) / 32
+    # exact coordinates, as scipy and OpenCV 5's warpAffine here (OpenCV 3/4 rounded them to 1/32
+    # px, INTER_BITS = 5: at most 1/64 px apart)
     x = _bilinear(x, _reflect101(sy, SIZE), _reflect101(sx, SIZE))
     # smoothed random displacement (dx on columns, dy on rows), map_coordinates mode='reflect'
-    ux = _draw(torch.rand, (B, SIZE, SIZE), g, dev) * 2 - 1
-    uy = _draw(torch.rand, (B, SIZE, SIZE), g, dev) * 2 - 1
     if alpha > 0:
         G = _gauss_matrix(sigma, 3.0, "reflect", dev)  # skimage gaussian(mode='reflect', truncate=3)
         dx = _sep_filter(ux, G) * alpha
         dy = _sep_filter(uy, G) * alpha
         x = _bilinear(x, _reflect_half(yy + dy, SIZE), _reflect_half(xx + dx, SIZE))
-    return _to255(x)
+    return x
 
 
 @functools.lru_cache(maxsize=None)
