@@ -489,7 +489,7 @@ def pixelate(x, s, g):
 def jpeg_compression(x, s, g):
     import warnings
     q = [80, 65, 58, 50, 40][s - 1]
-    u8 = torch.round(x * 255).to(torch.uint8)
+    u8 = torch.round(x * 255).to(torch.uint8).contiguous()  # the codecs want dense CHW images
     with warnings.catch_warnings():  # torchvision 0.29 flags its codecs as moving to torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import decode_jpeg, encode_jpeg
