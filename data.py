@@ -261,7 +261,9 @@ def download(data_dir, base_url=None, teacher=True, quiet=False, files=None, ret
     group the others wait at a broadcast, without one they poll until the files are in place
     (rank 0 leaves a marker on failure). Multi-node runs need a shared data_dir."""
     base_url = base_url or os.environ.get("CDEIT_MIRROR") or None
-    specs = list(files) if files is not None else [FILES["cifar10"], FILES["cifar10c"]] + ([FILES["teacher"]] if teacher else [])
+    if files is None:
+        files = [FILES["cifar10"], FILES["cifar10c"]] + ([FILES["teacher"]] if teacher else [])
+    specs = list(files)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world <= 1:
         return _download_all(data_dir, specs, base_url, quiet, retries)
@@ -542,7 +544,8 @@ def build_mix(root, split="paper", seed=0, train_per_class=4500, val_per_class=2
     for t, name in enumerate(TYPES[1:], start=1):
         x, _ = read_cifar10c(root, name, te_y)
         if split == "paper":   # any rows (s-1)*n + j of class c: 5 severities x the class's test images
-            picks = [_take(np.flatnonzero(tiled == c), counts, rng, f"{name} class {c} (CIFAR-10-C)") for c in range(10)]
+            picks = [_take(np.flatnonzero(tiled == c), counts, rng, f"{name} class {c} (CIFAR-10-C)")
+                     for c in range(10)]
         else:                  # every severity of the class's sources in that split
             picks = [[(np.arange(5)[:, None] * n_te + g[i][None, :]).ravel() for i in range(3)] for g in groups]
         for i, s in enumerate(("train", "val", "test")):
@@ -577,7 +580,8 @@ class DeviceLoader:
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
         self.device = torch.device(device)
-        self.data = {k: split[k].to(self.device) for k in ("images", "labels", "types", "severities", "sources") if k in split}
+        keys = ("images", "labels", "types", "severities", "sources")
+        self.data = {k: split[k].to(self.device) for k in keys if k in split}   # once, uint8 images
         self.n = len(self.data["images"])
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
@@ -650,7 +654,8 @@ def _crop_index(H, W, padding, mode, device):
     key = (H, W, padding, mode, str(device))
     if key not in _CROP_INDEX:
         n = 2 * padding + 1
-        f, dy, dx = (t.reshape(-1) for t in torch.meshgrid(torch.arange(2), torch.arange(n), torch.arange(n), indexing="ij"))
+        grid = torch.meshgrid(torch.arange(2), torch.arange(n), torch.arange(n), indexing="ij")
+        f, dy, dx = (t.reshape(-1) for t in grid)
         rows = dy[:, None] + torch.arange(H)                           # rows of the padded image
         cols = dx[:, None] + torch.arange(W)
         cols = torch.where(f[:, None] == 1, cols.flip(1), cols)        # mirrored crop
@@ -789,7 +794,7 @@ class Augment:
             p = self.crop_padding
             dy = torch.randint(0, 2 * p + 1, (B,), generator=g, device=dev)
             dx = torch.randint(0, 2 * p + 1, (B,), generator=g, device=dev)
-            flip = (torch.rand(B, generator=g, device=dev) < 0.5) if self.flip else torch.zeros(B, dtype=torch.bool, device=dev)
+            flip = torch.rand(B, generator=g, device=dev) < (0.5 if self.flip else 0.0)
             x = crop_flip(x, dy, dx, flip, p, self.crop_mode)
         x = x.float()
         if self.randaug_ops:
