@@ -256,8 +256,11 @@ def _download_all(data_dir, specs, base_url, quiet, retries):
 
 
 def download(data_dir, base_url=None, teacher=True, quiet=False, files=None, retries=3, poll_s=2.0):
-    """Fetch into data_dir whatever is missing. base_url (or env CDEIT_MIRROR) points at a mirror
-    holding the files as <base>/<filename>. Under torchrun only rank 0 downloads: with a process
+    """Fetch into data_dir whatever is missing: CIFAR-10 and CIFAR-10-C (extracted, archives then
+    deleted) and, with teacher=True, the DeiT-III weights as deit3_small_patch16_224.safetensors.
+    base_url (or env CDEIT_MIRROR) points at a mirror holding the files under those names,
+    <base>/<filename>. A .part file is resumed with an HTTP Range request; a file is renamed into
+    place only after its checksum passed. Under torchrun only rank 0 downloads: with a process
     group the others wait at a broadcast, without one they poll until the files are in place
     (rank 0 leaves a marker on failure). Multi-node runs need a shared data_dir."""
     base_url = base_url or os.environ.get("CDEIT_MIRROR") or None
