@@ -204,7 +204,7 @@ def _dot_prec(dtype):
 def _config(kernel, D, dtype):
     wide = D > 64 or dtype == torch.float32
     return {"fwd": (64, 32, 8),
-            "dq": (32, 32, 8) if wide else (64, 32, 8),
+            "dq": (32, 16, 8) if wide else (64, 32, 8),
             "dkdv": (16, 32, 8) if wide else (16, 64, 8)}[kernel]  # dkdv: (query step, key block)
 
 

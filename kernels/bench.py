@@ -7,7 +7,8 @@ against it under torch.compile, at B=1024 for each model kind. Median millisecon
 triton.testing.do_bench, achieved TFLOP/s (attention) or GB/s (loss), and ratios.
 Goals (issue 6): attention >= 1.3x the fastest SDPA backend at the student shape; loss >= 5x eager.
 Needs a CUDA GPU: on CPU it says so and exits 0 (the interpreter runs the kernels' logic, not
-their speed).
+their speed). `--compile-check` needs no GPU: it compiles the attention kernels for sm_90 at the
+launchers' block sizes and prints ptxas register, spill and shared-memory counts.
 """
 import argparse
 import json
@@ -98,6 +99,47 @@ def bench_loss(dtype):
     return rows
 
 
+def compile_check(arch=90):
+    """Compile every attention kernel at the launcher's block sizes for sm_<arch> and report
+    ptxas registers, spills and shared memory. No GPU needed (Triton ships ptxas)."""
+    import re
+    import subprocess
+    import tempfile
+    import importlib
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    A = importlib.import_module("kernels.attention")
+    if A.INTERPRETED:
+        print("compile check: unset TRITON_INTERPRET first")
+        return 1
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    names = {"fwd": A._attn_fwd_kernel, "dq": A._attn_bwd_dq_kernel, "dkdv": A._attn_bwd_dkdv_kernel}
+    print(f"{'kernel':<6} {'dtype':<6} {'D':>4} {'BLOCK_M,N,warps':<16} {'regs':>5} {'spill B':>8} {'smem B':>7} mma")
+    for dtype, tname in [(torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")]:
+        for D in (32, 64, 128):
+            for kname, fn in names.items():
+                BM, BN, warps = A._config(kname, D, dtype)
+                consts = {"BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_D": A._pow2(D), "DOT_PREC": A._dot_prec(dtype)}
+                sig = {}
+                for arg in fn.arg_names:
+                    sig[arg] = ("constexpr" if arg in consts else "*fp32" if arg == "LSE" else
+                                f"*{tname}" if arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV") else "fp32" if "scale" in arg else "i32")
+                k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                   target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 2})
+                with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+                    f.write(k.asm["ptx"])
+                    f.flush()
+                    log = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+                                         capture_output=True, text=True).stderr
+                regs = re.search(r"Used (\d+) registers", log)
+                spill = re.search(r"(\d+) bytes spill stores", log)
+                mma = "wgmma" if "wgmma" in k.asm["ptx"] else "mma" if "mma.sync" in k.asm["ptx"] else "fma"
+                print(f"{kname:<6} {tname:<6} {D:>4} {f'{BM},{BN},{warps}':<16} {regs[1] if regs else '?':>5} "
+                      f"{spill[1] if spill else '?':>8} {k.metadata.shared:>7} {mma}", flush=True)
+    return 0
+
+
 def print_table(rows):
     print(f"{'bench':<18} {'shape':<22} {'impl':<34} {'median ms':>10} {'rate':>14} {'vs ref':>7}")
     for r in rows:
@@ -114,7 +156,11 @@ def main():
                     help="attention inputs and loss logits (training runs bf16 autocast)")
     ap.add_argument("--only", choices=["attention", "loss"], help="run one of the two benchmarks")
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--compile-check", action="store_true",
+                    help="no GPU needed: compile the attention kernels for sm_90, print registers/spills")
     args = ap.parse_args()
+    if args.compile_check:
+        return compile_check()
     if not torch.cuda.is_available():
         print("kernels.bench needs a CUDA GPU and this machine has none: nothing measured. "
               "(The CPU tests check the kernels' numerics through the Triton interpreter.)")
