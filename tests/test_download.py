@@ -113,7 +113,8 @@ def test_download_extract_read(server, synth, tmp_path, capsys):
                     "CIFAR-10-C.tar": synth["CIFAR-10-C.tar"][0], data.TEACHER_FILE: synth["teacher"]}
     d = str(tmp_path / "data")
     data.download(d, server.url, files=_specs(synth))
-    assert "MB/s" in capsys.readouterr().err   # the progress line
+    err = capsys.readouterr().err   # the progress line: bytes, rate, ETA
+    assert "CIFAR-10-C.tar:" in err and "MB/s" in err and "ETA" in err
     assert sorted(os.listdir(d)) == ["CIFAR-10-C", "cifar-10-batches-py", data.TEACHER_FILE, data.TEACHER_FILE + ".sha256"]
     assert data.read_cifar10(d)["test_images"].shape == (40, 32, 32, 3)
     assert data.read_cifar10c(d, "frost")[0].shape == (200, 32, 32, 3)
