@@ -96,6 +96,123 @@ def bench_data(args):
               f"augment + teacher view (224px bf16) {run_ours(dev, teacher=True):.0f} img/s")
 
 
+def bench_train(args):
+    """Student train-step images/s and MFU for the paper configuration (B=1024, 32px, patch 4,
+    DeiT-Tiny sizes, hard distillation, teacher logits cached: random logits stand in), through
+    train.py's own step (DeviceLoader + Augment + train_step: bf16 autocast, fused AdamW and the
+    Triton loss on CUDA). Side by side, the way DeiT's reference code trains: timm's
+    deit_tiny_distilled_patch16_224(img_size=32, patch_size=4, num_classes=10), an eager DeiT-style
+    hard-distillation loss, and a live timm deit3_small_patch16_224 teacher (random weights) on the
+    224px view of every batch. On CPU the batch and step count are small (about a minute)."""
+    import os
+    import torch
+    import torch.nn.functional as F
+    import data
+    import losses
+    import train
+    from model import MODELS, count_params, create_model, flops_per_image, param_groups
+    from dataclasses import replace
+
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(prog="bench.py train")
+    ap.add_argument("--batch", type=int, default=1024 if cuda else 32, help="global batch")
+    ap.add_argument("--steps", type=int, default=20 if cuda else 3, help="timed steps (after 2 warm-up)")
+    ap.add_argument("--model", default="deit", choices=["deit", "cdeit"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile our student")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    opts, _ = ap.parse_known_args(sys.argv[2:])
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    dev = torch.device("cuda" if cuda else "cpu")
+    amp = torch.bfloat16 if cuda else None
+    B, n_steps = opts.batch, opts.steps + 2
+    torch.manual_seed(0)
+    n = B * n_steps
+    split = {"images": torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8),
+             "labels": torch.randint(0, 10, (n,)), "types": torch.randint(0, 11, (n,))}
+    aug = data.Augment()  # seed Table 1: crop, flip, erasing 0.25, mixup 0.3
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(step_fn):
+        loader = data.DeviceLoader(split, B, dev, seed=0)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        for i, batch in enumerate(loader):
+            if i == 2:  # two warm-up steps (allocator, autotuning, compile)
+                sync()
+                t0 = time.perf_counter()
+            step_fn(batch, *aug(batch["images"], batch["labels"], batch["types"], generator=gen))
+        sync()
+        return opts.steps * B / (time.perf_counter() - t0)
+
+    # ours: exactly train.py's step
+    targs = train.get_args(["--model", opts.model, "--distill", "hard"])
+    ours = create_model(opts.model, drop_path=0.1).to(dev)
+    opt = torch.optim.AdamW(param_groups(ours, 0.05), lr=1e-3, fused=True if cuda else None)
+    scaler = torch.amp.GradScaler(dev.type, enabled=False)
+    loss_fn = losses.distillation_loss
+    if cuda:
+        import kernels
+        loss_fn = getattr(kernels, "distillation_loss", loss_fn)
+    model = torch.compile(ours) if opts.compile else ours
+    cached = torch.randn(n, 10, device=dev)  # stands in for the cached teacher logits
+    ours_ips = timed(lambda b, x, y, t: train.train_step(model, opt, scaler, loss_fn, x, y, t, cached[b["index"]],
+                                                          targs, amp))
+    del ours, model, opt
+
+    # DeiT reference style: timm student, eager loss, live teacher at 224px
+    import timm
+    student = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=4, num_classes=10,
+                                drop_path_rate=0.1).to(dev)
+    student.set_distilled_training(True)  # train mode returns (cls, dist) logits
+    teacher = timm.create_model("deit3_small_patch16_224", num_classes=10).to(dev).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.05)
+
+    def deit_step(b, x, y, t):
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            with torch.no_grad():
+                t_logits = teacher(data.teacher_view(b["images"], 224, "bicubic"))
+            cls, dist_ = student(x)
+        # facebookresearch/deit DistillationLoss('hard'): base on cls (soft targets with smoothing,
+        # as timm's Mixup hands them over) + CE(dist, teacher argmax), averaged
+        y1 = F.one_hot(y, 10).float() if y.dim() == 1 else y
+        y1 = y1 * 0.9 + 0.1 / 10
+        base = torch.sum(-y1 * F.log_softmax(cls.float(), dim=-1), dim=-1).mean()
+        loss = 0.5 * base + 0.5 * F.cross_entropy(dist_.float(), t_logits.argmax(dim=1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    timm_ips = timed(deit_step)
+
+    cfg = replace(MODELS[opts.model], num_classes=10)
+    f_student = flops_per_image(cfg, train=True)
+    f_teacher = flops_per_image(replace(MODELS["deit3_small"], num_classes=10), train=False)
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # dense bf16
+    peak = next((v for k, v in peaks.items() if k in name), None) if cuda else None
+    print(f"train step on {name} ({'bf16 autocast' if cuda else f'fp32, {torch.get_num_threads()} threads'}), "
+          f"global batch {B}, {opts.steps} timed steps; load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores")
+    print(f"FLOPs assumed (model.flops_per_image, matmuls, 2/MAC): student {opts.model} train "
+          f"{f_student / 1e9:.3f} GFLOP/img (fwd+bwd = 3x fwd); teacher forward at 224px {f_teacher / 1e9:.2f} GFLOP/img")
+    print("peak assumed: " + (f"{peak / 1e12:.0f} TFLOP/s dense bf16 ({name})" if peak else
+                              "none: MFU is not meaningful on CPU (no defined peak); achieved GFLOP/s shown"
+                              if not cuda else f"unknown for {name}; achieved TFLOP/s shown"))
+
+    def line(label, ips, flops):
+        achieved = ips * flops
+        mfu = f"MFU {100 * achieved / peak:5.1f}%" if peak else f"{achieved / 1e9:8.1f} GFLOP/s"
+        print(f"  {label:62s} {ips:10.0f} img/s  {mfu}")
+    line(f"ours: {opts.model} ({count_params(create_model(opts.model)):,} params), cached teacher"
+         + (", compiled" if opts.compile else ""), ours_ips, f_student)
+    line("timm deit_tiny_distilled + eager loss + live deit3_small teacher", timm_ips, f_student)
+    print(f"  (timm row counting the teacher's forward too: {timm_ips * (f_student + f_teacher) / 1e9:.1f} GFLOP/s"
+          + (f", MFU {100 * timm_ips * (f_student + f_teacher) / peak:.1f}%" if peak else "") + ")")
+    print(f"  ratio ours / timm: {ours_ips / timm_ips:.1f}x")
+
+
 def bench_corruptions(args):
     """Images/s of corruptions.corrupt on batches (B=1024 by default, every severity in turn)
     against the per-image numpy/scipy/PIL reference pipeline of tests/test_corruptions.py (the
