@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU: `bench/gpu.sh OUTDIR`. Installs nothing. Within ~5 minutes it
-# runs the kernel tests on CUDA (the GPU-only file, every test marked `gpu`, and the two kernel
-# test files that otherwise run through the interpreter), `python -m kernels.bench`, and
-# `python bench.py train`, and writes OUTDIR/results.md (a table of steps, status and seconds)
-# beside each step's full log. A failing step is recorded and the next one still runs; the exit
+# runs every test marked `gpu` (tests/test_kernels_gpu.py), `python -m kernels.bench`,
+# `python bench.py train`, and the two kernel test files (interpreter tests on CPU) on CUDA, and
+# writes OUTDIR/results.md (a table of steps, status and seconds) beside each step's full log. A failing step is recorded and the next one still runs; the exit
 # status is non-zero if any step failed.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu.sh OUTDIR}
@@ -31,14 +30,15 @@ run() {  # run NAME LIMIT_S CMD...: one step under a time limit, log to OUT/NAME
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } > "$OUT/env.txt" 2>&1
 
-run gpu_tests 120 python -m pytest -q -rs -p no:cacheprovider -m gpu tests/
-run kernel_tests 60 python -m pytest -q -x -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_loss.py
-run kernels_bench 80 python -m kernels.bench --json "$OUT/kernels_bench.json"
+# Most important first; limits sum to 295 s.
+run gpu_tests 100 python -m pytest -q -rs -p no:cacheprovider -m gpu tests/
+run kernels_bench 100 python -m kernels.bench --json "$OUT/kernels_bench.json"
 if [ -f bench.py ]; then
-    run bench_train 35 python bench.py train
+    run bench_train 45 python bench.py train
 else
     table+="| bench_train | skipped: no bench.py | 0 | |\n"
 fi
+run kernel_tests 50 python -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_loss.py
 
 { echo "# GPU run $(date -u +%Y-%m-%dT%H:%MZ)"; echo; echo '```'; cat "$OUT/env.txt"; echo '```'; echo
   printf "%b" "$table"; echo
