@@ -6,6 +6,9 @@ The reference is SDPA in float64. Outputs are poisoned with NaN (every `new_empt
 NaN-filled) so an element a kernel forgets to write fails the comparison.
 """
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -157,3 +160,24 @@ def test_compile_traces_without_graph_break():
     qkv2 = qkv.detach().requires_grad_()
     (g2,) = torch.autograd.grad(step(qkv2), qkv2)
     torch.testing.assert_close(g, g2)
+
+
+def test_import_without_triton_falls_back():
+    """`import kernels` works where triton is not installed: PyTorch paths, same contracts."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch, torch.nn.functional as F, kernels, losses\n"
+        "from model import Logits\n"
+        "assert not kernels.HAS_TRITON\n"
+        "q, k, v = torch.randn(3, 2, 2, 5, 8).unbind(0)\n"
+        "assert torch.equal(kernels.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))\n"
+        "qkv = torch.stack([q, k, v], 2).transpose(1, 3)\n"
+        "assert kernels.attention_packed(qkv).shape == (2, 5, 16)\n"
+        "out = Logits(torch.randn(4, 10))\n"
+        "y = torch.tensor([1, 2, 3, 4])\n"
+        "assert torch.equal(kernels.distillation_loss(out, y, distill='none')[0],\n"
+        "                   losses.distillation_loss(out, y, distill='none')[0])\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
