@@ -267,9 +267,12 @@ def _(do, q, k, v, o, lse):
 
 def _attention_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs, *output)
+    ctx.set_materialize_grads(False)  # lse gets no gradient: no zero tensor for it
 
 
 def _attention_backward(ctx, do, dlse):  # lse is a by-product, not differentiated
+    if do is None:
+        return None, None, None
     q, k, v, o, lse = ctx.saved_tensors
     return _attention_bwd(do.to(q.dtype), q, k, v, o, lse)
 
@@ -321,9 +324,12 @@ def _(do, qkv, o, lse):
 
 def _attention_packed_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], *output)
+    ctx.set_materialize_grads(False)
 
 
 def _attention_packed_backward(ctx, do, dlse):
+    if do is None:
+        return None
     qkv, o, lse = ctx.saved_tensors
     return _attention_packed_bwd(do.to(qkv.dtype), qkv, o, lse)
 
