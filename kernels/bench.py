@@ -123,8 +123,9 @@ def compile_check(arch=90):
                 consts = {"BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_D": A._pow2(D), "DOT_PREC": A._dot_prec(dtype)}
                 sig = {}
                 for arg in fn.arg_names:
+                    tensor = arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
                     sig[arg] = ("constexpr" if arg in consts else "*fp32" if arg == "LSE" else
-                                f"*{tname}" if arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV") else "fp32" if "scale" in arg else "i32")
+                                f"*{tname}" if tensor else "fp32" if "scale" in arg else "i32")
                 k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                                    target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 2})
                 with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
