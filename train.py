@@ -537,8 +537,9 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
                     rows = buf[:n_buf].double().cpu()
                     bad = (~torch.isfinite(rows[:, 0])).nonzero()
                     if len(bad):
-                        raise TrainError(f"non-finite loss at step {step - n_buf + int(bad[0]) + 1}; stopped, "
-                                         f"the last good checkpoint is {ckpt_path}")
+                        kept = f"the last good checkpoint is {ckpt_path} (epoch {epoch})" if epoch > 0 \
+                            else "no checkpoint was written"
+                        raise TrainError(f"non-finite loss at step {step - n_buf + int(bad[0]) + 1}; stopped, {kept}")
                     sums += rows.sum(0)
                     m, rate = rows.mean(0), n_buf * args.batch_size / (time.time() - t_int)
                     eta = (total - step) * (time.time() - t_start) / steps_done
