@@ -369,8 +369,9 @@ def attention(q, k, v):
 
 def attention_packed(qkv):
     """Attention straight from the qkv projection: qkv (B, N, 3, H, D) -> (B, N, H*D)."""
-    B, N, three, H, D = qkv.shape
-    assert three == 3, f"attention_packed wants (B, N, 3, H, D), got {tuple(qkv.shape)}"
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"attention_packed wants qkv of shape (B, N, 3, H, D), got {tuple(qkv.shape)}")
+    B, N, _, H, D = qkv.shape
     if use_triton(qkv) and qkv.numel() > 0 and supported(N, D, qkv.dtype):
         return _attention_packed_fwd(qkv)[0]
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)

@@ -114,6 +114,18 @@ def test_packed_reads_strided_qkv_from_a_linear(poisoned):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
 
 
+def test_non_contiguous_inputs_and_bad_packed_shape(poisoned):
+    q, k, v, go = _inputs(2, 17, 3, 32, torch.float32, seed=5)  # (B, N, H, D) memory order
+    q, k, v, go = (x.transpose(1, 2) for x in (q, k, v, go))  # (B, H, N, D) views, not contiguous
+    ref = _reference(q, k, v, go)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    o = kernels.attention(q, k, v)
+    for name, a, e in zip(("o", "dq", "dk", "dv"), (o, *torch.autograd.grad(o, (q, k, v), go)), ref):
+        _close(name, a, e, torch.float32)
+    with pytest.raises(ValueError, match="qkv of shape"):
+        kernels.attention_packed(torch.zeros(2, 5, 4, 3, 8))
+
+
 def test_forward_saves_row_logsumexp(poisoned):
     B, H, N, D = 2, 3, 67, 32
     q, k, v, _ = _inputs(B, H, N, D, torch.float32, seed=3)
