@@ -14,6 +14,7 @@ Only rank 0 prints and writes. Checkpoint format: what eval.py reads (see `check
 import argparse
 import contextlib
 import csv
+import datetime
 import hashlib
 import io
 import json
@@ -140,7 +141,9 @@ def setup(args):
         device = torch.device("cpu")
     check_args(args, world)  # before init: a bad flag fails every rank alike, no rank waits
     if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # long timeout: the other ranks wait while rank 0 runs the teacher over the whole mix once
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=60))
     return dict(ddp=ddp, rank=rank, world=world, device=device, master=rank == 0)
 
 
@@ -230,6 +233,7 @@ def prepare_data(args, ctx):
                         p.data.fill_(1.0)
                 save_file({k: v.contiguous() for k, v in t.state_dict().items()}, teacher + ".tmp")
                 os.replace(teacher + ".tmp", teacher)
+        on_master_first(ctx, make)
         log(ctx, f"NOTE: --dataset synthetic: the images are SYNTHETIC (written by data.write_synthetic "
                  f"into {root}) and the teacher weights are RANDOM (a 1-block deit3_small); accuracies "
                  f"say nothing about CIFAR-10. Small defaults unless set: {SYNTHETIC_DEFAULTS}")
@@ -237,10 +241,8 @@ def prepare_data(args, ctx):
         root = args.data_dir
         teacher = args.teacher or data.teacher_path(root)
         teacher_args = {}
-
-        def make():
-            data.download(root, args.mirror, teacher=needs_teacher and not args.teacher)
-    on_master_first(ctx, make)
+        # every rank calls download: rank 0 fetches while the others wait, and a failure raises everywhere
+        data.download(root, args.mirror, teacher=needs_teacher and not args.teacher)
     if needs_teacher and not os.path.isfile(teacher):
         raise TrainError(f"teacher file {teacher} not found (python data.py --data-dir {args.data_dir} "
                          "downloads it, or pass --teacher PATH)")
@@ -620,7 +622,8 @@ def main(argv=None, stop_at_step=None):
     try:
         run(args, stop_at_step)
     except (TrainError, data.DataError, ModelFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one copy of the message
+            print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
 
