@@ -59,6 +59,7 @@ def get_args(argv=None):
     a("--lr", type=float, default=5e-4, help="base lr, scaled by global batch / 512 (DeiT)")
     a("--min-lr", type=float, default=1e-5, help="cosine floor (DeiT)")
     a("--weight-decay", type=float, default=0.05)
+    a("--opt", default="adamw", choices=["adamw", "sgd"], help="sgd: momentum 0.9 (seed Table 4 ablation)")
     a("--warmup-epochs", type=float, default=None, help="3 (synthetic: 0.25)")
     a("--smoothing", type=float, default=0.1)
     a("--drop-path", type=float, default=0.1)
@@ -246,7 +247,7 @@ def prepare_data(args, ctx):
     if needs_teacher and not os.path.isfile(teacher):
         raise TrainError(f"teacher file {teacher} not found (python data.py --data-dir {args.data_dir} "
                          "downloads it, or pass --teacher PATH)")
-    data_args = dict(root=root, split=args.split, seed=args.seed, train_per_class=args.train_per_class,
+    data_args = dict(root=os.path.abspath(root), split=args.split, seed=args.seed, train_per_class=args.train_per_class,
                      val_per_class=args.val_per_class, test_per_class=args.test_per_class)
     splits = {}
     on_master_first(ctx, lambda: splits.update(data.build_mix(**data_args)))  # rank 0 builds the cache
@@ -433,8 +434,10 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
     device, master, world, rank = ctx["device"], ctx["master"], ctx["world"], ctx["rank"]
     raw_model, model_args = build_student(args, device)
     peak = args.lr * args.batch_size / 512  # DeiT's linear scaling (seed Table 1)
-    optimizer = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=peak,
-                                  fused=True if device.type == "cuda" else None)
+    groups = param_groups(raw_model, args.weight_decay)
+    fused = True if device.type == "cuda" else None
+    optimizer = torch.optim.AdamW(groups, lr=peak, fused=fused) if args.opt == "adamw" else \
+        torch.optim.SGD(groups, lr=peak, momentum=0.9, fused=fused)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loader = data.DeviceLoader(splits["train"], args.batch_size, device, shuffle=True, drop_last=True,
                                seed=args.seed, rank=rank, world_size=world)
