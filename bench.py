@@ -12,8 +12,10 @@ def bench_data(args):
     """Images/s of data.py's on-device pipeline (DeviceLoader + Augment) against torchvision's
     per-image transforms (RandomCrop(32, 4), RandomHorizontalFlip, ToTensor, Normalize,
     RandomErasing(0.25)) through a DataLoader with 2 workers, plus the same Mixup on the collated
-    batches. Same images, same batch size; best of a few epochs each (the machine may be shared:
-    the load average is printed). On CUDA also the full pipeline with the teacher view."""
+    batches. Same images, same batch size; best of a few epochs each. The machine may be shared:
+    the load average is printed, and a 1-thread figure too (with other processes on the cores,
+    2-thread torch ops wait for a scheduler slice at every parallel region and lose up to 10x).
+    On CUDA also the full pipeline with the teacher view."""
     import os
     import numpy as np
     import torch
@@ -28,33 +30,6 @@ def bench_data(args):
     types = rng.integers(0, 11, n)
     aug = data.Augment()   # the defaults: crop 4, flip, erase 0.25, mixup 0.8 with p 0.3
     load0 = os.getloadavg()[0]
-
-    # torchvision: a PIL image per sample, as torchvision.datasets.CIFAR10 hands them out
-    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize(data.MEAN, data.STD), T.RandomErasing(p=0.25, value="random")])
-
-    class DS(torch.utils.data.Dataset):
-        def __len__(self):
-            return n
-
-        def __getitem__(self, i):
-            return tf(Image.fromarray(images[i])), int(labels[i]), int(types[i])
-
-    loader = torch.utils.data.DataLoader(DS(), batch_size=bs, shuffle=True, num_workers=2,
-                                         drop_last=True, persistent_workers=True)
-    mix = data.Augment(crop_padding=0, flip=False, erase_prob=0.0)   # only its batch Mixup
-    g = torch.Generator().manual_seed(0)
-
-    def epoch_tv():
-        t0, k = time.perf_counter(), 0
-        for x, y, t in loader:
-            x, y, t = mix._mix(x, y, t, g)
-            k += len(x)
-        return k / (time.perf_counter() - t0)
-
-    epoch_tv()   # warm-up: worker start-up is not counted
-    tv = max(epoch_tv() for _ in range(reps))
-    del loader
 
     split = {"images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
              "labels": torch.from_numpy(labels), "types": torch.from_numpy(types),
@@ -84,6 +59,34 @@ def bench_data(args):
     torch.set_num_threads(1)
     ours1 = run_ours(torch.device("cpu"))
     torch.set_num_threads(threads)
+
+    # measured second, so that its worker processes cannot slow the runs above
+    # torchvision: a PIL image per sample, as torchvision.datasets.CIFAR10 hands them out
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize(data.MEAN, data.STD), T.RandomErasing(p=0.25, value="random")])
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return tf(Image.fromarray(images[i])), int(labels[i]), int(types[i])
+
+    loader = torch.utils.data.DataLoader(DS(), batch_size=bs, shuffle=True, num_workers=2,
+                                         drop_last=True, persistent_workers=True)
+    mix = data.Augment(crop_padding=0, flip=False, erase_prob=0.0)   # only its batch Mixup
+    g = torch.Generator().manual_seed(0)
+
+    def epoch_tv():
+        t0, k = time.perf_counter(), 0
+        for x, y, t in loader:
+            x, y, t = mix._mix(x, y, t, g)
+            k += len(x)
+        return k / (time.perf_counter() - t0)
+
+    epoch_tv()   # warm-up: worker start-up is not counted
+    tv = max(epoch_tv() for _ in range(reps))
+
     print(f"data pipeline: {n} images, batch {bs}, best of {reps} epochs; "
           f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"  torchvision per-image + DataLoader(2 workers) + mixup: {tv:9.0f} img/s")
