@@ -1,307 +1,49 @@
 """Data: files on disk -> the seed's 11-type mix -> device tensors -> augmented batches.
 
 Top to bottom:
-  1. the published files (CIFAR-10 python batches, CIFAR-10-C, the DeiT-III teacher) and a
-     downloader that resumes, checks checksums, renames atomically and extracts safely;
-  2. readers for the real formats (a restricted unpickler, memory-mapped .npy);
-  3. a synthetic generator that writes the same formats (tests and the offline smoke run);
-  4. the seed's 11-type mix (seed 3.4) and a leak-free variant, cached on disk;
-  5. DeviceLoader: the whole split on the device as uint8, batches are slices of a randperm
+  1. readers for the real formats (a restricted unpickler, memory-mapped .npy);
+  2. a synthetic generator that writes the same formats (tests and the offline smoke run);
+  3. the mixes, cached on disk: the seed's 11-type mix (seed 3.4), a leak-free variant, and the
+     standard robustness protocol (CIFAR-10 training images, corrupted on the device by
+     corruptions.py, tested on the real CIFAR-10-C files);
+  4. DeviceLoader: the whole split on the device as uint8, batches are slices of a randperm
      (airbench style, no DataLoader workers);
-  6. Augment: crop / flip / RandAugment / Random Erasing / Mixup / CutMix as batched tensor ops,
+  5. Augment: crop / flip / RandAugment / Random Erasing / Mixup / CutMix as batched tensor ops,
      plus the teacher's 224px view (seed 3.4: the teacher sees the un-augmented image).
 
+Fetching the files (resume, checksums, safe extraction, the offline error) is download.py's job;
+`download`, `teacher_path`, `DataError` and the file names are re-exported here.
 Facts (URLs, checksums, layouts): ../shared/reference/data-formats.md.
-Command line: `python data.py --data-dir ./data` downloads what is missing;
+Command line: `python data.py --data-dir ./data` downloads what is missing (as download.py does);
 `python data.py --data-dir ./data --synthetic` writes small synthetic files instead.
 """
 import hashlib
-import http.client
 import importlib
 import math
 import os
 import pickle
-import shutil
 import sys
-import tarfile
-import time
-import urllib.error
-import urllib.request
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import download as _download
+from download import (CIFAR_DIR, CIFAR_FILES, CIFARC_DIR, CORRUPTION_FILES, FILES,  # noqa: F401 (re-exported)
+                      TEACHER_FILE, DataError, Remote, download, teacher_path)
+
 # seed 3.4: clean + 10 CIFAR-10-C corruptions; the index is the corruption-token target.
+# corruptions.TYPE_NAMES extends it with the 5 unseen types as 11..15 (checked in _corruptions()).
 TYPES = ["clean", "brightness", "defocus_blur", "zoom_blur", "motion_blur", "fog", "frost", "snow",
          "shot_noise", "gaussian_noise", "jpeg_compression"]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-# All 19 files of the CIFAR-10-C release (15 benchmark corruptions + 4 extra).
-CORRUPTION_FILES = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
-                    "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
-                    "elastic_transform", "pixelate", "jpeg_compression",
-                    "speckle_noise", "gaussian_blur", "spatter", "saturate"]
 # The teacher's pretrained config (timm deit3_small): ImageNet statistics; students use them too.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
-CIFAR_DIR, CIFARC_DIR = "cifar-10-batches-py", "CIFAR-10-C"
-CIFAR_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
-               "test_batch", "batches.meta"]
-TEACHER_FILE = "deit3_small_patch16_224.safetensors"
-
-
-class DataError(RuntimeError):
-    """A missing, malformed or undownloadable data file; the message names the file."""
-
 
 # ----------------------------------------------------------------------------------------------
-# 1. Published files and the downloader
-
-class Remote(NamedTuple):
-    filename: str        # name on disk, and on a mirror: <base>/<filename>
-    url: str             # canonical address
-    md5: str | None
-    sha256: str | None
-    extract: bool        # a tar archive, extracted into data_dir and then deleted
-    required: tuple      # paths under data_dir whose presence means "already have it"
-
-
-FILES = {
-    "cifar10": Remote("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                      "c58f30108f718f92721af3b95e74349a", None, True,
-                      tuple(f"{CIFAR_DIR}/{f}" for f in CIFAR_FILES)),
-    "cifar10c": Remote("CIFAR-10-C.tar", "https://zenodo.org/record/2535967/files/CIFAR-10-C.tar",
-                       "56bf5dcef84df0e2308c6dcbcbbd8499",
-                       "c72763e101c723b7c507b96205f7e938912a5d587376173b825850cf3cb876a7", True,
-                       tuple(f"{CIFARC_DIR}/{n}.npy" for n in CORRUPTION_FILES[:15] + ["labels"])),
-    # timm/deit3_small_patch16_224.fb_in22k_ft_in1k model.safetensors; no published checksum:
-    # we check that it parses as safetensors and record its sha256 next to it.
-    "teacher": Remote(TEACHER_FILE, "https://huggingface.co/timm/deit3_small_patch16_224.fb_in22k_ft_in1k"
-                      "/resolve/main/model.safetensors", None, None, False, (TEACHER_FILE,)),
-}
-
-
-def teacher_path(data_dir):
-    return os.path.join(data_dir, TEACHER_FILE)
-
-
-def _progress(name, done, total, t0, start, final=False):
-    rate = (done - start) / max(time.time() - t0, 1e-6)   # this session's bytes / time
-    eta = f"ETA {int((total - done) / rate) // 60}:{int((total - done) / rate) % 60:02d}" if total and rate > 0 else ""
-    tot = f" / {total / 1e6:.1f} MB" if total else ""
-    sys.stderr.write(f"\r  {name}: {done / 1e6:.1f} MB{tot}  {rate / 1e6:.2f} MB/s  {eta}   " + ("\n" if final else ""))
-    sys.stderr.flush()
-
-
-def _fetch(url, part, name, quiet, timeout=60):
-    """Stream url into part, appending with an HTTP Range request when part already has bytes."""
-    have = os.path.getsize(part) if os.path.exists(part) else 0
-    req = urllib.request.Request(url, headers={"User-Agent": "cdeit-kit"})
-    if have:
-        req.add_header("Range", f"bytes={have}-")
-    try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:      # nothing left to send: the part is complete
-            return
-        raise
-    with resp:
-        if have and resp.status != 206:  # server ignored the Range: start over
-            have = 0
-        length = resp.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
-        done, t0, last = have, time.time(), 0.0
-        with open(part, "ab" if have else "wb") as f:
-            while True:
-                chunk = resp.read(1 << 20)
-                if not chunk:
-                    break
-                f.write(chunk)
-                done += len(chunk)
-                if not quiet and time.time() - last > 0.5:
-                    _progress(name, done, total, t0, have)
-                    last = time.time()
-            f.flush()
-            os.fsync(f.fileno())
-        if not quiet:
-            _progress(name, done, total, t0, have, final=True)
-        if total is not None and done < total:
-            raise ConnectionError(f"connection closed after {done} of {total} bytes")
-
-
-def _hashes(path):
-    md5, sha = hashlib.md5(), hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            md5.update(block)
-            sha.update(block)
-    return md5.hexdigest(), sha.hexdigest()
-
-
-def _inside(path, root):
-    return path == root or path.startswith(root + os.sep)
-
-
-def _safe_extract(archive, data_dir):
-    """Extract a tar into data_dir, refusing members that would land outside it."""
-    root = os.path.realpath(data_dir)
-    tmp = os.path.join(data_dir, f".extract-{os.path.basename(archive)}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with tarfile.open(archive) as tf:
-            members = tf.getmembers()
-            for m in members:
-                target = os.path.realpath(os.path.join(root, m.name))
-                bad = os.path.isabs(m.name) or ".." in m.name.replace("\\", "/").split("/") or not _inside(target, root)
-                if m.issym() or m.islnk():
-                    link = os.path.realpath(os.path.join(os.path.dirname(target) if m.issym() else root, m.linkname))
-                    bad = bad or os.path.isabs(m.linkname) or not _inside(link, root)
-                if bad or not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
-                    raise DataError(f"{archive}: refusing archive member {m.name!r} "
-                                    f"(it would land outside {data_dir} or is not a plain file)")
-            os.makedirs(tmp)
-            try:
-                tf.extractall(tmp, members, filter="data")   # the stdlib's own guard, as a second line
-            except TypeError:                                # Python < 3.11.4: no filters
-                tf.extractall(tmp, members)
-        for dirpath, _, names in os.walk(tmp):            # move files into place one by one
-            for n in names:
-                src = os.path.join(dirpath, n)
-                dst = os.path.join(data_dir, os.path.relpath(src, tmp))
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                os.replace(src, dst)
-    except tarfile.TarError as e:
-        raise DataError(f"{archive}: not a readable tar archive ({e})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _verify(spec, file, downloaded):
-    """Checksums (or, for the teacher, a safetensors parse); a bad download is deleted, a bad file
-    the user put there is left alone for them to inspect."""
-    md5, sha = _hashes(file)
-    fix = "the downloaded file was removed" if downloaded else "delete or replace it"
-    bad = None
-    if spec.sha256 and sha != spec.sha256:
-        bad = f"checksum mismatch (expected sha256 {spec.sha256}, got {sha})"
-    elif spec.md5 and md5 != spec.md5:
-        bad = f"checksum mismatch (expected md5 {spec.md5}, got {md5})"
-    elif spec.filename.endswith(".safetensors"):
-        try:
-            from safetensors import safe_open
-            with safe_open(file, framework="pt") as f:
-                if not list(f.keys()):
-                    raise ValueError("no tensors")
-        except Exception as e:
-            bad = f"not a valid safetensors file ({type(e).__name__}: {e})"
-    if bad:
-        if downloaded:
-            os.remove(file)
-        raise DataError(f"{spec.filename}: {bad}; {fix}")
-    return sha
-
-
-def _get(spec, data_dir, base_url, quiet, retries):
-    url = f"{base_url.rstrip('/')}/{spec.filename}" if base_url else spec.url
-    path = os.path.join(data_dir, spec.filename)
-    part = path + ".part"
-    if os.path.exists(path):        # put there by hand (the offline error says where)
-        sha = _verify(spec, path, downloaded=False)
-    else:
-        for attempt in range(retries + 1):
-            try:
-                _fetch(url, part, spec.filename, quiet)
-                break
-            except (OSError, http.client.HTTPException) as e:   # cut connections too; keep the .part
-                if isinstance(e, urllib.error.HTTPError) or attempt == retries:
-                    raise
-                time.sleep(min(2 ** attempt, 10) * 0.1)
-        sha = _verify(spec, part, downloaded=True)
-        os.replace(part, path)      # atomic: a file under its real name is always complete
-    if spec.filename.endswith(".safetensors"):
-        with open(path + ".sha256", "w") as f:   # no published checksum: record what we got
-            f.write(f"{sha}  {spec.filename}\n")
-    if spec.extract:
-        _safe_extract(path, data_dir)
-        os.remove(path)    # saves 3 GB for CIFAR-10-C; the extracted files are what we read
-
-
-def _present(spec, data_dir):
-    return all(os.path.exists(os.path.join(data_dir, r)) for r in spec.required)
-
-
-def _download_all(data_dir, specs, base_url, quiet, retries):
-    os.makedirs(data_dir, exist_ok=True)
-    failed = []
-    for spec in specs:
-        if _present(spec, data_dir):
-            continue
-        try:
-            _get(spec, data_dir, base_url, quiet, retries)
-        except (DataError, OSError, http.client.HTTPException, ValueError) as e:
-            failed.append((spec, e))
-    if failed:
-        lines = [f"could not fetch {len(failed)} file(s) into {os.path.abspath(data_dir)}:"]
-        for spec, e in failed:
-            url = f"{base_url.rstrip('/')}/{spec.filename}" if base_url else spec.url
-            ck = f"md5 {spec.md5}" if spec.md5 else "none published (must parse as safetensors)"
-            ck += f", sha256 {spec.sha256}" if spec.sha256 else ""
-            lines += [f"  - {spec.filename}", f"      url:      {url}", f"      checksum: {ck}",
-                      f"      put it at {os.path.join(os.path.abspath(data_dir), spec.filename)}"
-                      + (" (extracted on the next run)" if spec.extract else ""),
-                      f"      error:    {e}"]
-        raise DataError("\n".join(lines))
-
-
-def download(data_dir, base_url=None, teacher=True, quiet=False, files=None, retries=3, poll_s=2.0):
-    """Fetch into data_dir whatever is missing: CIFAR-10 and CIFAR-10-C (extracted, archives then
-    deleted) and, with teacher=True, the DeiT-III weights as deit3_small_patch16_224.safetensors.
-    base_url (or env CDEIT_MIRROR) points at a mirror holding the files under those names,
-    <base>/<filename>. A .part file is resumed with an HTTP Range request; a file is renamed into
-    place only after its checksum passed. Under torchrun only rank 0 downloads: with a process
-    group the others wait at a broadcast, without one they poll until the files are in place
-    (rank 0 leaves a marker on failure). Multi-node runs need a shared data_dir."""
-    base_url = base_url or os.environ.get("CDEIT_MIRROR") or None
-    if files is None:
-        files = [FILES["cifar10"], FILES["cifar10c"]] + ([FILES["teacher"]] if teacher else [])
-    specs = list(files)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world <= 1:
-        return _download_all(data_dir, specs, base_url, quiet, retries)
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        msg = [None]
-        if rank == 0:
-            try:
-                _download_all(data_dir, specs, base_url, quiet, retries)
-            except DataError as e:
-                msg = [str(e)]
-        dist.broadcast_object_list(msg, src=0)
-        if msg[0]:
-            raise DataError(msg[0])
-        return
-    marker = os.path.join(data_dir, ".download-failed")
-    if rank == 0:
-        if os.path.exists(marker):
-            os.remove(marker)
-        try:
-            return _download_all(data_dir, specs, base_url, quiet, retries)
-        except DataError as e:
-            with open(marker, "w") as f:
-                f.write(str(e))
-            raise
-    start = time.time()
-    while not all(_present(s, data_dir) for s in specs):
-        if os.path.exists(marker) and os.path.getmtime(marker) >= start - 2:
-            with open(marker) as f:
-                raise DataError(f"rank 0 failed to download:\n{f.read()}")
-        time.sleep(poll_s)
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Readers
+# 1. Readers
 
 # What a CIFAR-10 batch pickle may reference: numpy's array reconstruction, nothing else
 # (dicts, lists, bytes and str are pickle opcodes, not globals).
@@ -395,7 +137,7 @@ def read_cifar10c(root, name, test_labels=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Synthetic files in the exact on-disk formats
+# 2. Synthetic files in the exact on-disk formats
 
 def _atomic_write(path, write):
     # temp file + rename: a reader never sees half a file (no fsync: these are throwaway files)
@@ -460,11 +202,13 @@ def write_synthetic(root, train_per_class=250, test_per_class=60, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. The mix (seed 3.4)
+# 3. The mixes
 
 def _identity(root):
     """A cheap fingerprint of the files the mix reads (name, size, mtime): a new copy -> a new cache."""
-    h = hashlib.sha256(b"mix-v1")
+    # The version changes whenever the sampling does, so a stale cache is never reused
+    # (v2: the paper split draws train/val/test from one permutation per (type, class)).
+    h = hashlib.sha256(b"mix-v2")
     paths = [os.path.join(_sub(root, CIFAR_DIR), f) for f in CIFAR_FILES[:6]]
     paths += [os.path.join(_sub(root, CIFARC_DIR), f"{n}.npy") for n in TYPES[1:] + ["labels"]]
     for p in paths:
@@ -569,7 +313,7 @@ def build_mix(root, split="paper", seed=0, train_per_class=4500, val_per_class=2
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. The loader: the split lives on the device, batches are slices of a permutation (airbench)
+# 4. The loader: the split lives on the device, batches are slices of a permutation (airbench)
 
 class DeviceLoader:
     """Yields {images (b,3,32,32) uint8, labels, types, severities, sources, index} on `device`.
@@ -613,7 +357,7 @@ class DeviceLoader:
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Augmentation as batched tensor ops, and the teacher's view
+# 5. Augmentation as batched tensor ops, and the teacher's view
 
 _STATS = {}
 
@@ -869,24 +613,19 @@ class Augment:
 # ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    import argparse
-    ap = argparse.ArgumentParser(description="Fetch CIFAR-10, CIFAR-10-C and the DeiT-III teacher into --data-dir.")
-    ap.add_argument("--data-dir", default="./data")
-    ap.add_argument("--mirror", default=None, help="base URL holding the files as <base>/<filename> (env CDEIT_MIRROR)")
-    ap.add_argument("--no-teacher", action="store_true", help="skip the teacher weights")
+    """download.py's command line, plus --synthetic."""
+    ap = _download.parser("Fetch CIFAR-10, CIFAR-10-C and the DeiT-III teacher into --data-dir "
+                          "(or, with --synthetic, write small synthetic files in the same formats).")
     ap.add_argument("--synthetic", action="store_true", help="write small synthetic files instead (offline smoke runs)")
-    ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if not args.synthetic:
+        return _download.run(args)
     try:
-        if args.synthetic:
-            write_synthetic(args.data_dir)
-            print(f"wrote synthetic CIFAR-10 / CIFAR-10-C files into {args.data_dir}")
-        else:
-            download(args.data_dir, args.mirror, teacher=not args.no_teacher, quiet=args.quiet)
-            print(f"all files present in {args.data_dir}")
-    except DataError as e:
+        write_synthetic(args.data_dir)
+    except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    print(f"wrote synthetic CIFAR-10 / CIFAR-10-C files into {args.data_dir}")
 
 
 if __name__ == "__main__":

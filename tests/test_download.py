@@ -1,4 +1,4 @@
-"""data.download against a local HTTP server on 127.0.0.1 (nothing else is contacted): mirrors,
+"""download.py against a local HTTP server on 127.0.0.1 (nothing else is contacted): mirrors,
 resume with Range after a cut connection, checksums, safe extraction, tampered pickles, torchrun
 ranks, the offline error."""
 import hashlib
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import download
 
 
 class _Server:
@@ -82,7 +83,7 @@ def _tar(members, gz=False):
 
 
 def _spec(name, body, required, extract=True, md5=None):
-    return data.Remote(name, f"https://example.invalid/{name}", md5 or hashlib.md5(body).hexdigest(),
+    return download.Remote(name, f"https://example.invalid/{name}", md5 or hashlib.md5(body).hexdigest(),
                        hashlib.sha256(body).hexdigest(), extract, tuple(required))
 
 
@@ -104,32 +105,32 @@ def synth(tmp_path_factory):
 def _specs(synth):
     (c10, c10_files), (c10c, c10c_files) = synth["cifar-10-python.tar.gz"], synth["CIFAR-10-C.tar"]
     return [_spec("cifar-10-python.tar.gz", c10, c10_files), _spec("CIFAR-10-C.tar", c10c, c10c_files),
-            data.Remote(data.TEACHER_FILE, "https://example.invalid/model.safetensors", None, None, False,
-                        (data.TEACHER_FILE,))]
+            download.Remote(download.TEACHER_FILE, "https://example.invalid/model.safetensors", None, None, False,
+                        (download.TEACHER_FILE,))]
 
 
 def test_download_extract_read(server, synth, tmp_path, capsys):
     server.files = {"cifar-10-python.tar.gz": synth["cifar-10-python.tar.gz"][0],
-                    "CIFAR-10-C.tar": synth["CIFAR-10-C.tar"][0], data.TEACHER_FILE: synth["teacher"]}
+                    "CIFAR-10-C.tar": synth["CIFAR-10-C.tar"][0], download.TEACHER_FILE: synth["teacher"]}
     d = str(tmp_path / "data")
-    data.download(d, server.url, files=_specs(synth))
+    download.download(d, server.url, files=_specs(synth))
     err = capsys.readouterr().err   # the progress line: bytes, rate, ETA
     assert "CIFAR-10-C.tar:" in err and "MB/s" in err and "ETA" in err
-    assert sorted(os.listdir(d)) == ["CIFAR-10-C", "cifar-10-batches-py", data.TEACHER_FILE, data.TEACHER_FILE + ".sha256"]
+    assert sorted(os.listdir(d)) == ["CIFAR-10-C", "cifar-10-batches-py", download.TEACHER_FILE, download.TEACHER_FILE + ".sha256"]
     assert data.read_cifar10(d)["test_images"].shape == (40, 32, 32, 3)
     assert data.read_cifar10c(d, "frost")[0].shape == (200, 32, 32, 3)
     sha = hashlib.sha256(synth["teacher"]).hexdigest()
-    assert open(os.path.join(d, data.TEACHER_FILE + ".sha256")).read().split()[0] == sha
-    assert data.teacher_path(d) == os.path.join(d, data.TEACHER_FILE)
+    assert open(os.path.join(d, download.TEACHER_FILE + ".sha256")).read().split()[0] == sha
+    assert download.teacher_path(d) == os.path.join(d, download.TEACHER_FILE)
     n = len(server.log)
-    data.download(d, server.url, files=_specs(synth), quiet=True)   # all present: no request
+    download.download(d, server.url, files=_specs(synth), quiet=True)   # all present: no request
     assert len(server.log) == n
 
 
 def test_mirror_from_environment(server, synth, tmp_path, monkeypatch):
     server.files = {"CIFAR-10-C.tar": synth["CIFAR-10-C.tar"][0]}
     monkeypatch.setenv("CDEIT_MIRROR", server.url)
-    data.download(str(tmp_path), files=_specs(synth)[1:2], quiet=True)
+    download.download(str(tmp_path), files=_specs(synth)[1:2], quiet=True)
     assert server.log == [("CIFAR-10-C.tar", None)]
 
 
@@ -138,18 +139,18 @@ def test_resume_after_cut_connection(server, synth, tmp_path):
     server.files = {"CIFAR-10-C.tar": body}
     spec = _specs(synth)[1:2]
     server.cut = {"CIFAR-10-C.tar"}
-    with pytest.raises(data.DataError, match="CIFAR-10-C.tar"):        # no retries: fails, keeps .part
-        data.download(str(tmp_path), server.url, files=spec, quiet=True, retries=0)
+    with pytest.raises(download.DataError, match="CIFAR-10-C.tar"):        # no retries: fails, keeps .part
+        download.download(str(tmp_path), server.url, files=spec, quiet=True, retries=0)
     part = tmp_path / "CIFAR-10-C.tar.part"
     assert part.stat().st_size == len(body) // 2
-    data.download(str(tmp_path), server.url, files=spec, quiet=True)  # next run resumes
+    download.download(str(tmp_path), server.url, files=spec, quiet=True)  # next run resumes
     assert server.log[-1] == ("CIFAR-10-C.tar", f"bytes={len(body) // 2}-")
     assert os.path.exists(tmp_path / "CIFAR-10-C" / "labels.npy")
     assert not part.exists() and not (tmp_path / "CIFAR-10-C.tar").exists()
     # within one call: the cut is retried with a Range request
     server.cut, server.log = {"cifar-10-python.tar.gz"}, []
     server.files["cifar-10-python.tar.gz"] = synth["cifar-10-python.tar.gz"][0]
-    data.download(str(tmp_path), server.url, files=_specs(synth)[:1], quiet=True)
+    download.download(str(tmp_path), server.url, files=_specs(synth)[:1], quiet=True)
     assert [r for _, r in server.log] == [None, f"bytes={len(synth['cifar-10-python.tar.gz'][0]) // 2}-"]
     assert data.read_cifar10(str(tmp_path))["train_labels"].shape == (200,)
 
@@ -157,26 +158,26 @@ def test_resume_after_cut_connection(server, synth, tmp_path):
 def test_checksum_mismatch_leaves_nothing(server, synth, tmp_path):
     body = synth["CIFAR-10-C.tar"][0]
     server.files = {"CIFAR-10-C.tar": body + b"tampered"}
-    with pytest.raises(data.DataError) as e:
-        data.download(str(tmp_path), server.url, files=_specs(synth)[1:2], quiet=True)
+    with pytest.raises(download.DataError) as e:
+        download.download(str(tmp_path), server.url, files=_specs(synth)[1:2], quiet=True)
     msg = str(e.value)
     assert "CIFAR-10-C.tar: checksum mismatch" in msg and "removed" in msg and hashlib.sha256(body).hexdigest() in msg
     assert os.listdir(tmp_path) == []
     # a file put there by hand is checked too, and left for the user
     (tmp_path / "CIFAR-10-C.tar").write_bytes(b"by hand")
-    with pytest.raises(data.DataError, match="CIFAR-10-C.tar: checksum mismatch.*delete or replace it"):
-        data.download(str(tmp_path), server.url, files=_specs(synth)[1:2], quiet=True)
+    with pytest.raises(download.DataError, match="CIFAR-10-C.tar: checksum mismatch.*delete or replace it"):
+        download.download(str(tmp_path), server.url, files=_specs(synth)[1:2], quiet=True)
     assert os.listdir(tmp_path) == ["CIFAR-10-C.tar"]
     (tmp_path / "CIFAR-10-C.tar").write_bytes(body)    # the right file by hand: used, no request
     n = len(server.log)
-    data.download(str(tmp_path), server.url, files=_specs(synth)[1:2], quiet=True)
+    download.download(str(tmp_path), server.url, files=_specs(synth)[1:2], quiet=True)
     assert len(server.log) == n and os.path.exists(tmp_path / "CIFAR-10-C" / "labels.npy")
 
 
 def test_bad_teacher_file_removed(server, synth, tmp_path):
-    server.files = {data.TEACHER_FILE: b"<html>not found</html>"}
-    with pytest.raises(data.DataError, match="not a valid safetensors file"):
-        data.download(str(tmp_path), server.url, files=_specs(synth)[2:], quiet=True)
+    server.files = {download.TEACHER_FILE: b"<html>not found</html>"}
+    with pytest.raises(download.DataError, match="not a valid safetensors file"):
+        download.download(str(tmp_path), server.url, files=_specs(synth)[2:], quiet=True)
     assert os.listdir(tmp_path) == []
 
 
@@ -190,8 +191,8 @@ def test_archive_members_outside_refused(server, tmp_path, member):
     body = _tar({"cifar-10-batches-py/ok.txt": b"fine", **member})
     server.files = {"evil.tar": body}
     d = tmp_path / "data"
-    with pytest.raises(data.DataError, match="refusing archive member"):
-        data.download(str(d), server.url, files=[_spec("evil.tar", body, ["cifar-10-batches-py/ok.txt"])], quiet=True)
+    with pytest.raises(download.DataError, match="refusing archive member"):
+        download.download(str(d), server.url, files=[_spec("evil.tar", body, ["cifar-10-batches-py/ok.txt"])], quiet=True)
     assert not (tmp_path / "evil.txt").exists() and not os.path.exists("/tmp/evil-abs.txt")
     assert not (d / "cifar-10-batches-py").exists()
 
@@ -204,28 +205,49 @@ class _Evil:
 def test_tampered_pickle_refused(server, synth, tmp_path):
     _Evil.marker = tmp_path / "pwned"
     batch = pickle.dumps({b"data": _Evil(), b"labels": [0]}, protocol=4)
-    files = {f"cifar-10-batches-py/{n}": b"" for n in data.CIFAR_FILES}
+    files = {f"cifar-10-batches-py/{n}": b"" for n in download.CIFAR_FILES}
     body = _tar({**files, "cifar-10-batches-py/data_batch_1": batch}, gz=True)
     server.files = {"cifar-10-python.tar.gz": body}
     d = tmp_path / "data"
-    data.download(str(d), server.url, files=[_spec("cifar-10-python.tar.gz", body, list(files))], quiet=True)
-    with pytest.raises(data.DataError) as e:
+    download.download(str(d), server.url, files=[_spec("cifar-10-python.tar.gz", body, list(files))], quiet=True)
+    with pytest.raises(download.DataError) as e:
         data.read_cifar10(str(d))
     assert "refusing to unpickle posix.system" in str(e.value) and "data_batch_1" in str(e.value)
     assert not _Evil.marker.exists()
 
 
-def test_offline_error_lists_every_file(tmp_path):
-    with pytest.raises(data.DataError) as e:   # nothing listens on port 9 of 127.0.0.1
-        data.download(str(tmp_path), "http://127.0.0.1:9", quiet=True, retries=0)
+def test_offline_error_lists_every_file(tmp_path, capsys):
+    with pytest.raises(download.DataError) as e:   # nothing listens on port 9 of 127.0.0.1
+        download.download(str(tmp_path), "http://127.0.0.1:9", quiet=True, retries=0)
     msg = str(e.value)
-    assert "could not fetch 3 file(s)" in msg
-    for spec in data.FILES.values():
+    first = msg.split("\n")[0]   # a summary that stands alone: count, folder, every name, what to do
+    assert first.startswith(f"could not fetch 3 file(s) into {tmp_path}: ") and "mirror" in first
+    assert all(spec.filename in first for spec in download.FILES.values())
+    for spec in download.FILES.values():
         assert f"http://127.0.0.1:9/{spec.filename}" in msg and os.path.join(str(tmp_path), spec.filename) in msg
-    assert data.FILES["cifar10"].md5 in msg and data.FILES["cifar10c"].sha256 in msg
-    with pytest.raises(SystemExit) as ex:
-        data.main(["--data-dir", str(tmp_path), "--mirror", "http://127.0.0.1:9", "--quiet", "--no-teacher"])
-    assert ex.value.code == 1
+    assert download.FILES["cifar10"].md5 in msg and download.FILES["cifar10c"].sha256 in msg
+    # both command lines: one error, exit status 1
+    for main in (download.main, data.main):
+        with pytest.raises(SystemExit) as ex:
+            main(["--data-dir", str(tmp_path), "--mirror", "http://127.0.0.1:9", "--quiet", "--no-teacher"])
+        assert ex.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: could not fetch 2 file(s)") and "Traceback" not in err
+
+
+def test_data_reexports_the_downloader():
+    # train.py / eval.py use these through data; they must be the very same objects
+    for name in ("download", "teacher_path", "DataError", "FILES", "Remote", "TEACHER_FILE", "CIFAR_FILES",
+                 "CIFAR_DIR", "CIFARC_DIR", "CORRUPTION_FILES"):
+        assert getattr(data, name) is getattr(download, name), name
+    with pytest.raises(download.DataError):   # the readers raise the downloader's type
+        data.read_cifar10("/nonexistent-dir")
+
+
+def test_synthetic_command_line(tmp_path, capsys):
+    data.main(["--data-dir", str(tmp_path), "--synthetic"])
+    assert "synthetic" in capsys.readouterr().out
+    assert data.read_cifar10(str(tmp_path))["train_labels"].shape == (2500,)
 
 
 def test_torchrun_ranks_wait_for_rank0(server, synth, tmp_path, monkeypatch):
@@ -234,16 +256,16 @@ def test_torchrun_ranks_wait_for_rank0(server, synth, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     server.files = {"CIFAR-10-C.tar": synth["CIFAR-10-C.tar"][0]}
     # rank 1 never downloads: it waits until rank 0 (here: a thread) has put the files in place
-    t = threading.Timer(0.3, lambda: data._download_all(str(tmp_path), spec, server.url, True, 0))
+    t = threading.Timer(0.3, lambda: download._download_all(str(tmp_path), spec, server.url, True, 0))
     t.start()
-    data.download(str(tmp_path), server.url, files=spec, quiet=True, poll_s=0.05)
+    download.download(str(tmp_path), server.url, files=spec, quiet=True, poll_s=0.05)
     t.join()
     assert [n for n, _ in server.log] == ["CIFAR-10-C.tar"]
     # rank 0 fails -> it leaves a marker and the waiting rank raises too
     d = tmp_path / "other"
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(data.DataError):
-        data.download(str(d), "http://127.0.0.1:9", files=spec, quiet=True, retries=0)
+    with pytest.raises(download.DataError):
+        download.download(str(d), "http://127.0.0.1:9", files=spec, quiet=True, retries=0)
     monkeypatch.setenv("RANK", "1")
-    with pytest.raises(data.DataError, match="rank 0 failed"):
-        data.download(str(d), "http://127.0.0.1:9", files=spec, quiet=True, poll_s=0.05)
+    with pytest.raises(download.DataError, match="rank 0 failed"):
+        download.download(str(d), "http://127.0.0.1:9", files=spec, quiet=True, poll_s=0.05)
