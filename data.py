@@ -19,6 +19,7 @@ Command line: `python data.py --data-dir ./data` downloads what is missing (as d
 """
 import hashlib
 import importlib
+import importlib.util
 import math
 import os
 import pickle
@@ -204,13 +205,21 @@ def write_synthetic(root, train_per_class=250, test_per_class=60, seed=0):
 # ----------------------------------------------------------------------------------------------
 # 3. The mixes
 
-def _identity(root):
-    """A cheap fingerprint of the files the mix reads (name, size, mtime): a new copy -> a new cache."""
+def _identity(root, split):
+    """A cheap fingerprint of what the mix reads (file name, size, mtime): a new copy -> a new
+    cache. The standard split reads no CIFAR-10-C file but its val set is made by corruptions.py,
+    so that file's content is part of its fingerprint."""
     # The version changes whenever the sampling does, so a stale cache is never reused
     # (v2: the paper split draws train/val/test from one permutation per (type, class)).
     h = hashlib.sha256(b"mix-v2")
     paths = [os.path.join(_sub(root, CIFAR_DIR), f) for f in CIFAR_FILES[:6]]
-    paths += [os.path.join(_sub(root, CIFARC_DIR), f"{n}.npy") for n in TYPES[1:] + ["labels"]]
+    if split == "standard":
+        spec = importlib.util.find_spec("corruptions")
+        if spec and spec.origin and os.path.isfile(spec.origin):
+            with open(spec.origin, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+    else:
+        paths += [os.path.join(_sub(root, CIFARC_DIR), f"{n}.npy") for n in TYPES[1:] + ["labels"]]
     for p in paths:
         st = os.stat(p) if os.path.exists(p) else None
         h.update(f"{os.path.basename(p)}:{st and st.st_size}:{st and st.st_mtime_ns};".encode())
@@ -229,14 +238,17 @@ def _take(pool, counts, rng, what):
     return pool[:cuts[0]], pool[cuts[0]:cuts[1]], pool[cuts[1]:cuts[2]]
 
 
-def build_mix(root, split="paper", seed=0, train_per_class=4500, val_per_class=200, test_per_class=200,
-              cache_dir=None):
-    """The 11-type mix, {"train", "val", "test"} -> {images (N,3,32,32) uint8, labels, types,
-    severities (0 clean, 1..5), sources (CIFAR-10 train image i -> i, test image j -> 50000 + j)},
-    counts per class per type (seed 3.4: 4,500 / 200 / 200 -> 495,000 / 22,000 / 22,000).
+SPLITS = ("paper", "grouped", "standard")
 
-    Clean samples come from CIFAR-10's *training* set in both splits (the seed does not say where
-    its clean images come from; this keeps clean train/val/test disjoint).
+
+def build_mix(root, split="paper", seed=0, train_per_class=4500, val_per_class=None, test_per_class=200,
+              cache_dir=None):
+    """{"train", "val", "test"} -> {images (N,3,32,32) uint8, labels, types (index into TYPES),
+    severities (0 clean, 1..5), sources (CIFAR-10 train image i -> i, test image j -> 50000 + j)}.
+
+    The seed's 11-type mix (seed 3.4), counts per class per type (4,500 / 200 / 200 -> 495,000 /
+    22,000 / 22,000). Clean samples come from CIFAR-10's *training* set in both of its splits (the
+    seed does not say where its clean images come from; this keeps clean train/val/test disjoint).
     split="paper": the seed's protocol: each (corruption, class) pool = the 5 severities x that
     class's CIFAR-10 test images, drawn at random. Leak: all 5 severities of every corruption
     derive from the same 10,000 test images, so corrupted copies of one source image land in train
@@ -244,23 +256,47 @@ def build_mix(root, split="paper", seed=0, train_per_class=4500, val_per_class=2
     split="grouped": leak-free. Each class's test images are partitioned once (shared by every
     corruption) into count/5 train / val / test sources, each used at all 5 severities; no source
     id appears in two splits. Counts must be multiples of 5.
-    The result is cached in cache_dir (default <root>/cache; False disables) per split, seed, counts
-    and a fingerprint of the files; loaded with torch.load(weights_only=True)."""
-    if split not in ("paper", "grouped"):
-        raise ValueError(f"split must be 'paper' or 'grouped', got {split!r}")
-    counts = (int(train_per_class), int(val_per_class), int(test_per_class))
+
+    split="standard" (the robustness protocol, e.g. RobustBench): train and val are disjoint,
+    class-balanced picks from CIFAR-10's *training* set (4,500 / 500 per class -> 45,000 / 5,000).
+    Train rows are clean (types 0); the training loop corrupts them afresh every epoch with
+    draw_corruptions. Val rows are corrupted once, by a fixed draw (a generator seeded from
+    `seed`), so val is the same every epoch; their types and severities are recorded. Test is
+    the clean CIFAR-10 test set, whole (test_per_class is ignored); the corrupted test images are
+    the real CIFAR-10-C files, which eval.py reads itself (read_cifar10c): no training image ever
+    derives from a CIFAR-10 test image.
+
+    val_per_class defaults to 200 (paper, grouped) or 500 (standard). The result is cached in
+    cache_dir (default <root>/cache; False disables) per split, seed, counts and a fingerprint of
+    the files; loaded with torch.load(weights_only=True)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if val_per_class is None:
+        val_per_class = 500 if split == "standard" else 200
+    counts = (int(train_per_class), int(val_per_class), 0 if split == "standard" else int(test_per_class))
     if min(counts) < 0 or (split == "grouped" and any(c % 5 for c in counts)):
         raise ValueError(f"per-class counts {counts} must be >= 0 (and multiples of 5 for 'grouped')")
     path = None
     if cache_dir is not False:
         cache_dir = cache_dir or os.path.join(root, "cache")
-        path = os.path.join(cache_dir, f"mix-{split}-s{seed}-{'-'.join(map(str, counts))}-{_identity(root)}.pt")
+        tag = "-".join(map(str, counts[:2] if split == "standard" else counts))
+        path = os.path.join(cache_dir, f"mix-{split}-s{seed}-{tag}-{_identity(root, split)}.pt")
         if os.path.exists(path):
             try:
                 return torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:   # a damaged cache is rebuilt, never trusted
                 print(f"data: ignoring unreadable cache {path} ({e})", file=sys.stderr)
+    mix = _standard_mix(root, seed, counts[:2]) if split == "standard" else _seed_mix(root, split, seed, counts)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(mix, tmp)
+        os.replace(tmp, path)
+    return mix
 
+
+def _seed_mix(root, split, seed, counts):
+    """The seed's 11-type mix ("paper" or "grouped"; see build_mix)."""
     rng = np.random.default_rng(seed)
     cifar = read_cifar10(root)
     tr_y, te_y = cifar["train_labels"], cifar["test_labels"]
@@ -304,12 +340,74 @@ def build_mix(root, split="paper", seed=0, train_per_class=4500, val_per_class=2
         mix[s] = {k: torch.from_numpy(np.concatenate(d.pop(k)).astype(np.int64, copy=False))
                   for k in ("labels", "types", "severities", "sources")}
         mix[s]["images"] = torch.from_numpy(np.concatenate(d.pop("images"))).permute(0, 3, 1, 2).contiguous()
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(mix, tmp)
-        os.replace(tmp, path)
     return mix
+
+
+def _clean_split(images_hwc, labels, sources):
+    n = len(labels)
+    return {"labels": torch.from_numpy(labels.astype(np.int64)), "types": torch.zeros(n, dtype=torch.int64),
+            "severities": torch.zeros(n, dtype=torch.int64), "sources": torch.from_numpy(sources.astype(np.int64)),
+            "images": torch.from_numpy(images_hwc).permute(0, 3, 1, 2).contiguous()}
+
+
+def _val_generator(seed):
+    """The standard split's fixed val draw: its own stream, derived from the seed by a hash, so it
+    cannot coincide with a training loop's generator seeded from (seed, epoch, rank)."""
+    h = hashlib.sha256(f"standard-val/{seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") >> 1)
+
+
+def _standard_mix(root, seed, counts):
+    """The standard robustness split (see build_mix); counts = (train, val) per class."""
+    rng = np.random.default_rng(seed)
+    cifar = read_cifar10(root)
+    tr_y, te_y = cifar["train_labels"], cifar["test_labels"]
+    if len(tr_y) > TEST_SOURCE:
+        raise DataError(f"{root}: {len(tr_y)} training images; source ids assume at most {TEST_SOURCE}")
+    picks = [_take(np.flatnonzero(tr_y == c), (*counts, 0), rng, f"class {c} (CIFAR-10 train)") for c in range(10)]
+    mix = {}
+    for i, s in enumerate(("train", "val")):
+        idx = np.sort(np.concatenate([p[i] for p in picks]))
+        mix[s] = _clean_split(cifar["train_images"][idx], tr_y[idx], idx)
+    val = mix["val"]   # corrupted once, here, on the CPU: a fixed draw, the same every epoch
+    val["images"], val["types"], val["severities"] = draw_corruptions(val["images"], _val_generator(seed))
+    mix["test"] = _clean_split(cifar["test_images"], te_y, TEST_SOURCE + np.arange(len(te_y)))
+    return mix
+
+
+def _corruptions():
+    """corruptions.py, imported on first use: only the standard split needs it (and frost needs
+    the optional imagecorruptions package), so every other split works without them."""
+    try:
+        import corruptions
+    except ImportError as e:
+        raise DataError(f"the standard split needs corruptions.py next to data.py ({e})") from None
+    if corruptions.TYPE_NAMES[:len(TYPES)] != TYPES:   # the corruption-token targets must agree
+        raise RuntimeError(f"corruptions.TYPE_NAMES[:11] {corruptions.TYPE_NAMES[:11]} != data.TYPES {TYPES}")
+    return corruptions
+
+
+def draw_corruptions(images, generator=None):
+    """Per sample, a training corruption drawn afresh: (images, types, severities), all on the
+    images' device; images uint8 (B,3,32,32) or (B,32,32,3), returned in the same shape.
+    The issue asks for (type, severity) "uniform from clean + 10 types x severities 1-5". We read
+    it as: the type uniform over the 11 training types (clean and the seed's 10, 1/11 each: the
+    type balance of the seed's mix, seed 3.4), then, for a corruption, the severity uniform in
+    1..5 (severity 0 for clean). Uniform over the 51 (type, severity) pairs would instead make
+    clean only 1/51 of the samples. Applied with corruptions.corrupt_batch on the images' device.
+    Deterministic for the generator: the draws come from it (on its device, as corruptions.py
+    draws) and so do the corruptions' own random numbers; None uses the global RNG."""
+    corruptions = _corruptions()
+    B, dev = images.shape[0], images.device
+    gdev = generator.device if generator is not None else dev
+    types = torch.randint(0, len(TYPES), (B,), generator=generator, device=gdev).to(dev)
+    sev = torch.randint(1, 6, (B,), generator=generator, device=gdev).to(dev)
+    sev = torch.where(types == 0, torch.zeros_like(sev), sev)
+    try:
+        out = corruptions.corrupt_batch(images, types, sev, generator)
+    except corruptions.CorruptionError as e:   # e.g. frost without imagecorruptions: say what to do
+        raise DataError(f"draw_corruptions: {e}") from None
+    return out, types, sev
 
 
 # ----------------------------------------------------------------------------------------------
