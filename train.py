@@ -3,19 +3,19 @@
     python train.py --model cdeit --distill hard                  # one process (GPU if there is one)
     torchrun --nproc_per_node=8 train.py --model cdeit --distill hard
     python train.py --model cdeit --distill hard --dataset synthetic --device cpu   # offline smoke run
+    python train.py --model cdeit --distill hard --split standard  # fresh corruptions every epoch
 
 Top to bottom: flags (defaults = the seed's Table 1 / Table 4 best row), distributed set-up,
-(1) data: download or synthesise, build the mix; (2) the teacher, once per dataset: DeiT-III Small
-features cached fp16, a fresh 10-way head fitted on them (seed 4.1), logits for every training row
-cached; (3) the student loop: device-resident loader, batched augmentation, bf16 autocast, AdamW,
-per-step warmup + cosine, DDP; atomic checkpoints, exact resume, clean stop on SIGTERM / Ctrl-C.
+(1) data: download or synthesise, build the mix; (2) the teacher, once per dataset (teacher.py:
+DeiT-III Small features cached fp16, a fresh 10-way head fitted on them (seed 4.1), logits for
+every training row cached); (3) the student loop: device-resident loader, with --split standard
+fresh corruptions per batch on the device, batched augmentation, bf16 autocast, AdamW, per-step
+warmup + cosine, DDP; atomic checkpoints, exact resume, clean stop on SIGTERM / Ctrl-C.
 Only rank 0 prints and writes. Checkpoint format: what eval.py reads (see `checkpoint` below).
 """
 import argparse
-import contextlib
 import csv
 import datetime
-import hashlib
 import io
 import json
 import math
@@ -33,14 +33,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import losses
-from model import ModelFileError, count_params, create_model, load_teacher, param_groups
+import teacher  # the teacher stage (seed 4.1): cached features, fitted head, logits
+from model import ModelFileError, count_params, create_model, param_groups
+from teacher import atomic_save  # noqa: F401  (train.atomic_save: config, summary and checkpoints)
 
 # --dataset synthetic: what changes when the user did not set it (about 2,000 training images, so
 # the whole pipeline runs in a couple of minutes on a laptop CPU). Data and teacher are fake.
 SYNTHETIC_DEFAULTS = dict(epochs=1, batch_size=64, warmup_epochs=0.25, train_per_class=20,
                           val_per_class=5, test_per_class=5, head_epochs=50)
-SYNTHETIC_TEACHER = dict(depth=1, embed_dim=96, num_heads=2)  # deit3_small-shaped, random weights
-HEAD_LR, HEAD_WD, HEAD_BATCH = 5e-5, 0.05, 256  # seed 4.1: AdamW 5e-5, wd 0.05, no augmentation
 
 
 class TrainError(RuntimeError):
@@ -75,12 +75,14 @@ def get_args(argv=None):
     a("--tau", type=float, default=3.0)
     a("--alpha", type=float, default=0.5)
     a("--clip-grad", type=float, default=None, help="max grad norm; off by default")
-    a("--split", default="paper", choices=["paper", "grouped"])
+    a("--split", default="paper", choices=["paper", "grouped", "standard"],
+      help="paper: the seed's mix (3.4); grouped: leak-free; standard: CIFAR-10 train with fresh "
+           "on-device corruptions each epoch, tested on CIFAR-10-C (RobustBench protocol)")
     a("--dataset", default="cifar", choices=["cifar", "synthetic"])
     a("--data-dir", default="./data")
     a("--mirror", default=None, help="base URL for downloads (env CDEIT_MIRROR)")
     a("--train-per-class", type=int, default=None, help="per class per type; 4500 (synthetic: 20)")
-    a("--val-per-class", type=int, default=None, help="200 (synthetic: 5)")
+    a("--val-per-class", type=int, default=None, help="200; 500 for --split standard (synthetic: 5)")
     a("--test-per-class", type=int, default=None, help="200 (synthetic: 5)")
     a("--teacher", default=None, help="teacher safetensors; default: the downloaded DeiT-III Small")
     a("--teacher-view", default="cached", choices=["cached", "augmented"],
@@ -101,7 +103,8 @@ def get_args(argv=None):
     a("--log-interval", type=int, default=20)
     args = p.parse_args(argv)
     defaults = SYNTHETIC_DEFAULTS if args.dataset == "synthetic" else dict(
-        epochs=15, batch_size=1024, warmup_epochs=3, train_per_class=4500, val_per_class=200,
+        epochs=15, batch_size=1024, warmup_epochs=3, train_per_class=4500,
+        val_per_class=500 if args.split == "standard" else 200,  # standard: 45,000 / 5,000 of CIFAR-10 train
         test_per_class=200, head_epochs=10)
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -172,30 +175,6 @@ def log(ctx, *msg):
 
 # ----------------------------------------------------------------------------- files
 
-def atomic_save(obj, path):
-    """Write to a temp file, flush + fsync, then rename: a crash leaves the old file intact.
-    A str is written as text (config.json, summary.csv), anything else with torch.save."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w" if isinstance(obj, str) else "wb") as f:
-            f.write(obj) if isinstance(obj, str) else torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def prepare_out_dir(args):
     try:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -219,33 +198,26 @@ def prepare_data(args, ctx):
     needs_teacher = args.model != "vit"
     if args.dataset == "synthetic":
         root = os.path.join(args.data_dir, "synthetic")
-        teacher = args.teacher or os.path.join(root, "teacher_synthetic.safetensors")
-        teacher_args = {} if args.teacher else dict(SYNTHETIC_TEACHER)
+        tpath = args.teacher or os.path.join(root, "teacher_synthetic.safetensors")
+        teacher_args = {} if args.teacher else dict(teacher.SYNTHETIC_TEACHER)
 
         def make():
             if not os.path.exists(os.path.join(root, "CIFAR-10-C", "labels.npy")):
                 data.write_synthetic(root)
-            if needs_teacher and not args.teacher and not os.path.exists(teacher):
-                from safetensors.torch import save_file
-                torch.manual_seed(args.seed)
-                t = create_model("deit3_small", **SYNTHETIC_TEACHER)  # random weights, 1000-way head
-                for n, p in t.named_parameters():  # LayerScale 1, not 1e-6: else every image gives
-                    if n.endswith(".gamma"):       # the same class token and the head learns nothing
-                        p.data.fill_(1.0)
-                save_file({k: v.contiguous() for k, v in t.state_dict().items()}, teacher + ".tmp")
-                os.replace(teacher + ".tmp", teacher)
+            if needs_teacher and not args.teacher and not os.path.exists(tpath):
+                teacher.write_synthetic_teacher(tpath, args.seed)
         on_master_first(ctx, make)
         log(ctx, f"NOTE: --dataset synthetic: the images are SYNTHETIC (written by data.write_synthetic "
                  f"into {root}) and the teacher weights are RANDOM (a 1-block deit3_small); accuracies "
                  f"say nothing about CIFAR-10. Small defaults unless set: {SYNTHETIC_DEFAULTS}")
     else:
         root = args.data_dir
-        teacher = args.teacher or data.teacher_path(root)
+        tpath = args.teacher or data.teacher_path(root)
         teacher_args = {}
         # every rank calls download: rank 0 fetches while the others wait, and a failure raises everywhere
         data.download(root, args.mirror, teacher=needs_teacher and not args.teacher)
-    if needs_teacher and not os.path.isfile(teacher):
-        raise TrainError(f"teacher file {teacher} not found (python data.py --data-dir {args.data_dir} "
+    if needs_teacher and not os.path.isfile(tpath):
+        raise TrainError(f"teacher file {tpath} not found (python data.py --data-dir {args.data_dir} "
                          "downloads it, or pass --teacher PATH)")
     data_args = dict(root=os.path.abspath(root), split=args.split, seed=args.seed, train_per_class=args.train_per_class,
                      val_per_class=args.val_per_class, test_per_class=args.test_per_class)
@@ -255,104 +227,33 @@ def prepare_data(args, ctx):
         splits = data.build_mix(**data_args)  # the other ranks read it
     log(ctx, "data: " + ", ".join(f"{k} {len(v['labels']):,}" for k, v in splits.items())
         + f" images ({args.split} split, {root})")
-    return splits, data_args, (teacher if needs_teacher else None), teacher_args
+    return splits, data_args, (tpath if needs_teacher else None), teacher_args
 
 
 # ----------------------------------------------------------------------------- (2) the teacher
 
-@torch.no_grad()
-def teacher_features(teacher, images, device, resize, amp_dtype):
-    """Final-norm class token of the teacher on the 224px view (seed 4.1), fp16 on the CPU."""
-    bs = 256 if device.type == "cuda" else 64
-    out = []
-    for i in range(0, len(images), bs):
-        x = data.teacher_view(images[i:i + bs].to(device), 224, resize)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out.append(teacher.forward_features(x)[:, 0].half().cpu())
-    return torch.cat(out)
-
-
-def fit_head(feats, device, epochs, seed):
-    """Fit the new 10-way linear head on frozen cached features (seed 4.1); pick the epoch by val."""
-    g = torch.Generator().manual_seed(seed)
-    X = {s: feats[s]["features"].to(device).float() for s in feats}
-    y = {s: feats[s]["labels"].to(device) for s in feats}
-    head = nn.Linear(X["train"].shape[1], 10).to(device)
-    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
-    opt = torch.optim.AdamW(head.parameters(), lr=HEAD_LR, weight_decay=HEAD_WD)
-    acc = lambda s: (head(X[s]).argmax(1) == y[s]).float().mean().item()  # noqa: E731
-    best = (-1.0, None)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y["train"]), generator=g).to(device)
-        for i in range(0, len(perm), HEAD_BATCH):
-            idx = perm[i:i + HEAD_BATCH]
-            loss = F.cross_entropy(head(X["train"][idx]), y["train"][idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            if acc("val") > best[0]:  # select by val, never test
-                best = (acc("val"), {k: v.detach().clone() for k, v in head.state_dict().items()})
-    head.load_state_dict(best[1])
-    with torch.no_grad():
-        return head, best[0], acc("test")
-
-
 def prepare_teacher(args, ctx, splits, data_args, path, teacher_args, amp_dtype):
-    """Cache dir with features_{train,val,test}.pt, teacher_head.pt, logits_train.pt (keyed by the
-    teacher file's sha256, split, seed, counts, resize), built once on rank 0 and shared by runs.
+    """teacher.py's cache, built once on rank 0 while the others wait, and shared by runs.
     Returns (info for the checkpoint, train logits on the device or None, live teacher or None)."""
     device = ctx["device"]
-    sha = sha256_file(path)
-    counts = f"{args.train_per_class}-{args.val_per_class}-{args.test_per_class}"
-    cache = os.path.join(data_args["root"], "cache",
-                         f"teacher-{sha[:16]}-{args.split}-s{args.seed}-{counts}-{args.teacher_resize}")
-    head_path = os.path.join(cache, "teacher_head.pt")
-    logits_path = os.path.join(cache, "logits_train.pt")
-
-    def build():
-        os.makedirs(cache, exist_ok=True)
-        if os.path.exists(head_path) and os.path.exists(logits_path):
-            h = torch.load(head_path, map_location="cpu", weights_only=True)
-            if h.get("head_epochs") == args.head_epochs:
-                log(ctx, f"teacher: cached head and logits in {cache} (val {h['val_accuracy']:.2%}, "
-                         f"test {h['test_accuracy']:.2%})")
-                return
-        teacher = load_teacher(path, num_classes=10, **teacher_args).to(device).eval()
-        feats = {}
-        for s in ("train", "val", "test"):
-            fp = os.path.join(cache, f"features_{s}.pt")
-            ok = os.path.exists(fp)
-            if ok:
-                feats[s] = torch.load(fp, map_location="cpu", weights_only=True)
-                ok = len(feats[s]["labels"]) == len(splits[s]["labels"])
-            if not ok:
-                t0 = time.time()
-                f = teacher_features(teacher, splits[s]["images"], device, args.teacher_resize, amp_dtype)
-                feats[s] = {"features": f, "labels": splits[s]["labels"].clone()}
-                atomic_save(feats[s], fp)
-                log(ctx, f"teacher: {s} features {tuple(f.shape)} in {time.time() - t0:.1f}s "
-                         f"({len(f) / (time.time() - t0):.0f} img/s)")
-        head, val_acc, test_acc = fit_head(feats, device, args.head_epochs, args.seed)
-        log(ctx, f"teacher: head fitted ({args.head_epochs} epochs, AdamW lr {HEAD_LR}, wd {HEAD_WD}): "
-                 f"val {val_acc:.2%}, test {test_acc:.2%} (seed 4.1 reports 87.4%)")
-        with torch.no_grad():
-            logits = head(feats["train"]["features"].to(device).float()).cpu()
-        atomic_save({"logits": logits, "labels": feats["train"]["labels"]}, logits_path)
-        atomic_save({"kind": "cdeit-kit/teacher-head", "version": 1, "weight": head.weight.detach().cpu(),
-                     "bias": head.bias.detach().cpu(), "teacher_path": os.path.abspath(path),
-                     "teacher_sha256": sha, "teacher_args": dict(teacher_args), "data_args": dict(data_args),
-                     "resize": args.teacher_resize, "val_accuracy": val_acc, "test_accuracy": test_acc,
-                     "head_epochs": args.head_epochs}, head_path)
-    on_master_first(ctx, build)
-    logits = torch.load(logits_path, map_location="cpu", weights_only=True)["logits"].to(device)
-    info = {"path": os.path.abspath(path), "sha256": sha, "head": os.path.abspath(head_path)}
-    live = None
-    if args.teacher_view == "augmented":  # the consistent teacher: full model with the fitted head
-        h = torch.load(head_path, map_location="cpu", weights_only=True)
-        live = load_teacher(path, num_classes=10, **teacher_args)
-        live.head.load_state_dict({"weight": h["weight"], "bias": h["bias"]})
-        live = live.to(device).eval().requires_grad_(False)
+    sha = teacher.sha256_file(path)
+    cache = teacher.cache_dir(path, data_args, args.teacher_resize, sha)
+    on_master_first(ctx, lambda: teacher.build(path, teacher_args, splits, data_args, args.teacher_resize,
+                                               args.head_epochs, args.seed, device, amp_dtype,
+                                               log=lambda *m: log(ctx, *m), sha=sha))
+    info = {"path": os.path.abspath(path), "sha256": sha, "head": os.path.abspath(os.path.join(cache, "teacher_head.pt"))}
+    logits, live = None, None
+    if args.split == "standard":
+        # Fresh corruptions every epoch: the teacher's input changes every epoch, so there is no
+        # table to read. Caching per (sample, type, severity) would take 45,000 x 51 = 2.3M teacher
+        # passes up front, more than the 15 x 45,000 = 675,000 live passes of a whole run.
+        log(ctx, "teacher: LIVE on every batch (split standard: fresh corruptions each epoch cannot be "
+                 "cached; a table per (sample, type, severity) would need 45,000 x 51 teacher passes, "
+                 "more than 15 epochs of live ones)")
+    elif args.teacher_view == "cached":
+        logits = teacher.load_logits(cache, device)
+    if args.split == "standard" or args.teacher_view == "augmented":
+        live = teacher.live(path, teacher_args, cache, device)
     return info, logits, live
 
 
@@ -399,16 +300,20 @@ def train_step(model, optimizer, scaler, loss_fn, x, y, t, teacher_logits, args,
     return loss, parts
 
 
-def rng_state(device, gen):
+def rng_state(device, gen, cgen=None):
     s = {"cpu": torch.get_rng_state(), "augment": gen.get_state()}
+    if cgen is not None:
+        s["corrupt"] = cgen.get_state()
     if device.type == "cuda":
         s["cuda"] = torch.cuda.get_rng_state(device)
     return s
 
 
-def set_rng_state(device, gen, s):
+def set_rng_state(device, gen, s, cgen=None):
     torch.set_rng_state(s["cpu"])
     gen.set_state(s["augment"])
+    if cgen is not None:
+        cgen.set_state(s["corrupt"])
     if device.type == "cuda" and "cuda" in s:
         torch.cuda.set_rng_state(s["cuda"], device)
 
@@ -446,6 +351,8 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
                            cutmix_alpha=args.cutmix, cutmix_prob=args.cutmix_prob, erase_prob=args.erase_prob,
                            randaug_ops=2 if args.randaug else 0, randaug_magnitude=args.randaug)
     gen = torch.Generator(device=device)
+    # --split standard: the per-rank generator of the fresh corruptions (saved with the others)
+    cgen = torch.Generator(device=device) if args.split == "standard" else None
     loss_fn = losses.distillation_loss
     if args.fused and device.type == "cuda":
         import kernels
@@ -480,9 +387,9 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
 
     def checkpoint(path):
         """The file eval.py reads: only tensors and plain values (torch.load weights_only=True)."""
-        states = [rng_state(device, gen)] * world
+        states = [rng_state(device, gen, cgen)] * world
         if ctx["ddp"]:
-            dist.all_gather_object(states, rng_state(device, gen))
+            dist.all_gather_object(states, rng_state(device, gen, cgen))
         if master:
             atomic_save({"kind": "cdeit-kit/student", "version": 1, "model_name": args.model,
                          "model_args": model_args, "model": raw_model.state_dict(),
@@ -506,8 +413,10 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
         while epoch < args.epochs and not stopped:
             torch.manual_seed(rank_seed(args.seed, epoch, rank))  # drop-path masks
             gen.manual_seed(rank_seed(args.seed, epoch, rank) + 1)  # augmentation draws
+            if cgen is not None:
+                cgen.manual_seed(rank_seed(args.seed, epoch, rank) + 2)  # corruption draws
             if resume_rng is not None:
-                set_rng_state(device, gen, resume_rng)
+                set_rng_state(device, gen, resume_rng, cgen)
                 resume_rng = None
             loader.set_epoch(epoch)
             buf = torch.zeros(args.log_interval, 4, device=device)  # loss, label, teacher, type per step
@@ -519,11 +428,18 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
                 lr = lr_at(step, total, warmup, peak, floor)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                x, y, t = augment(batch["images"], batch["labels"], batch["types"], generator=gen)
+                images, types = batch["images"], batch["types"]
+                if cgen is not None:  # standard: a fresh (type, severity) per row, before augmentation;
+                    images, types, _ = data.draw_corruptions(images, cgen)  # the token learns the drawn type
+                x, y, t = augment(images, batch["labels"], types, generator=gen)
                 tl = None
-                if live_teacher is not None:  # --teacher-view augmented: the teacher sees what the student sees
+                if live_teacher is not None:
+                    # --teacher-view augmented: the teacher sees what the student sees; otherwise
+                    # (split standard) the corrupted, un-augmented batch, as the cached splits' teacher
+                    tx = F.interpolate(x, size=224, mode=args.teacher_resize) if args.teacher_view == "augmented" \
+                        else data.teacher_view(images, 224, args.teacher_resize)
                     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        tl = live_teacher(F.interpolate(x, size=224, mode=args.teacher_resize)).float()
+                        tl = live_teacher(tx).float()
                 elif teacher_logits is not None:
                     tl = teacher_logits[batch["index"]]  # cached once (seed 4.1)
                 loss, parts = train_step(model, optimizer, scaler, loss_fn, x, y, t, tl, args, amp_dtype)

@@ -5,14 +5,41 @@ functions at decoration time), and torch._dynamo imports triton, so it is set he
 module is collected. Only on machines without CUDA: there the kernel tests run on CPU tensors
 through the interpreter; on a GPU the same tests run the compiled kernels on CUDA tensors.
 model.py only calls the kernels on CUDA tensors, so other CPU tests are unaffected.
+
+`smoke_run`: the README's offline command, run once per test session and shared by
+tests/test_train.py (checks the run) and tests/test_eval.py (evaluates its checkpoint).
 """
 import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one); bench/gpu.sh runs these")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """`python train.py --model cdeit --distill hard --dataset synthetic --device cpu` as a user types
+    it (only --data-dir and --out-dir moved into a temp folder; the synthetic defaults keep it small:
+    2,200 images, 1 epoch, batch 64). Returns the run folder (ckpt.pt, best.pt, config.json,
+    summary.csv); its stdout is saved beside it as ../stdout.txt."""
+    base = tmp_path_factory.mktemp("smoke")
+    out = base / "out"
+    cmd = [sys.executable, "train.py", "--model", "cdeit", "--distill", "hard", "--dataset", "synthetic",
+           "--device", "cpu", "--data-dir", str(base / "data"), "--out-dir", str(out)]
+    # one thread: on a busy shared CI machine two OpenMP threads on two cores run several times slower
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    (base / "stdout.txt").write_text(r.stdout)
+    if r.returncode != 0:
+        pytest.fail("smoke run failed:\n" + r.stdout[-3000:] + r.stderr[-3000:])
+    return out

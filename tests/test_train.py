@@ -41,18 +41,14 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data"))  # synthetic files + teacher cache, shared by the tests
 
 
-def test_smoke_run_end_to_end(tmp_path):
-    """The README's offline command, as a user types it (only the folders moved into tmp)."""
-    cmd = [sys.executable, "train.py", "--model", "cdeit", "--distill", "hard", "--dataset", "synthetic",
-           "--device", "cpu", "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")]
-    # one thread: on a busy shared CI machine two OpenMP threads on two cores run several times slower
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "SYNTHETIC" in r.stdout and "RANDOM" in r.stdout  # says plainly that nothing here is real
-    assert re.search(r"teacher: head fitted .* val [\d.]+%, test [\d.]+%", r.stdout)
+def test_smoke_run_end_to_end(smoke_run):
+    """The README's offline command, as a user types it (conftest's session fixture runs it once)."""
+    out = smoke_run
+    stdout = (out.parent / "stdout.txt").read_text()
+    assert "SYNTHETIC" in stdout and "RANDOM" in stdout  # says plainly that nothing here is real
+    assert re.search(r"teacher: head fitted .* val [\d.]+%, test [\d.]+%", stdout)
     assert re.search(r"step \d+/\d+ \| epoch 1 \| loss [\d.]+ \(label [\d.]+ teacher [\d.]+ type [\d.]+\)",
-                     r.stdout)
-    out = tmp_path / "out"
+                     stdout)
     for f in ("config.json", "summary.csv", "ckpt.pt", "best.pt"):
         assert (out / f).is_file(), f
     assert len((out / "summary.csv").read_text().strip().splitlines()) == 1 + 1  # header + 1 epoch
@@ -192,3 +188,66 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
     assert any(re.match(r"stopped \(SIGTERM\) at step \d+: saved", x) for x in lines), "".join(lines[-5:])
     ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert 3 <= ck["step"] < 500 and ck["epoch"] == ck["step"] // 10
+
+
+STANDARD = TINY[:6] + ["--train-per-class", "4", "--val-per-class", "2", "--batch-size", "20", "--head-epochs", "2",
+                       "--dataset", "synthetic", "--device", "cpu", "--split", "standard", "--model", "cdeit",
+                       "--distill", "hard", "--log-interval", "1"]  # 40 clean train rows -> 2 steps per epoch
+
+
+def _needs_standard():
+    import data
+    if not hasattr(data, "draw_corruptions"):
+        pytest.skip("data.py has no draw_corruptions / split='standard' yet (the data engineer's part)")
+
+
+def test_standard_split_fresh_corruptions_live_teacher(tmp_path, data_dir, monkeypatch, capsys):
+    """--split standard: every batch is corrupted by data.draw_corruptions before augmentation, its
+    drawn types are the corruption-token targets, and the teacher runs live on the corrupted batch."""
+    _needs_standard()
+    import data
+    draws, real_draw = [], data.draw_corruptions
+    real_augment_call = data.Augment.__call__
+
+    def spy(images, generator):
+        out = real_draw(images, generator)
+        draws.append((images.clone(), out[0].clone(), out[1].clone()))
+        return out
+
+    seen_types = []
+
+    def augment_spy(self, images, labels, types, generator=None):
+        seen_types.append(types.clone())
+        return real_augment_call(self, images, labels, types, generator=generator)
+    monkeypatch.setattr(data, "draw_corruptions", spy)
+    monkeypatch.setattr(data.Augment, "__call__", augment_spy)
+    assert train.main(STANDARD + ["--epochs", "2", "--data-dir", data_dir, "--out-dir", str(tmp_path / "o")]) == 0
+    stdout = capsys.readouterr().out
+    assert "teacher: LIVE on every batch (split standard" in stdout
+    ck = torch.load(tmp_path / "o" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ck["data_args"]["split"] == "standard" and ck["step"] == 4 and ck["epoch"] == 2
+    assert "corrupt" in ck["rng"]["ranks"][0]  # the corruption generator resumes exactly
+    # the teacher's head was fitted with one fixed corrupted draw of the train rows + the 4 training steps
+    step_draws = draws[-4:]
+    assert len(step_draws) == 4 and all(len(d[0]) == 20 for d in step_draws)
+    for (clean, corrupted, types), t in zip(step_draws, seen_types[-4:]):
+        assert torch.equal(t, types)  # the token's targets are the drawn types
+        changed = (clean != corrupted).flatten(1).any(1)
+        assert changed[types > 0].float().mean() > 0.5 and not changed[types == 0].any()
+    all_types = torch.cat([d[2] for d in step_draws])
+    assert len(all_types.unique()) >= 4  # draws span several types, not one fixed type
+    # the training rows are clean in the split and corrupted afresh each epoch: the same row gets
+    # different draws in epochs 1 and 2
+    e1, e2 = torch.cat([d[2] for d in step_draws[:2]]), torch.cat([d[2] for d in step_draws[2:]])
+    assert not torch.equal(e1, e2)
+
+
+def test_standard_split_resume_is_bit_identical(tmp_path, data_dir):
+    _needs_standard()
+    base = STANDARD + ["--epochs", "2", "--data-dir", data_dir]
+    assert train.main(base + ["--out-dir", str(tmp_path / "a")]) == 0
+    assert train.main(base + ["--out-dir", str(tmp_path / "b")], stop_at_step=3) == 0  # mid-epoch 2
+    assert train.main(base + ["--out-dir", str(tmp_path / "b"), "--resume"]) == 0
+    a, b = _weights(tmp_path / "a" / "ckpt.pt"), _weights(tmp_path / "b" / "ckpt.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
