@@ -1,8 +1,10 @@
-"""train.py: the offline smoke run, exact resume, atomic saves, flag errors, DDP == one process.
+"""train.py: the offline smoke run, exact resume, atomic saves, flag errors, DDP == one process,
+and --split standard (fresh corruptions per batch, live teacher, exact resume).
 
-Everything runs on CPU. Apart from the smoke run (the real README command, full DeiT-Tiny size),
+Everything runs on CPU. Apart from the smoke run (the real README command, full DeiT-Tiny size,
+run once per session by conftest's `smoke_run` fixture and shared with tests/test_eval.py),
 students are tiny (2 blocks, D=48) on a few hundred synthetic images, so the file stays within
-its share of the suite's time budget (~2.5 minutes on 2 cores, most of it the smoke run).
+its share of the suite's time budget (~3 minutes on 2 cores, most of it the smoke run).
 """
 import os
 import re
