@@ -5,6 +5,10 @@
     python eval.py --teacher data/cache/teacher_head.pt    # the fitted teacher head (seed 4.1: 87.4%)
     python eval.py best.pt --benchmark cifar10c [--extra]  # the standard 15 x 5 CIFAR-10-C protocol
 
+A checkpoint trained with --split standard (CIFAR-10 train images, corrupted on the fly; issue 7) is
+tested on that protocol by default: clean CIFAR-10 test + the real CIFAR-10-C files, with the errors
+on the seed's 10 training corruptions (seen) and on the 5 others (unseen) reported separately.
+
 Top to bottom: 1. pure metric functions (seed 3.5; each tested on hand-computed values),
 2. loading checkpoints, teacher heads and baseline JSONs (one clear line on any bad file),
 3. running a model over a split, batched on the device (bf16 autocast on CUDA),
@@ -31,14 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import corruptions
 import data
 import model as model_lib
 
 STUDENT_KIND, HEAD_KIND, EVAL_KIND = "cdeit-kit/student", "cdeit-kit/teacher-head", "cdeit-kit/eval"
 CORRUPTIONS = data.TYPES[1:]  # the seed's 10 corruption types (index 1..10 of the mix)
-BENCHMARK = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
-             "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
-             "elastic_transform", "pixelate", "jpeg_compression"]  # Hendrycks & Dietterich's 15
+BENCHMARK = corruptions.CORRUPTIONS  # Hendrycks & Dietterich's 15, in CIFAR-10-C's order
 EXTRA = ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
 ROBUSTBENCH_WRN28_10 = 73.46  # RobustBench CIFAR-10-C, Standard WRN-28-10, mean accuracy over 15 x 5
 
@@ -90,9 +93,9 @@ def _mean_or_none(x):
     return float(x.double().mean()) if x.numel() else None
 
 
-def per_type_accuracy(correct, types):
-    """{type name: accuracy} over the 11 image types (seed 3.4 order); None where a type is absent."""
-    return {name: _mean_or_none(correct[types == t]) for t, name in enumerate(data.TYPES)}
+def per_type_accuracy(correct, types, names=data.TYPES):
+    """{type name: accuracy}; types index names (the mix's 11, seed 3.4 order); None where absent."""
+    return {name: _mean_or_none(correct[types == t]) for t, name in enumerate(names)}
 
 
 def per_severity_accuracy(correct, types, severities):
@@ -100,16 +103,17 @@ def per_severity_accuracy(correct, types, severities):
     return {str(s): _mean_or_none(correct[(types > 0) & (severities == s)]) for s in range(1, 6)}
 
 
-def corruption_errors(correct, types, severities):
+def corruption_errors(correct, types, severities, names=data.TYPES):
     """{corruption: [E_1..E_5]}: error rate per corruption and severity (None for an empty cell)."""
     return {name: [None if (m := (types == t) & (severities == s)).sum() == 0
                    else 1.0 - float(correct[m].double().mean()) for s in range(1, 6)]
-            for t, name in enumerate(data.TYPES) if t > 0}
+            for t, name in enumerate(names) if t > 0}
 
 
-def mean_corruption_error(per_type):
-    """Unnormalised mean error over the 10 corruption types (each type weighted equally)."""
-    errs = [1.0 - per_type[c] for c in CORRUPTIONS if per_type.get(c) is not None]
+def mean_corruption_error(per_type, names=CORRUPTIONS):
+    """Unnormalised mean error over the corruption types `names` present (each weighted equally);
+    with corruptions.SEEN / UNSEEN it gives the seen / unseen errors of the standard protocol."""
+    errs = [1.0 - per_type[c] for c in names if per_type.get(c) is not None]
     return sum(errs) / len(errs) if errs else None
 
 
@@ -257,9 +261,10 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-def _sync(device):
+def _now(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def combine(net, heads):
@@ -280,32 +285,24 @@ def run_student(net, images, device, batch_size):
     net = net.to(device).eval()
     out = {}
     images = images.to(device)  # the whole split on the device once, as uint8 (airbench style)
-    _sync(device)
-    t0 = time.perf_counter()
+    tol = 1e-2 if device.type == "cuda" else 1e-4
+    t0 = _now(device)
     for i in range(0, len(images), batch_size):
         x = data.normalize(images[i:i + batch_size])
         with _autocast(device):
             tok = net.forward_tokens(x)
-            heads = {"cls": net.head(tok["cls"])}
-            if "dist" in tok:
-                heads["dist"] = net.head_dist(tok["dist"])
-            if "corr" in tok:
-                heads["corr"] = net.head_corr(tok["corr"])
+            heads = {k: getattr(net, f"head{'' if k == 'cls' else '_' + k}")(tok[k])
+                     for k in ("cls", "dist", "corr") if k in tok}
             heads["combined"] = combine(net, heads)
             if net.corr_proj is not None:  # the class-token head as cdeit trains it (seed Eq. 6)
                 heads["cls_corr"] = heads["cls"] + net.corr_proj(heads["corr"])
-            if i == 0:
-                ref = net(x).float()
-                if not torch.allclose(heads["combined"].float(), ref, atol=1e-2 if device.type == "cuda" else 1e-4,
-                                      rtol=1e-2 if device.type == "cuda" else 1e-4):
-                    raise EvalError("eval.py's combine() disagrees with model.py's eval forward; update combine()")
+            if i == 0 and not torch.allclose(heads["combined"].float(), net(x).float(), atol=tol, rtol=tol):
+                raise EvalError("eval.py's combine() disagrees with model.py's eval forward; update combine()")
         for k in [k for k in ("dist", "corr") if k in tok]:
             heads[f"cos_cls_{k}"] = F.cosine_similarity(tok["cls"].float(), tok[k].float(), dim=-1)
         for k, v in heads.items():
             out.setdefault(k, []).append(v.float().cpu())
-    _sync(device)
-    dt = time.perf_counter() - t0
-    return {k: torch.cat(v) for k, v in out.items()}, len(images) / max(dt, 1e-9)
+    return {k: torch.cat(v) for k, v in out.items()}, len(images) / max(_now(device) - t0, 1e-9)
 
 
 @torch.no_grad()
@@ -330,45 +327,48 @@ def run_teacher(head, split_name, split, device, batch_size):
         net = model_lib.load_teacher(head["teacher_path"], num_classes=W.shape[0], **head.get("teacher_args", {}))
     except model_lib.ModelFileError as e:
         raise EvalError(f"{path}: {e}") from None
-    with torch.no_grad():
-        net.head.weight.copy_(W)
-        net.head.bias.copy_(b)
+    net.head.weight.copy_(W)
+    net.head.bias.copy_(b)
     net = net.to(device).eval()
     images, out = split["images"].to(device), []
-    _sync(device)
-    t0 = time.perf_counter()
+    t0 = _now(device)
     for i in range(0, len(images), batch_size):
         x = data.teacher_view(images[i:i + batch_size], size=net.cfg.img_size, mode=head.get("resize", "bicubic"))
         with _autocast(device):
             out.append(net(x).float().cpu())
-    _sync(device)
-    return {"combined": torch.cat(out)}, len(images) / max(time.perf_counter() - t0, 1e-9), head["teacher_path"]
+    return {"combined": torch.cat(out)}, len(images) / max(_now(device) - t0, 1e-9), head["teacher_path"]
 
 
 # ----------------------------------------------------------------------------- 4. metrics of one run
 
-def summarize(outs, split):
-    """All the issue's metrics from run_student/run_teacher outputs and the split's bookkeeping."""
+def summarize(outs, split, names=data.TYPES):
+    """All the issue's metrics from run_student/run_teacher outputs and the split's bookkeeping
+    (split["types"] indexes names: the mix's 11 types, or clean + the 15 benchmark corruptions)."""
     logits, y = outs["combined"], split["labels"]
     types, sev = split["types"], split["severities"]
     correct = logits.argmax(-1) == y
-    per_type = per_type_accuracy(correct, types)
+    per_type = per_type_accuracy(correct, types, names)
     count, acc, conf = calibration_bins(logits.double().softmax(-1).max(-1).values, correct)
     r = {"n": len(y), "accuracy": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5),
-         "nll": nll(logits, y), "ece": expected_calibration_error(logits, y),
+         "nll": nll(logits, y), "ece": _ece(count, acc, conf),
          "per_type": per_type, "per_severity": per_severity_accuracy(correct, types, sev),
          "clean_error": _err(per_type["clean"]),
-         "mean_corruption_error": mean_corruption_error(per_type),
-         "corruption_errors": corruption_errors(correct, types, sev),
-         "mce": None, "relative_mce": None,
+         "mean_corruption_error": mean_corruption_error(per_type, names[1:]),
+         "seen_corruption_error": mean_corruption_error(per_type, corruptions.SEEN),
+         "unseen_corruption_error": mean_corruption_error(per_type, corruptions.UNSEEN),  # None on the mix
+         "corruption_errors": corruption_errors(correct, types, sev, names),
+         "mce": None, "relative_mce": None, "robustbench_accuracy": None,
          "head_accuracy": {k: topk_accuracy(outs[k], y, 1) for k in ("cls", "dist", "cls_corr", "combined") if k in outs},
          "corruption_accuracy": None, "confusion_matrix": None,
          "token_similarity": {"cls_dist": None, "cls_corr": None},
          "calibration": {"count": count.tolist(), "accuracy": acc.tolist(), "confidence": conf.tolist()}}
     if "corr" in outs:  # seed 4.3: how well the corruption token names the image type
-        pred_t = outs["corr"].argmax(-1)
-        r["corruption_accuracy"] = float((pred_t == types).double().mean())
-        r["confusion_matrix"] = confusion_matrix(pred_t, types, len(data.TYPES)).tolist()
+        # it names one of the 11 training types; images of an unseen corruption have no right answer
+        true_t = torch.tensor([data.TYPES.index(n) if n in data.TYPES else -1 for n in names])[types]
+        keep = true_t >= 0
+        pred_t = outs["corr"].argmax(-1)[keep]
+        r["corruption_accuracy"] = _mean_or_none(pred_t == true_t[keep])
+        r["confusion_matrix"] = confusion_matrix(pred_t, true_t[keep], len(data.TYPES)).tolist()
     for k in ("dist", "corr"):  # seed 4.4: final-layer class token vs the other special tokens
         if f"cos_cls_{k}" in outs:
             r["token_similarity"][f"cls_{k}"] = float(outs[f"cos_cls_{k}"].double().mean())
@@ -384,59 +384,42 @@ def add_mce(res, base, base_path):
 
 # ----------------------------------------------------------------------------- 5. CIFAR-10-C benchmark
 
-@torch.no_grad()
-def _predict(net, images_hwc, labels, device, batch_size):
-    """Top-1 correctness and confidence of net over (N, 32, 32, 3) uint8 rows (memory-mapped is fine)."""
-    correct, conf = [], []
-    for i in range(0, len(images_hwc), batch_size):
-        xb = torch.from_numpy(np.array(images_hwc[i:i + batch_size])).to(device)  # a copy: memmaps are read-only
-        x = data.normalize(xb.permute(0, 3, 1, 2).contiguous())  # HWC files -> NCHW
-        with _autocast(device):
-            p = net(x).float().softmax(-1)
-        c, pred = p.max(-1)
-        correct.append((pred.cpu() == torch.as_tensor(labels[i:i + batch_size])))
-        conf.append(c.double().cpu())
-    return torch.cat(correct), torch.cat(conf)
+def _mean(v):
+    return sum(v) / len(v)
 
 
 def run_benchmark(net, root, device, batch_size, extra=False):
-    """Hendrycks & Dietterich's protocol: clean CIFAR-10 test + each corruption x 5 severities x all
-    rows of the real files; accuracy = mean over the 15 x 5 cells (RobustBench's number)."""
+    """Hendrycks & Dietterich's protocol: clean CIFAR-10 test + every row of the real files (5
+    severities x the test set) of the 15 benchmark corruptions, through run_student file by file,
+    then summarize() over clean + 15 x 5 pooled. The 4 extra corruptions are reported on their own.
+    accuracy = robustbench_accuracy = the mean over the 15 x 5 cells (RobustBench's number)."""
     cifar = data.read_cifar10(root)
-    test_x, test_y = cifar["test_images"], cifar["test_labels"]
-    n = len(test_y)
-    net = net.to(device).eval()
-    t0, seen = time.perf_counter(), 0
-    clean, clean_conf = _predict(net, test_x, test_y, device, batch_size)
-    per, confs, hits = {}, [clean_conf], [clean]
-    for name in BENCHMARK + (EXTRA if extra else []):
-        x, y = data.read_cifar10c(root, name, test_y)
-        c, cf = _predict(net, x, y, device, batch_size)
-        per[name] = [float(c[s * n:(s + 1) * n].double().mean()) for s in range(5)]
-        seen += len(y)
-        if name in BENCHMARK:
-            confs.append(cf)
-            hits.append(c)
-        print(f"  {name:<18} " + " ".join(f"{100 * a:6.2f}" for a in per[name]) +
-              f"   ({seen / (time.perf_counter() - t0):,.0f} img/s)", flush=True)
-    ips = (n + seen) / max(time.perf_counter() - t0, 1e-9)
-    cells = [a for c in BENCHMARK for a in per[c]]
-    conf, hit = torch.cat(confs), torch.cat(hits)
-    count, acc, cf = calibration_bins(conf, hit)
-    mean = lambda v: sum(v) / len(v)
-    r = {"n": n, "clean_accuracy": float(clean.double().mean()), "accuracy": mean(cells),
-         "per_corruption": per,
-         "per_severity": {str(s + 1): mean([per[c][s] for c in BENCHMARK]) for s in range(5)},
-         "mean_accuracy_seen": mean([a for c in BENCHMARK if c in CORRUPTIONS for a in per[c]]),
-         "mean_accuracy_unseen": mean([a for c in BENCHMARK if c not in CORRUPTIONS for a in per[c]]),
-         "ece": _ece(count, acc, cf),  # clean + 15 x 5, pooled
-         "clean_error": 1.0 - float(clean.double().mean()),
-         "mean_corruption_error": 1.0 - mean(cells),
-         "corruption_errors": {c: [1.0 - a for a in per[c]] for c in BENCHMARK},
-         "mce": None, "relative_mce": None, "robustbench_reference": ROBUSTBENCH_WRN28_10,
-         "calibration": {"count": count.tolist(), "accuracy": acc.tolist(), "confidence": cf.tolist()}}
+    y = torch.from_numpy(cifar["test_labels"])
+    n, names = len(y), ["clean"] + BENCHMARK
+    outs, book, per, done, t0 = {}, {"labels": [], "types": [], "severities": []}, {}, 0, time.perf_counter()
+    for name in names + (EXTRA if extra else []):
+        x = cifar["test_images"] if name == "clean" else data.read_cifar10c(root, name, cifar["test_labels"])[0]
+        o, _ = run_student(net, torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(), device, batch_size)
+        done, labels = done + len(x), y.repeat(len(x) // n)
+        if name != "clean":  # rows (s-1)*n .. s*n are severity s
+            per[name] = (o["combined"].argmax(-1) == labels).view(5, n).double().mean(1).tolist()
+            print(f"  {name:<18} " + " ".join(f"{100 * a:6.2f}" for a in per[name]) +
+                  f"   ({done / (time.perf_counter() - t0):,.0f} img/s)", flush=True)
+        if name in names:
+            for k, v in o.items():
+                outs.setdefault(k, []).append(v)
+            book["labels"].append(labels)
+            book["types"].append(torch.full((len(x),), names.index(name)))
+            book["severities"].append(torch.arange(len(x)) // n + (name != "clean"))
+    ips = done / max(time.perf_counter() - t0, 1e-9)
+    r = summarize({k: torch.cat(v) for k, v in outs.items()}, {k: torch.cat(v) for k, v in book.items()}, names)
+    cells = lambda cs: [a for c in cs for a in per[c]]
+    r.update(n=n, clean_accuracy=r["per_type"]["clean"], accuracy=_mean(cells(BENCHMARK)),
+             robustbench_accuracy=_mean(cells(BENCHMARK)), per_corruption=per,
+             mean_accuracy_seen=_mean(cells(corruptions.SEEN)), mean_accuracy_unseen=_mean(cells(corruptions.UNSEEN)),
+             robustbench_reference=ROBUSTBENCH_WRN28_10)
     if extra:
-        r["mean_accuracy_extra"] = mean([a for c in EXTRA for a in per[c]])
+        r["mean_accuracy_extra"] = _mean(cells(EXTRA))
     return r, ips
 
 
@@ -464,87 +447,82 @@ def print_one(r):
           f"{r['images_per_s']:,.0f} img/s on {r['device']}")
     if r.get("benchmark"):
         print(f"  clean {_pct(r['clean_accuracy'])}%  CIFAR-10-C mean over 15 x 5: {_pct(r['accuracy'])}% "
-              f"(RobustBench Standard WRN-28-10: {ROBUSTBENCH_WRN28_10}%)  seen types {_pct(r['mean_accuracy_seen'])}%"
-              f"  unseen types {_pct(r['mean_accuracy_unseen'])}%  ECE {_num(r['ece'])}  mCE {_pct(r['mce'])}%" +
+              f"(RobustBench Standard WRN-28-10: {ROBUSTBENCH_WRN28_10}%)  error on the seen types "
+              f"{_pct(r['seen_corruption_error'])}%  on the unseen types {_pct(r['unseen_corruption_error'])}%" +
               (f"  4 extra corruptions {_pct(r['mean_accuracy_extra'])}%" if "mean_accuracy_extra" in r else ""))
-        return
-    ts, ha = r["token_similarity"], r["head_accuracy"]
     mce_txt = f"  mCE {_pct(r['mce'])}%  relative mCE {_pct(r['relative_mce'])}%" if r["baseline"] else ""
-    print(f"  accuracy {_pct(r['accuracy'])}%  top-5 {_pct(r['top5'])}%  NLL {_num(r['nll'])}  ECE {_num(r['ece'])}  "
-          f"clean error {_pct(r['clean_error'])}%  mean corruption error {_pct(r['mean_corruption_error'])}%{mce_txt}")
-    extra = [f"final-layer cos(cls, {k[4:]}) {v:.3f}" for k, v in ts.items() if v is not None]
+    print(f"  {'pooled ' if r.get('benchmark') else ''}accuracy {_pct(r['head_accuracy']['combined'])}%  "
+          f"top-5 {_pct(r['top5'])}%  NLL {_num(r['nll'])}  ECE {_num(r['ece'])}  clean error {_pct(r['clean_error'])}%"
+          f"  mean corruption error {_pct(r['mean_corruption_error'])}%{mce_txt}")
+    extra = [f"final-layer cos(cls, {k[4:]}) {v:.3f}" for k, v in r["token_similarity"].items() if v is not None]
     if r["corruption_accuracy"] is not None:
         extra.append(f"corruption-token type accuracy {_pct(r['corruption_accuracy'])}%")
-    print("  accuracy of each head alone: " + "  ".join(f"{k} {_pct(v)}%" for k, v in ha.items()) +
+    print("  accuracy of each head alone: " + "  ".join(f"{k} {_pct(v)}%" for k, v in r["head_accuracy"].items()) +
           "".join(f"  | {e}" for e in extra))
     print(f"  {'type':<18}{'acc %':>7}{'err %':>7}   error % at severity 1..5")
     for t, a in r["per_type"].items():
         sev = "" if t == "clean" else " ".join(f"{_pct(e, 1):>5}" for e in r["corruption_errors"][t])
         print(f"  {t:<18}{_pct(a, 1):>7}{_pct(_err(a), 1):>7}   {sev}")
-    print(f"  {'all corrupted':<35}" + " ".join(f"{_pct(_err(a), 1):>5}" for a in r["per_severity"].values()))
+    print(f"  {'all corrupted':<32}" + " ".join(f"{_pct(_err(a), 1):>5}" for a in r["per_severity"].values()))
     if r["confusion_matrix"] is not None:
-        print("  corruption-token confusion, rows = true type, columns = predicted (type index as above, 0 = clean)")
+        print("  corruption-token confusion, rows = true type, columns = predicted (type index as in data.TYPES)")
         print("       " + " ".join(f"{j:>5}" for j in range(len(data.TYPES))))
         for i, row in enumerate(r["confusion_matrix"]):
             print(f"  {i:>4} " + " ".join(f"{v:>5}" for v in row))
 
 
 def print_table(results):
-    """One side-by-side table, like the seed's Table 3 (model, distillation, accuracy, ECE, mCE)."""
-    bench = bool(results[0].get("benchmark"))
-    spec = [("model", lambda r: r["model_name"]), ("distill", lambda r: r["distill"] or "-")]
-    spec += ([("clean %", lambda r: _pct(r["clean_accuracy"])), ("C10-C %", lambda r: _pct(r["accuracy"])),
-              ("ECE", lambda r: _num(r["ece"])), ("mCE %", lambda r: _pct(r["mce"])),
-              ("rel mCE %", lambda r: _pct(r["relative_mce"]))] if bench else
-             [("acc %", lambda r: _pct(r["accuracy"])), ("top5 %", lambda r: _pct(r["top5"])),
-              ("NLL", lambda r: _num(r["nll"])), ("ECE", lambda r: _num(r["ece"])),
-              ("clean err %", lambda r: _pct(r["clean_error"])),
-              ("corr err %", lambda r: _pct(r["mean_corruption_error"])), ("mCE %", lambda r: _pct(r["mce"])),
-              ("rel mCE %", lambda r: _pct(r["relative_mce"])), ("type acc %", lambda r: _pct(r["corruption_accuracy"])),
-              ("cos(cls,dist)", lambda r: _num(r["token_similarity"]["cls_dist"], 3)),
-              ("cos(cls,corr)", lambda r: _num(r["token_similarity"]["cls_corr"], 3))])
-    spec.append(("img/s", lambda r: f"{r['images_per_s']:,.0f}"))
-    cols, rows = [c for c, _ in spec], [[f(r) for _, f in spec] for r in results]
-    w = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    print(f"\n{results[0]['split']} split, {results[0]['device']}\n" + "  ".join(c.rjust(w[i]) for i, c in enumerate(cols)))
-    for r, row in zip(results, rows):
-        print("  ".join(v.rjust(w[i]) for i, v in enumerate(row)) + f"  {r['checkpoint']}")
-    if not bench:  # per type error side by side (seed 4.4)
-        print("\nper type error %   " + "  ".join(f"{_label(r):>14}" for r in results))
-        for t in data.TYPES:
-            print(f"{t:<18} " + "  ".join(f"{_pct(_err(r['per_type'][t])):>14}" for r in results))
-        print("accuracy % of each head alone")
-        for h in ("cls", "dist", "cls_corr", "combined"):
-            print(f"{h:<18} " + "  ".join(f"{_pct(r['head_accuracy'].get(h)):>14}" for r in results))
+    """One side-by-side table, like the seed's Table 3 (model, distillation, accuracy, ECE, mCE).
+    A column shows when some result has a value for it: clean % and C10-C % (mean over 15 x 5) for
+    CIFAR-10-C results (--benchmark, standard split), acc % for the mix, seen / unseen corruption
+    errors whenever a CIFAR-10-C result is in the table."""
+    bench = any(r.get("benchmark") for r in results)
+    mix = lambda k: (lambda r: None if r.get("benchmark") else r[k])
+    spec = [("model", "model_name", str), ("distill", "distill", lambda v: v or "-"),
+            ("acc %", mix("accuracy"), _pct), ("clean %", "clean_accuracy", _pct),
+            ("C10-C %", "robustbench_accuracy", _pct), ("top5 %", "top5", _pct), ("NLL", "nll", _num),
+            ("ECE", "ece", _num), ("clean err %", "clean_error", _pct), ("corr err %", "mean_corruption_error", _pct)]
+    if bench:
+        spec += [("seen err %", "seen_corruption_error", _pct), ("unseen err %", "unseen_corruption_error", _pct)]
+    spec += [("mCE %", "mce", _pct), ("rel mCE %", "relative_mce", _pct), ("type acc %", "corruption_accuracy", _pct),
+             ("cos(cls,dist)", lambda r: r["token_similarity"]["cls_dist"], lambda v: _num(v, 3)),
+             ("cos(cls,corr)", lambda r: r["token_similarity"]["cls_corr"], lambda v: _num(v, 3)),
+             ("img/s", "images_per_s", lambda v: f"{v:,.0f}")]
+    cols = [(c, [fmt(k(r) if callable(k) else r.get(k)) for r in results]) for c, k, fmt in spec]
+    cols = [(c, v) for c, v in cols if c in ("mCE %", "img/s") or any(x != "-" for x in v)]
+    w = [max(len(c), *map(len, v)) for c, v in cols]
+    print(f"\n{'/'.join(sorted({r['split'] for r in results}))} split, {results[0]['device']}\n" +
+          "  ".join(c.rjust(wi) for (c, _), wi in zip(cols, w)))
+    for i, r in enumerate(results):
+        print("  ".join(v[i].rjust(wi) for (_, v), wi in zip(cols, w)) + f"  {r['checkpoint']}")
+    print("\nper type error %   " + "  ".join(f"{_label(r):>14}" for r in results))  # seed 4.4
+    for t in dict.fromkeys(t for r in results for t in r["per_type"]):
+        print(f"{t:<18} " + "  ".join(f"{_pct(_err(r['per_type'].get(t))):>14}" for r in results))
+    print("accuracy % of each head alone")
+    for h in ("cls", "dist", "cls_corr", "combined"):
+        print(f"{h:<18} " + "  ".join(f"{_pct(r['head_accuracy'].get(h)):>14}" for r in results))
 
 
 def render_plot(results, f):
-    """Reliability diagram + per-type (or per-corruption) error bars, one colour per result."""
+    """Reliability diagram + per-type error bars (every type of any result), one colour per result."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1, 2]})
     ax1.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    for r in results:
-        cal = r["calibration"]
-        pts = [(c, a) for n, c, a in zip(cal["count"], cal["confidence"], cal["accuracy"]) if n > 0]
-        ax1.plot(*zip(*pts), "o-", label=f"{_label(r)} (ECE {r['ece']:.3f})")
-    ax1.set(xlabel="confidence (top-1 softmax)", ylabel="accuracy", title="reliability (15 bins)", xlim=(0, 1), ylim=(0, 1))
-    ax1.legend(fontsize=8)
-    if results[0].get("benchmark"):
-        names = list(results[0]["per_corruption"])
-        errs = [[1 - sum(r["per_corruption"][c]) / 5 for c in names] for r in results]
-        ax2.set_title("CIFAR-10-C error per corruption (mean over severities)")
-    else:
-        names = data.TYPES
-        errs = [[math.nan if r["per_type"][t] is None else 1 - r["per_type"][t] for t in names] for r in results]
-        ax2.set_title(f"error per image type ({results[0]['split']} split)")
+    names = list(dict.fromkeys(t for r in results for t in r["per_type"]))
     width = 0.8 / len(results)
-    for j, (r, e) in enumerate(zip(results, errs)):
-        ax2.bar(np.arange(len(names)) + (j - (len(results) - 1) / 2) * width, e, width, label=_label(r))
+    for j, r in enumerate(results):
+        cal = r["calibration"]
+        ax1.plot(*zip(*[(c, a) for n, c, a in zip(cal["count"], cal["confidence"], cal["accuracy"]) if n > 0]),
+                 "o-", label=f"{_label(r)} (ECE {r['ece']:.3f})")
+        errs = [math.nan if r["per_type"].get(t) is None else 1 - r["per_type"][t] for t in names]
+        ax2.bar(np.arange(len(names)) + (j - (len(results) - 1) / 2) * width, errs, width, label=_label(r))
+    ax1.set(xlabel="confidence (top-1 softmax)", ylabel="accuracy", title="reliability (15 bins)", xlim=(0, 1), ylim=(0, 1))
+    ax2.set(ylabel="error", title=f"error per image type ({'/'.join(sorted({r['split'] for r in results}))})")
     ax2.set_xticks(np.arange(len(names)), names, rotation=45, ha="right", fontsize=8)
-    ax2.set_ylabel("error")
-    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
@@ -618,18 +596,20 @@ def evaluate(args):
         jobs.append(({"checkpoint": args.teacher, "model_name": "deit3_small", "model_args": head.get("teacher_args", {}),
                       "distill": None, "dataset": None, "epoch": None, "data_args": dict(head["data_args"])}, head))
     base = load_baseline(args.baseline) if args.baseline else None
-    for r, _ in jobs:
+    for r, obj in jobs:
         if args.data_dir:
             r["data_args"]["root"] = args.data_dir
+        # a standard-split student's test set is CIFAR-10-C itself: the benchmark's images and code
+        standard = r["data_args"].get("split") == "standard" and args.split == "test" and not isinstance(obj, dict)
         r.update(kind=EVAL_KIND, version=1, split="cifar10c" if args.benchmark else args.split,
-                 benchmark=args.benchmark, device=str(device), baseline=None)
+                 benchmark=args.benchmark or ("cifar10c" if standard else None), device=str(device), baseline=None)
         if base is not None:
             check_baseline(base, r, args.baseline)  # before any work: refuse a baseline on other images
 
     results, mixes = [], {}
     for r, obj in jobs:
-        if args.benchmark:
-            if r["data_args"].get("split") in ("paper", "grouped"):
+        if r["benchmark"]:
+            if r["data_args"].get("split") in ("paper", "grouped"):  # "standard" trains on CIFAR-10 train only
                 print(f"eval.py: warning: {r['checkpoint']} was trained on the {r['data_args']['split']!r} mix, whose "
                       "corrupted images come from CIFAR-10-C itself: these benchmark images are NOT held out",
                       file=sys.stderr)
