@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import corruptions
 import data
 import eval as ev
 from model import create_model
@@ -127,12 +129,18 @@ def test_per_type_and_severity_bookkeeping():
 
 # ----------------------------------------------------------------------------- end to end
 
-def make_ckpt(path, name, root, data_args=DATA_ARGS, seed=0, **extra):
+def make_ckpt(path, name, root, data_args=DATA_ARGS, seed=0, train_on=None, **extra):
+    """A checkpoint in train.py's format; train_on=(images, labels): a few steps on them first, so
+    that predictions (and errors) differ between images instead of one class everywhere."""
     torch.manual_seed(seed)
     net = create_model(name, **TINY)
-    opt = torch.optim.AdamW(net.parameters())
-    net(torch.randn(2, 3, 32, 32)).cls.sum().backward()  # train mode: Logits
-    opt.step()
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3 if train_on else 1e-3)
+    x, y = train_on or (torch.randn(2, 3, 32, 32), None)
+    for i in range(0, len(x), 50) if train_on else [0]:
+        out = net(data.normalize(x[i:i + 50]) if train_on else x)  # train mode: Logits
+        (torch.nn.functional.cross_entropy(out.cls, y[i:i + 50]) if train_on else out.cls.sum()).backward()
+        opt.step()
+        opt.zero_grad()
     ck = {"kind": "cdeit-kit/student", "version": 1, "model_name": name, "model_args": dict(TINY),
           "model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": 1, "step": 1,
           "rng": {"torch": torch.get_rng_state()}, "config": {"model": name, "distill": "hard" if name != "vit" else "none"},
@@ -259,6 +267,63 @@ def test_benchmark_cifar10c(files, tmp_path, capsys):
     with torch.no_grad():
         acc = (nets["deit"](data.normalize(rows)).argmax(-1) == torch.from_numpy(y[80:120])).float().mean()
     assert r["per_corruption"]["fog"][2] == pytest.approx(float(acc))
+
+
+def test_standard_split_checkpoint(files, tmp_path, capsys):
+    """A checkpoint trained on the standard split (issue 7) is tested, by default, on clean CIFAR-10
+    test + the real CIFAR-10-C files, 15 x 5, with seen and unseen corruption errors apart."""
+    d, paths, _ = files
+    root = tmp_path / "data"  # 30 test images -> 150 rows per CIFAR-10-C file
+    data.write_synthetic(root, train_per_class=25, test_per_class=3, seed=2)
+    std = tmp_path / "std.pt"
+    cifar = data.read_cifar10(root)
+    train = (torch.from_numpy(cifar["train_images"]).permute(0, 3, 1, 2).repeat(2, 1, 1, 1),
+             torch.from_numpy(cifar["train_labels"]).repeat(2))
+    net = make_ckpt(std, "cdeit", root, data_args=dict(DATA_ARGS, split="standard"), seed=7, train_on=train)
+    out = tmp_path / "std.json"
+    assert ev.main([str(std), "--json", str(out), "--device", "cpu"]) == 0
+    cap = capsys.readouterr()
+    assert "NOT held out" not in cap.err and "unseen" in cap.out
+    r = json.loads(out.read_text())
+    for k in KEYS + ["seen_corruption_error", "unseen_corruption_error", "robustbench_accuracy", "per_corruption"]:
+        assert k in r, k
+    assert r["split"] == "test" and r["benchmark"] == "cifar10c" and r["n"] == 30
+    assert list(r["per_corruption"]) == corruptions.CORRUPTIONS and list(r["corruption_errors"]) == corruptions.CORRUPTIONS
+
+    # every cell recomputed here from the files, with the model's own eval forward
+    y = torch.from_numpy(cifar["test_labels"])
+    predict = lambda x: net(data.normalize(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2))).argmax(-1)
+    with torch.no_grad():
+        clean_err = float((predict(cifar["test_images"]) != y).double().mean())
+        err = {c: (predict(data.read_cifar10c(root, c)[0]) != y.repeat(5)).view(5, -1).double().mean(1).tolist()
+               for c in corruptions.CORRUPTIONS}
+    for c in corruptions.CORRUPTIONS:
+        assert r["corruption_errors"][c] == pytest.approx(err[c], abs=1e-12), c
+        assert r["per_corruption"][c] == pytest.approx([1 - e for e in err[c]], abs=1e-12), c
+    assert len({round(sum(e), 6) for e in err.values()}) > 5  # the errors differ: subsets give other means
+    mean_err = lambda cs: sum(sum(err[c]) / 5 for c in cs) / len(cs)
+    assert len(corruptions.SEEN) == 10 and len(corruptions.UNSEEN) == 5
+    assert r["seen_corruption_error"] == pytest.approx(mean_err(corruptions.SEEN), abs=1e-12)
+    assert r["unseen_corruption_error"] == pytest.approx(mean_err(corruptions.UNSEEN), abs=1e-12)
+    assert r["mean_corruption_error"] == pytest.approx(mean_err(corruptions.CORRUPTIONS), abs=1e-12)
+    assert r["robustbench_accuracy"] == pytest.approx(1 - mean_err(corruptions.CORRUPTIONS), abs=1e-12)
+    assert r["accuracy"] == r["robustbench_accuracy"] and r["clean_error"] == pytest.approx(clean_err, abs=1e-12)
+    assert r["per_severity"] == pytest.approx(
+        {str(s + 1): 1 - sum(err[c][s] for c in corruptions.CORRUPTIONS) / 15 for s in range(5)}, abs=1e-12)
+    # the corruption token is scored on clean + seen images only (it has no class for the unseen 5)
+    assert sum(map(sum, r["confusion_matrix"])) == 30 * (1 + 10 * 5)
+
+    # side by side with a paper-split checkpoint: seen / unseen columns, per-type rows of both
+    assert ev.main([str(std), str(paths["vit"]), "--device", "cpu"]) == 0
+    so = capsys.readouterr().out
+    assert "seen err %" in so and "unseen err %" in so and "C10-C %" in so and "acc %" in so
+    assert "impulse_noise" in so and "jpeg_compression" in so
+    # --split val: the standard split's val rows from build_mix (fixed corruption draw), not CIFAR-10-C
+    if "standard" in getattr(data, "SPLITS", ()):
+        assert ev.main([str(std), "--split", "val", "--json", str(out), "--device", "cpu"]) == 0
+        v = json.loads(out.read_text())
+        assert v["split"] == "val" and v["benchmark"] is None and v["n"] == 10 * DATA_ARGS["val_per_class"]
+        assert v["unseen_corruption_error"] is None and "per_corruption" not in v
 
 
 # ----------------------------------------------------------------------------- bad input
