@@ -117,7 +117,10 @@ def mean_corruption_error(per_type, names=CORRUPTIONS):
     return sum(errs) / len(errs) if errs else None
 
 
-def _ce_ratios(errors, baseline_errors, clean=0.0, baseline_clean=0.0):
+def mce(errors, baseline_errors, clean=0.0, baseline_clean=0.0):
+    """Hendrycks & Dietterich, seed Eq. 10: CE_c = sum_s E_sc / sum_s E^base_sc, mCE = mean_c CE_c.
+    errors: {corruption: [E_1..E_5]}; severities missing on either side are left out of both sums.
+    Returned as a fraction (x100 for the percentages the literature prints)."""
     ratios = []
     for c, e in errors.items():
         if c not in baseline_errors:
@@ -128,17 +131,10 @@ def _ce_ratios(errors, baseline_errors, clean=0.0, baseline_clean=0.0):
     return sum(ratios) / len(ratios) if ratios else math.nan
 
 
-def mce(errors, baseline_errors):
-    """Hendrycks & Dietterich, seed Eq. 10: CE_c = sum_s E_sc / sum_s E^base_sc, mCE = mean_c CE_c.
-    errors: {corruption: [E_1..E_5]}; severities missing on either side are left out of both sums.
-    Returned as a fraction (x100 for the percentages the literature prints)."""
-    return _ce_ratios(errors, baseline_errors)
-
-
 def relative_mce(errors, clean_error, baseline_errors, baseline_clean_error):
     """Relative mCE: the same ratio after subtracting each model's own clean error from every E_sc
     (how much a model degrades under corruption, relative to the baseline's degradation)."""
-    return _ce_ratios(errors, baseline_errors, clean_error, baseline_clean_error)
+    return mce(errors, baseline_errors, clean_error, baseline_clean_error)
 
 
 def confusion_matrix(pred, target, n):
@@ -163,9 +159,8 @@ def _load(path, what, kind, fields):
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):  # a pickle that asks for code: never run it
             m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            detail = f" (it asks for {m.group(1)})" if m else ""
-            raise EvalError(f"{path}: refused by the weights_only loader{detail}: a tampered or "
-                            f"foreign pickle, not a {what}") from None
+            raise EvalError(f"{path}: refused by the weights_only loader{m and f' (it asks for {m.group(1)})' or ''}"
+                            f": a tampered or foreign pickle, not a {what}") from None
         raise EvalError(f"{path}: not a torch {what} ({_first_line(e)})") from None
     except Exception as e:  # truncated zip, not a zip, bad records, ...
         raise EvalError(f"{path}: unreadable {what}, truncated or not a torch file ({_first_line(e)})") from None
@@ -219,14 +214,6 @@ def load_head(path):
     return ck
 
 
-def _eval_identity(res):
-    """What must match between a run and its --baseline: the images evaluated, not the file paths."""
-    if res.get("benchmark"):
-        return {"benchmark": res["benchmark"]}
-    da = {k: v for k, v in (res.get("data_args") or {}).items() if k != "root"}
-    return {"split": res.get("split"), "data_args": da}
-
-
 def load_baseline(path):
     if not os.path.isfile(path):
         raise EvalError(f"{path}: baseline JSON not found")
@@ -247,7 +234,10 @@ def load_baseline(path):
 
 
 def check_baseline(base, res, path):
-    a, b = _eval_identity(res), _eval_identity(base)
+    """A run and its --baseline must have seen the same images (the file paths may differ)."""
+    ident = lambda r: ({"benchmark": r["benchmark"]} if r.get("benchmark") else {"split": r.get("split"),
+                       "data_args": {k: v for k, v in (r.get("data_args") or {}).items() if k != "root"}})
+    a, b = ident(res), ident(base)
     if a != b:
         diff = {k: (b.get(k), a.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
         what = "; ".join(f"{k}: baseline {u} vs this run {v}" for k, (u, v) in sorted(diff.items()))
@@ -384,10 +374,6 @@ def add_mce(res, base, base_path):
 
 # ----------------------------------------------------------------------------- 5. CIFAR-10-C benchmark
 
-def _mean(v):
-    return sum(v) / len(v)
-
-
 def run_benchmark(net, root, device, batch_size, extra=False):
     """Hendrycks & Dietterich's protocol: clean CIFAR-10 test + every row of the real files (5
     severities x the test set) of the 15 benchmark corruptions, through run_student file by file,
@@ -413,13 +399,12 @@ def run_benchmark(net, root, device, batch_size, extra=False):
             book["severities"].append(torch.arange(len(x)) // n + (name != "clean"))
     ips = done / max(time.perf_counter() - t0, 1e-9)
     r = summarize({k: torch.cat(v) for k, v in outs.items()}, {k: torch.cat(v) for k, v in book.items()}, names)
-    cells = lambda cs: [a for c in cs for a in per[c]]
-    r.update(n=n, clean_accuracy=r["per_type"]["clean"], accuracy=_mean(cells(BENCHMARK)),
-             robustbench_accuracy=_mean(cells(BENCHMARK)), per_corruption=per,
-             mean_accuracy_seen=_mean(cells(corruptions.SEEN)), mean_accuracy_unseen=_mean(cells(corruptions.UNSEEN)),
-             robustbench_reference=ROBUSTBENCH_WRN28_10)
+    cells = lambda cs: float(np.mean([per[c] for c in cs]))  # equal-sized cells: the pooled accuracy too
+    r.update(n=n, clean_accuracy=r["per_type"]["clean"], accuracy=cells(BENCHMARK),
+             robustbench_accuracy=cells(BENCHMARK), per_corruption=per, mean_accuracy_seen=cells(corruptions.SEEN),
+             mean_accuracy_unseen=cells(corruptions.UNSEEN), robustbench_reference=ROBUSTBENCH_WRN28_10)
     if extra:
-        r["mean_accuracy_extra"] = _mean(cells(EXTRA))
+        r["mean_accuracy_extra"] = cells(EXTRA)
     return r, ips
 
 
@@ -556,10 +541,8 @@ def _stage(path, write):
 # ----------------------------------------------------------------------------- command line
 
 def _device(name):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
+        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
         raise EvalError(f"--device {name}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
