@@ -9,10 +9,11 @@ A checkpoint trained with --split standard (CIFAR-10 train images, corrupted on 
 tested on that protocol by default: clean CIFAR-10 test + the real CIFAR-10-C files, with the errors
 on the seed's 10 training corruptions (seen) and on the 5 others (unseen) reported separately.
 
-Top to bottom: 1. pure metric functions (seed 3.5; each tested on hand-computed values),
-2. loading checkpoints, teacher heads and baseline JSONs (one clear line on any bad file),
-3. running a model over a split, batched on the device (bf16 autocast on CUDA),
-4. the metrics of one run, 5. the CIFAR-10-C benchmark, 6. tables, plot, command line.
+The metric functions themselves live in metrics.py (seed 3.5; each tested on hand-computed values)
+and are re-exported here. Top to bottom: 1. loading checkpoints, teacher heads and baseline JSONs
+(one clear line on any bad file), 2. running a model over a split, batched on the device (bf16
+autocast on CUDA), 3. the metrics of one run, 4. the CIFAR-10-C benchmark, 5. tables, plot, command
+line.
 
 ECE is Guo et al.'s standard definition over the whole split at once (seed Eq. 8-9). The seed's
 ECEs (~0.0002) are far smaller because one public implementation sums per-batch ECEs and divides by
@@ -38,6 +39,9 @@ import torch.nn.functional as F
 import corruptions
 import data
 import model as model_lib
+from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_from_bins,
+                     expected_calibration_error, mce, mean_corruption_error, mean_or_none, nll,  # noqa: F401
+                     per_severity_accuracy, per_type_accuracy, relative_mce, topk_accuracy)
 
 STUDENT_KIND, HEAD_KIND, EVAL_KIND = "cdeit-kit/student", "cdeit-kit/teacher-head", "cdeit-kit/eval"
 CORRUPTIONS = data.TYPES[1:]  # the seed's 10 corruption types (index 1..10 of the mix)
@@ -50,99 +54,7 @@ class EvalError(RuntimeError):
     """A bad input file or option; the message names the file and the problem."""
 
 
-# ----------------------------------------------------------------------------- 1. metrics
-
-def calibration_bins(confidences, correct, n_bins=15):
-    """Per-bin (count, accuracy, mean confidence) over equal-width bins (lower, upper] of [0, 1].
-
-    A confidence of exactly 1.0 falls in the last bin and one of exactly 0 in the first (bucketize
-    with right=False puts x in bin i when edge[i-1] < x <= edge[i]). Empty bins have acc = conf = 0.
-    """
-    conf = confidences.double().flatten()
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
-    idx = torch.bucketize(conf, edges[1:-1], right=False)  # 0..n_bins-1
-    count = torch.bincount(idx, minlength=n_bins).double()
-    hits = torch.bincount(idx, weights=correct.double().flatten(), minlength=n_bins)
-    confsum = torch.bincount(idx, weights=conf, minlength=n_bins)
-    safe = count.clamp(min=1)
-    return count, hits / safe, confsum / safe
-
-
-def expected_calibration_error(logits, labels, n_bins=15):
-    """Guo et al. 2017, seed Eq. 9: sum_m |B_m|/n |acc(B_m) - conf(B_m)|, top-1 softmax confidence,
-    15 equal-width bins (lower, upper], empty bins skipped, the whole set at once."""
-    probs = logits.double().softmax(-1)  # float64: a 1.0 - 1e-9 confidence stays below the last edge
-    conf, pred = probs.max(-1)
-    return _ece(*calibration_bins(conf, pred == labels, n_bins))
-
-
-def _ece(count, acc, conf):
-    return float(((count / count.sum()) * (acc - conf).abs()).sum())  # empty bins add 0
-
-
-def topk_accuracy(logits, labels, k=1):
-    k = min(k, logits.shape[-1])
-    return float((logits.topk(k, -1).indices == labels[:, None]).any(-1).double().mean())
-
-
-def nll(logits, labels):
-    return float(F.cross_entropy(logits.double(), labels))
-
-
-def _mean_or_none(x):
-    return float(x.double().mean()) if x.numel() else None
-
-
-def per_type_accuracy(correct, types, names=data.TYPES):
-    """{type name: accuracy}; types index names (the mix's 11, seed 3.4 order); None where absent."""
-    return {name: _mean_or_none(correct[types == t]) for t, name in enumerate(names)}
-
-
-def per_severity_accuracy(correct, types, severities):
-    """{"1".."5": accuracy over the corrupted images of that severity} (clean images have severity 0)."""
-    return {str(s): _mean_or_none(correct[(types > 0) & (severities == s)]) for s in range(1, 6)}
-
-
-def corruption_errors(correct, types, severities, names=data.TYPES):
-    """{corruption: [E_1..E_5]}: error rate per corruption and severity (None for an empty cell)."""
-    return {name: [None if (m := (types == t) & (severities == s)).sum() == 0
-                   else 1.0 - float(correct[m].double().mean()) for s in range(1, 6)]
-            for t, name in enumerate(names) if t > 0}
-
-
-def mean_corruption_error(per_type, names=CORRUPTIONS):
-    """Unnormalised mean error over the corruption types `names` present (each weighted equally);
-    with corruptions.SEEN / UNSEEN it gives the seen / unseen errors of the standard protocol."""
-    errs = [1.0 - per_type[c] for c in names if per_type.get(c) is not None]
-    return sum(errs) / len(errs) if errs else None
-
-
-def mce(errors, baseline_errors, clean=0.0, baseline_clean=0.0):
-    """Hendrycks & Dietterich, seed Eq. 10: CE_c = sum_s E_sc / sum_s E^base_sc, mCE = mean_c CE_c.
-    errors: {corruption: [E_1..E_5]}; severities missing on either side are left out of both sums.
-    Returned as a fraction (x100 for the percentages the literature prints)."""
-    ratios = []
-    for c, e in errors.items():
-        if c not in baseline_errors:
-            raise EvalError(f"the baseline has no errors for corruption {c!r}")
-        pairs = [(a, b) for a, b in zip(e, baseline_errors[c]) if a is not None and b is not None]
-        den = sum(b - baseline_clean for _, b in pairs)
-        ratios.append(sum(a - clean for a, _ in pairs) / den if pairs and den != 0 else math.nan)
-    return sum(ratios) / len(ratios) if ratios else math.nan
-
-
-def relative_mce(errors, clean_error, baseline_errors, baseline_clean_error):
-    """Relative mCE: the same ratio after subtracting each model's own clean error from every E_sc
-    (how much a model degrades under corruption, relative to the baseline's degradation)."""
-    return mce(errors, baseline_errors, clean_error, baseline_clean_error)
-
-
-def confusion_matrix(pred, target, n):
-    """(n, n) counts, rows = true index, columns = predicted index."""
-    return torch.bincount(target * n + pred, minlength=n * n).reshape(n, n)
-
-
-# ----------------------------------------------------------------------------- 2. input files
+# ----------------------------------------------------------------------------- 1. input files
 
 def _first_line(e):
     s = str(e).strip()
@@ -244,7 +156,7 @@ def check_baseline(base, res, path):
         raise EvalError(f"{path}: baseline was evaluated on other images ({what})")
 
 
-# ----------------------------------------------------------------------------- 3. running a model
+# ----------------------------------------------------------------------------- 2. running a model
 
 def _autocast(device):
     # bf16 autocast on CUDA (as in training); fp32 on CPU, where bf16 matmuls are slow
@@ -329,7 +241,7 @@ def run_teacher(head, split_name, split, device, batch_size):
     return {"combined": torch.cat(out)}, len(images) / max(_now(device) - t0, 1e-9), head["teacher_path"]
 
 
-# ----------------------------------------------------------------------------- 4. metrics of one run
+# ----------------------------------------------------------------------------- 3. metrics of one run
 
 def summarize(outs, split, names=data.TYPES):
     """All the issue's metrics from run_student/run_teacher outputs and the split's bookkeeping
@@ -340,7 +252,7 @@ def summarize(outs, split, names=data.TYPES):
     per_type = per_type_accuracy(correct, types, names)
     count, acc, conf = calibration_bins(logits.double().softmax(-1).max(-1).values, correct)
     r = {"n": len(y), "accuracy": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5),
-         "nll": nll(logits, y), "ece": _ece(count, acc, conf),
+         "nll": nll(logits, y), "ece": ece_from_bins(count, acc, conf),
          "per_type": per_type, "per_severity": per_severity_accuracy(correct, types, sev),
          "clean_error": _err(per_type["clean"]),
          "mean_corruption_error": mean_corruption_error(per_type, names[1:]),
@@ -357,7 +269,7 @@ def summarize(outs, split, names=data.TYPES):
         true_t = torch.tensor([data.TYPES.index(n) if n in data.TYPES else -1 for n in names])[types]
         keep = true_t >= 0
         pred_t = outs["corr"].argmax(-1)[keep]
-        r["corruption_accuracy"] = _mean_or_none(pred_t == true_t[keep])
+        r["corruption_accuracy"] = mean_or_none(pred_t == true_t[keep])
         r["confusion_matrix"] = confusion_matrix(pred_t, true_t[keep], len(data.TYPES)).tolist()
     for k in ("dist", "corr"):  # seed 4.4: final-layer class token vs the other special tokens
         if f"cos_cls_{k}" in outs:
@@ -366,13 +278,16 @@ def summarize(outs, split, names=data.TYPES):
 
 
 def add_mce(res, base, base_path):
-    res["mce"] = mce(res["corruption_errors"], base["corruption_errors"])
-    res["relative_mce"] = relative_mce(res["corruption_errors"], res["clean_error"],
-                                       base["corruption_errors"], base["clean_error"])
+    try:
+        res["mce"] = mce(res["corruption_errors"], base["corruption_errors"])
+        res["relative_mce"] = relative_mce(res["corruption_errors"], res["clean_error"],
+                                           base["corruption_errors"], base["clean_error"])
+    except ValueError as e:
+        raise EvalError(f"{base_path}: {e}") from None
     res["baseline"] = base_path
 
 
-# ----------------------------------------------------------------------------- 5. CIFAR-10-C benchmark
+# ----------------------------------------------------------------------------- 4. CIFAR-10-C benchmark
 
 def run_benchmark(net, root, device, batch_size, extra=False):
     """Hendrycks & Dietterich's protocol: clean CIFAR-10 test + every row of the real files (5
@@ -408,7 +323,7 @@ def run_benchmark(net, root, device, batch_size, extra=False):
     return r, ips
 
 
-# ----------------------------------------------------------------------------- 6. output
+# ----------------------------------------------------------------------------- 5. output
 
 def _num(v, digits=4, scale=1):
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{scale * v:.{digits}f}"

@@ -104,7 +104,7 @@ def test_mce_hand_example():
     # a severity missing on one side is left out of both sums: a = (0.1+0.2+0.3+0.4) / (0.2+0.3+0.4+0.5)
     holey = {"a": [0.1, 0.2, 0.3, 0.4, None]}
     assert ev.mce(holey, base) == pytest.approx(1.0 / 1.4)
-    with pytest.raises(ev.EvalError):
+    with pytest.raises(ValueError, match="zzz"):
         ev.mce({"zzz": [0.1] * 5}, base)
 
 
@@ -112,17 +112,17 @@ def test_per_type_and_severity_bookkeeping():
     types = torch.tensor([0, 0, 1, 1, 1, 2, 2, 10])
     sev = torch.tensor([0, 0, 1, 1, 3, 5, 5, 2])
     correct = torch.tensor([1, 0, 1, 0, 1, 0, 0, 1], dtype=torch.bool)
-    pt = ev.per_type_accuracy(correct, types)
+    pt = ev.per_type_accuracy(correct, types, data.TYPES)
     assert list(pt) == data.TYPES
     assert pt["clean"] == 0.5 and pt["brightness"] == pytest.approx(2 / 3) and pt["defocus_blur"] == 0.0
     assert pt["jpeg_compression"] == 1.0 and pt["fog"] is None
     # severity s over corrupted images: s1 -> samples 2,3 (1 of 2); s2 -> 7; s3 -> 4; s5 -> 5,6; s4 none
     assert ev.per_severity_accuracy(correct, types, sev) == {"1": 0.5, "2": 1.0, "3": 1.0, "4": None, "5": 0.0}
-    ce = ev.corruption_errors(correct, types, sev)
+    ce = ev.corruption_errors(correct, types, sev, data.TYPES)
     assert list(ce) == data.TYPES[1:]
     assert ce["brightness"] == [0.5, None, 0.0, None, None] and ce["defocus_blur"] == [None] * 4 + [1.0]
     # mean over the corruption types present: brightness 1/3, defocus_blur 1, jpeg 0 -> 4/9
-    assert ev.mean_corruption_error(pt) == pytest.approx(4 / 9)
+    assert ev.mean_corruption_error(pt, data.TYPES[1:]) == pytest.approx(4 / 9)
     cm = ev.confusion_matrix(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3)
     assert cm.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
 

@@ -1,0 +1,104 @@
+"""Metrics of the seed's 3.5 (torch only: copy this file into another project).
+
+Accuracy, NLL, ECE (Guo et al. 2017, seed Eq. 8-9) and mCE (Hendrycks & Dietterich 2019, seed
+Eq. 10), each a pure function over whole-split tensors, each tested on hand-computed values in
+tests/test_eval.py. `names` lists the image types in index order (type 0 = clean), e.g. data.TYPES
+for the seed's 11-type mix or corruptions.TYPE_NAMES for the 16 types of CIFAR-10-C.
+
+ECE is the standard definition, over the whole split at once. The seed's ECEs (~0.0002) come from
+summing per-batch ECEs and dividing by the number of samples; they are not comparable to ours.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def calibration_bins(confidences, correct, n_bins=15):
+    """Per-bin (count, accuracy, mean confidence) over equal-width bins (lower, upper] of [0, 1].
+
+    A confidence of exactly 1.0 falls in the last bin and one of exactly 0 in the first (bucketize
+    with right=False puts x in bin i when edge[i-1] < x <= edge[i]). Empty bins have acc = conf = 0.
+    """
+    conf = confidences.double().flatten()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    idx = torch.bucketize(conf, edges[1:-1], right=False)  # 0..n_bins-1
+    count = torch.bincount(idx, minlength=n_bins).double()
+    hits = torch.bincount(idx, weights=correct.double().flatten(), minlength=n_bins)
+    confsum = torch.bincount(idx, weights=conf, minlength=n_bins)
+    safe = count.clamp(min=1)
+    return count, hits / safe, confsum / safe
+
+
+def expected_calibration_error(logits, labels, n_bins=15):
+    """Guo et al. 2017, seed Eq. 9: sum_m |B_m|/n |acc(B_m) - conf(B_m)|, top-1 softmax confidence,
+    15 equal-width bins (lower, upper], empty bins skipped, the whole set at once."""
+    probs = logits.double().softmax(-1)  # float64: a 1.0 - 1e-9 confidence stays below the last edge
+    conf, pred = probs.max(-1)
+    return ece_from_bins(*calibration_bins(conf, pred == labels, n_bins))
+
+
+def ece_from_bins(count, acc, conf):
+    return float(((count / count.sum()) * (acc - conf).abs()).sum())  # empty bins add 0
+
+
+def topk_accuracy(logits, labels, k=1):
+    k = min(k, logits.shape[-1])
+    return float((logits.topk(k, -1).indices == labels[:, None]).any(-1).double().mean())
+
+
+def nll(logits, labels):
+    return float(F.cross_entropy(logits.double(), labels))
+
+
+def mean_or_none(x):
+    return float(x.double().mean()) if x.numel() else None
+
+
+def per_type_accuracy(correct, types, names):
+    """{type name: accuracy}; types index names (the mix's 11, seed 3.4 order); None where absent."""
+    return {name: mean_or_none(correct[types == t]) for t, name in enumerate(names)}
+
+
+def per_severity_accuracy(correct, types, severities):
+    """{"1".."5": accuracy over the corrupted images of that severity} (clean images have severity 0)."""
+    return {str(s): mean_or_none(correct[(types > 0) & (severities == s)]) for s in range(1, 6)}
+
+
+def corruption_errors(correct, types, severities, names):
+    """{corruption: [E_1..E_5]}: error rate per corruption and severity (None for an empty cell)."""
+    return {name: [None if (m := (types == t) & (severities == s)).sum() == 0
+                   else 1.0 - float(correct[m].double().mean()) for s in range(1, 6)]
+            for t, name in enumerate(names) if t > 0}
+
+
+def mean_corruption_error(per_type, names):
+    """Unnormalised mean error over the corruption types `names` present (each weighted equally);
+    with corruptions.SEEN / UNSEEN it gives the seen / unseen errors of the standard protocol."""
+    errs = [1.0 - per_type[c] for c in names if per_type.get(c) is not None]
+    return sum(errs) / len(errs) if errs else None
+
+
+def mce(errors, baseline_errors, clean=0.0, baseline_clean=0.0):
+    """Hendrycks & Dietterich, seed Eq. 10: CE_c = sum_s E_sc / sum_s E^base_sc, mCE = mean_c CE_c.
+    errors: {corruption: [E_1..E_5]}; severities missing on either side are left out of both sums.
+    Returned as a fraction (x100 for the percentages the literature prints)."""
+    ratios = []
+    for c, e in errors.items():
+        if c not in baseline_errors:
+            raise ValueError(f"the baseline has no errors for corruption {c!r}")
+        pairs = [(a, b) for a, b in zip(e, baseline_errors[c]) if a is not None and b is not None]
+        den = sum(b - baseline_clean for _, b in pairs)
+        ratios.append(sum(a - clean for a, _ in pairs) / den if pairs and den != 0 else math.nan)
+    return sum(ratios) / len(ratios) if ratios else math.nan
+
+
+def relative_mce(errors, clean_error, baseline_errors, baseline_clean_error):
+    """Relative mCE: the same ratio after subtracting each model's own clean error from every E_sc
+    (how much a model degrades under corruption, relative to the baseline's degradation)."""
+    return mce(errors, baseline_errors, clean_error, baseline_clean_error)
+
+
+def confusion_matrix(pred, target, n):
+    """(n, n) counts, rows = true index, columns = predicted index."""
+    return torch.bincount(target * n + pred, minlength=n * n).reshape(n, n)
