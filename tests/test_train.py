@@ -253,3 +253,9 @@ def test_standard_split_resume_is_bit_identical(tmp_path, data_dir):
     a, b = _weights(tmp_path / "a" / "ckpt.pt"), _weights(tmp_path / "b" / "ckpt.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_standard_split_default_val_per_class():
+    assert train.get_args(["--split", "standard"]).val_per_class == 500  # 45,000 / 5,000 of CIFAR-10 train
+    assert train.get_args(["--split", "standard", "--val-per-class", "100"]).val_per_class == 100
+    assert train.get_args([]).val_per_class == 200  # the seed's mix
