@@ -43,3 +43,26 @@ def smoke_run(tmp_path_factory):
     if r.returncode != 0:
         pytest.fail("smoke run failed:\n" + r.stdout[-3000:] + r.stderr[-3000:])
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: on a shared 2-core machine, 2 threads with busy cores make
+    small ops up to 10x slower (OpenMP barriers); one thread is plenty for tiny batches and models."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Kernel outputs start as NaN (Tensor.new_empty is patched), so an element a kernel never writes fails."""
+    real = torch.Tensor.new_empty
+
+    def new_empty(self, *args, **kwargs):
+        t = real(self, *args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
+    assert torch.zeros(1).new_empty(3).isnan().all()  # the poison is live

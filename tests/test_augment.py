@@ -8,14 +8,7 @@ import torch.nn.functional as F
 import augment
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine is shared: with 2 intra-op threads and busy cores, OpenMP barriers make
-    # these small ops 10x slower. One thread is plenty for 64-image batches.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _batch(n=64, seed=0):

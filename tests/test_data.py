@@ -14,14 +14,7 @@ import data
 COUNTS = dict(train_per_class=100, val_per_class=20, test_per_class=20)   # small, multiples of 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine is shared: with 2 intra-op threads and busy cores, OpenMP barriers make
-    # these small ops 10x slower. One thread is plenty for 64-image batches.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

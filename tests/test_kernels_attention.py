@@ -32,16 +32,6 @@ SHAPES = [(1, 1, 1, 32), (2, 3, 17, 64), (2, 3, 66, 32), (1, 3, 67, 64), (3, 1, 
           (1, 2, 197, 64), (1, 1, 197, 32), (2, 1, 64, 64), (1, 1, 33, 128)]
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    real = torch.Tensor.new_empty
-
-    def new_empty(self, *args, **kwargs):
-        t = real(self, *args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
-    assert torch.zeros(1).new_empty(3).isnan().all()  # the poison is live
 
 
 def _inputs(B, H, N, D, dtype, seed=0):
