@@ -1,0 +1,111 @@
+"""Safe files: every write of the project goes through `atomic_write`; shared caches use `locked`.
+
+    atomic_write(path, obj, what="checkpoint")   # str -> text, bytes -> bytes, callable(f) -> custom,
+                                                 # anything else -> torch.save; old file kept on failure
+    with locked(folder, log=print):              # one builder of a shared cache at a time
+        ...
+
+A crash, a kill or a full disk mid-write leaves the previous file as it was and no temp file
+behind (temp file in the same folder, flush + fsync, then rename). An OSError while writing
+(ENOSPC, EIO, EACCES, EROFS, ...) becomes a WriteError whose message is one line: what was being
+written, where, the error and, for a full disk, the free space and the size needed. Needs torch
+only for torch.save of objects.
+"""
+import contextlib
+import errno
+import fcntl
+import hashlib
+import io
+import os
+import tempfile
+import time
+
+
+class WriteError(OSError):
+    """A file could not be written; str(e) is one line for the user. The old file is intact."""
+
+
+def _size(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _payload(obj):
+    """obj -> (bytes or None, writer): serialise in memory first, so a full disk is known by size."""
+    if isinstance(obj, str):
+        return obj.encode(), None
+    if isinstance(obj, (bytes, bytearray)):
+        return bytes(obj), None
+    if callable(obj):
+        return None, obj
+    import torch
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue(), None
+
+
+def atomic_write(path, obj, what="file"):
+    """Write obj to path atomically (see module docstring). Raises WriteError (one line) on OSError."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    data, writer = _payload(obj)
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data) if writer is None else writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise WriteError(_message(e, what, path, folder, data)) from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+def _message(e, what, path, folder, data):
+    msg = f"could not write {what} {path}: {e.strerror or e}"
+    if e.errno == errno.ENOSPC:
+        with contextlib.suppress(OSError):
+            st = os.statvfs(folder)
+            free = st.f_bavail * st.f_frsize
+            need = f", needs {_size(len(data))}" if data is not None else ""
+            msg += f" ({_size(free)} free{need}); the previous file is unchanged, free space and rerun (--resume)"
+            return msg
+    return msg + "; the previous file is unchanged"
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def locked(folder, log=None):
+    """Hold an exclusive lock on <folder>/.lock (flock: released by the OS if the holder dies).
+    A second process waits, saying so once, then continues; it should re-check what the first built."""
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log:
+                log(f"waiting for another process building {folder} ...")
+            t0 = time.time()
+            fcntl.flock(f, fcntl.LOCK_EX)
+            if log:
+                log(f"... it finished after {time.time() - t0:.0f}s")
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
