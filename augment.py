@@ -4,19 +4,18 @@ Every transform is a batch tensor op on the images' device (airbench style: no p
 no DataLoader workers), deterministic given a torch.Generator. Top to bottom:
   1. normalisation with the teacher's statistics (cached per device) and the teacher's 224px
      view (seed 3.4: the teacher sees the un-augmented image, resized, normalised like the student);
-  2. random crop + horizontal flip as one gather;
-  3. RandAugment's ops (seed 3.1: magnitude 9, 2 ops), run batched by sorting the batch by op;
-  4. Augment: crop / flip / RandAugment, normalise, Random Erasing, then Mixup / CutMix.
+  2. random crop + horizontal flip as one gather (ours, opt-in: the seed uses neither);
+  3. torchvision's RandAugment (seed 3.1: 2 ops, magnitude 9 of 31 bins), batched by sorting the
+     batch by op;
+  4. Random Erasing, Mixup / CutMix, and Augment: the whole pipeline in the seed's order.
 
-Which augmentations, and how often (seed 3.1, after DeiT / Touvron et al. 2020): Mixup, CutMix
-and RandAugment augment, Random Erasing regularises. The defaults are seed Table 1's column
-"Ours" (Mixup prob 0.3, Erasing prob 0.25), i.e. Table 4's best row: crop, flip, Mixup and
-Random Erasing on; CutMix off (it "significantly degrades accuracy, even at low application
-probabilities") and RandAugment off (comparable accuracy for ~10% more training time); both
-stay available for the Table 4 ablation.
+The defaults are the seed's recipe (README "Recipe"): Table 1 / Table 4's best row (Mixup p 0.3,
+Random Erasing p 0.25; CutMix and RandAugment off) and, where the thesis is silent, its public
+code (`MyAugments`: torchvision's MixUp / CutMix / RandAugment / RandomErasing with their default
+arguments, called on the whole batch, so each draws one set of parameters per batch).
 
-Depends on torch only, plus numpy for the one Beta draw per batch of Mixup / CutMix (seeded
-from the torch generator); nothing else from this project. data.py re-exports the public names.
+Depends on torch only, plus numpy for the Beta draws of Mixup / CutMix (seeded from the torch
+generator); nothing else from this project. data.py re-exports the public names.
 """
 import math
 
@@ -103,82 +102,181 @@ def crop_flip(images, dy, dx, flip, padding=4, mode="constant"):
     return src.reshape(B, C, -1).gather(2, idx.view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
 
 
+
 # ----------------------------------------------------------------------------------------------
-# 3. RandAugment (seed 3.1: magnitude 9, 2 ops per image)
+# 3. RandAugment: torchvision's RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=31), the
+#    seed's `T.RandAugment()` (seed 3.1). Each op takes x: float (n, C, H, W) holding uint8 values
+#    and v: (n,) float64 signed magnitudes, and repeats torchvision's uint8 arithmetic (float32
+#    math, truncating casts, rounding where it rounds), so it equals v2.functional's op.
 
-def _gray(x):
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])   # PIL's "L" weights
-
-
-def _sharpness(x, f):
-    """PIL ImageEnhance.Sharpness: blend with the SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]] / 13),
-    border pixels kept as PIL does."""
-    blur = x.clone()
-    blur[:, :, 1:-1, 1:-1] = (F.avg_pool2d(x, 3, stride=1) * 9 + 4 * x[:, :, 1:-1, 1:-1]) / 13
-    return (blur + f * (x - blur)).clamp(0, 255)
-
-
-def _affine(x, a, b, c, d, tx, ty):
-    """Per-sample affine warp (output -> input map, normalised coordinates), bilinear, fill 128."""
-    theta = torch.stack([torch.stack([a, b, tx], 1), torch.stack([c, d, ty], 1)], 1)   # (n, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x - 128, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 128
-
-
-def _minmax(x):
-    return x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+def randaug_magnitudes(magnitude, num_bins=31, size=(32, 32)):
+    """{op: (magnitude, signed)} at bin `magnitude`, as torchvision's RandAugment._augmentation_space
+    (its order is the op numbering). At 9 of 31 bins: shear 0.09, translate 4 px of 32, rotate 9
+    degrees, enhance factors 1 +- 0.27, posterize 7 bits, solarize threshold 178.5."""
+    H, W = size
+    lin = lambda hi: float(torch.linspace(0.0, hi, num_bins)[magnitude])   # noqa: E731
+    bits = 8 - (torch.arange(num_bins) / ((num_bins - 1) / 4)).round().int()
+    return {"Identity": (0.0, False), "ShearX": (lin(0.3), True), "ShearY": (lin(0.3), True),
+            "TranslateX": (lin(150.0 / 331.0 * W), True), "TranslateY": (lin(150.0 / 331.0 * H), True),
+            "Rotate": (lin(30.0), True), "Brightness": (lin(0.9), True), "Color": (lin(0.9), True),
+            "Contrast": (lin(0.9), True), "Sharpness": (lin(0.9), True),
+            "Posterize": (float(bits[magnitude]), False),
+            "Solarize": (float(torch.linspace(255.0, 0.0, num_bins)[magnitude]), False),
+            "AutoContrast": (0.0, False), "Equalize": (0.0, False)}
 
 
-# RandAugment ops, timm's "rand" set minus Equalize (a per-image histogram); increasing variants
-# (stronger with m). m = magnitude / 10; s = a random sign per sample, shape (n,). x: float [0,255].
-_one, _zero = torch.ones_like, torch.zeros_like
-RANDAUG_OPS = {
-    "AutoContrast": lambda x, m, s: ((x - _minmax(x)[0]) * 255 / (_minmax(x)[1] - _minmax(x)[0]).clamp(min=1)),
-    "Invert": lambda x, m, s: 255 - x,
-    "Posterize": lambda x, m, s: torch.floor(x / 2 ** int(4 * m)) * 2 ** int(4 * m),   # keeps 8 - int(4m) bits
-    "Solarize": lambda x, m, s: torch.where(x >= 256 - 256 * m, 255 - x, x),
-    "SolarizeAdd": lambda x, m, s: torch.where(x < 128, (x + int(110 * m)).clamp(max=255), x),
-    "Color": lambda x, m, s: (_gray(x) + (1 + 0.9 * m * s).view(-1, 1, 1, 1) * (x - _gray(x))).clamp(0, 255),
-    "Contrast": lambda x, m, s: (_gray(x).mean((2, 3), keepdim=True) + (1 + 0.9 * m * s).view(-1, 1, 1, 1)
-                                 * (x - _gray(x).mean((2, 3), keepdim=True))).clamp(0, 255),
-    "Brightness": lambda x, m, s: (x * (1 + 0.9 * m * s).view(-1, 1, 1, 1)).clamp(0, 255),
-    "Sharpness": lambda x, m, s: _sharpness(x, (1 + 0.9 * m * s).view(-1, 1, 1, 1)),
-    "Rotate": lambda x, m, s: _affine(x, torch.cos(math.radians(30 * m) * s), -torch.sin(math.radians(30 * m) * s),
-                                      torch.sin(math.radians(30 * m) * s), torch.cos(math.radians(30 * m) * s),
-                                      _zero(s), _zero(s)),                               # +-27 degrees at m9
-    "ShearX": lambda x, m, s: _affine(x, _one(s), 0.3 * m * s, _zero(s), _one(s), _zero(s), _zero(s)),
-    "ShearY": lambda x, m, s: _affine(x, _one(s), _zero(s), 0.3 * m * s, _one(s), _zero(s), _zero(s)),
-    "TranslateX": lambda x, m, s: _affine(x, _one(s), _zero(s), _zero(s), _one(s), 0.9 * m * s, _zero(s)),
-    "TranslateY": lambda x, m, s: _affine(x, _one(s), _zero(s), _zero(s), _one(s), _zero(s), 0.9 * m * s),
-}   # translate 0.9 m in normalised units = 45% m of the width, timm's translate_pct 0.45
+def _col(v):   # (n,) -> (n, 1, 1, 1) float32
+    return v.float().view(-1, 1, 1, 1)
 
 
-def _apply_ops(x, k, s, m):
-    """x[i] <- RANDAUG_OPS[k[i]](x[i]) (k[i] == len(ops): unchanged). The batch is sorted by op,
-    each op runs once on its contiguous chunk, the chunks are scattered back: one host sync (the
+def _blend(x, other, f):
+    """torchvision's _blend: f x + (1 - f) other, clamped to [0, 255], truncated to uint8. Its
+    `add_(other, alpha=1 - f)` is one fused multiply-add in float32; float64 reproduces that rounding
+    (the float32 product other * (1 - f) is exact in float64)."""
+    fx = x.mul(_col(f)).double()
+    return fx.add_(other.double() * _col(1.0 - f).double()).float().clamp_(0, 255).floor_()
+
+
+def _gray(x):   # torchvision's rgb_to_grayscale weights, floored for uint8 inputs
+    return x[:, 0:1].mul(0.2989).add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114).floor_()
+
+
+def _sharpness(x, v):
+    """adjust_sharpness: blend with the 3x3 smoothing kernel (1s around a 5, /13), blur rounded,
+    the one-pixel border kept."""
+    k = torch.full((3, 3), 1.0 / 13.0, device=x.device)
+    k[1, 1] = 5.0 / 13.0
+    blur = F.conv2d(x, k.expand(x.shape[1], 1, 3, 3), groups=x.shape[1]).round_()
+    out = x.clone()
+    inner = out[:, :, 1:-1, 1:-1]
+    inner.add_(blur.sub_(inner).mul_(_col(-v)))   # factor 1 + v: inner + (1 - factor) (blur - inner)
+    return out.clamp_(0, 255).floor_()
+
+
+def _autocontrast(x):
+    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    flat = hi == lo
+    inv_scale = (hi - lo).mul_(1.0 / 255)
+    lo, inv_scale = lo.masked_fill(flat, 0.0), inv_scale.masked_fill(flat, 1.0)
+    return (x - lo).div_(inv_scale).clamp_(0, 255).floor_()
+
+
+def _equalize(x):
+    """Per-channel histogram equalisation with PIL's lookup table (as torchvision's equalize)."""
+    n, C, H, W = x.shape
+    flat = x.reshape(n * C, H * W).long()
+    hist = torch.zeros(n * C, 256, dtype=torch.long, device=x.device).scatter_add_(1, flat, torch.ones_like(flat))
+    cum = hist.cumsum(1)
+    top = hist.gather(1, cum.argmax(1, keepdim=True))         # count of the largest value present
+    step = (H * W - top) // 255
+    lut = ((cum[:, :-1] + step // 2) // step.clamp(min=1)).clamp_(0, 255)
+    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut], 1)  # lut[0] = 0
+    out = torch.where(step > 0, lut.gather(1, flat), flat)   # step 0 (one value): unchanged
+    return out.view(n, C, H, W).to(x.dtype)
+
+
+_GRID = {}
+
+
+def _base_grid(H, W, device):
+    """(1, H*W, 3) pixel centres relative to the image centre, homogeneous (torchvision's _affine_grid)."""
+    key = (H, W, str(device))
+    if key not in _GRID:
+        g = torch.empty(1, H, W, 3, device=device)
+        g[..., 0].copy_(torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, steps=W, device=device))
+        g[..., 1].copy_(torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, steps=H, device=device).unsqueeze(-1))
+        g[..., 2].fill_(1)
+        _GRID[key] = g.view(1, H * W, 3)
+    return _GRID[key]
+
+
+def _warp(x, angle, shear_x, shear_y, tx, ty, center):
+    """Per-sample affine_image(NEAREST, fill 0): torchvision's inverse map (_get_inverse_affine_matrix,
+    scale 1) in float64 from per-sample angles / shears in degrees and translations in pixels, about
+    `center` (pixels from the image centre), then its pixel-centre grid and grid_sample."""
+    n, _, H, W = x.shape
+    d2r = math.pi / 180.0
+    rot, sx, sy = angle * d2r, shear_x * d2r, shear_y * d2r
+    cx, cy = center
+    a = torch.cos(rot - sy) / torch.cos(sy)
+    b = -(a * torch.tan(sx) + torch.sin(rot))
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = torch.cos(rot) - c * torch.tan(sx)
+    e = cx - d * (cx + tx) + b * (cy + ty)
+    f = cy + c * (cx + tx) - a * (cy + ty)
+    theta = torch.stack([d, -b, e, -c, a, f], 1).float().view(n, 2, 3)
+    theta = theta.transpose(1, 2).div_(torch.tensor([0.5 * W, 0.5 * H], device=x.device))   # (n, 3, 2)
+    grid = _base_grid(H, W, x.device).expand(n, -1, -1).bmm(theta).view(n, H, W, 2)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def _shear(x, v, axis):   # torchvision: shear = degrees(atan(m)) about the top-left corner
+    z, s = torch.zeros_like(v), torch.atan(v) * (180.0 / math.pi)
+    H, W = x.shape[2:]
+    return _warp(x, z, s if axis == 0 else z, z if axis == 0 else s, z, z, (-0.5 * W, -0.5 * H))
+
+
+def _translate(x, v, axis):   # torchvision: translate by int(m) pixels
+    z, t = torch.zeros_like(v), v.trunc()
+    return _warp(x, z, z, z, t if axis == 0 else z, z if axis == 0 else t, (0.0, 0.0))
+
+
+RANDAUG_OPS = {   # name -> op(x, v), in torchvision's order
+    "Identity": lambda x, v: x,
+    "ShearX": lambda x, v: _shear(x, v, 0),
+    "ShearY": lambda x, v: _shear(x, v, 1),
+    "TranslateX": lambda x, v: _translate(x, v, 0),
+    "TranslateY": lambda x, v: _translate(x, v, 1),
+    "Rotate": lambda x, v: _warp(x, -v.remainder(360.0), *[torch.zeros_like(v)] * 4, (0.0, 0.0)),
+    "Brightness": lambda x, v: x.mul(_col(1.0 + v)).clamp_(0, 255).floor_(),
+    "Color": lambda x, v: _blend(x, _gray(x), 1.0 + v),                                  # saturation
+    "Contrast": lambda x, v: _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), 1.0 + v),
+    "Sharpness": _sharpness,
+    "Posterize": lambda x, v: x.div(_col(2.0 ** (8 - v))).floor_().mul_(_col(2.0 ** (8 - v))),  # keep v bits
+    "Solarize": lambda x, v: torch.where(x >= _col(v), 255 - x, x),
+    "AutoContrast": lambda x, v: _autocontrast(x),
+    "Equalize": lambda x, v: _equalize(x),
+}
+
+
+def _apply_ops(x, k, v):
+    """x[i] <- RANDAUG_OPS[k[i]](x[i], v[i]) (k[i] == len(ops): unchanged). The batch is sorted by
+    op, each op runs once on its contiguous chunk, the chunks are scattered back: one host sync (the
     chunk sizes), no per-image loop, no op computed for samples that did not draw it."""
     fns = list(RANDAUG_OPS.values())
     order = torch.argsort(k, stable=True)
     counts = torch.bincount(k, minlength=len(fns) + 1).tolist()
-    xs, ss = x[order].split(counts), s[order].split(counts)
-    out = [fn(xc, m, sc) if len(xc) else xc for fn, xc, sc in zip(fns, xs, ss)] + [xs[-1]]
+    xs, vs = x[order].split(counts), v[order].split(counts)
+    out = [fn(xc, vc) if len(xc) else xc for fn, xc, vc in zip(fns, xs, vs)] + [xs[-1]]
     return torch.empty_like(x).index_copy_(0, order, torch.cat(out))
 
 
-def _randaugment(x, ops, magnitude, g):
-    """RandAugment (Cubuk et al.; timm rand-m9-n2: `ops` ops per sample drawn uniformly, each
-    applied with p=0.5 and a random sign) on float [0,255] NCHW."""
-    B, dev, n = x.shape[0], x.device, len(RANDAUG_OPS)
-    for _ in range(ops):
-        k = torch.randint(0, n, (B,), generator=g, device=dev)
-        k = torch.where(torch.rand(B, generator=g, device=dev) < 0.5, k, n)   # n: this layer skipped
-        s = torch.where(torch.rand(B, generator=g, device=dev) < 0.5, -1.0, 1.0)
-        x = _apply_ops(x, k, s, magnitude / 10)
-    return x.round_()
+_MAGS = {}
+
+
+def _randaugment(x, num_ops, magnitude, num_bins, prob, per_batch, g):
+    """RandAugment on float NCHW holding uint8 values: each of `num_ops` layers draws an op uniformly
+    over the 14 and, for signed ops, a sign with p 0.5, and applies it (no skip probability). The seed
+    applies RandAugment to a sample with probability `prob` and calls it on the batch, so by default
+    (per_batch) one op and sign per layer serve the whole batch."""
+    B, dev = x.shape[0], x.device
+    key = (magnitude, num_bins, tuple(x.shape[2:]), str(dev))
+    if key not in _MAGS:
+        table = randaug_magnitudes(magnitude, num_bins, x.shape[2:])
+        _MAGS[key] = (torch.tensor([m for m, _ in table.values()], dtype=torch.float64, device=dev),
+                      torch.tensor([s for _, s in table.values()], device=dev))
+    mags, signed = _MAGS[key]
+    n, draws = len(mags), 1 if per_batch else B
+    skip = torch.rand(B, generator=g, device=dev) >= prob
+    for _ in range(num_ops):
+        k = torch.randint(0, n, (draws,), generator=g, device=dev).expand(B)
+        neg = (torch.rand(draws, generator=g, device=dev) < 0.5).expand(B) & signed[k]
+        x = _apply_ops(x, torch.where(skip, n, k), torch.where(neg, -mags[k], mags[k]))
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Random Erasing's noise, and Augment: the whole pipeline (seed Table 1 / Table 4)
+# 4. Random Erasing, Mixup / CutMix, and Augment: the whole pipeline (seed 3.1, Table 1 / Table 4)
 
 _NOISE = {}
 
@@ -195,26 +293,61 @@ def _noise(n, device, g):
     return _NOISE["cpu"][start:start + n]
 
 
-class Augment:
-    """The student's batch augmentation, seed Table 1 / Table 4 best row by default: random crop
-    (zero padding 4, as torchvision's RandomCrop(32, padding=4)), horizontal flip, Random Erasing
-    p=0.25, Mixup alpha 0.8 with p=0.3; RandAugment(n, m) and CutMix available, off.
-    __call__(uint8 NCHW, labels, types, generator) -> (x float32 normalised, y, t): y, t are int64
-    (B,) when no mix fired for this batch, else soft targets (B, num_classes) / (B, num_types) mixed
-    with one lambda (Mixup mixes the type targets like the labels; no smoothing here: the loss's
-    label_smoothing applies on top). Order as timm/DeiT: per-sample transforms, normalise, erase,
-    then the batch mix (pairs each sample with the flipped batch, timm's convention).
-    Deterministic given a torch.Generator on the images' device. Host syncs per batch: one for the
-    mix decision, one for the number of erased samples (and one per RandAugment layer)."""
+def _erase_boxes(n, H, W, scale, ratio, g, device):
+    """n draws of torchvision RandomErasing.get_params: area U(scale) x HW, aspect log-uniform in
+    ratio, h = round(sqrt(area aspect)), w = round(sqrt(area / aspect)), the first of 10 tries with
+    h < H and w < W, top / left uniform over the positions that fit. fits False: no try fitted (a
+    no-op in torchvision)."""
+    u = torch.rand(n, 22, generator=g, device=device)
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, :10])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * u[:, 10:20])
+    h, w = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()
+    ok = (h < H) & (w < W)
+    first = ok.int().argmax(1, keepdim=True)
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+    top = (u[:, 20] * (H - h + 1)).long()             # randint(0, H - h + 1)
+    left = (u[:, 21] * (W - w + 1)).long()
+    return ok.any(1), top, left, h, w
 
-    def __init__(self, num_classes=10, num_types=11, crop_padding=4, flip=True, mixup_alpha=0.8, mixup_prob=0.3,
-                 cutmix_alpha=1.0, cutmix_prob=0.0, erase_prob=0.25, randaug_ops=0, randaug_magnitude=9,
-                 crop_mode="constant"):
-        self.num_classes, self.num_types = num_classes, num_types
+
+class Augment:
+    """The student's batch augmentation; the defaults are the seed's recipe (README "Recipe"):
+    Mixup (alpha 1, p 0.3 per batch) and Random Erasing (p 0.25, torchvision's scale, ratio and
+    fill 0 in pixel space) on; CutMix, RandAugment, crop and flip off.
+    __call__(uint8 NCHW, labels, types, generator) -> (x float32 normalised, y, t): y is int64 (B,)
+    when no mix fired for this batch, else soft targets (B, num_classes); t stays the int64 types
+    (the seed mixes only the labels) unless mix_types. No smoothing here: the loss's
+    label_smoothing applies on top.
+    Order (the seed's `MyAugments`): [crop / flip,] Mixup then CutMix (independent draws, each
+    pairing sample i with sample i-1 as torchvision's MixUp / CutMix), the mixed image cast to
+    uint8 values, RandAugment, Random Erasing, normalise (erase_mode "pixel": timm's per-pixel
+    noise after normalising instead). draw_per "batch" (the seed's code, which calls torchvision's
+    per-image transforms on the whole batch): one RandAugment op sequence and one erasing decision
+    and rectangle per batch; "image": drawn per sample.
+    Deterministic given a torch.Generator on the images' device. Host syncs per batch: one for the
+    mix decision, one for the erased pixels, one per RandAugment layer."""
+
+    def __init__(self, num_classes=10, num_types=11, crop_padding=0, flip=False, crop_mode="constant",
+                 mixup_alpha=1.0, mixup_prob=0.3, cutmix_alpha=1.0, cutmix_prob=0.0, mix_types=False,
+                 randaug_ops=0, randaug_magnitude=9, randaug_bins=31, randaug_prob=1.0,
+                 erase_prob=0.25, erase_mode="zero", erase_scale=(0.02, 0.33), erase_ratio=(0.3, 3.3),
+                 draw_per="batch"):
+        if erase_mode not in ("zero", "pixel"):
+            raise ValueError(f"erase_mode must be 'zero' or 'pixel', got {erase_mode!r}")
+        if draw_per not in ("batch", "image"):
+            raise ValueError(f"draw_per must be 'batch' or 'image', got {draw_per!r}")
+        if randaug_ops and not 0 <= randaug_magnitude < randaug_bins:
+            raise ValueError(f"RandAugment magnitude must be in [0, {randaug_bins - 1}], got {randaug_magnitude}")
+        self.num_classes, self.num_types, self.mix_types = num_classes, num_types, mix_types
         self.crop_padding, self.flip, self.crop_mode = crop_padding, flip, crop_mode
         self.mixup_alpha, self.mixup_prob = mixup_alpha, mixup_prob
         self.cutmix_alpha, self.cutmix_prob = cutmix_alpha, cutmix_prob
-        self.erase_prob, self.randaug_ops, self.randaug_magnitude = erase_prob, randaug_ops, randaug_magnitude
+        self.randaug_ops, self.randaug_magnitude = randaug_ops, randaug_magnitude
+        self.randaug_bins, self.randaug_prob = randaug_bins, randaug_prob
+        self.erase_prob, self.erase_mode = erase_prob, erase_mode
+        self.erase_scale, self.erase_ratio = erase_scale, erase_ratio
+        self.per_batch = draw_per == "batch"
 
     def __call__(self, images, labels, types, generator=None):
         g, dev, B = generator, images.device, images.shape[0]
@@ -225,31 +358,28 @@ class Augment:
             dx = torch.randint(0, 2 * p + 1, (B,), generator=g, device=dev)
             flip = torch.rand(B, generator=g, device=dev) < (0.5 if self.flip else 0.0)
             x = crop_flip(x, dy, dx, flip, p, self.crop_mode)
-        x = x.float()
+        x = x.float() if x.dtype != torch.float32 else x.clone()
+        x, labels, types = self._mix(x, labels, types, g)
         if self.randaug_ops:
-            x = _randaugment(x, self.randaug_ops, self.randaug_magnitude, g)
-        x = _normalize_(x)                 # x is already a fresh float tensor
-        if self.erase_prob:
-            x = self._erase(x, g)
-        return self._mix(x, labels, types, g)
+            x = _randaugment(x, self.randaug_ops, self.randaug_magnitude, self.randaug_bins,
+                             self.randaug_prob, self.per_batch, g)
+        if self.erase_prob and self.erase_mode == "zero":
+            x = self._erase(x, g)            # torchvision RandomErasing(value=0) on the uint8 image
+        x = _normalize_(x)
+        if self.erase_prob and self.erase_mode == "pixel":
+            x = self._erase(x, g)            # timm: N(0, 1) noise in normalised units
+        return x, labels, types
 
     def _erase(self, x, g):
-        """Random Erasing (Zhong et al.; timm's mode='pixel', count 1): per sample with prob p, a
-        rectangle of area U(0.02, 1/3) x HW and log-uniform aspect in (0.3, 1/0.3), first of 10
-        tries that fits, filled with per-pixel N(0, 1) noise in normalised units."""
+        """Random Erasing (Zhong et al.; torchvision's RandomErasing, one rectangle per image with
+        prob erase_prob), filled with 0 ("zero") or per-pixel N(0, 1) noise ("pixel")."""
         B, C, H, W = x.shape
         dev = x.device
-        u = torch.rand(B, 23, generator=g, device=dev)   # one draw: 10 areas, 10 ratios, top, left, apply
-        area = H * W * (0.02 + (1 / 3 - 0.02) * u[:, :10])
-        ratio = torch.exp(math.log(0.3) + 2 * math.log(1 / 0.3) * u[:, 10:20])
-        h = torch.sqrt(area * ratio).round().long()
-        w = torch.sqrt(area / ratio).round().long()
-        ok = (h < H) & (w < W)
-        first = ok.int().argmax(1, keepdim=True)
-        h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
-        top = (u[:, 20] * (H - h + 1)).long()             # randint(0, H - h), inclusive
-        left = (u[:, 21] * (W - w + 1)).long()
-        sel = ((u[:, 22] < self.erase_prob) & ok.any(1)).nonzero()[:, 0]
+        n = 1 if self.per_batch else B
+        ok, top, left, h, w = _erase_boxes(n, H, W, self.erase_scale, self.erase_ratio, g, dev)
+        ok &= torch.rand(n, generator=g, device=dev) < self.erase_prob
+        ok, top, left, h, w = (t.expand(B) for t in (ok, top, left, h, w))
+        sel = ok.nonzero()[:, 0]
         if len(sel):   # write only the erased pixels: enumerate each rectangle's h*w positions
             ws, counts = w[sel], h[sel] * w[sel]
             base = (sel * C * H + top[sel]) * W + left[sel]          # flat index of each top-left
@@ -259,34 +389,45 @@ class Augment:
             flat = base.index_select(0, owner) + pos // w_o * W + pos % w_o                   # channel 0
             flat = (flat[:, None] + torch.arange(C, device=dev) * (H * W)).view(-1)
             x = x.contiguous()
-            x.view(-1).index_copy_(0, flat, _noise(len(flat), dev, g))
+            if self.erase_mode == "zero":
+                x.view(-1).index_fill_(0, flat, 0.0)
+            else:
+                x.view(-1).index_copy_(0, flat, _noise(len(flat), dev, g))
         return x
 
     def _mix(self, x, labels, types, g):
-        """Mixup / CutMix at batch level (timm Mixup mode='batch'): with prob mixup_prob mix the
-        batch with its flip, else with prob cutmix_prob paste a box of the flipped batch."""
-        if not ((self.mixup_prob > 0 and self.mixup_alpha > 0) or (self.cutmix_prob > 0 and self.cutmix_alpha > 0)):
+        """The seed's batch mixing: Mixup with prob mixup_prob, then CutMix with prob cutmix_prob,
+        drawn independently (both may fire), as torchvision's MixUp / CutMix: one Beta(alpha, alpha)
+        lambda per batch, sample i paired with sample i-1 (roll by one), CutMix's box centred
+        uniformly, its lambda the area kept. Mixed pixels are truncated to uint8 values as the seed's
+        cast before RandAugment."""
+        mixup = self.mixup_prob > 0 and self.mixup_alpha > 0
+        cutmix = self.cutmix_prob > 0 and self.cutmix_alpha > 0
+        if not (mixup or cutmix):
             return x, labels, types
         # One host sync per batch: the decision changes the target's type. The draws come from a
         # numpy generator seeded from `g`, so everything stays deterministic given `g`.
         rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=g, device=x.device)))
-        u = rng.random()
-        if u < self.mixup_prob and self.mixup_alpha > 0:
+        fired = []
+        if mixup and rng.random() < self.mixup_prob:
             lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
-            x = x.flip(0).mul_(1 - lam).add_(x, alpha=lam)   # lam x + (1 - lam) x.flip(0)
-        elif u < self.mixup_prob + self.cutmix_prob and self.cutmix_alpha > 0:
+            x = x.roll(1, 0).mul_(1 - lam).add_(x, alpha=lam).floor_()   # lam x + (1 - lam) x[i - 1]
+            fired.append(lam)
+        if cutmix and rng.random() < self.cutmix_prob:
             lam = float(rng.beta(self.cutmix_alpha, self.cutmix_alpha))
             H, W = x.shape[2:]
-            ch, cw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-            cy, cx = int(rng.integers(0, H)), int(rng.integers(0, W))
-            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, H)
-            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, W)
-            x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]   # right side is a copy
-            lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)   # the area actually pasted
-        else:
+            r = 0.5 * math.sqrt(1.0 - lam)
+            rw, rh = int(r * W), int(r * H)
+            cx, cy = int(rng.integers(0, W)), int(rng.integers(0, H))
+            x0, y0, x1, y1 = max(cx - rw, 0), max(cy - rh, 0), min(cx + rw, W), min(cy + rh, H)
+            x[:, :, y0:y1, x0:x1] = x.roll(1, 0)[:, :, y0:y1, x0:x1]   # right side is a copy
+            fired.append(1.0 - (x1 - x0) * (y1 - y0) / (W * H))       # the area actually kept
+        if not fired:
             return x, labels, types
 
         def soft(v, n):
             v = F.one_hot(v, n).float() if v.dim() == 1 else v.float()
-            return v * lam + v.flip(0) * (1 - lam)
-        return x, soft(labels, self.num_classes), soft(types, self.num_types)
+            for lam in fired:
+                v = v.roll(1, 0).mul_(1 - lam).add_(v, alpha=lam)
+            return v
+        return x, soft(labels, self.num_classes), soft(types, self.num_types) if self.mix_types else types
