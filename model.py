@@ -1,14 +1,16 @@
 """Vision transformers for the seed's experiments, from scratch (torch only).
 
 One transformer serves four architectures, picked by name in `create_model`:
-  vit          the seed's baseline student: DeiT-Tiny sizes, one class token (seed 3.2)
+  vit          the seed's baseline student: DeiT-Tiny sizes, one class token, a two-layer MLP head
+               (seed 2.1, 3.2; head="linear" for timm's layout)
   deit         vit + a distillation token and its head (seed 2.3, Touvron et al. 2020)
   cdeit        deit + a corruption token predicting the image type, strategies 1/2/3 (seed 3.3)
   deit3_small  the teacher: DeiT-III Small, LayerScale, patch 16 at 224px (seed 3.2, 4.1)
 
 State-dict keys and layouts follow timm's VisionTransformer, so timm's published DeiT-III file
 loads here unchanged and a trained vit/deit loads into timm's deit_tiny(_distilled)_patch16_224
-built with img_size=32, patch_size=4, num_classes=10. CdeiT's extras (`corr_token`, `head_corr`,
+built with img_size=32, patch_size=4, num_classes=10 (vit with head="linear": timm's DeiT has
+one Linear head where the seed's ViT baseline has an MLP). CdeiT's extras (`corr_token`, `head_corr`,
 `corr_proj`) have names timm does not use.
 
 Forward contract:
@@ -137,6 +139,7 @@ class ViTConfig:
     patch_size: int = 4           # 32/4 -> 64 patches for the students
     in_chans: int = 3
     num_classes: int = 10
+    head: str = "linear"          # class head: "linear" (DeiT, timm) or "mlp": Linear(D, D), GELU, Linear
     embed_dim: int = 192          # DeiT-Tiny D (seed 3.2)
     depth: int = 12
     num_heads: int = 3
@@ -154,7 +157,7 @@ class ViTConfig:
 
 
 MODELS = {
-    "vit": ViTConfig(),
+    "vit": ViTConfig(head="mlp"),   # seed 2.1: the ViT baseline's two-layer MLP head
     "deit": ViTConfig(distilled=True),
     "cdeit": ViTConfig(distilled=True, corruption_token=True),
     "deit3_small": ViTConfig(img_size=224, patch_size=16, num_classes=1000, embed_dim=384,
@@ -167,6 +170,8 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if cfg.strategy not in (1, 2, 3):
             raise ValueError(f"strategy must be 1, 2 or 3, got {cfg.strategy}")
+        if cfg.head not in ("linear", "mlp"):
+            raise ValueError(f"head must be 'linear' or 'mlp', got {cfg.head!r}")
         if cfg.corruption_token and not cfg.distilled:
             raise ValueError("the corruption token needs the distillation token (CdeiT extends DeiT)")
         self.cfg = cfg
@@ -184,7 +189,10 @@ class VisionTransformer(nn.Module):
             Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.init_values, cfg.drop, dpr[i], cfg.fused_attn)
             for i in range(cfg.depth)])
         self.norm = nn.LayerNorm(D, eps=1e-6)
-        self.head = nn.Linear(D, cfg.num_classes)
+        # seed 2.1: ViT's class token feeds a two-layer MLP with a GELU between (hidden width D, as
+        # the seed's code, which used Tanh); DeiT's tokens feed single Linear heads (seed 2.3).
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.head == "linear" else \
+            nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, cfg.num_classes))
         self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.distilled else None
         self.head_corr = nn.Linear(D, cfg.num_types) if cfg.corruption_token else None
         # seed 3.3: strategy 2 projects the corruption logits to class space with one Linear,

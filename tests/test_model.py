@@ -32,8 +32,12 @@ def test_parameter_counts():
     counts = {n: model.count_params(create_model(n)) for n in model.MODELS}
     print("parameter counts:", counts)
     assert counts["deit3_small"] == 22_059_496  # timm's published DeiT-III Small, 1000-way head
-    assert counts["vit"] == sum(p.numel() for p in timm.create_model(
+    timm_vit = sum(p.numel() for p in timm.create_model(
         "deit_tiny_patch16_224", pretrained=False, **STUDENT_KW).parameters())
+    assert model.count_params(create_model("vit", head="linear")) == timm_vit
+    assert counts["vit"] == 5_399_818   # README's table
+    # seed 2.1's MLP head: Linear(192, 192) + GELU + Linear(192, 10) in place of Linear(192, 10)
+    assert counts["vit"] - timm_vit == 192 * 192 + 192
     assert counts["deit"] == sum(p.numel() for p in timm.create_model(
         "deit_tiny_distilled_patch16_224", pretrained=False, **STUDENT_KW).parameters())
     # cdeit = deit + corr_token (192) + its pos_embed row (192) + head_corr (192*11+11)
@@ -65,12 +69,32 @@ def test_teacher_new_head_keeps_backbone(timm_teacher_file):
 @pytest.mark.parametrize("name,timm_name", [("vit", "deit_tiny_patch16_224"),
                                             ("deit", "deit_tiny_distilled_patch16_224")])
 def test_student_loads_into_timm(name, timm_name):
-    ours = _randomize(create_model(name), seed=2).eval()
+    # vit: the linear-head variant is timm's layout; the default MLP head is not (next test)
+    ours = _randomize(create_model(name, **({"head": "linear"} if name == "vit" else {})), seed=2).eval()
     ref = timm.create_model(timm_name, pretrained=False, **STUDENT_KW).eval()
     ref.load_state_dict(ours.state_dict())  # strict: same keys, same shapes
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (ours(x) - ref(x)).abs().max().item() <= 1e-5
+
+
+def test_vit_mlp_head():
+    """seed 2.1: the class token -> Linear(D, D) -> GELU -> Linear(D, classes); deit keeps Linear heads."""
+    m = _randomize(create_model("vit", depth=1), seed=4).eval()
+    lin1, act, lin2 = m.head
+    assert isinstance(act, torch.nn.GELU) and lin1.weight.shape == (192, 192) and lin2.weight.shape == (10, 192)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        cls = m.forward_features(x)[:, 0]
+        want = torch.nn.functional.gelu(cls @ lin1.weight.T + lin1.bias) @ lin2.weight.T + lin2.bias
+        assert torch.allclose(m(x), want, atol=1e-5)
+    assert isinstance(create_model("deit").head, torch.nn.Linear)
+    assert isinstance(create_model("cdeit").head, torch.nn.Linear)
+    ref = timm.create_model("deit_tiny_patch16_224", pretrained=False, **STUDENT_KW)
+    with pytest.raises(RuntimeError, match="head"):
+        ref.load_state_dict(m.state_dict())       # the README: only head="linear" loads into timm
+    with pytest.raises(ValueError, match="head"):
+        create_model("vit", head="tanh")
 
 
 def test_forward_contract():
