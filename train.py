@@ -64,14 +64,28 @@ def get_args(argv=None):
     a("--smoothing", type=float, default=0.1)
     a("--drop-path", type=float, default=0.1)
     a("--drop", type=float, default=0.0)
-    a("--mixup", type=float, default=0.8, help="mixup alpha")
-    a("--mixup-prob", type=float, default=0.3)
-    a("--cutmix", type=float, default=1.0, help="cutmix alpha")
-    a("--cutmix-prob", type=float, default=0.0)
-    a("--erase-prob", type=float, default=0.25)
-    a("--randaug", type=int, default=0, help="RandAugment magnitude with 2 ops; 0 = off")
-    a("--crop-padding", type=int, default=4, help="random-crop padding; 0 = no crop")
-    a("--hflip", action=argparse.BooleanOptionalAction, default=True)
+    # augmentation: the seed's recipe by default (README "Recipe"); crop and flip are ours, opt-in
+    a("--mixup", type=float, default=1.0, help="Mixup alpha (torchvision MixUp's default, the seed's code)")
+    a("--mixup-prob", type=float, default=0.3, help="per batch (seed Table 1)")
+    a("--cutmix", type=float, default=1.0, help="CutMix alpha (torchvision CutMix's default)")
+    a("--cutmix-prob", type=float, default=0.0, help="per batch, drawn after and independently of Mixup")
+    a("--mix-types", action=argparse.BooleanOptionalAction, default=False,
+      help="mix CdeiT's corruption-type targets like the labels (the seed's code mixes labels only)")
+    a("--randaug", type=int, default=0,
+      help="torchvision RandAugment magnitude M of 31 bins, 2 ops (seed Table 4 ablation: 9); 0 = off")
+    a("--randaug-prob", type=float, default=1.0, help="per-sample probability of RandAugment")
+    a("--erase-prob", type=float, default=0.25, help="Random Erasing probability (seed Table 1)")
+    a("--erase-mode", default="zero", choices=["zero", "pixel"],
+      help="zero: torchvision RandomErasing's fill 0 on the image before normalising (the seed's code); "
+           "pixel: timm's per-pixel N(0, 1) noise after normalising")
+    a("--draw-per", default="batch", choices=["batch", "image"],
+      help="RandAugment's ops and Random Erasing's box drawn once per batch (the seed's code calls "
+           "torchvision's transforms on the whole batch) or per image")
+    a("--crop-padding", type=int, default=0, help="random crop with zero padding, e.g. 4 (ours); 0 = none")
+    a("--hflip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flip (ours)")
+    a("--vit-head", default="mlp", choices=["mlp", "linear"],
+      help="the vit baseline's head: mlp (seed 2.1) or linear (loads into timm's DeiT); deit / cdeit "
+           "always use linear heads (seed 2.3)")
     a("--tau", type=float, default=3.0)
     a("--alpha", type=float, default=0.5)
     a("--clip-grad", type=float, default=None, help="max grad norm; off by default")
@@ -123,6 +137,8 @@ def check_args(args, world_size=1):
                          "use --distill hard or soft (or --model vit)")
     if args.batch_size % world_size:
         raise TrainError(f"--batch-size {args.batch_size} is not divisible by {world_size} processes")
+    if not 0 <= args.randaug <= 30:
+        raise TrainError(f"--randaug {args.randaug}: RandAugment's magnitude is a bin in 0..30 (0 = off)")
     if args.epochs < 1 or args.log_interval < 1:
         raise TrainError("--epochs and --log-interval must be >= 1")
 
@@ -328,7 +344,8 @@ def _request_stop(signum, frame):
 
 def build_student(args, device):
     model_args = dict(num_classes=10, num_types=len(data.TYPES), drop_path=args.drop_path, drop=args.drop,
-                      fused_attn=args.fused, **({"strategy": args.strategy} if args.model == "cdeit" else {}))
+                      fused_attn=args.fused, **({"strategy": args.strategy} if args.model == "cdeit" else {}),
+                      **({"head": args.vit_head} if args.model == "vit" else {}))
     model_args.update({k: getattr(args, k) for k in ("depth", "embed_dim", "num_heads") if getattr(args, k)})
     torch.manual_seed(args.seed)  # same initial weights on every rank
     return create_model(args.model, **model_args).to(device), model_args
@@ -348,8 +365,10 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
                                seed=args.seed, rank=rank, world_size=world)
     augment = data.Augment(num_classes=10, num_types=len(data.TYPES), crop_padding=args.crop_padding,
                            flip=args.hflip, mixup_alpha=args.mixup, mixup_prob=args.mixup_prob,
-                           cutmix_alpha=args.cutmix, cutmix_prob=args.cutmix_prob, erase_prob=args.erase_prob,
-                           randaug_ops=2 if args.randaug else 0, randaug_magnitude=args.randaug)
+                           cutmix_alpha=args.cutmix, cutmix_prob=args.cutmix_prob, mix_types=args.mix_types,
+                           randaug_ops=2 if args.randaug else 0, randaug_magnitude=args.randaug,
+                           randaug_prob=args.randaug_prob, erase_prob=args.erase_prob,
+                           erase_mode=args.erase_mode, draw_per=args.draw_per)
     gen = torch.Generator(device=device)
     # --split standard: the per-rank generator of the fresh corruptions (saved with the others)
     cgen = torch.Generator(device=device) if args.split == "standard" else None
