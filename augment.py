@@ -131,8 +131,9 @@ def _col(v):   # (n,) -> (n, 1, 1, 1) float32
 
 def _blend(x, other, f):
     """torchvision's _blend: f x + (1 - f) other, clamped to [0, 255], truncated to uint8. Its
-    `add_(other, alpha=1 - f)` is one fused multiply-add in float32; float64 reproduces that rounding
-    (the float32 product other * (1 - f) is exact in float64)."""
+    `add_(other, alpha=1 - f)` rounds once (a fused multiply-add on CPU); float64, where the product
+    of two float32 values is exact, rounds the same (separate float32 ops were off by one level on
+    ~0.3% of Color's pixels)."""
     fx = x.mul(_col(f)).double()
     return fx.add_(other.double() * _col(1.0 - f).double()).float().clamp_(0, 255).floor_()
 
@@ -171,7 +172,7 @@ def _equalize(x):
     step = (H * W - top) // 255
     lut = ((cum[:, :-1] + step // 2) // step.clamp(min=1)).clamp_(0, 255)
     lut = torch.cat([torch.zeros_like(lut[:, :1]), lut], 1)  # lut[0] = 0
-    out = torch.where(step > 0, lut.gather(1, flat), flat)   # step 0 (one value): unchanged
+    out = torch.where(step > 0, lut.gather(1, flat), flat)   # step 0 (< 255 pixels off the top value): unchanged
     return out.view(n, C, H, W).to(x.dtype)
 
 
@@ -179,14 +180,15 @@ _GRID = {}
 
 
 def _base_grid(H, W, device):
-    """(1, H*W, 3) pixel centres relative to the image centre, homogeneous (torchvision's _affine_grid)."""
+    """(1, H*W, 3) pixel centres relative to the image centre, homogeneous (torchvision's _affine_grid),
+    and the (2,) half sizes that map pixels to grid_sample's [-1, 1]; made once per size and device."""
     key = (H, W, str(device))
     if key not in _GRID:
         g = torch.empty(1, H, W, 3, device=device)
         g[..., 0].copy_(torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, steps=W, device=device))
         g[..., 1].copy_(torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, steps=H, device=device).unsqueeze(-1))
         g[..., 2].fill_(1)
-        _GRID[key] = g.view(1, H * W, 3)
+        _GRID[key] = g.view(1, H * W, 3), torch.tensor([0.5 * W, 0.5 * H], device=device)
     return _GRID[key]
 
 
@@ -205,8 +207,8 @@ def _warp(x, angle, shear_x, shear_y, tx, ty, center):
     e = cx - d * (cx + tx) + b * (cy + ty)
     f = cy + c * (cx + tx) - a * (cy + ty)
     theta = torch.stack([d, -b, e, -c, a, f], 1).float().view(n, 2, 3)
-    theta = theta.transpose(1, 2).div_(torch.tensor([0.5 * W, 0.5 * H], device=x.device))   # (n, 3, 2)
-    grid = _base_grid(H, W, x.device).expand(n, -1, -1).bmm(theta).view(n, H, W, 2)
+    base, half = _base_grid(H, W, x.device)
+    grid = base.expand(n, -1, -1).bmm(theta.transpose(1, 2).div_(half)).view(n, H, W, 2)   # theta^T: (n, 3, 2)
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
