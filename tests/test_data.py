@@ -259,8 +259,9 @@ def test_mix_cache_keyed_on_file_content_not_mtime(tmp_path):
     data.write_synthetic(r, train_per_class=20, test_per_class=10, seed=0)
     args = dict(train_per_class=5, val_per_class=1, test_per_class=1)
     old = data.build_mix(r, "paper", **args)
-    stamps = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
-              for d, _, fs in os.walk(r) for f in fs if "cache" not in d}
+    stamps = {os.path.join(r, sub, f): os.stat(os.path.join(r, sub, f)).st_mtime_ns
+              for sub in (data.CIFAR_DIR, data.CIFARC_DIR) for f in os.listdir(os.path.join(r, sub))}
+    assert len(stamps) == 7 + 20
     data.write_synthetic(r, train_per_class=20, test_per_class=10, seed=1)
     for p, t in stamps.items():
         os.utime(p, ns=(t, t))
