@@ -179,14 +179,14 @@ def read_features(cache, ident, s, split):
     return c
 
 
-def read_head(cache, ident, dim=None):
+def read_head(cache, ident):
     """The fitted head file, checked: this identity, weight (10, D), bias (10,). Raises CacheError."""
     path = os.path.join(cache, "teacher_head.pt")
     h = read(path, ident, None, ("kind", "weight", "bias", "val_accuracy", "test_accuracy"), "teacher head")
     w, b = h["weight"], h["bias"]
     if h["kind"] != HEAD_KIND or not (torch.is_tensor(w) and torch.is_tensor(b) and w.ndim == 2
-                                      and w.shape[0] == 10 and b.shape == (10,) and dim in (None, w.shape[1])):
-        raise CacheError(f"{path}: not a 10-way teacher head{f' on {dim} features' if dim else ''}")
+                                      and w.shape[0] == 10 and b.shape == (10,)):
+        raise CacheError(f"{path}: not a 10-way teacher head (weight (10, D), bias (10,))")
     return h
 
 

@@ -100,7 +100,7 @@ class _Reduce:
 @pytest.mark.parametrize("payload,needle", [
     (lambda m: _Reduce(os.system, f"touch {m}"), "system"),
     (lambda m: _Reduce(eval, f"open({str(m)!r}, 'w')"), "builtin__.eval"),   # protocol 2: __builtin__
-    (lambda m: _Reduce(__import__("subprocess").Popen, ["touch", str(m)]), ".Popen"),   # protocol 2 writes commands.Popen
+    (lambda m: _Reduce(__import__("subprocess").Popen, ["touch", str(m)]), ".Popen"),  # protocol 2: commands.Popen
     (lambda m: _Reduce(__import__("_codecs").encode, "abc", "rot13"), "only latin1"),
     (lambda m: _Reduce(__import__("_codecs").encode, 7, "latin1"), "only latin1"),
     (lambda m: _Reduce(__import__("_codecs").decode, b"abc", "latin1"), "_codecs.decode"),
