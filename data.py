@@ -20,6 +20,7 @@ Command line: `python data.py --data-dir ./data` downloads what is missing (as d
 import hashlib
 import importlib
 import importlib.util
+import json
 import math
 import os
 import pickle
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 import download as _download
+from fileio import atomic_write, locked
 from augment import MEAN, RANDAUG_OPS, STD, Augment, crop_flip, normalize, teacher_view  # noqa: F401 (re-exported)
 from download import (CIFAR_DIR, CIFAR_FILES, CIFARC_DIR, CORRUPTION_FILES, FILES,  # noqa: F401 (re-exported)
                       TEACHER_FILE, DataError, Remote, download, teacher_path)
@@ -50,12 +52,32 @@ _NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multi
                   ("numpy", "ndarray"), ("numpy", "dtype")}
 
 
+def _latin1_bytes(path):
+    """Python 3 pickles bytes with protocol < 3 as _codecs.encode(str, "latin1") (b"" as bytes()):
+    a file re-saved that way gets these stand-ins, which only turn a str into bytes and run nothing."""
+    def encode(text, encoding=None):
+        if not isinstance(text, str) or str(encoding).lower().replace("-", "") != "latin1":
+            raise DataError(f"refusing to unpickle _codecs.encode({type(text).__name__}, {encoding!r:.20}) in "
+                            f"{path}: only latin1 str -> bytes is allowed")
+        return text.encode("latin1")
+
+    def empty(*args):
+        if args:
+            raise DataError(f"refusing to unpickle bytes() with arguments in {path}: only b'' is allowed")
+        return b""
+    return encode, empty
+
+
 class _SafeUnpickler(pickle.Unpickler):
     def __init__(self, f, path):
         super().__init__(f, encoding="bytes")   # Python 2 str -> bytes
         self.path = path
 
     def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes(self.path)[0]
+        if (module, name) in (("builtins", "bytes"), ("__builtin__", "bytes")):
+            return _latin1_bytes(self.path)[1]
         if (module, name) not in _NUMPY_GLOBALS:
             raise DataError(f"refusing to unpickle {module}.{name} in {self.path}")
         if module.startswith("numpy.core.") and hasattr(np, "_core"):
@@ -137,14 +159,6 @@ def read_cifar10c(root, name, test_labels=None):
 # ----------------------------------------------------------------------------------------------
 # 2. Synthetic files in the exact on-disk formats
 
-def _atomic_write(path, write):
-    # temp file + rename: a reader never sees half a file (no fsync: these are throwaway files)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def write_synthetic(root, train_per_class=250, test_per_class=60, seed=0):
     """Write cifar-10-batches-py/ and CIFAR-10-C/ (19 corruptions + labels.npy) in the real layout,
     small. Class c = a class colour + oriented stripes + noise (a tiny ViT learns it in a minute);
@@ -173,13 +187,14 @@ def write_synthetic(root, train_per_class=250, test_per_class=60, seed=0):
         obj = {b"batch_label": label.encode(), b"labels": [int(v) for v in y],
                b"data": np.ascontiguousarray(x.transpose(0, 3, 1, 2).reshape(len(x), 3072)),
                b"filenames": [f"synthetic_{i}.png".encode() for i in range(len(x))]}
-        _atomic_write(path, lambda f: pickle.dump(obj, f, protocol=4))
+        atomic_write(path, lambda f: pickle.dump(obj, f, protocol=4), what="synthetic CIFAR-10 batch")
 
     for i, (xs, ys) in enumerate(zip(np.array_split(train_x, 5), np.array_split(train_y, 5))):
         batch(os.path.join(d, f"data_batch_{i + 1}"), xs, ys, f"training batch {i + 1} of 5")
     batch(os.path.join(d, "test_batch"), test_x, test_y, "testing batch 1 of 1")
     meta = {b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": len(test_x), b"num_vis": 3072}
-    _atomic_write(os.path.join(d, "batches.meta"), lambda f: pickle.dump(meta, f, protocol=4))
+    atomic_write(os.path.join(d, "batches.meta"), lambda f: pickle.dump(meta, f, protocol=4),
+                 what="synthetic CIFAR-10 meta")
 
     dc = os.path.join(root, CIFARC_DIR)
     os.makedirs(dc, exist_ok=True)
@@ -195,32 +210,128 @@ def write_synthetic(root, train_per_class=250, test_per_class=60, seed=0):
                 img += s * np.roll(bank, s, axis=0)
             np.clip(img, 0, 255, out=img)
             out[(s - 1) * len(test_x):s * len(test_x)] = img
-        _atomic_write(os.path.join(dc, f"{name}.npy"), lambda f: np.save(f, out))
-    _atomic_write(os.path.join(dc, "labels.npy"), lambda f: np.save(f, np.tile(test_y, 5).astype(np.uint8)))
+        atomic_write(os.path.join(dc, f"{name}.npy"), lambda f: np.save(f, out), what="synthetic CIFAR-10-C file")
+    atomic_write(os.path.join(dc, "labels.npy"), lambda f: np.save(f, np.tile(test_y, 5).astype(np.uint8)),
+                 what="synthetic CIFAR-10-C labels")
 
 
 # ----------------------------------------------------------------------------------------------
 # 3. The mixes
 
-def _identity(root, split):
-    """A cheap fingerprint of what the mix reads (file name, size, mtime): a new copy -> a new
-    cache. The standard split reads no CIFAR-10-C file but its val set is made by corruptions.py,
-    so that file's content is part of its fingerprint."""
-    # The version changes whenever the sampling does, so a stale cache is never reused
-    # (v2: the paper split draws train/val/test from one permutation per (type, class)).
-    h = hashlib.sha256(b"mix-v2")
+# The mix version changes whenever the sampling does, so a stale cache is never reused
+# (v2: the paper split draws train/val/test from one permutation per (type, class); v3: files
+# identified by content, the identity stored in the cache and compared on read).
+MIX_VERSION = 3
+_BLOCKS, _BLOCK = 16, 1 << 16   # files_identity reads 16 blocks of 64 KiB per file
+
+
+def files_identity(root, split):
+    """What the mix reads, by content: {file name: "size:digest"}, the digest a sha256 of 16 evenly
+    spaced 64 KiB blocks (first and last included). About 1 MB read per file instead of hashing
+    1.7 GB; a rewritten file changes it whatever its mtime, and a copied data folder keeps its
+    caches. The standard split reads no CIFAR-10-C file, but corruptions.py makes its val set, so
+    that file is hashed whole."""
+    out = {}
     paths = [os.path.join(_sub(root, CIFAR_DIR), f) for f in CIFAR_FILES[:6]]
     if split == "standard":
         spec = importlib.util.find_spec("corruptions")
         if spec and spec.origin and os.path.isfile(spec.origin):
             with open(spec.origin, "rb") as f:
-                h.update(hashlib.sha256(f.read()).digest())
+                out["corruptions.py"] = hashlib.sha256(f.read()).hexdigest()[:16]
     else:
         paths += [os.path.join(_sub(root, CIFARC_DIR), f"{n}.npy") for n in TYPES[1:] + ["labels"]]
     for p in paths:
-        st = os.stat(p) if os.path.exists(p) else None
-        h.update(f"{os.path.basename(p)}:{st and st.st_size}:{st and st.st_mtime_ns};".encode())
-    return h.hexdigest()[:12]
+        if not os.path.isfile(p):
+            out[os.path.basename(p)] = "missing"
+            continue
+        h, size = hashlib.sha256(), os.path.getsize(p)
+        with open(p, "rb") as f:
+            for k in range(_BLOCKS):
+                f.seek(max(0, size - _BLOCK) * k // (_BLOCKS - 1))
+                h.update(f.read(_BLOCK))
+        out[os.path.basename(p)] = f"{size}:{h.hexdigest()[:16]}"
+    return out
+
+
+def _counts(split, train_per_class, val_per_class, test_per_class):
+    """Per-class (train, val, test) counts as build_mix uses them (val default; test 0 for standard)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if val_per_class is None:
+        val_per_class = 500 if split == "standard" else 200
+    counts = (int(train_per_class), int(val_per_class), 0 if split == "standard" else int(test_per_class))
+    if min(counts) < 0 or (split == "grouped" and any(c % 5 for c in counts)):
+        raise ValueError(f"per-class counts {counts} must be >= 0 (and multiples of 5 for 'grouped')")
+    return counts
+
+
+def mix_identity(root, split="paper", seed=0, train_per_class=4500, val_per_class=None, test_per_class=200):
+    """Everything a mix depends on (build_mix's arguments and defaults): stored in its cache and in
+    the teacher cache's identity, and compared when either is read."""
+    counts = _counts(split, train_per_class, val_per_class, test_per_class)
+    return {"kind": "cdeit-kit/mix", "version": MIX_VERSION, "split": split, "seed": int(seed),
+            "counts": list(counts), "files": files_identity(root, split)}
+
+
+def digest(obj):
+    """sha256 of a JSON-able identity (sorted keys): the short tag in cache file and folder names."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def mix_digest(mix):
+    """{split: sha256 of its labels, types, severities, sources and a strided sample of ~4,096 image
+    rows}: what a teacher cache is checked against. Cheap (a few MB hashed for 495,000 rows)."""
+    out = {}
+    for s in sorted(mix):
+        d, h = mix[s], hashlib.sha256()
+        for k in ("labels", "types", "severities", "sources"):
+            h.update(k.encode() + str(tuple(d[k].shape)).encode())
+            h.update(d[k].to(torch.int64).contiguous().numpy().tobytes())
+        img = d["images"]
+        h.update(str(tuple(img.shape)).encode() + img[::max(1, len(img) // 4096)].contiguous().numpy().tobytes())
+        out[s] = h.hexdigest()
+    return out
+
+
+def _check_mix(mix):
+    """Why a loaded mix is unusable (one line), or None: its splits, fields, dtypes and shapes."""
+    if not isinstance(mix, dict) or sorted(mix) != ["test", "train", "val"]:
+        return "not a mix (expected the splits train, val, test)"
+    keys = ("images", "labels", "types", "severities", "sources")
+    for s, d in mix.items():
+        if not isinstance(d, dict) or any(not torch.is_tensor(d.get(k)) for k in keys):
+            return f"split {s} lacks one of {keys}"
+        n, img = len(d["labels"]), d["images"]
+        if img.dtype != torch.uint8 or tuple(img.shape) != (n, 3, 32, 32):
+            return f"split {s}: images {img.dtype} {tuple(img.shape)}, expected uint8 ({n}, 3, 32, 32)"
+        if any(d[k].dtype != torch.int64 or tuple(d[k].shape) != (n,) for k in keys[1:]):
+            return f"split {s}: labels/types/severities/sources are not {n} int64 values each"
+        if n and (d["labels"].min() < 0 or d["labels"].max() > 9 or d["types"].min() < 0
+                  or d["types"].max() >= len(TYPES)):
+            return f"split {s}: labels or types out of range"
+    return None
+
+
+def _read_mix_cache(path, ident, quiet=False):
+    """The cached mix if the file loads, holds this identity and is well formed; else None, the
+    reason printed on one line (a damaged or foreign cache is rebuilt, never trusted)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        c = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        why = f"unreadable ({type(e).__name__}: {msg[:200]})"
+    else:
+        if not isinstance(c, dict) or c.get("identity") != ident:
+            why = "built from other files or settings"
+        else:
+            why = _check_mix(c.get("mix"))
+            if why is None:
+                return c["mix"]
+    if not quiet:
+        print(f"data: rebuilding the mix cache {path}: {why}", file=sys.stderr)
+    return None
 
 
 TEST_SOURCE = 50000   # source id of CIFAR-10 test image j is 50000 + j, whatever the file sizes
@@ -264,32 +375,29 @@ def build_mix(root, split="paper", seed=0, train_per_class=4500, val_per_class=N
     derives from a CIFAR-10 test image.
 
     val_per_class defaults to 200 (paper, grouped) or 500 (standard). The result is cached in
-    cache_dir (default <root>/cache; False disables) per split, seed, counts and a fingerprint of
-    the files; loaded with torch.load(weights_only=True)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if val_per_class is None:
-        val_per_class = 500 if split == "standard" else 200
-    counts = (int(train_per_class), int(val_per_class), 0 if split == "standard" else int(test_per_class))
-    if min(counts) < 0 or (split == "grouped" and any(c % 5 for c in counts)):
-        raise ValueError(f"per-class counts {counts} must be >= 0 (and multiples of 5 for 'grouped')")
-    path = None
-    if cache_dir is not False:
-        cache_dir = cache_dir or os.path.join(root, "cache")
-        tag = "-".join(map(str, counts[:2] if split == "standard" else counts))
-        path = os.path.join(cache_dir, f"mix-{split}-s{seed}-{tag}-{_identity(root, split)}.pt")
-        if os.path.exists(path):
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:   # a damaged cache is rebuilt, never trusted
-                print(f"data: ignoring unreadable cache {path} ({e})", file=sys.stderr)
-    mix = _standard_mix(root, seed, counts[:2]) if split == "standard" else _seed_mix(root, split, seed, counts)
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(mix, tmp)
-        os.replace(tmp, path)
+    cache_dir (default <root>/cache; False disables), keyed by mix_identity (version, split, seed,
+    counts, the files' content), which is stored with it and compared on read: a damaged or
+    foreign cache is rebuilt. One process builds it under a lock while the others wait."""
+    counts = _counts(split, train_per_class, val_per_class, test_per_class)
+    if cache_dir is False:
+        return _build(root, split, seed, counts)
+    cache_dir = cache_dir or os.path.join(root, "cache")
+    ident = mix_identity(root, split, seed, *counts)
+    tag = "-".join(map(str, counts[:2] if split == "standard" else counts))
+    path = os.path.join(cache_dir, f"mix-{split}-s{seed}-{tag}-{digest(ident)[:12]}.pt")
+    mix = _read_mix_cache(path, ident, quiet=True)   # no lock to read: a read-only data folder works
+    if mix is not None:
+        return mix
+    with locked(cache_dir, log=lambda m: print(f"data: {m}", file=sys.stderr)):
+        mix = _read_mix_cache(path, ident)   # built by another process while this one waited?
+        if mix is None:
+            mix = _build(root, split, seed, counts)
+            atomic_write(path, {"identity": ident, "mix": mix}, what="mix cache")
     return mix
+
+
+def _build(root, split, seed, counts):
+    return _standard_mix(root, seed, counts[:2]) if split == "standard" else _seed_mix(root, split, seed, counts)
 
 
 def _seed_mix(root, split, seed, counts):

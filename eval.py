@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import corruptions
 import data
 import model as model_lib
+import teacher as teacher_lib
 from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_from_bins,
                      expected_calibration_error, mce, mean_corruption_error, mean_or_none, nll,  # noqa: F401
                      per_severity_accuracy, per_type_accuracy, relative_mce, topk_accuracy)
@@ -123,7 +124,26 @@ def load_head(path):
     w, b = ck["weight"], ck["bias"]
     if not (torch.is_tensor(w) and torch.is_tensor(b) and w.ndim == 2 and b.shape == (w.shape[0],)):
         raise EvalError(f"{path}: weight/bias must be (C, D) and (C,) tensors")
+    ident = ck.get("identity")
+    if not (isinstance(ident, dict) and isinstance(ident.get("mix"), dict) and "content" in ident["mix"]):
+        raise EvalError(f"{path}: teacher head without a cache identity (an older teacher.py wrote it), so it "
+                        "cannot be checked against the data; rerun train.py to rebuild its cache")
     return ck
+
+
+def check_head_mix(head, data_args, split_name, split):
+    """Refuse a teacher head whose cache was built on another mix: the mix identity (version, split,
+    seed, counts, the files' content) and the evaluated split's digest (labels, types, severities,
+    sources, sampled images) must equal what teacher.py stored."""
+    folder = os.path.dirname(os.path.abspath(head["_path"]))
+    stored, now = head["identity"]["mix"], data.mix_identity(**data_args)
+    diff = [k for k in sorted(now) if k != "files" and now[k] != stored.get(k)]
+    diff += [f for f in sorted(now["files"]) if now["files"][f] != (stored.get("files") or {}).get(f)]
+    if not diff and data.mix_digest({split_name: split})[split_name] != stored["content"].get(split_name):
+        diff = [f"the {split_name} split's labels, types, severities, sources or images"]
+    if diff:
+        raise EvalError(f"{folder}: this teacher cache was built for another mix (differs in {', '.join(diff)}); "
+                        "rebuild it with train.py on this data, or pass the --data-dir it was built from")
 
 
 def load_baseline(path):
@@ -213,18 +233,20 @@ def run_teacher(head, split_name, split, device, batch_size):
     the head when they match the split, else DeiT-III on data.teacher_view of the images."""
     path = head["_path"]
     W, b = head["weight"].float(), head["bias"].float()
-    feats = os.path.join(os.path.dirname(os.path.abspath(path)), f"features_{split_name}.pt")
+    folder = os.path.dirname(os.path.abspath(path))
+    feats = os.path.join(folder, f"features_{split_name}.pt")
     if os.path.isfile(feats):
-        try:
-            c = torch.load(feats, map_location="cpu", weights_only=True)
-            f, y = c["features"], c["labels"]
-            if f.shape == (len(split["labels"]), W.shape[1]) and torch.equal(y.long(), split["labels"]):
-                t0 = time.perf_counter()
-                logits = f.float() @ W.T + b
-                return {"combined": logits}, len(logits) / max(time.perf_counter() - t0, 1e-9), feats
-            print(f"eval.py: {feats} does not match the {split_name} split; running the teacher", file=sys.stderr)
-        except Exception as e:  # a damaged cache is recomputed, never trusted
-            print(f"eval.py: ignoring {feats} ({_first_line(e)}); running the teacher", file=sys.stderr)
+        try:  # checked like train.py's reads: identity, labels and sources row for row
+            f = teacher_lib.read_features(folder, head["identity"], split_name, split)["features"]
+            if f.shape[1] != W.shape[1]:
+                raise teacher_lib.CacheError(f"{feats}: {f.shape[1]} features, the head takes {W.shape[1]}")
+            t0 = time.perf_counter()
+            logits = f.float() @ W.T + b
+            return {"combined": logits}, len(logits) / max(time.perf_counter() - t0, 1e-9), feats
+        except teacher_lib.CacheMismatch as e:
+            raise EvalError(str(e)) from None
+        except teacher_lib.CacheError as e:  # a damaged file is recomputed, never trusted
+            print(f"eval.py: ignoring {feats} ({e}); running the teacher", file=sys.stderr)
     try:
         net = model_lib.load_teacher(head["teacher_path"], num_classes=W.shape[0], **head.get("teacher_args", {}))
     except model_lib.ModelFileError as e:
@@ -522,6 +544,7 @@ def evaluate(args):
                     raise EvalError(f"{r['checkpoint']}: data_args {r['data_args']} do not build a mix ({e})") from None
             split = mixes[key]
             if isinstance(obj, dict):
+                check_head_mix(obj, r["data_args"], args.split, split)
                 outs, ips, src = run_teacher(obj, args.split, split, device, args.batch_size)
                 r["teacher_source"] = src
             else:

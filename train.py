@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import fileio
 import losses
 import teacher  # the teacher stage (seed 4.1): cached features, fitted head, logits
 from model import ModelFileError, count_params, create_model, param_groups
-from teacher import atomic_save  # noqa: F401  (train.atomic_save: config, summary and checkpoints)
 
 # --dataset synthetic: what changes when the user did not set it (about 2,000 training images, so
 # the whole pipeline runs in a couple of minutes on a laptop CPU). Data and teacher are fake.
@@ -191,6 +191,11 @@ def log(ctx, *msg):
 
 # ----------------------------------------------------------------------------- files
 
+def atomic_save(obj, path):
+    """config.json, summary.csv and checkpoints through the project's one atomic writer."""
+    fileio.atomic_write(path, obj, what=os.path.basename(path))
+
+
 def prepare_out_dir(args):
     try:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -252,11 +257,13 @@ def prepare_teacher(args, ctx, splits, data_args, path, teacher_args, amp_dtype)
     """teacher.py's cache, built once on rank 0 while the others wait, and shared by runs.
     Returns (info for the checkpoint, train logits on the device or None, live teacher or None)."""
     device = ctx["device"]
-    sha = teacher.sha256_file(path)
-    cache = teacher.cache_dir(path, data_args, args.teacher_resize, sha)
-    on_master_first(ctx, lambda: teacher.build(path, teacher_args, splits, data_args, args.teacher_resize,
-                                               args.head_epochs, args.seed, device, amp_dtype,
-                                               log=lambda *m: log(ctx, *m), sha=sha))
+    sha = fileio.sha256_file(path)
+    # the cache's identity: teacher, mix content, resize, head settings, seed (every rank, the same)
+    ident = teacher.identity(sha, teacher_args, splits, data_args, args.teacher_resize, args.head_epochs,
+                             args.seed, amp_dtype)
+    cache = teacher.cache_dir(data_args["root"], ident)
+    on_master_first(ctx, lambda: teacher.build(path, teacher_args, splits, data_args, ident, device, amp_dtype,
+                                               log=lambda *m: log(ctx, *m)))
     info = {"path": os.path.abspath(path), "sha256": sha, "head": os.path.abspath(os.path.join(cache, "teacher_head.pt"))}
     logits, live = None, None
     if args.split == "standard":
@@ -267,9 +274,9 @@ def prepare_teacher(args, ctx, splits, data_args, path, teacher_args, amp_dtype)
                  "cached; a table per (sample, type, severity) would need 45,000 x 51 teacher passes, "
                  "more than 15 epochs of live ones)")
     elif args.teacher_view == "cached":
-        logits = teacher.load_logits(cache, device)
+        logits = teacher.load_logits(cache, ident, splits["train"], device)  # checked against the mix
     if args.split == "standard" or args.teacher_view == "augmented":
-        live = teacher.live(path, teacher_args, cache, device)
+        live = teacher.live(path, teacher_args, cache, ident, device)
     return info, logits, live
 
 

@@ -75,6 +75,49 @@ def test_read_python2_style_pickle(tmp_path, root):
     assert np.array_equal(xs, x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)) and ys.tolist() == y.tolist()
 
 
+@pytest.mark.parametrize("protocol", [0, 1, 2])
+def test_read_batch_resaved_by_python3_with_old_protocol(root, tmp_path, protocol):
+    """Python 3 writes bytes as _codecs.encode(str, 'latin1') below protocol 3 (b'' as bytes())."""
+    src = os.path.join(root, "cifar-10-batches-py", "data_batch_2")
+    with open(src, "rb") as f:
+        obj = pickle.load(f, encoding="bytes")   # our own file, trusted
+    obj[b"filenames"][0] = b""
+    p = tmp_path / "data_batch_2"
+    p.write_bytes(pickle.dumps(obj, protocol=protocol))
+    assert b"_codecs" in p.read_bytes() and b"bytes" in p.read_bytes()
+    (x0, y0), (x, y) = data._read_batch(src), data._read_batch(str(p))
+    assert x.dtype == x0.dtype and np.array_equal(x, x0) and np.array_equal(y, y0)
+
+
+class _Reduce:
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("payload,needle", [
+    (lambda m: _Reduce(os.system, f"touch {m}"), "system"),
+    (lambda m: _Reduce(eval, f"open({str(m)!r}, 'w')"), "builtin__.eval"),   # protocol 2: __builtin__
+    (lambda m: _Reduce(__import__("subprocess").Popen, ["touch", str(m)]), ".Popen"),  # protocol 2: commands.Popen
+    (lambda m: _Reduce(__import__("_codecs").encode, "abc", "rot13"), "only latin1"),
+    (lambda m: _Reduce(__import__("_codecs").encode, 7, "latin1"), "only latin1"),
+    (lambda m: _Reduce(__import__("_codecs").decode, b"abc", "latin1"), "_codecs.decode"),
+    (lambda m: _Reduce(bytes, 10 ** 10), "bytes() with arguments"),
+    (lambda m: _Reduce(__import__("_codecs").encode, _Reduce(eval, "1"), "latin1"), "builtin__.eval"),
+])
+def test_malicious_pickles_are_refused(tmp_path, payload, needle):
+    marker = tmp_path / "pwned"
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(pickle.dumps({b"labels": [0], b"data": payload(marker)}, protocol=2))
+    with pytest.raises(data.DataError) as e:
+        data._read_batch(str(p))
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg and "refusing" in msg and needle in msg, msg
+    assert not marker.exists()
+
+
 def test_read_cifar10c(root):
     test_y = data.read_cifar10(root)["test_labels"]
     x, y = data.read_cifar10c(root, "fog")
@@ -193,7 +236,7 @@ def test_mix_deterministic_and_cached(root, mixes, tmp_path):
     assert not torch.equal(other["test"]["sources"], mixes["paper"]["test"]["sources"])
     cache = tmp_path / "cache"
     first = data.build_mix(root, "grouped", seed=0, cache_dir=str(cache), **COUNTS)
-    files = os.listdir(cache)
+    files = [f for f in os.listdir(cache) if f != ".lock"]   # .lock: one builder at a time
     assert len(files) == 1 and files[0].startswith("mix-grouped-s0-100-20-20-")
     second = data.build_mix(root, "grouped", seed=0, cache_dir=str(cache), **COUNTS)
     assert all(torch.equal(first[s][k], second[s][k]) for s in first for k in first[s])
@@ -201,6 +244,32 @@ def test_mix_deterministic_and_cached(root, mixes, tmp_path):
     (cache / files[0]).write_bytes(b"damaged")   # a damaged cache is rebuilt, not trusted
     third = data.build_mix(root, "grouped", seed=0, cache_dir=str(cache), **COUNTS)
     assert torch.equal(third["train"]["images"], first["train"]["images"])
+    ident = torch.load(cache / files[0], weights_only=True)["identity"]
+    assert ident == data.mix_identity(root, "grouped", 0, **COUNTS)   # stored with the mix
+    for bad in ({"identity": dict(ident, seed=1), "mix": other},                      # another mix
+                {"identity": ident, "mix": {s: dict(other[s], labels=other[s]["labels"][1:]) for s in other}}):
+        torch.save(bad, cache / files[0])
+        fourth = data.build_mix(root, "grouped", seed=0, cache_dir=str(cache), **COUNTS)
+        assert all(torch.equal(fourth[s][k], first[s][k]) for s in first for k in first[s])
+
+
+def test_mix_cache_keyed_on_file_content_not_mtime(tmp_path):
+    """Files rewritten with other content (same sizes, the old mtimes put back): not the old mix."""
+    r = str(tmp_path / "d")
+    data.write_synthetic(r, train_per_class=20, test_per_class=10, seed=0)
+    args = dict(train_per_class=5, val_per_class=1, test_per_class=1)
+    old = data.build_mix(r, "paper", **args)
+    stamps = {os.path.join(r, sub, f): os.stat(os.path.join(r, sub, f)).st_mtime_ns
+              for sub in (data.CIFAR_DIR, data.CIFARC_DIR) for f in os.listdir(os.path.join(r, sub))}
+    assert len(stamps) == 7 + 20
+    data.write_synthetic(r, train_per_class=20, test_per_class=10, seed=1)
+    for p, t in stamps.items():
+        os.utime(p, ns=(t, t))
+    new = data.build_mix(r, "paper", **args)
+    fresh = data.build_mix(r, "paper", cache_dir=False, **args)
+    assert all(torch.equal(new[s][k], fresh[s][k]) for s in fresh for k in fresh[s])
+    assert not torch.equal(new["train"]["labels"], old["train"]["labels"])
+    assert len([f for f in os.listdir(os.path.join(r, "cache")) if f.startswith("mix-")]) == 2
 
 
 def test_grouped_has_no_source_overlap_and_paper_does(mixes):

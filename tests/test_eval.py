@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 import corruptions
 import data
 import eval as ev
+import teacher as teacher_lib
 from model import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,12 +225,14 @@ def test_teacher_head(files):
     tdir.mkdir()
     save_file(teacher.state_dict(), str(tdir / "model.safetensors"))
     W, b = torch.randn(10, 48), torch.randn(10)
-    head = {"kind": "cdeit-kit/teacher-head", "version": 1, "weight": W, "bias": b,
+    data_args = dict(root=str(d / "data"), **DATA_ARGS)
+    mix = data.build_mix(**data_args)
+    ident = teacher_lib.identity("-", targs, mix, data_args, "bicubic", 0, 0, None)  # the mix it belongs to
+    head = {"kind": "cdeit-kit/teacher-head", "version": 1, "identity": ident, "weight": W, "bias": b,
             "teacher_path": str(tdir / "model.safetensors"), "teacher_sha256": "-", "teacher_args": targs,
-            "data_args": dict(root=str(d / "data"), **DATA_ARGS), "resize": "bicubic",
-            "val_accuracy": 0.0, "test_accuracy": 0.0}
+            "data_args": data_args, "resize": "bicubic", "val_accuracy": 0.0, "test_accuracy": 0.0}
     torch.save(head, tdir / "teacher_head.pt")
-    test = data.build_mix(**head["data_args"])["test"]
+    test = mix["test"]
     with torch.no_grad():
         f = teacher.forward_features(data.teacher_view(test["images"], size=64))[:, 0]
     expect = float(((f @ W.T + b).argmax(-1) == test["labels"]).float().mean())
@@ -240,7 +243,8 @@ def test_teacher_head(files):
     assert r["teacher_source"].endswith("model.safetensors")
     # 2) cached features beside the head (here deliberately different, so the source is visible)
     f2 = torch.randn(len(f), 48).half()
-    torch.save({"features": f2, "labels": test["labels"]}, tdir / "features_test.pt")
+    torch.save({"identity": ident, "features": f2, "labels": test["labels"], "sources": test["sources"]},
+               tdir / "features_test.pt")
     assert ev.main(["--teacher", str(tdir / "teacher_head.pt"), "--json", str(d / "t2.json"), "--device", "cpu"]) == 0
     r2 = json.loads((d / "t2.json").read_text())
     assert r2["teacher_source"].endswith("features_test.pt")
