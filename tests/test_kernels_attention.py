@@ -26,12 +26,11 @@ if DEVICE == "cpu" and not A.INTERPRETED:
 # and P cast to fp16 before the P V and dS K dots, errors ~1e-3 on O(1) values.
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (5e-3, 5e-3)}
 
-# (B, H, N, D): the task's odd sizes, several B*H, ragged N everywhere but 1 and none a block multiple
-# except N=64 (N=66/67: the students at 32px, 197: the teacher at 224px); D=128 once.
-SHAPES = [(1, 1, 1, 32), (2, 3, 17, 64), (2, 3, 66, 32), (1, 3, 67, 64), (3, 1, 67, 32),
-          (1, 2, 197, 64), (1, 1, 197, 32), (2, 1, 64, 64), (1, 1, 33, 128)]
-
-
+# Every sequence length around the kernels' edges (1, 2, a block of 16 and 64 either side, the
+# students' 65-67, the 128-key tile's edge, the teacher's 197), each head size, both CPU dtypes.
+NS = [1, 2, 17, 63, 64, 65, 67, 127, 128, 129, 197]
+DS = [32, 64, 128]
+DTYPES = [torch.float32, torch.float16]
 
 
 def _inputs(B, H, N, D, dtype, seed=0):
@@ -54,10 +53,11 @@ def _close(name, actual, expected, dtype):
     torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}N{}D{}".format(*s))
-def test_attention_matches_sdpa(shape, dtype, poisoned):
-    q, k, v, go = _inputs(*shape, dtype)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("D", DS)
+@pytest.mark.parametrize("N", NS)
+def test_attention_matches_sdpa(N, D, dtype, poisoned):
+    q, k, v, go = _inputs(2, 2, N, D, dtype, seed=N + D)  # B=2, H=2: batch and head offsets both used
     ref = _reference(q, k, v, go)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     o = kernels.attention(q, k, v)
@@ -66,20 +66,45 @@ def test_attention_matches_sdpa(shape, dtype, poisoned):
         _close(name, a, e, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}N{}D{}".format(*s))
-def test_attention_packed_matches_sdpa(shape, dtype, poisoned):
-    B, H, N, D = shape
-    q, k, v, go = _inputs(*shape, dtype, seed=1)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("N", NS)
+def test_attention_packed_matches_sdpa(N, dtype, poisoned):
+    B, H, D = 2, 3, DS[N % 3]  # the model's 3 heads; head sizes cycle over N
+    q, k, v, go = _inputs(B, H, N, D, dtype, seed=1)
     ref = _reference(q, k, v, go)
     qkv = torch.stack([q, k, v], 2).transpose(1, 3).contiguous().requires_grad_()  # (B, N, 3, H, D)
     assert torch.equal(qkv[:, :, 1].transpose(1, 2), k)
     o = kernels.attention_packed(qkv)  # (B, N, H*D)
-    assert o.shape == (B, N, H * D)
+    assert o.shape == (B, N, H * D) and o.is_contiguous()
     (dqkv,) = torch.autograd.grad(o, qkv, go.transpose(1, 2).reshape(B, N, H * D))
+    assert dqkv.shape == qkv.shape and dqkv.is_contiguous()
     _close("o", o.view(B, N, H, D).transpose(1, 2), ref[0], dtype)
     for i, name in enumerate(("dq", "dk", "dv")):
         _close(name, dqkv[:, :, i].transpose(1, 2), ref[1 + i], dtype)
+
+
+def test_many_heads_one_dimensional_grid(poisoned):
+    """The long kernel's 1-D grid (query block fastest) over B*H = 96 heads x 2 blocks, every head
+    checked; the grid stays on axis 0 even at the teacher's largest batches."""
+    B, H, N, D = 32, 3, 129, 32
+    q, k, v, _ = _inputs(B, H, N, D, torch.float16, seed=6)
+    o = kernels.attention(q, k, v)
+    _close("o", o, F.scaled_dot_product_attention(q.double(), k.double(), v.double()), torch.float16)
+    assert A.fwd_grid(B, H, N) == (B * H * 2,)
+    assert A.fwd_grid(1024, 3, 67) == (3072,)  # the students: one program per (batch, head)
+    assert len(A.fwd_grid(65536, 6, 197)) == 1  # 786,432 programs: past axes 1-2's 65,535, on axis 0
+
+
+def test_configs_pruned_and_untimed_in_the_interpreter():
+    """Every (N bucket, D, dtype) keeps a config; the interpreter runs one, so never tunes."""
+    for kernel, configs in A.CONFIGS.items():
+        for bucket in (16, 32, 64, 128):
+            for D in DS:
+                for size in (2, 4):
+                    kept = A.prune(kernel, configs, bucket, D, size)
+                    assert len(kept) == 1 and kept[0] in configs
+                    fits = [c for c in configs if A.estimate(kernel, c, bucket, D, size)[0] <= A.REG_BUDGET]
+                    assert not fits or A.estimate(kernel, kept[0], bucket, D, size)[0] <= A.REG_BUDGET
 
 
 def test_packed_reads_strided_qkv_from_a_linear(poisoned):
@@ -164,22 +189,27 @@ def test_compile_traces_without_graph_break():
     torch.testing.assert_close(g, g2)
 
 
-def test_import_without_triton_falls_back():
-    """`import kernels` works where triton is not installed: PyTorch paths, same contracts."""
+def test_kernels_folder_alone_without_triton(tmp_path):
+    """kernels/ copied on its own into a project without triton (and without the kit's losses.py
+    or model.py): PyTorch paths, same contracts."""
+    import shutil
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copytree(os.path.join(root, "kernels"), tmp_path / "kernels",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
-        "import torch, torch.nn.functional as F, kernels, losses\n"
-        "from model import Logits\n"
-        "assert not kernels.HAS_TRITON\n"
+        "import torch, torch.nn.functional as F, kernels\n"
+        "assert not kernels.HAS_TRITON and 'losses' not in sys.modules\n"
         "q, k, v = torch.randn(3, 2, 2, 5, 8).unbind(0)\n"
         "assert torch.equal(kernels.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))\n"
         "qkv = torch.stack([q, k, v], 2).transpose(1, 3)\n"
+        "assert torch.equal(kernels.attention_packed(qkv), kernels.sdpa_packed(qkv))\n"
         "assert kernels.attention_packed(qkv).shape == (2, 5, 16)\n"
-        "out = Logits(torch.randn(4, 10))\n"
+        "out = (torch.randn(4, 10), None, None, None)\n"
         "y = torch.tensor([1, 2, 3, 4])\n"
-        "assert torch.equal(kernels.distillation_loss(out, y, distill='none')[0],\n"
-        "                   losses.distillation_loss(out, y, distill='none')[0])\n"
+        "loss, parts = kernels.distillation_loss(out, y, distill='none')\n"
+        "assert torch.allclose(loss, F.cross_entropy(out[0], y, label_smoothing=0.1))\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path)))
     assert r.returncode == 0, r.stderr
