@@ -21,9 +21,11 @@ teacher (forward only, under no_grad).
   side by side and share K/V through L2 (and the grid is not bound by the 65,535 limit of axes 1-2).
   Its backward (not on the training path) runs in PyTorch from the saved LSE.
 Offsets are int64 (B*H*N*D passes 2**31 at large batches). Block sizes and warps are autotuned
-over a few configs per (N bucket, D, dtype), pruned ahead of time by an estimate of registers and
-shared memory (`python -m kernels.bench --compile-check` lists every config that survives, with
-ptxas's counts); under the Triton interpreter the first surviving config runs, untimed.
+over a few configs per (N bucket, D, dtype), pruned ahead of time to those that compile without
+register spills within shared memory (FITS below; `python -m kernels.bench --compile-check`
+prints ptxas's counts for each); under the Triton interpreter the first one runs, untimed.
+Where no config fits (fp32 at D = 128; the backward at D = 128 or fp32 D > 32), the forward is
+SDPA and the backward PyTorch: not the training path, which runs bf16 at D = 64.
 
 Dtypes: fp16 / bf16 in, fp32 accumulation, output in the input dtype; fp32 is accepted (its dots
 run as 3xTF32, about fp32 accuracy). Any N >= 1 (ragged sizes are masked), head dim up to 128.
@@ -194,11 +196,13 @@ def _attn_bwd_short_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Configs and launchers. Each kernel has a few candidate configs; `prune` drops, before anything is
-# compiled, those whose fp32 tiles would not fit in registers (255 a thread, ptxas spills past
-# that; the estimate is kept below 200 for the operands and addresses it does not count) or whose
-# dot operands would not fit in shared memory. Autotuning then times what is left, once per
-# (N bucket, D, dtype). `python -m kernels.bench --compile-check` prints ptxas's real counts.
+# Configs and launchers. Each kernel has a few candidate configs (BLOCK_M, BLOCK_N, warps); FITS
+# lists, per (kernel, 16- or 32-bit inputs, BLOCK_D), those that compile for sm_90 without register
+# spills and within shared memory (ptxas's counts, Triton 3.8; `python -m kernels.bench
+# --compile-check` re-derives them). ptxas's allocation is not monotone in tile size (at D=32 a
+# config spills that does not at D=64), so a formula cannot stand in for it. Autotuning times only
+# these, once per (N bucket, D, dtype); under the interpreter the first one runs, untimed. Where
+# nothing fits, the forward goes to SDPA and the backward to PyTorch (`_bwd_math`).
 
 def _cfg(block_m, warps, block_n=None):
     kw = {"BLOCK_M": block_m} if block_n is None else {"BLOCK_M": block_m, "BLOCK_N": block_n}
@@ -206,43 +210,48 @@ def _cfg(block_m, warps, block_n=None):
 
 
 CONFIGS = {
-    "fwd_short": [_cfg(m, w) for m in (64, 32, 128, 16) for w in (4, 8)],
+    "fwd_short": [_cfg(m, w) for m in (64, 32, 128, 16) for w in (8, 4)],
     "bwd_short": [_cfg(m, w) for m in (32, 16, 64) for w in (8, 4)],
     "fwd_long": [_cfg(128, w, n) for n in (64, 32) for w in (8, 4)],
 }
-REG_BUDGET, SMEM_BUDGET = 200, 160 * 1024
+FITS = {  # (kernel, input bits, BLOCK_D) -> (BLOCK_M, BLOCK_N or 0 for the key tile, warps)
+    ("fwd_short", 16, 32): {(64, 0, 8), (64, 0, 4), (32, 0, 8), (32, 0, 4), (128, 0, 8), (128, 0, 4),
+                            (16, 0, 8), (16, 0, 4)},
+    ("fwd_short", 16, 64): {(64, 0, 8), (64, 0, 4), (32, 0, 8), (32, 0, 4), (128, 0, 8), (16, 0, 8), (16, 0, 4)},
+    ("fwd_short", 16, 128): {(64, 0, 8), (64, 0, 4), (32, 0, 8), (32, 0, 4), (16, 0, 8), (16, 0, 4)},
+    ("fwd_short", 32, 32): {(16, 0, 8), (16, 0, 4)},
+    ("fwd_short", 32, 64): {(32, 0, 8), (16, 0, 8)},
+    ("bwd_short", 16, 32): {(16, 0, 8), (16, 0, 4)},
+    ("bwd_short", 16, 64): {(32, 0, 8), (16, 0, 8)},
+    ("bwd_short", 32, 32): {(16, 0, 8)},
+    ("fwd_long", 16, 32): {(128, 64, 8), (128, 64, 4), (128, 32, 8), (128, 32, 4)},
+    ("fwd_long", 16, 64): {(128, 64, 8), (128, 32, 8), (128, 32, 4)},
+    ("fwd_long", 16, 128): {(128, 32, 8)},
+    ("fwd_long", 32, 32): {(128, 64, 8), (128, 32, 8), (128, 32, 4)},
+    ("fwd_long", 32, 64): {(128, 32, 8)},
+}
 
 
-def estimate(kernel, cfg, BLOCK_N, BLOCK_D, elem_bytes):
-    """(fp32 registers a thread, shared-memory bytes) of one config: the live fp32 tiles spread
-    over the threads, plus the dot operands staged in shared memory."""
-    BM, BN = cfg.kwargs["BLOCK_M"], cfg.kwargs.get("BLOCK_N", BLOCK_N)
-    threads = 32 * cfg.num_warps
-    if kernel == "bwd_short":  # p, dp, dq and the dk, dv accumulators
-        fp32 = 2 * BM * BN + BM * BLOCK_D + 2 * BN * BLOCK_D
-        smem = (2 * BN + 3 * BM) * BLOCK_D * elem_bytes + 2 * BM * BN * elem_bytes
-    else:  # s/p and the output accumulator
-        fp32 = BM * BN + BM * BLOCK_D
-        smem = (BM + 2 * BN * cfg.num_stages) * BLOCK_D * elem_bytes + BM * BN * elem_bytes
-    return fp32 // threads + 32, smem
+def _key(c):
+    return c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N", 0), c.num_warps
 
 
 def prune(kernel, configs, BLOCK_N, BLOCK_D, elem_bytes):
-    """Configs that fit (and, for the short kernels, have no more rows than the key tile)."""
-    kept = [c for c in configs
-            if (kernel == "fwd_long" or c.kwargs["BLOCK_M"] <= BLOCK_N)
-            and estimate(kernel, c, BLOCK_N, BLOCK_D, elem_bytes)[0] <= REG_BUDGET
-            and estimate(kernel, c, BLOCK_N, BLOCK_D, elem_bytes)[1] <= SMEM_BUDGET]
-    if not kept:  # the smallest tile always runs
-        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * 64 // c.num_warps)]
-    return kept[:1] if INTERPRETED else kept  # the interpreter measures nothing: no tuning
+    """The configs that fit, in CONFIGS order, preferring query chunks no taller than the key tile
+    (only the first under the interpreter: it times nothing)."""
+    fit = FITS.get((kernel, 8 * elem_bytes, max(32, BLOCK_D)), set())
+    kept = [c for c in configs if _key(c) in fit]
+    kept = [c for c in kept if kernel == "fwd_long" or c.kwargs["BLOCK_M"] <= BLOCK_N] or kept
+    return kept[:1] if INTERPRETED else kept
+
+
+def fits(kernel, D, dtype):
+    return bool(FITS.get((kernel, 8 * dtype.itemsize, max(32, _pow2(D)))))
 
 
 def _pruner(kernel):
     def early_prune(configs, named_args, **kwargs):
-        q = named_args["Q"]
-        n_bucket = kwargs.get("BLOCK_N", 0)  # the short kernels' key tile; the long kernel's is tuned
-        return prune(kernel, configs, n_bucket, kwargs["BLOCK_D"], q.element_size())
+        return prune(kernel, configs, kwargs.get("BLOCK_N", 0), kwargs["BLOCK_D"], named_args["Q"].element_size())
     return {"early_config_prune": early_prune}
 
 
@@ -259,8 +268,9 @@ def _pow2(x):
 
 
 def supported(N, D, dtype):
-    """Shapes the kernels take; anything else goes to SDPA."""
-    return N >= 1 and 1 <= D <= 128 and dtype in (torch.float16, torch.bfloat16, torch.float32)
+    """Shapes whose forward kernel has a config that fits; anything else goes to SDPA."""
+    return (N >= 1 and 1 <= D <= 128 and dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and fits("fwd_short" if N <= SHORT_N else "fwd_long", D, dtype))
 
 
 def _dot_prec(dtype):
@@ -284,7 +294,8 @@ def _fwd(q, k, v, o, lse, B, H, N, D, qs, os_):
 
 
 def _bwd_math(q, k, v, o, do, lse, dq, dk, dv):
-    """The backward for N > 128 (no training path uses it) in fp32 PyTorch from the saved LSE."""
+    """The backward where the kernel does not fit (N > 128, D = 128, fp32 at D > 32: no training
+    path here) in fp32 PyTorch from the saved LSE."""
     B, H, N, D = q.shape
     scale = D ** -0.5
     q, k, v, o, do = (x.float() for x in (q, k, v, o, do))
@@ -296,7 +307,7 @@ def _bwd_math(q, k, v, o, do, lse, dq, dk, dv):
 
 
 def _bwd(q, k, v, o, do, lse, dq, dk, dv, B, H, N, D, qs, os_):
-    if N > SHORT_N:
+    if N > SHORT_N or not fits("bwd_short", D, q.dtype):
         return _bwd_math(q, k, v, o, do, lse, dq, dk, dv)
     _bwd_short[(B * H,)](q, k, v, dq, dk, dv, o, do, lse, *qs, *os_, H, N, D, D ** -0.5,
                          BLOCK_N=_pow2(N), BLOCK_D=_pow2(D), DOT_PREC=_dot_prec(q.dtype))
@@ -385,8 +396,9 @@ def _attention_packed_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor,
     qkv, do = qkv.contiguous(), do.contiguous()
     B, N, H, D, qs, os_ = _packed_views(qkv)
     dqkv = qkv.new_empty(qkv.shape)  # the three slices below cover every element
-    view = (lambda t, i: t[:, :, i].transpose(1, 2)) if N > SHORT_N else (lambda t, i: t[:, :, i])
-    if N > SHORT_N:  # the PyTorch backward wants (B, H, N, D) views
+    math = N > SHORT_N or not fits("bwd_short", D, qkv.dtype)
+    view = (lambda t, i: t[:, :, i].transpose(1, 2)) if math else (lambda t, i: t[:, :, i])
+    if math:  # the PyTorch backward wants (B, H, N, D) views
         o4, do4 = o.view(B, N, H, D).transpose(1, 2), do.view(B, N, H, D).transpose(1, 2)
     else:
         o4, do4 = o, do
