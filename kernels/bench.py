@@ -320,14 +320,45 @@ def print_table(rows):
 
 
 def print_goals(measured):
-    """One `PASS|FAIL name measured goal` line per goal; returns the list for the JSON file."""
+    """One `PASS|FAIL name measured goal` line per goal (INFO without one); returns them for JSON."""
     out = []
     for name, value in measured.items():
         goal = GOALS.get(name)
         status = "INFO" if goal is None else "PASS" if value >= goal else "FAIL"
-        print(f"{status} {name} {value:.2f}x {'-' if goal is None else f'{goal:.2f}x'}")
+        print(f"{status} {name.replace(' ', '_')} {value:.2f}x {'-' if goal is None else f'{goal:.2f}x'}")
         out.append({"name": name, "measured": value, "goal": goal, "status": status})
     return out
+
+
+def summarize(outdir):
+    """bench/gpu.sh's last step: one `PASS|FAIL name measured goal` line per goal from the GPU
+    tests' JUnit XML and the benchmark's JSON, and all of it in OUTDIR/results.json."""
+    import xml.etree.ElementTree as ET
+    goals = []
+    try:
+        suite = ET.parse(os.path.join(outdir, "gpu_tests.xml")).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        n, bad, skipped = (int(suite.get(k, 0)) for k in ("tests", "failures", "skipped"))
+        bad += int(suite.get("errors", 0))
+        goals.append({"name": "gpu tests passed", "measured": f"{n - bad - skipped}/{n - skipped}",
+                      "goal": "all", "status": "PASS" if n > skipped and not bad else "FAIL"})
+    except (OSError, ET.ParseError, AttributeError) as e:
+        goals.append({"name": "gpu tests passed", "measured": f"no result ({e})", "goal": "all", "status": "FAIL"})
+    try:
+        with open(os.path.join(outdir, "kernels_bench.json")) as f:
+            bench = json.load(f)
+    except (OSError, ValueError) as e:
+        bench = {"goals": [], "rows": []}
+        goals += [{"name": g, "measured": f"no result ({type(e).__name__})", "goal": v, "status": "FAIL"}
+                  for g, v in GOALS.items()]
+    goals += [{**g, "measured": f"{g['measured']:.2f}x"} for g in bench["goals"]]
+    for g in goals:
+        goal = "-" if g["goal"] is None else f"{g['goal']}x" if isinstance(g["goal"], float) else g["goal"]
+        print(f"{g['status']} {g['name'].replace(' ', '_')} {g['measured']} {goal}")
+    from fileio import atomic_write
+    atomic_write(os.path.join(outdir, "results.json"), json.dumps({"goals": goals, "bench": bench}, indent=1),
+                 what="GPU results")
+    return int(any(g["status"] == "FAIL" for g in goals))
 
 
 def main():
@@ -339,7 +370,11 @@ def main():
     ap.add_argument("--bytes", action="store_true", help="no GPU needed: the bytes-moved table")
     ap.add_argument("--compile-check", action="store_true",
                     help="no GPU needed: compile every shipped config for sm_90, print registers/spills/smem")
+    ap.add_argument("--summarize", metavar="OUTDIR",
+                    help="no GPU needed: PASS/FAIL lines and OUTDIR/results.json from a bench/gpu.sh run")
     args = ap.parse_args()
+    if args.summarize:
+        return summarize(args.summarize)
     if args.compile_check:
         return compile_check()
     if args.bytes:

@@ -214,3 +214,31 @@ def test_kernels_folder_alone_without_triton(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(tmp_path)))
     assert r.returncode == 0, r.stderr
+
+
+def test_bytes_moved_counted_from_the_kernels_match_their_model():
+    """`kernels.bench --bytes` counts our kernels' loads and stores in the interpreter; the traffic
+    model that prices the previous kernels and FlashAttention-2 prices ours the same way."""
+    bench = importlib.import_module("kernels.bench")
+    for N, D in [(67, 64), (197, 64), (17, 32)]:
+        fwd, bwd = bench.counted_attention_bytes(N, D)
+        assert fwd == bench.traffic_model("ours", "fwd", N, D)
+        if N <= A.SHORT_N:  # the long backward is PyTorch, not a kernel
+            assert bwd == bench.traffic_model("ours", "bwd", N, D)
+    t = 67 * 64 * 2  # the issue's accounting of the previous kernels: about 24 u forward + backward
+    assert round((bench.traffic_model("previous", "fwd", 67, 64) + bench.traffic_model("previous", "bwd", 67, 64)) / t) == 24
+
+
+def test_gpu_summary_lines_and_json(tmp_path):
+    """bench/gpu.sh's last step, on made-up results: one PASS/FAIL line per goal and results.json."""
+    import json
+    bench = importlib.import_module("kernels.bench")
+    (tmp_path / "gpu_tests.xml").write_text(
+        '<testsuites><testsuite name="pytest" tests="5" failures="0" errors="0" skipped="1"/></testsuites>')
+    goals = bench.print_goals({"attention kernel fwd+bwd vs fastest SDPA": 1.4, "loss fwd+bwd vs eager B1024": 3.0})
+    (tmp_path / "kernels_bench.json").write_text(json.dumps({"rows": [], "goals": goals}))
+    assert bench.summarize(str(tmp_path)) == 1  # the loss goal failed
+    got = json.loads((tmp_path / "results.json").read_text())["goals"]
+    assert [(g["name"], g["status"]) for g in got] == [
+        ("gpu tests passed", "PASS"), ("attention kernel fwd+bwd vs fastest SDPA", "PASS"),
+        ("loss fwd+bwd vs eager B1024", "FAIL")]
