@@ -39,6 +39,8 @@ Both are torch.library custom ops (fake + autograd registered), so torch.compile
 traces them. CUDA tensors run the kernels; CPU tensors run them only under the Triton interpreter
 (TRITON_INTERPRET=1 set before triton is imported), else fall back to SDPA.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -48,6 +50,7 @@ from .reference import sdpa, sdpa_packed
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels use exp2
 LN2 = tl.constexpr(0.6931471805599453)    # ln(x) = log2(x) * LN2
 SHORT_N = 128  # sequences up to this many tokens take the one-program-per-head kernels
+AUTOTUNE = os.environ.get("KERNELS_AUTOTUNE", "1") != "0"  # 0: the first fitting config, untimed (tests)
 
 
 @triton.jit
@@ -238,11 +241,11 @@ def _key(c):
 
 def prune(kernel, configs, BLOCK_N, BLOCK_D, elem_bytes):
     """The configs that fit, in CONFIGS order, preferring query chunks no taller than the key tile
-    (only the first under the interpreter: it times nothing)."""
+    (only the first under the interpreter, which times nothing, or with KERNELS_AUTOTUNE=0)."""
     fit = FITS.get((kernel, 8 * elem_bytes, max(32, BLOCK_D)), set())
     kept = [c for c in configs if _key(c) in fit]
     kept = [c for c in kept if kernel == "fwd_long" or c.kwargs["BLOCK_M"] <= BLOCK_N] or kept
-    return kept[:1] if INTERPRETED else kept
+    return kept[:1] if INTERPRETED or not AUTOTUNE else kept
 
 
 def fits(kernel, D, dtype):

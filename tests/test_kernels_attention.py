@@ -242,3 +242,23 @@ def test_gpu_summary_lines_and_json(tmp_path):
     assert [(g["name"], g["status"]) for g in got] == [
         ("gpu tests passed", "PASS"), ("attention kernel fwd+bwd vs fastest SDPA", "PASS"),
         ("loss fwd+bwd vs eager B1024", "FAIL")]
+
+
+@pytest.mark.parametrize("kernel,N", [("fwd_short", 67), ("bwd_short", 67), ("fwd_long", 197)])
+def test_every_fitting_config(kernel, N, monkeypatch, poisoned):
+    """Autotuning may pick any config in FITS: each one, forced, gives the same result (fp16, D=64)."""
+    tuner = {"fwd_short": A._fwd_short, "bwd_short": A._bwd_short, "fwd_long": A._fwd_long}[kernel]
+    q, k, v, go = _inputs(1, 2, N, 64, torch.float16, seed=7)
+    ref = _reference(q, k, v, go)
+    configs = [c for c in A.CONFIGS[kernel] if A._key(c) in A.FITS[(kernel, 16, 64)]]
+    for c in configs:
+        monkeypatch.setattr(A, "prune", lambda *args, c=c: [c])
+        tuner.cache.clear()
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = kernels.attention(*xs)
+        got = [o, *torch.autograd.grad(o, xs, go)] if kernel == "bwd_short" else [o]
+        assert tuner.best_config is c
+        for name, a, e in zip(("o", "dq", "dk", "dv"), got, ref):
+            _close(f"{name} {c}", a, e, torch.float16)
+    tuner.cache.clear()
+    assert len(configs) >= 2

@@ -165,3 +165,23 @@ def test_compiled_train_step_with_cuda_graphs():
     g = torch.cat([p.grad.flatten() for p in model.parameters()])
     g_ref = torch.cat([p.grad.flatten() for p in ref.parameters()])
     assert torch.isfinite(g).all() and F.cosine_similarity(g, g_ref, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("kernel,N", [("fwd_short", 67), ("bwd_short", 67), ("fwd_long", 197)])
+def test_every_fitting_config_on_gpu(kernel, N, monkeypatch):
+    """Each config autotuning may pick (FITS, bf16, D=64), forced, at a slice of the real shapes."""
+    A = importlib.import_module("kernels.attention")
+    tuner = {"fwd_short": A._fwd_short, "bwd_short": A._bwd_short, "fwd_long": A._fwd_long}[kernel]
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v, go = (torch.randn(64, 3, N, 64, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4))
+    ref = _reference(q, k, v, go)
+    for c in [c for c in A.CONFIGS[kernel] if A._key(c) in A.FITS[(kernel, 16, 64)]]:
+        monkeypatch.setattr(A, "prune", lambda *args, c=c: [c])
+        tuner.cache.clear()
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = kernels.attention(*xs)
+        got = [o, *torch.autograd.grad(o, xs, go)] if kernel == "bwd_short" else [o]
+        assert tuner.best_config is c
+        for name, a, e in zip(("o", "dq", "dk", "dv"), got, ref):
+            torch.testing.assert_close(a.double(), e, atol=4e-2, rtol=4e-2, msg=lambda m: f"{name} {c}: {m}")
+    tuner.cache.clear()
