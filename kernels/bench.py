@@ -29,6 +29,8 @@ import torch
 
 TRAIN = (1024, 3, 67, 64)     # (B, H, N, D): DeiT-Tiny students at 32px, patch 4, 3 special tokens
 TEACHER = (1024, 6, 197, 64)  # DeiT-III Small at 224px, patch 16, class token
+LOSS_BATCHES = (1024, 128)    # the global batch and one GPU's share of it
+DEVICE = "cuda"
 GOALS = {"attention kernel fwd+bwd vs fastest SDPA": 1.3, "attention packed layer fwd+bwd vs SDPA layer": 1.3,
          "loss fwd+bwd vs eager B1024": 5.0, "loss fwd+bwd vs torch.compile B1024": 1.0}
 
@@ -232,9 +234,9 @@ def bench_attention(dtype):
     rows, goals = [], {}
     for shape, train in ((TRAIN, True), (TEACHER, False)):
         B, H, N, D = shape
-        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype, requires_grad=train) for _ in range(3))
-        go = torch.randn(B, H, N, D, device="cuda", dtype=dtype)
-        qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype, requires_grad=train)
+        q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype, requires_grad=train) for _ in range(3))
+        go = torch.randn(B, H, N, D, device=DEVICE, dtype=dtype)
+        qkv = torch.randn(B, N, 3, H, D, device=DEVICE, dtype=dtype, requires_grad=train)
         go_packed = go.transpose(1, 2).reshape(B, N, H * D)
         flops = (12 if train else 4) * B * H * N * N * D  # 2 matmuls forward, 4 backward
         what = "fwd+bwd" if train else "fwd"
@@ -282,17 +284,17 @@ def bench_loss(dtype):
     C, T = 10, 11
     rows, goals = [], {}
     compiled = torch.compile(losses.distillation_loss)
-    for B in (1024, 128):
+    for B in LOSS_BATCHES:
         for kind, distill in [("vit", "none"), ("deit", "hard"), ("deit", "soft"), ("cdeit", "hard"), ("cdeit", "soft")]:
             def logits(n):
-                return torch.randn(B, n, device="cuda", dtype=dtype, requires_grad=True)
+                return torch.randn(B, n, device=DEVICE, dtype=dtype, requires_grad=True)
 
             out = Logits(logits(C), logits(C) if kind != "vit" else None, logits(T) if kind == "cdeit" else None,
                          logits(C) if kind == "cdeit" else None)  # cdeit: strategy 2
             params = [x for x in out if x is not None]
-            labels = torch.randint(0, C, (B,), device="cuda")
-            teacher = torch.randn(B, C, device="cuda") if kind != "vit" else None
-            types = torch.randint(0, T, (B,), device="cuda") if kind == "cdeit" else None
+            labels = torch.randint(0, C, (B,), device=DEVICE)
+            teacher = torch.randn(B, C, device=DEVICE) if kind != "vit" else None
+            types = torch.randint(0, T, (B,), device=DEVICE) if kind == "cdeit" else None
             results = {}
             for name, fn in [("eager", losses.distillation_loss), ("torch.compile", compiled),
                              ("triton fused", kernels.distillation_loss)]:
@@ -303,7 +305,7 @@ def bench_loss(dtype):
             for name, ms in results.items():
                 rows.append({"bench": "loss fwd+bwd", "shape": f"{kind} {distill} B{B}", "impl": name, "ms": ms,
                              "rate": None, "unit": "", "speedup": results["eager"] / ms})
-            if B == 1024:  # the goal holds for every model kind: report the worst
+            if B == LOSS_BATCHES[0]:  # the goal holds for every model kind: report the worst
                 for ref, goal in (("eager", "loss fwd+bwd vs eager B1024"),
                                   ("torch.compile", "loss fwd+bwd vs torch.compile B1024")):
                     goals[goal] = min(goals.get(goal, float("inf")), results[ref] / results["triton fused"])

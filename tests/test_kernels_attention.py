@@ -262,3 +262,22 @@ def test_every_fitting_config(kernel, N, monkeypatch, poisoned):
             _close(f"{name} {c}", a, e, torch.float16)
     tuner.cache.clear()
     assert len(configs) >= 2
+
+
+def test_gpu_benchmark_code_runs_at_toy_sizes(monkeypatch, capsys):
+    """The GPU benchmark's code paths (every impl, the goal names), on CPU at toy shapes with one
+    untimed call per measurement; the timings mean nothing, the rows and goals must all appear."""
+    bench = importlib.import_module("kernels.bench")
+    monkeypatch.setattr(bench, "DEVICE", DEVICE)
+    monkeypatch.setattr(bench, "TRAIN", (2, 3, 67, 32))
+    monkeypatch.setattr(bench, "TEACHER", (1, 2, 197, 32))
+    monkeypatch.setattr(bench, "LOSS_BATCHES", (8,))
+    monkeypatch.setattr(bench, "_bench", lambda fn, params=None: (fn(), 1.0)[1])
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # inductor on CPU is minutes
+    rows, goals = bench.bench_attention(torch.float16)
+    loss_rows, loss_goals = bench.bench_loss(torch.float32)
+    bench.print_table(rows + loss_rows)
+    assert set(bench.GOALS) <= set(goals) | set(loss_goals)
+    impls = {r["impl"] for r in rows}
+    assert {"triton", "triton packed layer", "sdpa packed layer (model, kernels off)", "sdpa[math]"} <= impls
+    assert len(loss_rows) == 5 * 3
