@@ -1,8 +1,9 @@
 """kernels/distill_loss.py against the oracle, losses.distillation_loss (seed Eq. 4-7).
 
 Every model kind x distill mode x hard/soft targets x CdeiT strategy, odd batch sizes (1, 37, and
-300 so the kernel's row loop runs three ragged steps), fp32/fp16 logits, grad_output != 1,
-per-dtype tolerances, and NaN-poisoned outputs. Runs through Triton's interpreter without CUDA
+300: the one program's row loop ends on a ragged block), fp32/fp16 logits, grad_output != 1,
+per-dtype tolerances, NaN-poisoned outputs, and fp16 gradients under a GradScaler-sized loss scale
+against float64 math. Runs through Triton's interpreter without CUDA
 (tests/conftest.py). bf16 is checked in tests/test_kernels_gpu.py: triton 3.8's interpreter
 rounds fp32 -> bf16 by truncation, so CPU bf16 takes the eager path.
 """
