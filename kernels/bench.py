@@ -283,7 +283,8 @@ def bench_loss(dtype):
     from model import Logits
     C, T = 10, 11
     rows, goals = [], {}
-    compiled = torch.compile(losses.distillation_loss)
+    torch._dynamo.config.recompile_limit = 64  # one graph per (model kind, batch): 10, past the default 8
+    compiled = torch.compile(losses.distillation_loss, dynamic=False)
     for B in LOSS_BATCHES:
         for kind, distill in [("vit", "none"), ("deit", "hard"), ("deit", "soft"), ("cdeit", "hard"), ("cdeit", "soft")]:
             def logits(n):

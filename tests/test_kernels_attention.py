@@ -274,6 +274,7 @@ def test_gpu_benchmark_code_runs_at_toy_sizes(monkeypatch, capsys):
     monkeypatch.setattr(bench, "LOSS_BATCHES", (8,))
     monkeypatch.setattr(bench, "_bench", lambda fn, params=None: (fn(), 1.0)[1])
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # inductor on CPU is minutes
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)  # restored after
     rows, goals = bench.bench_attention(torch.float16)
     loss_rows, loss_goals = bench.bench_loss(torch.float32)
     bench.print_table(rows + loss_rows)
