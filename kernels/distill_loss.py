@@ -208,7 +208,9 @@ def _distill_backward(ctx, g_stats, g_grads):  # only stats[0], the loss, is dif
     (grads,) = ctx.saved_tensors
     (cls_shape, cls_dtype), cc, dist, corr = ctx.meta
     B, C = cls_shape
-    scaled = grads * g_stats[0]  # the whole backward: one fp32 multiply, then each logit's dtype
+    dtypes = {m[1] for m in ctx.meta if m is not None}
+    scaled = grads * g_stats[0]  # the whole backward: one fp32 multiply, then the logits' dtype
+    scaled = scaled.to(dtypes.pop()) if len(dtypes) == 1 else scaled  # one cast, not one per input
     g_label = scaled[:B * C].view(B, C)
     g_cls = g_label.to(cls_dtype)
     g_cc = g_label.to(cc[1]) if cc is not None else None
