@@ -33,7 +33,7 @@ cat "$OUT/env.txt"
 # Limits sum to 290 s.
 # The tests check correctness over many shapes: KERNELS_AUTOTUNE=0 runs the first fitting config
 # instead of compiling and timing every config at each one (the benchmark tunes).
-run gpu_tests 120 env KERNELS_AUTOTUNE=0 python -m pytest -q -rs -p no:cacheprovider -m gpu --junitxml="$OUT/gpu_tests.xml" \
+run gpu_tests 125 env KERNELS_AUTOTUNE=0 python -m pytest -q -rs -p no:cacheprovider -m gpu --junitxml="$OUT/gpu_tests.xml" \
     tests/test_kernels_gpu.py
 run kernels_bench 120 python -m kernels.bench --json "$OUT/kernels_bench.json"
 run bench_train 45 python bench.py train
