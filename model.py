@@ -27,10 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # the Triton kernels, when this file sits beside kernels/ (optional: users copy model.py alone)
-    import kernels as _kernels
-except ImportError:
-    _kernels = None
+from kernels import attention_packed, sdpa_packed  # Triton on CUDA; SDPA (torch only) otherwise
 
 
 class Logits(NamedTuple):
@@ -58,11 +55,8 @@ class Attention(nn.Module):
     def forward(self, x):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, hd)
-        if self.fused_attn and x.is_cuda and _kernels is not None:
-            y = _kernels.attention_packed(qkv)  # (B, N, C), no transposes around the kernel
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, hd)
-            y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        attend = attention_packed if self.fused_attn and x.is_cuda else sdpa_packed
+        y = attend(qkv)  # (B, N, C), no transposes around the kernel
         return self.proj_drop(self.proj(y))
 
 

@@ -1,185 +1,408 @@
-"""Benchmark of the Triton kernels against PyTorch: `python -m kernels.bench [--json PATH]`.
+"""Benchmarks of the Triton kernels: `python -m kernels.bench [--json PATH] | --bytes | --compile-check`.
 
-Attention forward+backward against SDPA with each backend this build offers (flash, efficient,
-cudnn, math) at the student shape (B=1024, H=3, N=67, D=64) and the teacher shape (B=256, H=6,
-N=197, D=64); the fused loss forward+backward against eager `losses.distillation_loss` and
-against it under torch.compile, at B=1024 for each model kind. Median milliseconds from
-triton.testing.do_bench, achieved TFLOP/s (attention) or GB/s (loss), and ratios.
-Goals (issue 6): attention >= 1.3x the fastest SDPA backend at the student shape; loss >= 5x eager.
-Needs a CUDA GPU: on CPU it says so and exits 0 (the interpreter runs the kernels' logic, not
-their speed). `--compile-check` needs no GPU: it compiles the attention kernels for sm_90 at the
-launchers' block sizes and prints ptxas register, spill and shared-memory counts.
+GPU (the default): median ms from triton.testing.do_bench at the students' training shape
+(B=1024, H=3, N=67, D=64, forward + backward) and the teacher's (B=1024, H=6, N=197, D=64, forward
+only, no_grad):
+  - kernel vs SDPA: `attention(q, k, v)` against each SDPA backend on (B, H, N, D) tensors;
+  - packed layer vs SDPA layer: `attention_packed(qkv)` against `sdpa_packed(qkv)`, what model.py
+    runs with the kernels off (permute/unbind into SDPA, and a stack of dq/dk/dv in backward);
+  - the fused loss forward + backward against eager `losses.distillation_loss` and torch.compile
+    of it, at B=1024 and B=128 (one GPU's share of the batch).
+Each goal prints as `PASS|FAIL name measured goal`. Goals: attention >= 1.3x the fastest SDPA
+(kernel and packed layer, fwd+bwd, training shape); loss >= 5x eager and >= 1x compiled (B=1024).
+
+No GPU needed:
+  --bytes          bytes each kernel moves at those shapes, in u (one B*H*N*D bf16 tensor) and MB:
+                   ours counted from the kernels' own loads and stores (run once per head through
+                   the Triton interpreter, every masked-in element), the previous kernels' and
+                   FlashAttention-2's from their launch schemes (`traffic_model`).
+  --compile-check  every shipped config compiled for sm_90: ptxas registers, spills, shared memory.
 """
 import argparse
+import importlib
 import json
 import os
+import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 
-import kernels
+TRAIN = (1024, 3, 67, 64)     # (B, H, N, D): DeiT-Tiny students at 32px, patch 4, 3 special tokens
+TEACHER = (1024, 6, 197, 64)  # DeiT-III Small at 224px, patch 16, class token
+LOSS_BATCHES = (1024, 128)    # the global batch and one GPU's share of it
+DEVICE = "cuda"
+GOALS = {"attention kernel fwd+bwd vs fastest SDPA": 1.3, "attention packed layer fwd+bwd vs SDPA layer": 1.3,
+         "loss fwd+bwd vs eager B1024": 5.0, "loss fwd+bwd vs torch.compile B1024": 1.0}
 
 
-def _bench(fn, params):
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=params, return_mode="median")
+# ---------------------------------------------------------------------------------------------- bytes
+
+def traffic_model(scheme, kernel, N, D, elem=2):
+    """Bytes one (batch, head) moves in `kernel` under `scheme` (every program's loads + stores, so
+    re-reads of the same rows by several programs count each time; L2 hits make DRAM traffic less).
+    t = one N x D tensor of the head, r = one fp32 row statistic (LSE or delta)."""
+    t, r, cdiv = N * D * elem, N * 4, lambda a, b: -(-a // b)
+    if scheme == "ours":
+        if kernel == "fwd":  # short: Q, K, V once, O and LSE out; long: K, V once per 128-row block
+            return 2 * t * (1 if N <= 128 else cdiv(N, 128)) + 2 * t + r
+        return 5 * t + r + 3 * t  # bwd: Q K V O dO + LSE in, dQ dK dV out (one program a head)
+    if scheme == "previous":  # 64-row query blocks; dq (64, 32) and dk/dv (16 rows, 64-key blocks)
+        nq, nk = cdiv(N, 64), cdiv(N, 64)
+        if kernel == "fwd":
+            return t + 2 * t * nq + t + r
+        dq = 3 * t + 2 * t * nq + r + t          # Q dO O once, K V per query block, dQ out
+        dkdv = 2 * t + (3 * t + r) * nk + 2 * t  # K V once, Q dO O LSE per key block, dK dV out
+        return dq + dkdv
+    if scheme == "fa2":  # FlashAttention-2 at D=64: 128-row query and key blocks
+        if kernel == "fwd":
+            return t + 2 * t * cdiv(N, 128) + t + r
+        dq_acc = 2 * t  # dQ accumulated in fp32 (twice a bf16 tensor)
+        pre = 2 * t + r + dq_acc                    # delta = rowsum(dO O); dQ accumulator zeroed
+        main = 2 * t + (2 * t + 2 * r) * cdiv(N, 128) + 2 * t + dq_acc  # K V; Q dO LSE delta; dK dV; dQ atomics
+        return pre + main + dq_acc + t              # and dQ converted from fp32
+    if scheme == "sdpa layer extra":  # model.py's SDPA path: stack(dq, dk, dv) into dqkv in backward
+        return 0 if kernel == "fwd" else 6 * t
+    raise ValueError(scheme)
 
 
-def bench_attention(dtype):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def count_bytes(fn):
+    """Bytes loaded and stored by every Triton program `fn()` launches (interpreter only)."""
+    from triton.runtime import interpreter as I
+    counts = {"load": 0, "store": 0}
+    load, store = I.InterpreterBuilder.create_masked_load, I.InterpreterBuilder.create_masked_store
+
+    def counted_load(self, ptrs, mask, other, *args):
+        counts["load"] += int(mask.data.sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
+        return load(self, ptrs, mask, other, *args)
+
+    def counted_store(self, ptrs, value, mask, *args):
+        counts["store"] += int(mask.data.sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
+        return store(self, ptrs, value, mask, *args)
+
+    I.InterpreterBuilder.create_masked_load, I.InterpreterBuilder.create_masked_store = counted_load, counted_store
+    try:
+        fn()
+    finally:
+        I.InterpreterBuilder.create_masked_load, I.InterpreterBuilder.create_masked_store = load, store
+    return counts["load"] + counts["store"]
+
+
+def counted_attention_bytes(N, D):
+    """Per-head bytes of our packed forward and backward, counted (fp16 stands in for bf16: same
+    size; the interpreter's bf16 dot is wrong, its loads and stores are not)."""
+    A = importlib.import_module("kernels.attention")
+    qkv = torch.randn(1, N, 3, 1, D, dtype=torch.float16)
+    out = {}
+    out["fwd"] = count_bytes(lambda: out.setdefault("o", A._attention_packed_fwd(qkv)))
+    o, lse = out["o"]
+    out["bwd"] = count_bytes(lambda: A._attention_packed_bwd(torch.randn_like(o), qkv, o, lse))
+    return out["fwd"], out["bwd"]
+
+
+def bytes_rows():
     rows = []
-    for B, H, N, D in [(1024, 3, 67, 64), (256, 6, 197, 64)]:
-        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-        go = torch.randn(B, H, N, D, device="cuda", dtype=dtype)
-        qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype, requires_grad=True)
-        go_packed = go.transpose(1, 2).reshape(B, N, H * D)
-        # Useful FLOPs: forward 2 matmuls, backward 4 (FlashAttention's count, recompute excluded).
-        flops = 12 * B * H * N * N * D
-
-        def run(fn):
-            return lambda: fn(q, k, v).backward(go)
-
-        def packed_sdpa(qkv):  # what model.py does with the kernels off
-            q_, k_, v_ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            return F.scaled_dot_product_attention(q_, k_, v_).transpose(1, 2).reshape(B, N, H * D)
-
-        shape = f"B{B} H{H} N{N} D{D}"
-        results = {}
-        for name, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                              ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)]:
-            try:
-                with sdpa_kernel(backend):
-                    fn = run(F.scaled_dot_product_attention)
-                    fn()
-                    results[f"sdpa[{name}]"] = _bench(fn, [q, k, v])
-            except RuntimeError as e:  # backend not available for this shape/dtype/GPU
-                results[f"sdpa[{name}]"] = None
-                print(f"  sdpa[{name}] unavailable at {shape}: {str(e).splitlines()[0][:100]}")
-        results["triton"] = _bench(run(kernels.attention), [q, k, v])
-        results["triton packed"] = _bench(lambda: kernels.attention_packed(qkv).backward(go_packed), [qkv])
-        results["sdpa packed (model, kernels off)"] = _bench(lambda: packed_sdpa(qkv).backward(go_packed), [qkv])
-        fastest = min(ms for n, ms in results.items() if n.startswith("sdpa[") and ms is not None)
-        for name, ms in results.items():
-            rows.append({"bench": "attention fwd+bwd", "shape": shape, "impl": name, "ms": ms,
-                         "rate": None if ms is None else flops / ms / 1e9, "unit": "TFLOP/s",
-                         "speedup": None if ms is None else fastest / ms})
+    for shape, kernels_ in ((TRAIN, ("fwd", "bwd")), (TEACHER, ("fwd",))):
+        B, H, N, D = shape
+        u = B * H * N * D * 2
+        fwd, bwd = counted_attention_bytes(N, D)
+        ours = {"fwd": fwd, "bwd": bwd}
+        for kernel in kernels_:
+            for name, per_head, how in [
+                    ("ours", ours[kernel], "counted"),
+                    ("previous kernels", traffic_model("previous", kernel, N, D), "model"),
+                    ("FlashAttention-2", traffic_model("fa2", kernel, N, D), "model"),
+                    ("FA2 via SDPA layer", traffic_model("fa2", kernel, N, D)
+                     + traffic_model("sdpa layer extra", kernel, N, D), "model")]:
+                total = per_head * B * H
+                rows.append({"shape": f"B{B} H{H} N{N} D{D}", "kernel": f"attention {kernel}", "impl": name,
+                             "u": total / u, "MB": total / 1e6, "how": how})
     return rows
 
 
-def bench_loss(dtype):
-    import losses
-    from model import Logits
-    B, C, T = 1024, 10, 11
-    rows = []
-    compiled = torch.compile(losses.distillation_loss)
-    for kind, distill in [("vit", "none"), ("deit", "hard"), ("deit", "soft"), ("cdeit", "hard"), ("cdeit", "soft")]:
-        def logits(n):
-            return torch.randn(B, n, device="cuda", dtype=dtype, requires_grad=True)
+def print_bytes():
+    rows = bytes_rows()
+    print("bytes moved (loads + stores of every program; u = one B*H*N*D bf16 tensor)")
+    print(f"{'shape':<20} {'kernel':<15} {'impl':<20} {'u':>6} {'MB':>8}  how")
+    for r in rows:
+        print(f"{r['shape']:<20} {r['kernel']:<15} {r['impl']:<20} {r['u']:>6.2f} {r['MB']:>8.1f}  {r['how']}")
+    t = {(r["shape"], r["kernel"], r["impl"]): r["u"] for r in rows}
+    s = "B1024 H3 N67 D64"
+    ours = t[(s, "attention fwd", "ours")] + t[(s, "attention bwd", "ours")]
+    for other in ("previous kernels", "FlashAttention-2", "FA2 via SDPA layer"):
+        both = t[(s, "attention fwd", other)] + t[(s, "attention bwd", other)]
+        print(f"training fwd+bwd: {other} {both:.2f}u vs ours {ours:.2f}u -> "
+              f"{both / ours:.2f}x fewer bytes (an estimate of the speed-up if memory-bound, until measured)")
+    return 0
 
-        out = Logits(logits(C), logits(C) if kind != "vit" else None, logits(T) if kind == "cdeit" else None,
-                     logits(C) if kind == "cdeit" else None)  # cdeit: strategy 2
-        params = [x for x in out if x is not None]
-        labels = torch.randint(0, C, (B,), device="cuda")
-        teacher = torch.randn(B, C, device="cuda") if kind != "vit" else None
-        types = torch.randint(0, T, (B,), device="cuda") if kind == "cdeit" else None
-        # Bytes that must move: logits in + their gradients out, teacher logits and targets in.
-        nbytes = 2 * sum(x.numel() for x in params) * params[0].element_size() + \
-            (teacher.numel() * 4 if teacher is not None else 0) + B * 8 * (2 if types is not None else 1)
-        results = {}
-        for name, fn in [("eager", losses.distillation_loss), ("torch.compile", compiled),
-                         ("triton fused", kernels.distillation_loss)]:
-            def step(fn=fn):
-                fn(out, labels, teacher, types, distill=distill)[0].backward()
-            step()
-            results[name] = _bench(step, params)
-        for name, ms in results.items():
-            rows.append({"bench": "loss fwd+bwd", "shape": f"{kind} {distill} B{B}", "impl": name, "ms": ms,
-                         "rate": nbytes / ms / 1e6, "unit": "GB/s", "speedup": results["eager"] / ms})
-    return rows
+
+# ---------------------------------------------------------------------------------------------- compile check
+
+def _ptxas_counts(ptx, arch):
+    import re
+    import tempfile
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        log = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    regs, spill = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
+    return (int(regs[1]) if regs else None), (int(spill[1]) if spill else None)
+
+
+def _signature(fn, consts, tname):
+    sig = {}
+    for arg in fn.arg_names:
+        if arg in consts:
+            sig[arg] = "constexpr"
+        elif arg in ("LSE", "STATS", "G_LABEL", "G_DIST", "G_CORR"):
+            sig[arg] = "*fp32"
+        elif arg in ("LABELS", "TYPES"):
+            sig[arg] = "*i64"
+        elif arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "CLS", "CORR_CLS", "DIST", "TEACHER", "CORR"):
+            sig[arg] = f"*{tname}"
+        elif "scale" in arg or arg in ("smoothing", "inv_tau") or arg.startswith("w_"):
+            sig[arg] = "fp32"
+        else:
+            sig[arg] = "i32"
+    return sig
 
 
 def compile_check(arch=90):
-    """Compile every attention kernel at the launcher's block sizes for sm_<arch> and report
-    ptxas registers, spills and shared memory. No GPU needed (Triton ships ptxas)."""
-    import re
-    import subprocess
-    import tempfile
-    import importlib
+    """Compile every config that survives pruning (so can be autotuned) at the students' key tile
+    (N 65-128), the next smaller one and the teacher's bucket (N = 197), for each dtype and head
+    size, and the loss kernel; report ptxas registers, spills, shared memory. Returns 1 if any
+    spills or exceeds shared memory. (dtype/D pairs with no row fall back to PyTorch.)"""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     A = importlib.import_module("kernels.attention")
+    L = importlib.import_module("kernels.distill_loss")
     if A.INTERPRETED:
         print("compile check: unset TRITON_INTERPRET first")
         return 1
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    names = {"fwd": A._attn_fwd_kernel, "dq": A._attn_bwd_dq_kernel, "dkdv": A._attn_bwd_dkdv_kernel}
-    print(f"{'kernel':<6} {'dtype':<6} {'D':>4} {'BLOCK_M,N,warps':<16} {'regs':>5} {'spill B':>8} {'smem B':>7} mma")
+    target = GPUTarget("cuda", arch, 32)
+    print(f"{'kernel':<10} {'dtype':<5} {'D':>4} {'N tile':>6} {'BLOCK_M':>7} {'BLOCK_N':>7} {'warps':>5} "
+          f"{'regs':>5} {'spill B':>7} {'smem B':>7} mma")
+    spills = 0
+
+    def report(name, tname, D, ntile, bm, bn, warps, fn, consts):
+        nonlocal spills
+        k = triton.compile(ASTSource(fn=fn, signature=_signature(fn, consts, tname), constexprs=consts),
+                           target=target, options={"num_warps": warps, "num_stages": 2})
+        regs, spill = _ptxas_counts(k.asm["ptx"], arch)
+        spills += bool(spill) or k.metadata.shared > 227 * 1024  # sm_90's shared memory per block
+        ptx = k.asm["ptx"]
+        mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma"
+        print(f"{name:<10} {tname:<5} {D:>4} {ntile:>6} {bm:>7} {bn:>7} {warps:>5} {regs:>5} "
+              f"{spill if spill is not None else '?':>7} {k.metadata.shared:>7} {mma}", flush=True)
+
+    kernels_ = {"fwd_short": A._attn_fwd_short_kernel, "bwd_short": A._attn_bwd_short_kernel,
+                "fwd_long": A._attn_fwd_long_kernel}
     for dtype, tname in [(torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")]:
         for D in (32, 64, 128):
-            for kname, fn in names.items():
-                BM, BN, warps = A._config(kname, D, dtype)
-                consts = {"BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_D": A._pow2(D), "DOT_PREC": A._dot_prec(dtype)}
-                sig = {}
-                for arg in fn.arg_names:
-                    tensor = arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
-                    sig[arg] = ("constexpr" if arg in consts else "*fp32" if arg == "LSE" else
-                                f"*{tname}" if tensor else "fp32" if "scale" in arg else "i32")
-                k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                   target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 2})
-                with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-                    f.write(k.asm["ptx"])
-                    f.flush()
-                    log = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
-                                         capture_output=True, text=True).stderr
-                regs = re.search(r"Used (\d+) registers", log)
-                spill = re.search(r"(\d+) bytes spill stores", log)
-                mma = "wgmma" if "wgmma" in k.asm["ptx"] else "mma" if "mma.sync" in k.asm["ptx"] else "fma"
-                print(f"{kname:<6} {tname:<6} {D:>4} {f'{BM},{BN},{warps}':<16} {regs[1] if regs else '?':>5} "
-                      f"{spill[1] if spill else '?':>8} {k.metadata.shared:>7} {mma}", flush=True)
-    return 0
+            for name, fn in kernels_.items():
+                for ntile in ((128, 64) if name != "fwd_long" else (256,)):  # students' tile, then smaller
+                    for c in A.prune(name, A.CONFIGS[name], ntile, D, dtype.itemsize):
+                        bn = c.kwargs.get("BLOCK_N", ntile)
+                        consts = {"BLOCK_M": c.kwargs["BLOCK_M"], "BLOCK_N": bn, "BLOCK_D": A._pow2(D),
+                                  "DOT_PREC": A._dot_prec(dtype)}
+                        if name == "fwd_long":
+                            consts["N_BUCKET"] = ntile
+                        report(name, tname, D, ntile, c.kwargs["BLOCK_M"], bn, c.num_warps, fn, consts)
+    for mode in (0, 1, 2):  # the loss kernel as launched for vit / deit hard / cdeit soft with mixup
+        consts = {"HAS_CORR_CLS": mode == 2, "TEACHER_MODE": mode, "HAS_CORR": mode == 2,
+                  "SOFT_LABELS": mode == 2, "SOFT_TYPES": False, "BLOCK_B": L._block_rows(10, 11),
+                  "BLOCK_C": 16, "BLOCK_T": 16}
+        report(f"loss m{mode}", "bf16", 0, 0, consts["BLOCK_B"], 16, 4, L._distill_loss_kernel, consts)
+    print("no spills, shared memory within sm_90's 227 KB" if not spills else
+          f"{spills} configs spill or exceed shared memory: remove them from kernels/attention.py's FITS")
+    return int(spills > 0)
+
+
+# ---------------------------------------------------------------------------------------------- GPU timing
+
+def _bench(fn, params=None):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=params, return_mode="median")
+
+
+def bench_attention(dtype):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import kernels
+    rows, goals = [], {}
+    for shape, train in ((TRAIN, True), (TEACHER, False)):
+        B, H, N, D = shape
+        q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype, requires_grad=train) for _ in range(3))
+        go = torch.randn(B, H, N, D, device=DEVICE, dtype=dtype)
+        qkv = torch.randn(B, N, 3, H, D, device=DEVICE, dtype=dtype, requires_grad=train)
+        go_packed = go.transpose(1, 2).reshape(B, N, H * D)
+        flops = (12 if train else 4) * B * H * N * N * D  # 2 matmuls forward, 4 backward
+        what = "fwd+bwd" if train else "fwd"
+
+        def timed(fn, params, grad):
+            if train:
+                return _bench(lambda: fn().backward(grad), params)
+            with torch.no_grad():
+                return _bench(fn)
+
+        shape_s, results = f"B{B} H{H} N{N} D{D}", {}
+        for name, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                              ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)]:
+            try:
+                with sdpa_kernel(backend):
+                    def sdpa():
+                        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                    sdpa()
+                    results[f"sdpa[{name}]"] = timed(sdpa, [q, k, v], go)
+            except RuntimeError as e:  # backend not available for this shape/dtype/GPU
+                print(f"  sdpa[{name}] unavailable at {shape_s}: {str(e).splitlines()[0][:100]}")
+
+        results["triton"] = timed(lambda: kernels.attention(q, k, v), [q, k, v], go)
+        results["triton packed layer"] = timed(lambda: kernels.attention_packed(qkv), [qkv], go_packed)
+        results["sdpa packed layer (model, kernels off)"] = timed(lambda: kernels.sdpa_packed(qkv), [qkv], go_packed)
+        fastest = min(ms for n, ms in results.items() if n.startswith("sdpa["))
+        for name, ms in results.items():
+            ref = results["sdpa packed layer (model, kernels off)"] if "layer" in name else fastest
+            rows.append({"bench": f"attention {what}", "shape": shape_s, "impl": name, "ms": ms,
+                         "rate": flops / ms / 1e9, "unit": "TFLOP/s", "speedup": ref / ms})
+        if train:
+            goals["attention kernel fwd+bwd vs fastest SDPA"] = fastest / results["triton"]
+            goals["attention packed layer fwd+bwd vs SDPA layer"] = (
+                results["sdpa packed layer (model, kernels off)"] / results["triton packed layer"])
+        else:
+            goals["attention teacher fwd, packed layer vs SDPA layer"] = (
+                results["sdpa packed layer (model, kernels off)"] / results["triton packed layer"])
+    return rows, goals
+
+
+def bench_loss(dtype):
+    import kernels
+    import losses
+    from model import Logits
+    C, T = 10, 11
+    rows, goals = [], {}
+    torch._dynamo.config.recompile_limit = 64  # one graph per (model kind, batch): 6, near the default 8
+    compiled = torch.compile(losses.distillation_loss, dynamic=False)
+    kinds = [("vit", "none"), ("deit", "hard"), ("deit", "soft"), ("cdeit", "hard"), ("cdeit", "soft")]
+    for B in LOSS_BATCHES:  # every kind at the global batch; one GPU's share for CdeiT soft only
+        for kind, distill in (kinds if B == LOSS_BATCHES[0] else kinds[-1:]):
+            def logits(n):
+                return torch.randn(B, n, device=DEVICE, dtype=dtype, requires_grad=True)
+
+            out = Logits(logits(C), logits(C) if kind != "vit" else None, logits(T) if kind == "cdeit" else None,
+                         logits(C) if kind == "cdeit" else None)  # cdeit: strategy 2
+            params = [x for x in out if x is not None]
+            labels = torch.randint(0, C, (B,), device=DEVICE)
+            teacher = torch.randn(B, C, device=DEVICE) if kind != "vit" else None
+            types = torch.randint(0, T, (B,), device=DEVICE) if kind == "cdeit" else None
+            results = {}
+            for name, fn in [("eager", losses.distillation_loss), ("torch.compile", compiled),
+                             ("triton fused", kernels.distillation_loss)]:
+                def step(fn=fn):
+                    fn(out, labels, teacher, types, distill=distill)[0].backward()
+                step()
+                results[name] = _bench(step, params)
+            for name, ms in results.items():
+                rows.append({"bench": "loss fwd+bwd", "shape": f"{kind} {distill} B{B}", "impl": name, "ms": ms,
+                             "rate": None, "unit": "", "speedup": results["eager"] / ms})
+            if B == LOSS_BATCHES[0]:  # the goal holds for every model kind: report the worst
+                for ref, goal in (("eager", "loss fwd+bwd vs eager B1024"),
+                                  ("torch.compile", "loss fwd+bwd vs torch.compile B1024")):
+                    goals[goal] = min(goals.get(goal, float("inf")), results[ref] / results["triton fused"])
+    return rows, goals
 
 
 def print_table(rows):
-    print(f"{'bench':<18} {'shape':<22} {'impl':<34} {'median ms':>10} {'rate':>14} {'vs ref':>7}")
+    print(f"{'bench':<18} {'shape':<22} {'impl':<40} {'median ms':>10} {'rate':>14} {'vs ref':>7}")
     for r in rows:
-        ms = "n/a" if r["ms"] is None else f"{r['ms']:.4f}"
         rate = "" if r["rate"] is None else f"{r['rate']:.1f} {r['unit']}"
-        sp = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
-        print(f"{r['bench']:<18} {r['shape']:<22} {r['impl']:<34} {ms:>10} {rate:>14} {sp:>7}")
-    print("vs ref: attention rows against the fastest SDPA backend at that shape; loss rows against eager.")
+        print(f"{r['bench']:<18} {r['shape']:<22} {r['impl']:<40} {r['ms']:>10.4f} {rate:>14} {r['speedup']:>6.2f}x")
+    print("vs ref: layer rows against the SDPA layer, other attention rows against the fastest SDPA "
+          "backend; loss rows against eager.")
+
+
+def print_goals(measured):
+    """One `PASS|FAIL name measured goal` line per goal (INFO without one); returns them for JSON."""
+    out = []
+    for name, value in measured.items():
+        goal = GOALS.get(name)
+        status = "INFO" if goal is None else "PASS" if value >= goal else "FAIL"
+        print(f"{status} {name.replace(' ', '_')} {value:.2f}x {'-' if goal is None else f'{goal:.2f}x'}")
+        out.append({"name": name, "measured": value, "goal": goal, "status": status})
+    return out
+
+
+def summarize(outdir):
+    """bench/gpu.sh's last step: one `PASS|FAIL name measured goal` line per goal from the GPU
+    tests' JUnit XML and the benchmark's JSON, and all of it in OUTDIR/results.json."""
+    import xml.etree.ElementTree as ET
+    goals = []
+    try:
+        suite = ET.parse(os.path.join(outdir, "gpu_tests.xml")).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        n, bad, skipped = (int(suite.get(k, 0)) for k in ("tests", "failures", "skipped"))
+        bad += int(suite.get("errors", 0))
+        goals.append({"name": "gpu tests passed", "measured": f"{n - bad - skipped}/{n - skipped}",
+                      "goal": "all", "status": "PASS" if n > skipped and not bad else "FAIL"})
+    except (OSError, ET.ParseError, AttributeError) as e:
+        goals.append({"name": "gpu tests passed", "measured": f"no result ({e})", "goal": "all", "status": "FAIL"})
+    try:
+        with open(os.path.join(outdir, "kernels_bench.json")) as f:
+            bench = json.load(f)
+    except (OSError, ValueError) as e:
+        bench = {"goals": [], "rows": []}
+        goals += [{"name": g, "measured": f"no result ({type(e).__name__})", "goal": v, "status": "FAIL"}
+                  for g, v in GOALS.items()]
+    goals += [{**g, "measured": f"{g['measured']:.2f}x"} for g in bench["goals"]]
+    for g in goals:
+        goal = "-" if g["goal"] is None else f"{g['goal']}x" if isinstance(g["goal"], float) else g["goal"]
+        print(f"{g['status']} {g['name'].replace(' ', '_')} {g['measured']} {goal}")
+    from fileio import atomic_write
+    atomic_write(os.path.join(outdir, "results.json"), json.dumps({"goals": goals, "bench": bench}, indent=1),
+                 what="GPU results")
+    return int(any(g["status"] == "FAIL" for g in goals))
 
 
 def main():
     ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                     help="attention inputs and loss logits (training runs bf16 autocast)")
-    ap.add_argument("--only", choices=["attention", "loss"], help="run one of the two benchmarks")
-    ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--only", choices=["attention", "loss"], help="run one of the two GPU benchmarks")
+    ap.add_argument("--json", help="also write the rows and goals to this JSON file")
+    ap.add_argument("--bytes", action="store_true", help="no GPU needed: the bytes-moved table")
     ap.add_argument("--compile-check", action="store_true",
-                    help="no GPU needed: compile the attention kernels for sm_90, print registers/spills")
+                    help="no GPU needed: compile every shipped config for sm_90, print registers/spills/smem")
+    ap.add_argument("--summarize", metavar="OUTDIR",
+                    help="no GPU needed: PASS/FAIL lines and OUTDIR/results.json from a bench/gpu.sh run")
     args = ap.parse_args()
+    if args.summarize:
+        return summarize(args.summarize)
     if args.compile_check:
         return compile_check()
+    if args.bytes:
+        if not importlib.import_module("kernels.attention").INTERPRETED:  # counting needs the interpreter
+            env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+            return subprocess.run([sys.executable, "-m", "kernels.bench", "--bytes"], env=env).returncode
+        return print_bytes()
     if not torch.cuda.is_available():
         print("kernels.bench needs a CUDA GPU and this machine has none: nothing measured. "
-              "(The CPU tests check the kernels' numerics through the Triton interpreter.)")
+              "(--bytes and --compile-check run without one.)")
         return 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {args.dtype}")
-    rows = []
-    if args.only in (None, "attention"):
-        rows += bench_attention(dtype)
-    if args.only in (None, "loss"):
-        rows += bench_loss(dtype)
+    rows, measured = [], {}
+    for name, fn in (("attention", bench_attention), ("loss", bench_loss)):
+        if args.only in (None, name):
+            r, g = fn(dtype)
+            rows, measured = rows + r, {**measured, **g}
     print_table(rows)
+    goals = print_goals(measured)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "dtype": args.dtype, "rows": rows}, f, indent=1)
-            f.flush()
-        os.replace(tmp, args.json)
+        from fileio import atomic_write
+        atomic_write(args.json, json.dumps({"device": torch.cuda.get_device_name(), "dtype": args.dtype,
+                                            "rows": rows, "goals": goals}, indent=1), what="benchmark results")
     return 0
 
 

@@ -2,8 +2,8 @@
 
 bf16 cannot be checked through triton 3.8's interpreter (its bf16 tl.dot is wrong and it rounds
 fp32 -> bf16 by truncation), and D=128 and the real batch shapes are too slow there, so they are
-checked here on the compiled kernels; plus a torch.compile'd model step through the kernels with
-no graph break.
+checked here on the compiled kernels; plus a torch.compile'd (fullgraph, CUDA graphs) model step
+through both custom ops.
 """
 import importlib
 
@@ -97,36 +97,56 @@ def test_loss_on_gpu(kind, distill, dtype):
         torch.testing.assert_close(a, e, atol=atol, rtol=rtol)
 
 
-def test_compiled_model_step_has_no_graph_break():
-    """A deit train step (forward, fused loss, backward) under torch.compile(fullgraph=True) with the
-    Triton kernels, against the same step eager with SDPA and losses.py."""
+def test_compiled_train_step_with_cuda_graphs():
+    """`--compile` at one GPU's share of the batch (128): forward, fused loss and backward under
+    torch.compile(fullgraph=True, mode="reduce-overhead"), i.e. CUDA graphs
+    around both custom ops (autotuning happens in the eager warm-up runs, before capture)."""
     import losses
     from model import create_model
-    from torch._dynamo.utils import counters
     torch.manual_seed(0)
-    fused = create_model("deit", fused_attn=True).cuda().train()
-    plain = create_model("deit", fused_attn=False).cuda().train()
-    plain.load_state_dict(fused.state_dict())
-    x = torch.randn(64, 3, 32, 32, device="cuda")
-    labels = torch.randint(0, 10, (64,), device="cuda")
-    teacher = torch.randn(64, 10, device="cuda")
+    model = create_model("cdeit", fused_attn=True).cuda().train()
+    ref = create_model("cdeit", fused_attn=False).cuda().train()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(128, 3, 32, 32, device="cuda")
+    labels = torch.randint(0, 10, (128,), device="cuda")
+    types = torch.randint(0, 11, (128,), device="cuda")
+    teacher = torch.randn(128, 10, device="cuda")
 
-    def loss_of(model, loss_fn, x):
+    def loss_of(m, loss_fn):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(x)
-        return loss_fn(out, labels, teacher, distill="hard")[0]
+            out = m(x)
+        return loss_fn(out, labels, teacher, types, distill="soft")[0]
 
-    counters.clear()
-    # fullgraph=True raises on any graph break; the counters double-check it.
-    compiled = torch.compile(lambda x: loss_of(fused, kernels.distillation_loss, x), fullgraph=True)
-    loss = compiled(x)
-    loss.backward()
-    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    loss_ref = loss_of(plain, losses.distillation_loss, x)
+    step = torch.compile(lambda: loss_of(model, kernels.distillation_loss), fullgraph=True,
+                         mode="reduce-overhead")  # the backward graph is captured as well
+    for _ in range(3):  # warm-up, record, replay
+        model.zero_grad(set_to_none=True)
+        loss = step()
+        loss.backward()
+        loss = loss.detach().clone()
+    loss_ref = loss_of(ref, losses.distillation_loss)
     loss_ref.backward()
-    torch.testing.assert_close(loss, loss_ref, atol=2e-2, rtol=2e-2)
-    # bf16 autocast through 12 blocks: compare the whole gradient by direction and size.
-    g = torch.cat([p.grad.flatten() for p in fused.parameters()])
-    g_ref = torch.cat([p.grad.flatten() for p in plain.parameters()])
-    assert F.cosine_similarity(g, g_ref, dim=0) > 0.99
-    assert abs(g.norm() / g_ref.norm() - 1) < 0.05
+    torch.testing.assert_close(loss, loss_ref.detach(), atol=2e-2, rtol=2e-2)
+    g = torch.cat([p.grad.flatten() for p in model.parameters()])
+    g_ref = torch.cat([p.grad.flatten() for p in ref.parameters()])
+    assert torch.isfinite(g).all() and F.cosine_similarity(g, g_ref, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("kernel,N", [("fwd_short", 67), ("bwd_short", 67), ("fwd_long", 197)])
+def test_every_fitting_config_on_gpu(kernel, N, monkeypatch):
+    """Each config autotuning may pick (FITS, bf16, D=64), forced, at a slice of the real shapes."""
+    A = importlib.import_module("kernels.attention")
+    tuner = {"fwd_short": A._fwd_short, "bwd_short": A._bwd_short, "fwd_long": A._fwd_long}[kernel]
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v, go = (torch.randn(64, 3, N, 64, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4))
+    ref = _reference(q, k, v, go)
+    for c in [c for c in A.CONFIGS[kernel] if A._key(c) in A.FITS[(kernel, 16, 64)]]:
+        monkeypatch.setattr(A, "prune", lambda *args, c=c: [c])
+        tuner.cache.clear()
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = kernels.attention(*xs)
+        got = [o, *torch.autograd.grad(o, xs, go)] if kernel == "bwd_short" else [o]
+        assert tuner.best_config is c
+        for name, a, e in zip(("o", "dq", "dk", "dv"), got, ref):
+            torch.testing.assert_close(a.double(), e, atol=4e-2, rtol=4e-2, msg=lambda m: f"{name} {c}: {m}")
+    tuner.cache.clear()

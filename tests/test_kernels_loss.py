@@ -1,8 +1,9 @@
 """kernels/distill_loss.py against the oracle, losses.distillation_loss (seed Eq. 4-7).
 
 Every model kind x distill mode x hard/soft targets x CdeiT strategy, odd batch sizes (1, 37, and
-300 so the kernel's row loop runs three ragged steps), fp32/fp16 logits, grad_output != 1,
-per-dtype tolerances, and NaN-poisoned outputs. Runs through Triton's interpreter without CUDA
+300: the one program's row loop ends on a ragged block), fp32/fp16 logits, grad_output != 1,
+per-dtype tolerances, NaN-poisoned outputs, and fp16 gradients under a GradScaler-sized loss scale
+against float64 math. Runs through Triton's interpreter without CUDA
 (tests/conftest.py). bf16 is checked in tests/test_kernels_gpu.py: triton 3.8's interpreter
 rounds fp32 -> bf16 by truncation, so CPU bf16 takes the eager path.
 """
@@ -179,3 +180,40 @@ def test_compile_traces_without_graph_break():
     grads_r = torch.autograd.grad(step(out), [x for x in out if x is not None])
     for a, e in zip(grads, grads_r):
         torch.testing.assert_close(a, e)
+
+
+def _float64_cdeit_soft(out, labels, teacher, types, tau, alpha, smoothing):
+    """Seed Eq. 7 in float64 math, the yardstick for the fp16 gradients."""
+    import torch.nn.functional as F
+    cls, dist, corr, corr_cls = out
+    z = cls + corr_cls
+    z = z + (z.half().double() - z).detach()  # the sum rounded to fp16, as the fp16 model adds it
+    label = F.cross_entropy(z, labels, label_smoothing=smoothing)
+    type_ = F.cross_entropy(corr, types, label_smoothing=smoothing)
+    kl = F.kl_div(F.log_softmax(dist / tau, 1), F.log_softmax(teacher / tau, 1), reduction="sum",
+                  log_target=True) * tau * tau / dist.numel()
+    return (1 - alpha) * (label + type_) / 2 + alpha * kl
+
+
+def test_fp16_gradients_survive_a_gradscaler_scale(poisoned):
+    """`--amp fp16`: GradScaler multiplies the loss by 65536 (its initial scale) before backward.
+    Soft-distillation gradients are ~tau^2/(B C) x small probability gaps, often below fp16's
+    normal range (6.1e-5): rounded to fp16 before the scale they become subnormal or zero. The
+    kernel keeps them fp32 until grad_output (the scale) is applied and rounds once."""
+    B, scale, tau, alpha = 1024, 65536.0, 3.0, 0.5
+    out, labels, teacher, types = _batch("cdeit", B, False, 2, torch.float16, seed=14)
+    inputs = [x for x in out if x is not None]
+    loss, _ = kernels.distillation_loss(out, labels, teacher, types, distill="soft", tau=tau, alpha=alpha)
+    grads = torch.autograd.grad(loss * scale, inputs)
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    ref_out = Logits(*ref_inputs)
+    ref_loss = _float64_cdeit_soft(ref_out, labels, teacher.double(), types, tau, alpha, 0.1)
+    ref = torch.autograd.grad(ref_loss * scale, ref_inputs)
+    lost = 0
+    for name, a, e in zip(("cls", "dist", "corr", "corr_cls"), grads, ref):
+        assert a.dtype == torch.float16
+        assert not ((a == 0) & (e != 0)).any(), f"{name}: gradients underflowed to zero"
+        torch.testing.assert_close(a.double(), e, atol=1e-3, rtol=4e-3, msg=lambda m: f"{name}: {m}")
+        rounded_first = (e / scale).half().double() * scale  # fp16 gradient first, then the scale
+        lost += int(((rounded_first == 0) & (e != 0)).sum())
+    assert lost > 0  # the check above can fail: this batch has gradients that fp16 alone loses
