@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import download as _download
+import fileio
 from augment import MEAN, RANDAUG_OPS, STD, Augment, crop_flip, normalize, teacher_view  # noqa: F401 (re-exported)
 from download import (CIFAR_DIR, CIFAR_FILES, CIFARC_DIR, CORRUPTION_FILES, FILES,  # noqa: F401 (re-exported)
                       TEACHER_FILE, DataError, Remote, download, teacher_path)
@@ -137,14 +138,6 @@ def read_cifar10c(root, name, test_labels=None):
 # ----------------------------------------------------------------------------------------------
 # 2. Synthetic files in the exact on-disk formats
 
-def _atomic_write(path, write):
-    # temp file + rename: a reader never sees half a file (no fsync: these are throwaway files)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def write_synthetic(root, train_per_class=250, test_per_class=60, seed=0):
     """Write cifar-10-batches-py/ and CIFAR-10-C/ (19 corruptions + labels.npy) in the real layout,
     small. Class c = a class colour + oriented stripes + noise (a tiny ViT learns it in a minute);
@@ -173,13 +166,14 @@ def write_synthetic(root, train_per_class=250, test_per_class=60, seed=0):
         obj = {b"batch_label": label.encode(), b"labels": [int(v) for v in y],
                b"data": np.ascontiguousarray(x.transpose(0, 3, 1, 2).reshape(len(x), 3072)),
                b"filenames": [f"synthetic_{i}.png".encode() for i in range(len(x))]}
-        _atomic_write(path, lambda f: pickle.dump(obj, f, protocol=4))
+        fileio.atomic_write(path, lambda f: pickle.dump(obj, f, protocol=4), "synthetic data file")
 
     for i, (xs, ys) in enumerate(zip(np.array_split(train_x, 5), np.array_split(train_y, 5))):
         batch(os.path.join(d, f"data_batch_{i + 1}"), xs, ys, f"training batch {i + 1} of 5")
     batch(os.path.join(d, "test_batch"), test_x, test_y, "testing batch 1 of 1")
     meta = {b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": len(test_x), b"num_vis": 3072}
-    _atomic_write(os.path.join(d, "batches.meta"), lambda f: pickle.dump(meta, f, protocol=4))
+    fileio.atomic_write(os.path.join(d, "batches.meta"), lambda f: pickle.dump(meta, f, protocol=4),
+                        "synthetic data file")
 
     dc = os.path.join(root, CIFARC_DIR)
     os.makedirs(dc, exist_ok=True)
@@ -195,8 +189,9 @@ def write_synthetic(root, train_per_class=250, test_per_class=60, seed=0):
                 img += s * np.roll(bank, s, axis=0)
             np.clip(img, 0, 255, out=img)
             out[(s - 1) * len(test_x):s * len(test_x)] = img
-        _atomic_write(os.path.join(dc, f"{name}.npy"), lambda f: np.save(f, out))
-    _atomic_write(os.path.join(dc, "labels.npy"), lambda f: np.save(f, np.tile(test_y, 5).astype(np.uint8)))
+        fileio.atomic_write(os.path.join(dc, f"{name}.npy"), lambda f: np.save(f, out), "synthetic data file")
+    fileio.atomic_write(os.path.join(dc, "labels.npy"), lambda f: np.save(f, np.tile(test_y, 5).astype(np.uint8)),
+                        "synthetic data file")
 
 
 # ----------------------------------------------------------------------------------------------

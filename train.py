@@ -14,6 +14,7 @@ warmup + cosine, DDP; atomic checkpoints, exact resume, clean stop on SIGTERM / 
 Only rank 0 prints and writes. Checkpoint format: what eval.py reads (see `checkpoint` below).
 """
 import argparse
+import contextlib
 import csv
 import datetime
 import io
@@ -32,10 +33,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import fileio
 import losses
 import teacher  # the teacher stage (seed 4.1): cached features, fitted head, logits
 from model import ModelFileError, count_params, create_model, param_groups
-from teacher import atomic_save  # noqa: F401  (train.atomic_save: config, summary and checkpoints)
 
 # --dataset synthetic: what changes when the user did not set it (about 2,000 training images, so
 # the whole pipeline runs in a couple of minutes on a laptop CPU). Data and teacher are fake.
@@ -45,6 +46,10 @@ SYNTHETIC_DEFAULTS = dict(epochs=1, batch_size=64, warmup_epochs=0.25, train_per
 
 class TrainError(RuntimeError):
     """A bad flag combination or an unusable file or folder; printed as one line."""
+
+
+class FaultError(TrainError):
+    """A fault met by one rank (out of memory, a lost peer): that rank prints it, not only rank 0."""
 
 
 def get_args(argv=None):
@@ -144,11 +149,80 @@ def setup(args):
     else:
         device = torch.device("cpu")
     check_args(args, world)  # before init: a bad flag fails every rank alike, no rank waits
+    watch = None
     if ddp:
         # long timeout: the other ranks wait while rank 0 runs the teacher over the whole mix once
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=60))
-    return dict(ddp=ddp, rank=rank, world=world, device=device, master=rank == 0)
+        watch = PeerWatch(rank, world)  # so a dead rank stops the others in seconds, not after that timeout
+    return dict(ddp=ddp, rank=rank, world=world, device=device, master=rank == 0, watch=watch)
+
+
+class PeerWatch:
+    """Heartbeats through torchrun's store: every rank bumps its counter every BEAT_S seconds (a daemon
+    thread, so it beats while the main thread computes or waits in a collective) and reads the others'.
+    A rank silent for DEAD_AFTER_S (killed, crashed, its node gone) or one that ended with an error
+    stops this rank with one line naming it; a collective that fails asks `verdict` who is gone.
+    torchrun's agent already stops a dead rank's siblings on one node; this covers other nodes and
+    NCCL collectives, which otherwise wait out the process-group timeout."""
+    BEAT_S, DEAD_AFTER_S, CONFIRM_S = 0.5, 10.0, 2.0  # CONFIRM_S: silence that names a rank after a failed collective
+
+    def __init__(self, rank, world):
+        self.rank, self.world, self.dead, self.limit = rank, world, None, self.DEAD_AFTER_S
+        self.prefix = f"cdeit-watch/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        # a client of its own: the process group's store is busy in the main thread's collectives
+        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                   timeout=datetime.timedelta(seconds=self.DEAD_AFTER_S))
+        self.found = threading.Event()
+        self.quit = threading.Event()
+        threading.Thread(target=self._loop, daemon=True, name="peer-watch").start()
+
+    def _loop(self):
+        beat, seen = 0, {}  # peer -> (counter, when it last changed)
+        while not self.quit.wait(self.BEAT_S):
+            try:
+                beat += 1
+                self.store.set(f"{self.prefix}beat/{self.rank}", str(beat))
+                now = time.monotonic()
+                for r in range(self.world):
+                    if r == self.rank:
+                        continue
+                    if self.store.check([f"{self.prefix}end/{r}"]):
+                        end = self.store.get(f"{self.prefix}end/{r}").decode()
+                        if end != "ok":
+                            return self._stop(f"rank {r} stopped with an error ({end})")
+                        continue
+                    key = f"{self.prefix}beat/{r}"
+                    n = self.store.get(key).decode() if self.store.check([key]) else None
+                    if n is None or seen.get(r, (None,))[0] != n:
+                        seen[r] = (n, now)
+                    elif now - seen[r][1] > self.limit:
+                        return self._stop(f"rank {r} stopped responding {now - seen[r][1]:.0f}s ago "
+                                          "(killed, crashed or its machine lost)")
+            except Exception as e:  # noqa: BLE001  (the store lives in rank 0 or torchrun's agent)
+                return self._stop(f"lost the rendezvous store {os.environ['MASTER_ADDR']}:"
+                                  f"{os.environ['MASTER_PORT']}, so rank 0 or torchrun's agent is gone "
+                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+
+    def _stop(self, why):
+        self.dead = why
+        self.found.set()
+        if not self.quit.wait(2.0):  # the main thread may be blocked in a collective: give it 2 s
+            print(f"error: rank {self.rank}: {why}; stopping this rank too (the last checkpoint is kept)",
+                  file=sys.stderr, flush=True)
+            os._exit(1)
+
+    def verdict(self):
+        """After a failed collective: wait until the dead peer is found; None if no peer seems gone."""
+        self.limit = self.CONFIRM_S  # a collective failed: a peer is gone, a short silence names it
+        self.found.wait(self.CONFIRM_S + 2 * self.BEAT_S + 1)
+        return self.dead
+
+    def close(self, status="ok"):
+        """This rank ends: tell the others whether it ended well (they stop too if not)."""
+        self.quit.set()
+        with contextlib.suppress(Exception):
+            self.store.set(f"{self.prefix}end/{self.rank}", status)
 
 
 def on_master_first(ctx, fn):
@@ -189,6 +263,11 @@ def prepare_out_dir(args):
         raise TrainError(f"{ckpt} exists: pass --resume to continue it, or choose another --out-dir")
     if args.resume and not os.path.exists(ckpt):
         raise TrainError(f"--resume: no checkpoint at {ckpt}")
+    stale = fileio.temp_files(args.out_dir)  # a kill mid-save leaves its temp file; the real files are whole
+    for f in stale:
+        os.remove(f)
+    if stale:
+        print(f"removed {len(stale)} partial file(s) a killed run left in {args.out_dir}", flush=True)
 
 
 # ----------------------------------------------------------------------------- (1) data
@@ -391,15 +470,17 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
         if ctx["ddp"]:
             dist.all_gather_object(states, rng_state(device, gen, cgen))
         if master:
-            atomic_save({"kind": "cdeit-kit/student", "version": 1, "model_name": args.model,
+            what = "best checkpoint" if path == best_path else "checkpoint"
+            fileio.atomic_write(path, {"kind": "cdeit-kit/student", "version": 1, "model_name": args.model,
                          "model_args": model_args, "model": raw_model.state_dict(),
                          "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
                          "rng": {"world_size": world, "ranks": states}, "config": vars(args),
                          "data_args": data_args, "dataset": args.dataset, "best_val_accuracy": best_val,
-                         "teacher": teacher_info, "history": history, "epoch_sums": sums.tolist()}, path)
+                         "teacher": teacher_info, "history": history, "epoch_sums": sums.tolist()}, what)
 
     if master:
-        atomic_save(json.dumps(vars(args), indent=2) + "\n", os.path.join(args.out_dir, "config.json"))
+        fileio.atomic_write(os.path.join(args.out_dir, "config.json"), json.dumps(vars(args), indent=2) + "\n",
+                            "run config")
     cfg = raw_model.cfg
     log(ctx, f"student: {args.model} ({count_params(raw_model):,} params, {cfg.depth} blocks, D={cfg.embed_dim}), "
              f"{args.distill} distillation, {spe} steps/epoch x {args.epochs} epochs, global batch "
@@ -490,14 +571,15 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
             improved, best_val = val > best_val, max(best_val, val)
             log(ctx, f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} | val accuracy {val:.2%}"
                 + (" (best)" if improved else "") + f" | {row['epoch_time_s']:.0f}s")
-            checkpoint(ckpt_path)
+            # ckpt.pt last: a kill before it reruns this epoch exactly and rewrites best.pt and summary.csv
             if improved:  # best val accuracy; test data never selects anything
                 checkpoint(best_path)
             if master:
                 w = io.StringIO()
                 wr = csv.DictWriter(w, fieldnames=list(row))
                 wr.writeheader(), wr.writerows(history)
-                atomic_save(w.getvalue(), os.path.join(args.out_dir, "summary.csv"))
+                fileio.atomic_write(os.path.join(args.out_dir, "summary.csv"), w.getvalue(), "summary")
+            checkpoint(ckpt_path)
             if stopped:  # the stop came on an epoch's last step: the epoch was finished and saved
                 log(ctx, f"stopped ({stopped}) after epoch {epoch}: saved {ckpt_path}; continue with --resume")
     finally:
@@ -524,25 +606,58 @@ def run(args, stop_at_step=None):
         if tpath is not None:
             info, logits, live = prepare_teacher(args, ctx, splits, data_args, tpath, targs, amp_dtype)
         t0 = time.time()
-        res = train_student(args, ctx, splits, data_args, info, logits, live, amp_dtype, stop_at_step)
+        res = train_student_or_fault(args, ctx, splits, data_args, info, logits, live, amp_dtype, stop_at_step)
         if not res["stopped"]:
             log(ctx, f"done in {(time.time() - t0) / 60:.1f} min: best val accuracy "
                      f"{res['best_val_accuracy']:.2%}; files in {args.out_dir} "
                      "(config.json, summary.csv, ckpt.pt, best.pt); next: python eval.py "
                      f"{os.path.join(args.out_dir, 'best.pt')}")
+        status = "ok"
         return res
+    except BaseException as e:
+        status = " ".join(str(e).split())[:200] or type(e).__name__
+        raise
     finally:
+        if ctx["watch"]:
+            ctx["watch"].close(status)
         if ctx["ddp"]:
-            dist.destroy_process_group()
+            with contextlib.suppress(Exception):  # after a lost peer this may fail too; the error is told
+                dist.destroy_process_group()
+
+
+def train_student_or_fault(args, ctx, *rest):
+    """train_student, with the faults a long run meets turned into one line (FaultError): out of GPU
+    memory, and under torchrun a collective that failed because another rank is gone."""
+    ckpt = os.path.join(args.out_dir, "ckpt.pt")
+    kept = lambda: f"the last checkpoint {ckpt} is kept" if os.path.exists(ckpt) else "no checkpoint was written yet"
+    try:
+        return train_student(args, ctx, *rest)
+    except torch.OutOfMemoryError:
+        per = args.batch_size // ctx["world"]
+        over = f"--batch-size {args.batch_size} over {ctx['world']} processes" if ctx["ddp"] else "--batch-size"
+        raise FaultError(f"out of GPU memory on {ctx['device']} at {per} images per GPU ({over}): use a smaller "
+                         f"--batch-size (e.g. {max(ctx['world'], args.batch_size // 2)}) in a new --out-dir "
+                         f"(--resume needs the same flags); {kept()}") from None
+    except RuntimeError as e:
+        why = ctx["watch"].verdict() if ctx["ddp"] and not isinstance(e, TrainError) else None
+        if why is None:
+            raise
+        raise FaultError(f"{why}; {kept()}") from None
 
 
 def main(argv=None, stop_at_step=None):
     args = get_args(argv)
+    rank = int(os.environ.get("RANK", 0))
     try:
         run(args, stop_at_step)
-    except (TrainError, data.DataError, ModelFileError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one copy of the message
-            print(f"error: {e}", file=sys.stderr)
+    except FaultError as e:  # met by this rank alone: it says so
+        print(f"error: rank {rank}: {e}" if "RANK" in os.environ else f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except (TrainError, data.DataError, ModelFileError, OSError) as e:  # OSError: fileio.WriteError and kin
+        if rank == 0:  # under torchrun, one copy of the message
+            more = "; then continue with --resume" if isinstance(e, fileio.WriteError) and \
+                os.path.exists(os.path.join(args.out_dir, "ckpt.pt")) else ""
+            print(f"error: {' '.join(str(e).split())}{more}", file=sys.stderr, flush=True)
         return 1
     return 0
 
