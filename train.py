@@ -154,7 +154,7 @@ def setup(args):
         # long timeout: the other ranks wait while rank 0 runs the teacher over the whole mix once
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=60))
-        watch = PeerWatch(rank, world)  # so a dead rank stops the others in seconds, not after that timeout
+        watch = PeerWatch(rank, world, args.out_dir)  # a dead rank stops the others in seconds, not after that
     return dict(ddp=ddp, rank=rank, world=world, device=device, master=rank == 0, watch=watch)
 
 
@@ -167,8 +167,8 @@ class PeerWatch:
     NCCL collectives, which otherwise wait out the process-group timeout."""
     BEAT_S, DEAD_AFTER_S, CONFIRM_S = 0.5, 10.0, 2.0  # CONFIRM_S: silence that names a rank after a failed collective
 
-    def __init__(self, rank, world):
-        self.rank, self.world, self.dead, self.limit = rank, world, None, self.DEAD_AFTER_S
+    def __init__(self, rank, world, out_dir):
+        self.rank, self.world, self.out_dir, self.dead, self.limit = rank, world, out_dir, None, self.DEAD_AFTER_S
         self.prefix = f"cdeit-watch/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
         # a client of its own: the process group's store is busy in the main thread's collectives
         self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
@@ -208,8 +208,7 @@ class PeerWatch:
         self.dead = why
         self.found.set()
         if not self.quit.wait(2.0):  # the main thread may be blocked in a collective: give it 2 s
-            print(f"error: rank {self.rank}: {why}; stopping this rank too (the last checkpoint is kept)",
-                  file=sys.stderr, flush=True)
+            print(f"error: rank {self.rank}: {why}; {kept_note(self.out_dir)}", file=sys.stderr, flush=True)
             os._exit(1)
 
     def verdict(self):
@@ -625,11 +624,14 @@ def run(args, stop_at_step=None):
                 dist.destroy_process_group()
 
 
+def kept_note(out_dir):
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    return f"the last checkpoint {ckpt} is kept" if os.path.exists(ckpt) else "no checkpoint was written yet"
+
+
 def train_student_or_fault(args, ctx, *rest):
     """train_student, with the faults a long run meets turned into one line (FaultError): out of GPU
     memory, and under torchrun a collective that failed because another rank is gone."""
-    ckpt = os.path.join(args.out_dir, "ckpt.pt")
-    kept = lambda: f"the last checkpoint {ckpt} is kept" if os.path.exists(ckpt) else "no checkpoint was written yet"
     try:
         return train_student(args, ctx, *rest)
     except torch.OutOfMemoryError:
@@ -637,12 +639,12 @@ def train_student_or_fault(args, ctx, *rest):
         over = f"--batch-size {args.batch_size} over {ctx['world']} processes" if ctx["ddp"] else "--batch-size"
         raise FaultError(f"out of GPU memory on {ctx['device']} at {per} images per GPU ({over}): use a smaller "
                          f"--batch-size (e.g. {max(ctx['world'], args.batch_size // 2)}) in a new --out-dir "
-                         f"(--resume needs the same flags); {kept()}") from None
+                         f"(--resume needs the same flags); {kept_note(args.out_dir)}") from None
     except RuntimeError as e:
         why = ctx["watch"].verdict() if ctx["ddp"] and not isinstance(e, TrainError) else None
         if why is None:
             raise
-        raise FaultError(f"{why}; {kept()}") from None
+        raise FaultError(f"{why}; {kept_note(args.out_dir)}") from None
 
 
 def main(argv=None, stop_at_step=None):
