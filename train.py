@@ -159,46 +159,45 @@ def setup(args):
 
 
 class PeerWatch:
-    """Heartbeats through torchrun's store: every rank bumps its counter every BEAT_S seconds (a daemon
-    thread, so it beats while the main thread computes or waits in a collective) and reads the others'.
-    A rank silent for DEAD_AFTER_S (killed, crashed, its node gone) or one that ended with an error
-    stops this rank with one line naming it; a collective that fails asks `verdict` who is gone.
-    torchrun's agent already stops a dead rank's siblings on one node; this covers other nodes and
-    NCCL collectives, which otherwise wait out the process-group timeout."""
+    """Heartbeats through torchrun's store, so a rank that dies stops the others in seconds. Every rank
+    bumps its counter every BEAT_S seconds (a daemon thread: it beats while the main thread computes or
+    waits in a collective) and watches the next rank's (a ring: store traffic grows with the world
+    size, not its square). A neighbour silent for DEAD_AFTER_S (killed, crashed, its node gone), or a
+    rank that ended with an error, sets one `abort` key naming it; every rank reads that key and stops
+    with one line. A collective that fails asks `verdict` who is gone. torchrun's agent already stops
+    the ranks on the dead rank's node; this covers the other nodes and NCCL collectives, which would
+    otherwise wait out the process-group timeout."""
     BEAT_S, DEAD_AFTER_S, CONFIRM_S = 0.5, 10.0, 2.0  # CONFIRM_S: silence that names a rank after a failed collective
 
     def __init__(self, rank, world, out_dir):
         self.rank, self.world, self.out_dir, self.dead, self.limit = rank, world, out_dir, None, self.DEAD_AFTER_S
-        self.prefix = f"cdeit-watch/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        self.key = f"cdeit-watch/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/".__add__
         # a client of its own: the process group's store is busy in the main thread's collectives
         self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                    timeout=datetime.timedelta(seconds=self.DEAD_AFTER_S))
-        self.found = threading.Event()
-        self.quit = threading.Event()
+        self.found, self.quit = threading.Event(), threading.Event()
         threading.Thread(target=self._loop, daemon=True, name="peer-watch").start()
 
+    def _get(self, key):
+        return self.store.get(key).decode() if self.store.check([key]) else None
+
     def _loop(self):
-        beat, seen = 0, {}  # peer -> (counter, when it last changed)
+        peer, beat, last, since = (self.rank + 1) % self.world, 0, None, time.monotonic()
         while not self.quit.wait(self.BEAT_S):
             try:
                 beat += 1
-                self.store.set(f"{self.prefix}beat/{self.rank}", str(beat))
-                now = time.monotonic()
-                for r in range(self.world):
-                    if r == self.rank:
-                        continue
-                    if self.store.check([f"{self.prefix}end/{r}"]):
-                        end = self.store.get(f"{self.prefix}end/{r}").decode()
-                        if end != "ok":
-                            return self._stop(f"rank {r} stopped with an error ({end})")
-                        continue
-                    key = f"{self.prefix}beat/{r}"
-                    n = self.store.get(key).decode() if self.store.check([key]) else None
-                    if n is None or seen.get(r, (None,))[0] != n:
-                        seen[r] = (n, now)
-                    elif now - seen[r][1] > self.limit:
-                        return self._stop(f"rank {r} stopped responding {now - seen[r][1]:.0f}s ago "
-                                          "(killed, crashed or its machine lost)")
+                self.store.set(self.key(f"beat/{self.rank}"), str(beat))
+                why = self._get(self.key("abort"))
+                if why is None and self._get(self.key(f"end/{peer}")) is None:  # a peer that ended well is quiet
+                    n, now = self._get(self.key(f"beat/{peer}")), time.monotonic()
+                    if n is None or n != last:
+                        last, since = n, now
+                    elif now - since > self.limit:
+                        why = f"rank {peer} stopped responding {now - since:.0f}s ago (killed, hung, crashed or its machine lost)"
+                        self.store.compare_set(self.key("abort"), "", why)  # the first finder names it for all
+                        why = self._get(self.key("abort"))
+                if why is not None:
+                    return self._stop(why)
             except Exception as e:  # noqa: BLE001  (the store lives in rank 0 or torchrun's agent)
                 return self._stop(f"lost the rendezvous store {os.environ['MASTER_ADDR']}:"
                                   f"{os.environ['MASTER_PORT']}, so rank 0 or torchrun's agent is gone "
@@ -212,16 +211,18 @@ class PeerWatch:
             os._exit(1)
 
     def verdict(self):
-        """After a failed collective: wait until the dead peer is found; None if no peer seems gone."""
-        self.limit = self.CONFIRM_S  # a collective failed: a peer is gone, a short silence names it
-        self.found.wait(self.CONFIRM_S + 2 * self.BEAT_S + 1)
+        """After a failed collective: wait until the lost rank is named; None if no rank seems gone."""
+        self.limit = self.CONFIRM_S  # a collective failed, so a rank is gone: a short silence names it
+        self.found.wait(self.DEAD_AFTER_S + 2)
         return self.dead
 
-    def close(self, status="ok"):
-        """This rank ends: tell the others whether it ended well (they stop too if not)."""
+    def close(self, error=None):
+        """This rank ends: well (the others stop watching it) or with an error (the others stop too)."""
         self.quit.set()
         with contextlib.suppress(Exception):
-            self.store.set(f"{self.prefix}end/{self.rank}", status)
+            if error:
+                self.store.compare_set(self.key("abort"), "", f"rank {self.rank} stopped with an error ({error})")
+            self.store.set(self.key(f"end/{self.rank}"), "ok" if not error else "error")
 
 
 def on_master_first(ctx, fn):
@@ -469,13 +470,14 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
         if ctx["ddp"]:
             dist.all_gather_object(states, rng_state(device, gen, cgen))
         if master:
-            what = "best checkpoint" if path == best_path else "checkpoint"
-            fileio.atomic_write(path, {"kind": "cdeit-kit/student", "version": 1, "model_name": args.model,
-                         "model_args": model_args, "model": raw_model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-                         "rng": {"world_size": world, "ranks": states}, "config": vars(args),
-                         "data_args": data_args, "dataset": args.dataset, "best_val_accuracy": best_val,
-                         "teacher": teacher_info, "history": history, "epoch_sums": sums.tolist()}, what)
+            fileio.atomic_write(path, {
+                "kind": "cdeit-kit/student", "version": 1, "model_name": args.model,
+                "model_args": model_args, "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+                "rng": {"world_size": world, "ranks": states}, "config": vars(args),
+                "data_args": data_args, "dataset": args.dataset, "best_val_accuracy": best_val,
+                "teacher": teacher_info, "history": history, "epoch_sums": sums.tolist()},
+                "best checkpoint" if path == best_path else "checkpoint")
 
     if master:
         fileio.atomic_write(os.path.join(args.out_dir, "config.json"), json.dumps(vars(args), indent=2) + "\n",
@@ -611,14 +613,14 @@ def run(args, stop_at_step=None):
                      f"{res['best_val_accuracy']:.2%}; files in {args.out_dir} "
                      "(config.json, summary.csv, ckpt.pt, best.pt); next: python eval.py "
                      f"{os.path.join(args.out_dir, 'best.pt')}")
-        status = "ok"
+        error = None
         return res
     except BaseException as e:
-        status = " ".join(str(e).split())[:200] or type(e).__name__
+        error = " ".join(str(e).split())[:200] or type(e).__name__
         raise
     finally:
         if ctx["watch"]:
-            ctx["watch"].close(status)
+            ctx["watch"].close(error)
         if ctx["ddp"]:
             with contextlib.suppress(Exception):  # after a lost peer this may fail too; the error is told
                 dist.destroy_process_group()
@@ -641,7 +643,7 @@ def train_student_or_fault(args, ctx, *rest):
                          f"--batch-size (e.g. {max(ctx['world'], args.batch_size // 2)}) in a new --out-dir "
                          f"(--resume needs the same flags); {kept_note(args.out_dir)}") from None
     except RuntimeError as e:
-        why = ctx["watch"].verdict() if ctx["ddp"] and not isinstance(e, TrainError) else None
+        why = ctx["watch"].verdict() if ctx["watch"] and not isinstance(e, TrainError) else None
         if why is None:
             raise
         raise FaultError(f"{why}; {kept_note(args.out_dir)}") from None
