@@ -154,7 +154,11 @@ def setup(args):
         # long timeout: the other ranks wait while rank 0 runs the teacher over the whole mix once
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=60))
-        watch = PeerWatch(rank, world, args.out_dir)  # a dead rank stops the others in seconds, not after that
+        try:  # a dead rank stops the others in seconds, not after that timeout
+            watch = PeerWatch(rank, world, args.out_dir)
+        except Exception as e:  # noqa: BLE001  (a launcher without MASTER_ADDR / MASTER_PORT)
+            print(f"warning: rank {rank}: no heartbeat watch ({type(e).__name__}: {e}); a dead rank may "
+                  "leave the others waiting until the process-group timeout", file=sys.stderr)
     return dict(ddp=ddp, rank=rank, world=world, device=device, master=rank == 0, watch=watch)
 
 
@@ -193,7 +197,8 @@ class PeerWatch:
                     if n is None or n != last:
                         last, since = n, now
                     elif now - since > self.limit:
-                        why = f"rank {peer} stopped responding {now - since:.0f}s ago (killed, hung, crashed or its machine lost)"
+                        why = (f"rank {peer} stopped responding {now - since:.0f}s ago "
+                               "(killed, hung, crashed or its machine lost)")
                         self.store.compare_set(self.key("abort"), "", why)  # the first finder names it for all
                         why = self._get(self.key("abort"))
                 if why is not None:
