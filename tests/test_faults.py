@@ -361,7 +361,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("victim,sig", [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)])
+@pytest.mark.parametrize("victim,sig", [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)],
+                         ids=["rank1-killed", "rank0-killed", "rank1-hung"])
 def test_rank_killed_without_agent_survivor_names_it(tmp_path, data_dir, victim, sig):
     """The same with each rank a separate process (as ranks on another node see it: no local agent
     to stop them): the survivor stops within seconds with one line naming what died. SIGSTOP is a
