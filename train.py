@@ -175,12 +175,15 @@ class PeerWatch:
 
     def __init__(self, rank, world, out_dir):
         self.rank, self.world, self.out_dir, self.dead, self.limit = rank, world, out_dir, None, self.DEAD_AFTER_S
-        self.key = f"cdeit-watch/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/".__add__
+        self.prefix = f"cdeit-watch/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # one set per attempt
         # a client of its own: the process group's store is busy in the main thread's collectives
         self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                    timeout=datetime.timedelta(seconds=self.DEAD_AFTER_S))
         self.found, self.quit = threading.Event(), threading.Event()
         threading.Thread(target=self._loop, daemon=True, name="peer-watch").start()
+
+    def key(self, name):
+        return self.prefix + name
 
     def _get(self, key):
         return self.store.get(key).decode() if self.store.check([key]) else None

@@ -170,6 +170,9 @@ def test_real_full_disk_then_resume_exact(tmp_path, data_dir, reference, capsys)
                             r"\([\d.]+ [KMG]?B free, [\d.]+ KB needed\); the previous file is unchanged; "
                             r"then continue with --resume\n", err), err
         assert _load(out / "ckpt.pt")["epoch"] == 1 and fileio.temp_files(str(out)) == []
+        assert train.main(_argv(data_dir, out) + ["--resume"]) == 1  # still full: the same one line
+        assert re.fullmatch(r"error: could not write (best )?checkpoint .*--resume\n", capsys.readouterr().err)
+        assert _load(out / "ckpt.pt")["epoch"] == 1 and fileio.temp_files(str(out)) == []
         (disk / "filler").unlink()  # space freed
         assert train.main(_argv(data_dir, out) + ["--resume"]) == 0
         _same_run(reference, out)
