@@ -624,7 +624,8 @@ def run(args, stop_at_step=None):
         error = None
         return res
     except BaseException as e:
-        error = " ".join(str(e).split())[:200] or type(e).__name__
+        error = " ".join(str(e).split()).split(";")[0] or type(e).__name__  # its gist, for the other ranks
+        error = error.split(": ")[0] if len(error) > 100 else error
         raise
     finally:
         if ctx["watch"]:

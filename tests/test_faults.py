@@ -405,3 +405,42 @@ def test_rank_killed_without_agent_survivor_names_it(tmp_path, data_dir, victim,
         assert "Traceback" not in err
         assert re.fullmatch(r"error: rank 1: lost the rendezvous store 127\.0\.0\.1:\d+, so rank 0 or torchrun's "
                             r"agent is gone \(.*\); the last checkpoint \S+ckpt\.pt is kept", last), err
+
+
+OOM_ON_RANK_1 = """
+import os, runpy, sys, torch, train
+real, seen = train.train_step, [0]
+def step(*a, **k):
+    seen[0] += 1
+    if os.environ["RANK"] == "1" and seen[0] == 12:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return real(*a, **k)
+train.train_step = step
+sys.argv = ["train.py"] + sys.argv[1:]
+sys.exit(train.main())
+"""
+
+
+def test_out_of_memory_on_one_rank_stops_all_with_its_line(tmp_path, data_dir):
+    """Rank 1 runs out of memory (no agent: separate processes): rank 1 says so with its per-GPU
+    batch, rank 0 stops too and names rank 1 and the reason."""
+    port, ps = _free_port(), []
+    for r in range(2):
+        env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r),
+                   WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        ps.append(subprocess.Popen([sys.executable, "-c", OOM_ON_RANK_1, *VIT, "--data-dir", data_dir, "--out-dir",
+                                    str(tmp_path / "o")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=env, start_new_session=True))
+    try:
+        errs = [q.communicate(timeout=180)[1] for q in ps]
+    finally:
+        for q in ps:
+            _kill_group(q)
+    print(f"\nrank 0: {errs[0].strip()}\nrank 1: {errs[1].strip()}")
+    assert [q.returncode for q in ps] == [1, 1], errs
+    ckpt = re.escape(str(tmp_path / "o" / "ckpt.pt"))
+    assert re.fullmatch(r"error: rank 1: out of GPU memory on cpu at 22 images per GPU \(--batch-size 44 over 2 "
+                        r"processes\): use a smaller --batch-size \(e\.g\. 22\) in a new --out-dir \(--resume needs "
+                        rf"the same flags\); the last checkpoint {ckpt} is kept\n", errs[1]), errs[1]
+    assert re.fullmatch(r"error: rank 0: rank 1 stopped with an error \(out of GPU memory on cpu at 22 images per GPU "
+                        rf"\(--batch-size 44 over 2 processes\)\); the last checkpoint {ckpt} is kept\n", errs[0]), errs[0]
