@@ -15,6 +15,7 @@ Command line: `python download.py --data-dir ./data` (or `python data.py --data-
 Needs only the standard library (plus safetensors to check the teacher file, and torch only when
 a torch.distributed process group is running).
 """
+import contextlib
 import hashlib
 import http.client
 import os
@@ -25,6 +26,8 @@ import time
 import urllib.error
 import urllib.request
 from typing import NamedTuple
+
+import fileio
 
 
 class DataError(RuntimeError):
@@ -298,10 +301,8 @@ def download(data_dir, base_url=None, teacher=True, quiet=False, files=None, ret
         try:
             return _download_all(data_dir, specs, base_url, quiet, retries)
         except DataError as e:
-            tmp = f"{marker}.tmp{os.getpid()}"   # atomic: a waiting rank never reads half of it
-            with open(tmp, "w") as f:
-                f.write(str(e))
-            os.replace(tmp, marker)
+            with contextlib.suppress(fileio.WriteError):  # atomic: a waiting rank never reads half of it
+                fileio.atomic_write(marker, str(e), "download error note")
             raise
     start = time.time()
     while not all(_present(s, data_dir) for s in specs):

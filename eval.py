@@ -23,13 +23,13 @@ the number of samples; ours are not comparable to those numbers.
 for several; outputs are written only after everything succeeded, atomically.
 """
 import argparse
+import io
 import json
 import math
 import os
 import pickle
 import re
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 import corruptions
 import data
+import fileio
 import model as model_lib
 import teacher as teacher_lib
 from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_from_bins,
@@ -460,21 +461,6 @@ def _jsonable(v):
     return v
 
 
-def _stage(path, write):
-    """Write to a temp file beside path (flushed, fsynced); the caller os.replace()s it when all is well."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
 # ----------------------------------------------------------------------------- command line
 
 def _device(name):
@@ -571,29 +557,31 @@ def main(argv=None):
     p.add_argument("--teacher", help="a fitted teacher head file (teacher_head.pt), evaluated on the same split")
     p.add_argument("--data-dir", help="data folder, if not where the checkpoint was trained")
     args = p.parse_args(argv)
-    staged = []
     try:
         if args.batch_size < 1:
             raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
-        results = evaluate(args)
+        try:
+            results = evaluate(args)
+        except torch.OutOfMemoryError:
+            raise EvalError(f"out of GPU memory at --batch-size {args.batch_size} (images per step): use a smaller "
+                            f"--batch-size, e.g. --batch-size {max(1, args.batch_size // 2)}") from None
         print_one(results[0]) if len(results) == 1 else print_table(results)  # several: side by side
         if args.benchmark:
             print(f"\nreference: RobustBench CIFAR-10-C, Standard WRN-28-10, mean accuracy {ROBUSTBENCH_WRN28_10}%")
-        # outputs only now that everything succeeded: staged to temp files, then renamed together
+        # outputs only now that everything succeeded: both rendered in memory first, then each written atomically
+        outputs = []
         if args.plot:
-            staged.append((_stage(args.plot, lambda f: render_plot(results, f)), args.plot))
+            buf = io.BytesIO()
+            render_plot(results, buf)
+            outputs.append((args.plot, buf.getvalue(), "plot"))
         if args.json:
             blob = _jsonable(results[0] if len(results) == 1 else results)
-            text = json.dumps(blob, indent=1, allow_nan=False).encode()
-            staged.append((_stage(args.json, lambda f: f.write(text)), args.json))
-        for tmp, path in staged:
-            os.replace(tmp, path)
+            outputs.append((args.json, json.dumps(blob, indent=1, allow_nan=False), "results JSON"))
+        for path, content, what in outputs:
+            fileio.atomic_write(path, content, what)
             print(f"wrote {path}")
         return 0
-    except (EvalError, data.DataError, model_lib.ModelFileError, OSError) as e:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    except (EvalError, data.DataError, model_lib.ModelFileError, OSError) as e:  # OSError: fileio.WriteError
         print("eval.py: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
 

@@ -1,7 +1,7 @@
 """Safe files: every write of the project goes through `atomic_write`; shared caches use `locked`.
 
-    atomic_write(path, obj, what="checkpoint")   # str -> text, bytes -> bytes, callable(f) -> custom,
-                                                 # anything else -> torch.save; old file kept on failure
+    atomic_write(path, obj, what="checkpoint")   # str -> text, bytes -> bytes, callable(f) -> what it
+                                                 # writes to f, anything else -> torch.save; old file kept
     with locked(folder, log=print):              # one builder of a shared cache at a time
         ...
 
@@ -21,6 +21,11 @@ import tempfile
 import time
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: mkstemp makes 0600 files, a written file gets the usual 0666 & ~umask
+TEMP_SUFFIX = ".tmp"
+
+
 class WriteError(OSError):
     """A file could not be written; str(e) is one line for the user. The old file is intact."""
 
@@ -33,52 +38,61 @@ def _size(n):
 
 
 def _payload(obj):
-    """obj -> (bytes or None, writer): serialise in memory first, so a full disk is known by size."""
+    """obj -> bytes: serialised in memory first, so a failure to serialise touches no file and a full
+    disk can be reported with the size needed."""
     if isinstance(obj, str):
-        return obj.encode(), None
+        return obj.encode()
     if isinstance(obj, (bytes, bytearray)):
-        return bytes(obj), None
-    if callable(obj):
-        return None, obj
-    import torch
+        return bytes(obj)
     buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue(), None
+    if callable(obj):
+        obj(buf)
+    else:
+        import torch
+        torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def atomic_write(path, obj, what="file"):
     """Write obj to path atomically (see module docstring). Raises WriteError (one line) on OSError."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    data, writer = _payload(obj)
+    data = _payload(obj)
+    existed = os.path.exists(path)
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX)
         with os.fdopen(fd, "wb") as f:
-            f.write(data) if writer is None else writer(f)
+            os.fchmod(fd, 0o666 & ~_UMASK)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
-        raise WriteError(_message(e, what, path, folder, data)) from None
+        raise WriteError(_message(e, what, path, folder, len(data), existed)) from None
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
 
 
-def _message(e, what, path, folder, data):
+def _message(e, what, path, folder, size, existed):
     msg = f"could not write {what} {path}: {e.strerror or e}"
     if e.errno == errno.ENOSPC:
         with contextlib.suppress(OSError):
             st = os.statvfs(folder)
-            free = st.f_bavail * st.f_frsize
-            need = f", needs {_size(len(data))}" if data is not None else ""
-            msg += f" ({_size(free)} free{need}); the previous file is unchanged, free space and rerun (--resume)"
-            return msg
-    return msg + "; the previous file is unchanged"
+            msg += f" ({_size(st.f_bavail * st.f_frsize)} free, {_size(size)} needed)"
+    return msg + ("; the previous file is unchanged" if existed else "; no partial file was left")
+
+
+def temp_files(folder):
+    """Temp files atomic_write left in folder: only a process killed mid-write leaves one."""
+    with contextlib.suppress(OSError):
+        return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                      if n.startswith(".") and n.endswith(TEMP_SUFFIX) and n.count(".") >= 3)
+    return []
 
 
 def sha256_file(path):

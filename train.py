@@ -14,6 +14,7 @@ warmup + cosine, DDP; atomic checkpoints, exact resume, clean stop on SIGTERM / 
 Only rank 0 prints and writes. Checkpoint format: what eval.py reads (see `checkpoint` below).
 """
 import argparse
+import contextlib
 import csv
 import datetime
 import io
@@ -45,6 +46,10 @@ SYNTHETIC_DEFAULTS = dict(epochs=1, batch_size=64, warmup_epochs=0.25, train_per
 
 class TrainError(RuntimeError):
     """A bad flag combination or an unusable file or folder; printed as one line."""
+
+
+class FaultError(TrainError):
+    """A fault met by one rank (out of memory, a lost peer): that rank prints it, not only rank 0."""
 
 
 def get_args(argv=None):
@@ -160,11 +165,88 @@ def setup(args):
     else:
         device = torch.device("cpu")
     check_args(args, world)  # before init: a bad flag fails every rank alike, no rank waits
+    watch = None
     if ddp:
         # long timeout: the other ranks wait while rank 0 runs the teacher over the whole mix once
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=60))
-    return dict(ddp=ddp, rank=rank, world=world, device=device, master=rank == 0)
+        try:  # a dead rank stops the others in seconds, not after that timeout
+            watch = PeerWatch(rank, world, args.out_dir)
+        except Exception as e:  # noqa: BLE001  (a launcher without MASTER_ADDR / MASTER_PORT)
+            print(f"warning: rank {rank}: no heartbeat watch ({type(e).__name__}: {e}); a dead rank may "
+                  "leave the others waiting until the process-group timeout", file=sys.stderr)
+    return dict(ddp=ddp, rank=rank, world=world, device=device, master=rank == 0, watch=watch)
+
+
+class PeerWatch:
+    """Heartbeats through torchrun's store, so a rank that dies stops the others in seconds. Every rank
+    bumps its counter every BEAT_S seconds (a daemon thread: it beats while the main thread computes or
+    waits in a collective) and watches the next rank's (a ring: store traffic grows with the world
+    size, not its square). A neighbour silent for DEAD_AFTER_S (killed, crashed, its node gone), or a
+    rank that ended with an error, sets one `abort` key naming it; every rank reads that key and stops
+    with one line. A collective that fails asks `verdict` who is gone. torchrun's agent already stops
+    the ranks on the dead rank's node; this covers the other nodes and NCCL collectives, which would
+    otherwise wait out the process-group timeout."""
+    BEAT_S, DEAD_AFTER_S, CONFIRM_S = 0.5, 10.0, 2.0  # CONFIRM_S: silence that names a rank after a failed collective
+
+    def __init__(self, rank, world, out_dir):
+        self.rank, self.world, self.out_dir, self.dead, self.limit = rank, world, out_dir, None, self.DEAD_AFTER_S
+        self.prefix = f"cdeit-watch/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # one set per attempt
+        # a client of its own: the process group's store is busy in the main thread's collectives
+        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                   timeout=datetime.timedelta(seconds=self.DEAD_AFTER_S))
+        self.found, self.quit = threading.Event(), threading.Event()
+        threading.Thread(target=self._loop, daemon=True, name="peer-watch").start()
+
+    def key(self, name):
+        return self.prefix + name
+
+    def _get(self, key):
+        return self.store.get(key).decode() if self.store.check([key]) else None
+
+    def _loop(self):
+        peer, beat, last, since = (self.rank + 1) % self.world, 0, None, time.monotonic()
+        while not self.quit.wait(self.BEAT_S):
+            try:
+                beat += 1
+                self.store.set(self.key(f"beat/{self.rank}"), str(beat))
+                why = self._get(self.key("abort"))
+                if why is None and self._get(self.key(f"end/{peer}")) is None:  # a peer that ended well is quiet
+                    n, now = self._get(self.key(f"beat/{peer}")), time.monotonic()
+                    if n is None or n != last:
+                        last, since = n, now
+                    elif now - since > self.limit:
+                        why = (f"rank {peer} stopped responding {now - since:.0f}s ago "
+                               "(killed, hung, crashed or its machine lost)")
+                        self.store.compare_set(self.key("abort"), "", why)  # the first finder names it for all
+                        why = self._get(self.key("abort"))
+                if why is not None:
+                    return self._stop(why)
+            except Exception as e:  # noqa: BLE001  (the store lives in rank 0 or torchrun's agent)
+                return self._stop(f"lost the rendezvous store {os.environ['MASTER_ADDR']}:"
+                                  f"{os.environ['MASTER_PORT']}, so rank 0 or torchrun's agent is gone "
+                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+
+    def _stop(self, why):
+        self.dead = why
+        self.found.set()
+        if not self.quit.wait(2.0):  # the main thread may be blocked in a collective: give it 2 s
+            print(f"error: rank {self.rank}: {why}; {kept_note(self.out_dir)}", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    def verdict(self):
+        """After a failed collective: wait until the lost rank is named; None if no rank seems gone."""
+        self.limit = self.CONFIRM_S  # a collective failed, so a rank is gone: a short silence names it
+        self.found.wait(self.DEAD_AFTER_S + 2)
+        return self.dead
+
+    def close(self, error=None):
+        """This rank ends: well (the others stop watching it) or with an error (the others stop too)."""
+        self.quit.set()
+        with contextlib.suppress(Exception):
+            if error:
+                self.store.compare_set(self.key("abort"), "", f"rank {self.rank} stopped with an error ({error})")
+            self.store.set(self.key(f"end/{self.rank}"), "ok" if not error else "error")
 
 
 def on_master_first(ctx, fn):
@@ -191,10 +273,6 @@ def log(ctx, *msg):
 
 # ----------------------------------------------------------------------------- files
 
-def atomic_save(obj, path):
-    """config.json, summary.csv and checkpoints through the project's one atomic writer."""
-    fileio.atomic_write(path, obj, what=os.path.basename(path))
-
 
 def prepare_out_dir(args):
     try:
@@ -210,6 +288,11 @@ def prepare_out_dir(args):
         raise TrainError(f"{ckpt} exists: pass --resume to continue it, or choose another --out-dir")
     if args.resume and not os.path.exists(ckpt):
         raise TrainError(f"--resume: no checkpoint at {ckpt}")
+    stale = fileio.temp_files(args.out_dir)  # a kill mid-save leaves its temp file; the real files are whole
+    for f in stale:
+        os.remove(f)
+    if stale:
+        print(f"removed {len(stale)} partial file(s) a killed run left in {args.out_dir}", flush=True)
 
 
 # ----------------------------------------------------------------------------- (1) data
@@ -417,15 +500,18 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
         if ctx["ddp"]:
             dist.all_gather_object(states, rng_state(device, gen, cgen))
         if master:
-            atomic_save({"kind": "cdeit-kit/student", "version": 1, "model_name": args.model,
-                         "model_args": model_args, "model": raw_model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-                         "rng": {"world_size": world, "ranks": states}, "config": vars(args),
-                         "data_args": data_args, "dataset": args.dataset, "best_val_accuracy": best_val,
-                         "teacher": teacher_info, "history": history, "epoch_sums": sums.tolist()}, path)
+            fileio.atomic_write(path, {
+                "kind": "cdeit-kit/student", "version": 1, "model_name": args.model,
+                "model_args": model_args, "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+                "rng": {"world_size": world, "ranks": states}, "config": vars(args),
+                "data_args": data_args, "dataset": args.dataset, "best_val_accuracy": best_val,
+                "teacher": teacher_info, "history": history, "epoch_sums": sums.tolist()},
+                "best checkpoint" if path == best_path else "checkpoint")
 
     if master:
-        atomic_save(json.dumps(vars(args), indent=2) + "\n", os.path.join(args.out_dir, "config.json"))
+        fileio.atomic_write(os.path.join(args.out_dir, "config.json"), json.dumps(vars(args), indent=2) + "\n",
+                            "run config")
     cfg = raw_model.cfg
     log(ctx, f"student: {args.model} ({count_params(raw_model):,} params, {cfg.depth} blocks, D={cfg.embed_dim}), "
              f"{args.distill} distillation, {spe} steps/epoch x {args.epochs} epochs, global batch "
@@ -516,14 +602,15 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
             improved, best_val = val > best_val, max(best_val, val)
             log(ctx, f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} | val accuracy {val:.2%}"
                 + (" (best)" if improved else "") + f" | {row['epoch_time_s']:.0f}s")
-            checkpoint(ckpt_path)
+            # ckpt.pt last: a kill before it reruns this epoch exactly and rewrites best.pt and summary.csv
             if improved:  # best val accuracy; test data never selects anything
                 checkpoint(best_path)
             if master:
                 w = io.StringIO()
                 wr = csv.DictWriter(w, fieldnames=list(row))
                 wr.writeheader(), wr.writerows(history)
-                atomic_save(w.getvalue(), os.path.join(args.out_dir, "summary.csv"))
+                fileio.atomic_write(os.path.join(args.out_dir, "summary.csv"), w.getvalue(), "summary")
+            checkpoint(ckpt_path)
             if stopped:  # the stop came on an epoch's last step: the epoch was finished and saved
                 log(ctx, f"stopped ({stopped}) after epoch {epoch}: saved {ckpt_path}; continue with --resume")
     finally:
@@ -550,25 +637,62 @@ def run(args, stop_at_step=None):
         if tpath is not None:
             info, logits, live = prepare_teacher(args, ctx, splits, data_args, tpath, targs, amp_dtype)
         t0 = time.time()
-        res = train_student(args, ctx, splits, data_args, info, logits, live, amp_dtype, stop_at_step)
+        res = train_student_or_fault(args, ctx, splits, data_args, info, logits, live, amp_dtype, stop_at_step)
         if not res["stopped"]:
             log(ctx, f"done in {(time.time() - t0) / 60:.1f} min: best val accuracy "
                      f"{res['best_val_accuracy']:.2%}; files in {args.out_dir} "
                      "(config.json, summary.csv, ckpt.pt, best.pt); next: python eval.py "
                      f"{os.path.join(args.out_dir, 'best.pt')}")
+        error = None
         return res
+    except BaseException as e:
+        error = " ".join(str(e).split()).split(";")[0] or type(e).__name__  # its gist, for the other ranks
+        error = error.split(": ")[0] if len(error) > 100 else error
+        raise
     finally:
+        if ctx["watch"]:
+            ctx["watch"].close(error)
         if ctx["ddp"]:
-            dist.destroy_process_group()
+            with contextlib.suppress(Exception):  # after a lost peer this may fail too; the error is told
+                dist.destroy_process_group()
+
+
+def kept_note(out_dir):
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    return f"the last checkpoint {ckpt} is kept" if os.path.exists(ckpt) else "no checkpoint was written yet"
+
+
+def train_student_or_fault(args, ctx, *rest):
+    """train_student, with the faults a long run meets turned into one line (FaultError): out of GPU
+    memory, and under torchrun a collective that failed because another rank is gone."""
+    try:
+        return train_student(args, ctx, *rest)
+    except torch.OutOfMemoryError:
+        per = args.batch_size // ctx["world"]
+        over = f"--batch-size {args.batch_size} over {ctx['world']} processes" if ctx["ddp"] else "--batch-size"
+        raise FaultError(f"out of GPU memory on {ctx['device']} at {per} images per GPU ({over}): use a smaller "
+                         f"--batch-size (e.g. {max(ctx['world'], args.batch_size // 2)}) in a new --out-dir "
+                         f"(--resume needs the same flags); {kept_note(args.out_dir)}") from None
+    except RuntimeError as e:
+        why = ctx["watch"].verdict() if ctx["watch"] and not isinstance(e, TrainError) else None
+        if why is None:
+            raise
+        raise FaultError(f"{why}; {kept_note(args.out_dir)}") from None
 
 
 def main(argv=None, stop_at_step=None):
     args = get_args(argv)
+    rank = int(os.environ.get("RANK", 0))
     try:
         run(args, stop_at_step)
-    except (TrainError, data.DataError, ModelFileError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one copy of the message
-            print(f"error: {e}", file=sys.stderr)
+    except FaultError as e:  # met by this rank alone: it says so
+        print(f"error: rank {rank}: {e}" if "RANK" in os.environ else f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except (TrainError, data.DataError, ModelFileError, OSError) as e:  # OSError: fileio.WriteError and kin
+        if rank == 0:  # under torchrun, one copy of the message
+            more = "; then continue with --resume" if isinstance(e, fileio.WriteError) and \
+                os.path.exists(os.path.join(args.out_dir, "ckpt.pt")) else ""
+            print(f"error: {' '.join(str(e).split())}{more}", file=sys.stderr, flush=True)
         return 1
     return 0
 
