@@ -22,6 +22,7 @@ Cache folder (shared by the vit / deit / cdeit runs of one dataset):
 """
 import contextlib
 import hashlib
+import json
 import os
 import time
 
@@ -65,14 +66,17 @@ def sha256_file(path):
 
 
 def write_synthetic_teacher(path, seed=0):
-    """A random deit3_small-shaped file (1 block, D=96, 1000-way head) for the offline smoke run."""
+    """A random deit3_small-shaped file (1 block, D=96, 1000-way head) for the offline smoke run
+    and tests; its metadata names those sizes (model.load_teacher reads them)."""
     from safetensors.torch import save_file
     torch.manual_seed(seed)
     t = create_model("deit3_small", **SYNTHETIC_TEACHER)
     for n, p in t.named_parameters():  # LayerScale 1, not 1e-6: else every image gives the
         if n.endswith(".gamma"):       # same class token and the head learns nothing
             p.data.fill_(1.0)
-    save_file({k: v.contiguous() for k, v in t.state_dict().items()}, path + ".tmp")
+    # the sizes travel in the file, so --teacher PATH loads it like the real one
+    save_file({k: v.contiguous() for k, v in t.state_dict().items()}, path + ".tmp",
+              metadata={"model_args": json.dumps(SYNTHETIC_TEACHER)})
     os.replace(path + ".tmp", path)
 
 
