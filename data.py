@@ -2,7 +2,8 @@
 
 Top to bottom:
   1. readers for the real formats (a restricted unpickler, memory-mapped .npy);
-  2. a synthetic generator that writes the same formats (tests and the offline smoke run);
+  2. writers of the same formats: synthetic images (tests and the offline smoke run), or any
+     labelled 32x32 images, with their CIFAR-10-C files rendered by corruptions.py;
   3. the mixes, cached on disk: the seed's 11-type mix (seed 3.4), a leak-free variant, and the
      standard robustness protocol (CIFAR-10 training images, corrupted on the device by
      corruptions.py, tested on the real CIFAR-10-C files);
@@ -179,22 +180,7 @@ def write_synthetic(root, train_per_class=250, test_per_class=60, seed=0):
     train_y = rng.permutation(np.repeat(np.arange(10), train_per_class))
     test_y = rng.permutation(np.repeat(np.arange(10), test_per_class))
     train_x, test_x = images(train_y), images(test_y)
-    d = os.path.join(root, CIFAR_DIR)
-    os.makedirs(d, exist_ok=True)
-
-    def batch(path, x, y, label):
-        # CHW rows like the real files; bytes keys, as Python 2 pickles load with encoding='bytes'
-        obj = {b"batch_label": label.encode(), b"labels": [int(v) for v in y],
-               b"data": np.ascontiguousarray(x.transpose(0, 3, 1, 2).reshape(len(x), 3072)),
-               b"filenames": [f"synthetic_{i}.png".encode() for i in range(len(x))]}
-        atomic_write(path, lambda f: pickle.dump(obj, f, protocol=4), what="synthetic CIFAR-10 batch")
-
-    for i, (xs, ys) in enumerate(zip(np.array_split(train_x, 5), np.array_split(train_y, 5))):
-        batch(os.path.join(d, f"data_batch_{i + 1}"), xs, ys, f"training batch {i + 1} of 5")
-    batch(os.path.join(d, "test_batch"), test_x, test_y, "testing batch 1 of 1")
-    meta = {b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": len(test_x), b"num_vis": 3072}
-    atomic_write(os.path.join(d, "batches.meta"), lambda f: pickle.dump(meta, f, protocol=4),
-                 what="synthetic CIFAR-10 meta")
+    write_cifar(root, train_x, train_y, test_x, test_y, filename="synthetic_{}.png")
 
     dc = os.path.join(root, CIFARC_DIR)
     os.makedirs(dc, exist_ok=True)
@@ -213,6 +199,45 @@ def write_synthetic(root, train_per_class=250, test_per_class=60, seed=0):
         atomic_write(os.path.join(dc, f"{name}.npy"), lambda f: np.save(f, out), what="synthetic CIFAR-10-C file")
     atomic_write(os.path.join(dc, "labels.npy"), lambda f: np.save(f, np.tile(test_y, 5).astype(np.uint8)),
                  what="synthetic CIFAR-10-C labels")
+
+
+def write_cifar(root, train_x, train_y, test_x, test_y, filename="image_{}.png"):
+    """cifar-10-batches-py/ in the real layout from any labelled images (N,32,32,3) uint8, labels
+    0..9: data_batch_1..5 (the training images split in 5), test_batch and batches.meta."""
+    for x, y in ((train_x, train_y), (test_x, test_y)):
+        if x.dtype != np.uint8 or x.shape[1:] != (32, 32, 3) or len(y) != len(x):
+            raise ValueError(f"images must be uint8 (N, 32, 32, 3) with N labels, got {x.dtype} {x.shape}, {len(y)}")
+    d = os.path.join(root, CIFAR_DIR)
+    os.makedirs(d, exist_ok=True)
+
+    def batch(path, x, y, label):
+        # CHW rows like the real files; bytes keys, as Python 2 pickles load with encoding='bytes'
+        obj = {b"batch_label": label.encode(), b"labels": [int(v) for v in y],
+               b"data": np.ascontiguousarray(x.transpose(0, 3, 1, 2).reshape(len(x), 3072)),
+               b"filenames": [filename.format(i).encode() for i in range(len(x))]}
+        atomic_write(path, lambda f: pickle.dump(obj, f, protocol=4), what="CIFAR-10 batch")
+
+    for i, (xs, ys) in enumerate(zip(np.array_split(train_x, 5), np.array_split(train_y, 5))):
+        batch(os.path.join(d, f"data_batch_{i + 1}"), xs, ys, f"training batch {i + 1} of 5")
+    batch(os.path.join(d, "test_batch"), test_x, test_y, "testing batch 1 of 1")
+    meta = {b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": len(test_x), b"num_vis": 3072}
+    atomic_write(os.path.join(d, "batches.meta"), lambda f: pickle.dump(meta, f, protocol=4), what="CIFAR-10 meta")
+
+
+def write_cifar10c(root, names=None, seed=0):
+    """CIFAR-10-C/<name>.npy and labels.npy in the real layout, rendered by corruptions.py from
+    root's test_batch (any CIFAR-format test set): rows (s-1)*n..s*n = severity s of test image
+    0..n-1. names: default the 15 benchmark corruptions (what download.py looks for)."""
+    corruptions = _corruptions()
+    test_x, test_y = _read_batch(os.path.join(root, CIFAR_DIR, "test_batch"))
+    x, g = torch.from_numpy(np.ascontiguousarray(test_x)), torch.Generator().manual_seed(seed)
+    dc = os.path.join(root, CIFARC_DIR)
+    os.makedirs(dc, exist_ok=True)
+    for name in names or corruptions.CORRUPTIONS:
+        out = torch.cat([corruptions.corrupt(x, name, s, generator=g) for s in range(1, 6)]).numpy()
+        atomic_write(os.path.join(dc, f"{name}.npy"), lambda f: np.save(f, out), what="CIFAR-10-C file")
+    atomic_write(os.path.join(dc, "labels.npy"), lambda f: np.save(f, np.tile(test_y, 5).astype(np.uint8)),
+                 what="CIFAR-10-C labels")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -275,10 +275,13 @@ def load_teacher(path, num_classes=10, **overrides):
 
     A 1000-way ImageNet head with num_classes != 1000 is dropped and a fresh head created: the
     seed's 4.1 fits a new linear head on the frozen backbone. Any other mismatch raises
-    ModelFileError listing the missing, unexpected and mis-shaped keys.
+    ModelFileError listing the missing, unexpected and mis-shaped keys. A smaller test teacher
+    states its sizes in the file's metadata ("model_args": JSON of depth / embed_dim / num_heads);
+    explicit overrides win over them.
     """
+    import json
     import os
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = os.fspath(path)
@@ -286,10 +289,17 @@ def load_teacher(path, num_classes=10, **overrides):
         raise ModelFileError(f"teacher file {path}: not found (train.py downloads it into --data-dir)")
     try:
         sd = load_file(path, device="cpu")
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        sizes = json.loads(meta.get("model_args", "{}"))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelFileError(f"teacher file {path}: not a readable safetensors file ({msg})") from None
-    model = create_model("deit3_small", num_classes=num_classes, **overrides)
+    if not isinstance(sizes, dict) or not set(sizes) <= {"depth", "embed_dim", "num_heads"} \
+            or not all(type(v) is int and v > 0 for v in sizes.values()):
+        raise ModelFileError(f"teacher file {path}: metadata model_args must give positive integer "
+                             f"depth / embed_dim / num_heads, got {meta.get('model_args')!r}")
+    model = create_model("deit3_small", num_classes=num_classes, **{**sizes, **overrides})
     expected = model.state_dict()
     head = sd.get("head.weight")
     if head is not None and head.shape[0] != num_classes and head.shape[1:] == expected["head.weight"].shape[1:]:

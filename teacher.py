@@ -61,14 +61,17 @@ class CacheMismatch(CacheError):
 # ----------------------------------------------------------------------------- files and identity
 
 def write_synthetic_teacher(path, seed=0):
-    """A random deit3_small-shaped file (1 block, D=96, 1000-way head) for the offline smoke run."""
+    """A random deit3_small-shaped file (1 block, D=96, 1000-way head) for the offline smoke run
+    and tests; its metadata names those sizes (model.load_teacher reads them)."""
     from safetensors.torch import save
     torch.manual_seed(seed)
     t = create_model("deit3_small", **SYNTHETIC_TEACHER)
     for n, p in t.named_parameters():  # LayerScale 1, not 1e-6: else every image gives the
         if n.endswith(".gamma"):       # same class token and the head learns nothing
             p.data.fill_(1.0)
-    atomic_write(path, save({k: v.contiguous() for k, v in t.state_dict().items()}), what="synthetic teacher")
+    # the sizes travel in the file, so --teacher PATH loads it like the real one
+    atomic_write(path, save({k: v.contiguous() for k, v in t.state_dict().items()},
+                            metadata={"model_args": json.dumps(SYNTHETIC_TEACHER)}), what="synthetic teacher")
 
 
 def identity(sha, teacher_args, splits, data_args, resize, head_epochs, seed, amp_dtype):

@@ -36,6 +36,7 @@ import data
 import fileio
 import losses
 import teacher  # the teacher stage (seed 4.1): cached features, fitted head, logits
+from eval import run_student, summarize  # val metrics computed exactly as eval.py reports them
 from model import ModelFileError, count_params, create_model, param_groups
 
 # --dataset synthetic: what changes when the user did not set it (about 2,000 training images, so
@@ -378,16 +379,80 @@ def rank_seed(seed, epoch, rank):
     return (seed * 100_003 + epoch) * 1009 + rank
 
 
-@torch.no_grad()
-def evaluate(model, split, device, amp_dtype):
-    model.eval()
-    correct, bs = 0, 512 if device.type == "cuda" else 256
-    for i in range(0, len(split["labels"]), bs):
-        x = data.normalize(split["images"][i:i + bs].to(device))
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            correct += (model(x).argmax(1) == split["labels"][i:i + bs].to(device)).sum().item()
+# ----------------------------------------------------------------------------- the per-epoch record
+# One row per epoch in summary.csv and the checkpoint's history; row 0 is the untrained model, so the
+# seed's 4.4 token similarities can be read at the start and the end of training. Absent parts
+# (no distillation token, no corruption token, strategy 1) are left empty.
+SUMMARY_FIELDS = ["epoch", "step", "lr",
+                  "train_loss",      # the optimised loss (seed Eq. 4-7)
+                  "train_cls",       # CE(class token head, y): the class token alone
+                  "train_cls_corr",  # CE(cls + corr_proj(corr), y): CdeiT strategies 2/3's label term
+                  "train_dist",      # the distillation token's term (hard CE or tau^2 KL)
+                  "train_type",      # CE(corruption token head, type)
+                  "val_accuracy",    # the eval-mode (combined) output; selects best.pt
+                  "val_cls", "val_dist", "val_cls_corr",  # each head alone
+                  "val_type",        # corruption-token type accuracy over the 11 types (seed 4.3)
+                  "val_cos_cls_dist", "val_cos_cls_corr",  # final-layer token cosines (seed 4.4)
+                  "epoch_time_s"]
+
+
+def loss_columns(args):
+    """summary column -> the part of losses.distillation_loss (or train_step) that fills it."""
+    proj = args.model == "cdeit" and args.strategy != 1  # the label term is CE(cls + corr_proj(corr))
+    cols = {"cls": "cls" if proj else "label"}
+    if proj:
+        cols["cls_corr"] = "label"
+    if args.distill != "none":
+        cols["dist"] = "teacher"
+    if args.model == "cdeit":
+        cols["type"] = "type"
+    return cols
+
+
+def evaluate(model, split, device):
+    """The val columns of SUMMARY_FIELDS, computed as eval.py computes them (its run_student and
+    summarize: one forward_tokens pass per batch gives every head and the token cosines; bf16
+    autocast on CUDA, fp32 on CPU, whatever --amp)."""
+    outs, _ = run_student(model, split["images"], device, 512 if device.type == "cuda" else 256)
+    r = summarize(outs, split)
     model.train()
-    return correct / max(1, len(split["labels"]))
+    h, cos = r["head_accuracy"], r["token_similarity"]
+    return {"val_accuracy": h["combined"], "val_cls": h.get("cls"), "val_dist": h.get("dist"),
+            "val_cls_corr": h.get("cls_corr"), "val_type": r["corruption_accuracy"],
+            "val_cos_cls_dist": cos["cls_dist"], "val_cos_cls_corr": cos["cls_corr"]}
+
+
+def validate(raw_model, split, ctx):
+    """evaluate() on rank 0; every rank gets val_accuracy (they must agree on "improved")."""
+    device = ctx["device"]
+    m = evaluate(raw_model, split, device) if ctx["master"] else {}
+    val = torch.tensor([m.get("val_accuracy", 0.0)], device=device, dtype=torch.float64)
+    if ctx["ddp"]:
+        dist.broadcast(val, 0)
+    return {**m, "val_accuracy": val.item()}
+
+
+def _fmt(v, pct=False):
+    return "-" if v is None else f"{100 * v:.2f}%" if pct else f"{v:.3f}"
+
+
+def epoch_line(row):
+    """The log line of one history row: val accuracy of the output and of each head, type
+    accuracy and the token cosines (seed 4.4)."""
+    heads = " ".join(f"{k} {_fmt(row.get('val_' + c), True)}" for k, c in
+                     (("cls", "cls"), ("dist", "dist"), ("cls+corr", "cls_corr"), ("type", "type"))
+                     if row.get("val_" + c) is not None)
+    cos = " ".join(f"cos(cls,{k}) {_fmt(row['val_cos_cls_' + k])}" for k in ("dist", "corr")
+                   if row.get("val_cos_cls_" + k) is not None)
+    return f"val accuracy {_fmt(row['val_accuracy'], True)}" + (f" | heads {heads}" if heads else "") \
+        + (f" | {cos}" if cos else "")
+
+
+def write_summary(history, path):
+    w = io.StringIO()
+    wr = csv.DictWriter(w, fieldnames=SUMMARY_FIELDS, restval="", extrasaction="ignore")
+    wr.writeheader(), wr.writerows(history)
+    fileio.atomic_write(path, w.getvalue(), "summary")
 
 
 def train_step(model, optimizer, scaler, loss_fn, x, y, t, teacher_logits, args, amp_dtype):
@@ -396,6 +461,8 @@ def train_step(model, optimizer, scaler, loss_fn, x, y, t, teacher_logits, args,
         out = model(x)
     loss, parts = loss_fn(out, y, teacher_logits, t if args.model == "cdeit" else None, distill=args.distill,
                           tau=args.tau, alpha=args.alpha, smoothing=args.smoothing)
+    if out.corr_cls is not None:  # logged only: the class token alone, from the logits at hand
+        parts = {**parts, "cls": F.cross_entropy(out.cls.detach().float(), y, label_smoothing=args.smoothing)}
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if args.clip_grad:
@@ -473,7 +540,8 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
 
     ckpt_path, best_path = (os.path.join(args.out_dir, n) for n in ("ckpt.pt", "best.pt"))
     epoch, step, best_val, history, resume_rng = 0, 0, -1.0, [], None
-    sums = torch.zeros(4, dtype=torch.float64)  # per-epoch sums of loss, label, teacher, type
+    cols = loss_columns(args)  # the loss parts logged per step and per epoch
+    sums = torch.zeros(1 + len(cols), dtype=torch.float64)  # per-epoch sums of the loss and its parts
     if args.resume:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ck.get("kind") != "cdeit-kit/student" or (ck["model_name"], ck["model_args"], ck["data_args"]) \
@@ -517,7 +585,11 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
              f"{args.distill} distillation, {spe} steps/epoch x {args.epochs} epochs, global batch "
              f"{args.batch_size} on {world} x {device.type}, peak lr {peak:.2e}, amp {amp_dtype}, "
              f"loss {loss_fn.__module__}")
-    names = ["label", "teacher", "type"][:1 + (args.distill != "none") + (args.model == "cdeit")]
+    if step == 0 and not history:  # the untrained model: the start of the seed's 4.4 comparison
+        history.append({"epoch": 0, "step": 0, **validate(raw_model, splits["val"], ctx)})
+        log(ctx, f"epoch 0 (untrained): {epoch_line(history[0])}")
+        if master:
+            write_summary(history, os.path.join(args.out_dir, "summary.csv"))
     handlers = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)} \
         if threading.current_thread() is threading.main_thread() else {}
     STOP["why"], stopped, t_start, steps_done = None, None, time.time(), 0
@@ -531,7 +603,7 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
                 set_rng_state(device, gen, resume_rng, cgen)
                 resume_rng = None
             loader.set_epoch(epoch)
-            buf = torch.zeros(args.log_interval, 4, device=device)  # loss, label, teacher, type per step
+            buf = torch.zeros(args.log_interval, 1 + len(cols), device=device)  # loss and its parts per step
             n_buf, t_epoch, t_int = 0, time.time(), time.time()
             lr = lr_at(step, total, warmup, peak, floor)
             for i, batch in enumerate(loader):
@@ -555,8 +627,7 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
                 elif teacher_logits is not None:
                     tl = teacher_logits[batch["index"]]  # cached once (seed 4.1)
                 loss, parts = train_step(model, optimizer, scaler, loss_fn, x, y, t, tl, args, amp_dtype)
-                buf[n_buf] = torch.stack([loss.detach().float()] + [parts[k].float() for k in names]
-                                         + [loss.new_zeros(())] * (3 - len(names)))
+                buf[n_buf] = torch.stack([loss.detach().float()] + [parts[p].float() for p in cols.values()])
                 n_buf, step, steps_done = n_buf + 1, step + 1, steps_done + 1
                 if stop_at_step is not None and step >= stop_at_step:
                     STOP["why"] = STOP["why"] or f"stop_at_step={stop_at_step}"
@@ -577,7 +648,7 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
                     m, rate = rows.mean(0), n_buf * args.batch_size / (time.time() - t_int)
                     eta = (total - step) * (time.time() - t_start) / steps_done
                     log(ctx, f"step {step}/{total} | epoch {epoch + 1} | loss {m[0]:.4f} ("
-                        + " ".join(f"{k} {m[j + 1]:.3f}" for j, k in enumerate(names))
+                        + " ".join(f"{k.replace('_', '+')} {m[j + 1]:.3f}" for j, k in enumerate(cols))
                         + f") | lr {lr:.2e} | {rate:.0f} img/s | eta {eta / 60:.1f}m")
                     buf.zero_()
                     n_buf, t_int = 0, time.time()
@@ -589,27 +660,21 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
                 log(ctx, f"stopped ({stopped}) at step {step}: saved {ckpt_path}; continue with --resume")
                 break
             epoch += 1
-            val = torch.tensor([evaluate(raw_model, splits["val"], device, amp_dtype) if master else 0.0],
-                               device=device)
-            if ctx["ddp"]:
-                dist.broadcast(val, 0)  # every rank agrees on "improved" (checkpoint() is collective)
-            val = val.item()
+            metrics = validate(raw_model, splits["val"], ctx)  # collective: checkpoint() is too
+            val = metrics["val_accuracy"]
             row = dict(epoch=epoch, step=step, lr=lr, **{f"train_{k}": v / spe for k, v in
-                                                        zip(["loss", "label", "teacher", "type"], sums.tolist())},
-                       val_accuracy=val, epoch_time_s=round(time.time() - t_epoch, 2))
+                                                        zip(["loss", *cols], sums.tolist())},
+                       **metrics, epoch_time_s=round(time.time() - t_epoch, 2))
             history.append(row)
-            sums = torch.zeros(4, dtype=torch.float64)
+            sums = torch.zeros(1 + len(cols), dtype=torch.float64)
             improved, best_val = val > best_val, max(best_val, val)
-            log(ctx, f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} | val accuracy {val:.2%}"
+            log(ctx, f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} | {epoch_line(row)}"
                 + (" (best)" if improved else "") + f" | {row['epoch_time_s']:.0f}s")
             # ckpt.pt last: a kill before it reruns this epoch exactly and rewrites best.pt and summary.csv
             if improved:  # best val accuracy; test data never selects anything
                 checkpoint(best_path)
             if master:
-                w = io.StringIO()
-                wr = csv.DictWriter(w, fieldnames=list(row))
-                wr.writeheader(), wr.writerows(history)
-                fileio.atomic_write(os.path.join(args.out_dir, "summary.csv"), w.getvalue(), "summary")
+                write_summary(history, os.path.join(args.out_dir, "summary.csv"))
             checkpoint(ckpt_path)
             if stopped:  # the stop came on an epoch's last step: the epoch was finished and saved
                 log(ctx, f"stopped ({stopped}) after epoch {epoch}: saved {ckpt_path}; continue with --resume")

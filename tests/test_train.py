@@ -43,11 +43,11 @@ def test_smoke_run_end_to_end(smoke_run):
     stdout = (out.parent / "stdout.txt").read_text()
     assert "SYNTHETIC" in stdout and "RANDOM" in stdout  # says plainly that nothing here is real
     assert re.search(r"teacher: head fitted .* val [\d.]+%, test [\d.]+%", stdout)
-    assert re.search(r"step \d+/\d+ \| epoch 1 \| loss [\d.]+ \(label [\d.]+ teacher [\d.]+ type [\d.]+\)",
-                     stdout)
+    assert re.search(r"step \d+/\d+ \| epoch 1 \| loss [\d.]+ \(cls [\d.]+ cls\+corr [\d.]+ dist [\d.]+ "
+                     r"type [\d.]+\)", stdout)
     for f in ("config.json", "summary.csv", "ckpt.pt", "best.pt"):
         assert (out / f).is_file(), f
-    assert len((out / "summary.csv").read_text().strip().splitlines()) == 1 + 1  # header + 1 epoch
+    assert len((out / "summary.csv").read_text().strip().splitlines()) == 1 + 2  # header, untrained, epoch 1
     ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert CKPT_KEYS <= set(ck) and ck["kind"] == "cdeit-kit/student" and ck["epoch"] == 1
     assert ck["step"] == 34 and ck["config"]["batch_size"] == 64  # 2,200 images, batch 64
