@@ -53,9 +53,9 @@ def _normalize_(x):
     return x.mul_(scale).sub_(shift)
 
 
-def teacher_view(images, size=224, mode="bicubic", dtype=torch.float32):
+def teacher_view(images, size=224, mode="bilinear", dtype=torch.float32):
     """The teacher's input (seed 3.4): the un-augmented uint8 batch resized on the device to
-    size x size (timm's deit3 config: bicubic; bilinear as an option), normalised."""
+    size x size (bilinear as the seed's code; bicubic as timm's deit3 config), normalised."""
     if mode not in ("bicubic", "bilinear"):
         raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
     x = F.interpolate(images.float(), size=(size, size), mode=mode, align_corners=False, antialias=False)

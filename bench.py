@@ -176,7 +176,7 @@ def bench_train(args):
     def deit_step(b, x, y, t):
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             with torch.no_grad():
-                t_logits = teacher(data.teacher_view(b["images"], 224, "bicubic"))
+                t_logits = teacher(data.teacher_view(b["images"], 224, "bilinear"))
             cls, dist_ = student(x)
         # facebookresearch/deit DistillationLoss('hard'): base on cls (soft targets with smoothing,
         # as timm's Mixup hands them over) + CE(dist, teacher argmax), averaged

@@ -258,7 +258,7 @@ def run_teacher(head, split_name, split, device, batch_size):
     images, out = split["images"].to(device), []
     t0 = _now(device)
     for i in range(0, len(images), batch_size):
-        x = data.teacher_view(images[i:i + batch_size], size=net.cfg.img_size, mode=head.get("resize", "bicubic"))
+        x = data.teacher_view(images[i:i + batch_size], size=net.cfg.img_size, mode=head["resize"])
         with _autocast(device):
             out.append(net(x).float().cpu())
     return {"combined": torch.cat(out)}, len(images) / max(_now(device) - t0, 1e-9), head["teacher_path"]

@@ -1,6 +1,6 @@
 """The teacher stage of train.py (seed 4.1): DeiT-III Small, frozen, with a fresh 10-way head.
 
-    ident = teacher.identity(sha256, teacher_args, splits, data_args, resize="bicubic", head_epochs=10,
+    ident = teacher.identity(sha256, teacher_args, splits, data_args, resize="bilinear", head_epochs=10,
                              seed=0, amp_dtype=torch.bfloat16)     # what the cache depends on
     cache = teacher.build(path, teacher_args, splits, data_args, ident, device, torch.bfloat16)
     logits = teacher.load_logits(cache, ident, splits["train"], device)   # (N_train, 10), checked

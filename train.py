@@ -108,7 +108,8 @@ def get_args(argv=None):
     a("--teacher-view", default="cached", choices=["cached", "augmented"],
       help="cached: logits of the un-augmented 224px image, computed once (seed 3.4); "
            "augmented: teacher runs live on the student's augmented batch (Beyer et al. 2022)")
-    a("--teacher-resize", default="bicubic", choices=["bicubic", "bilinear"])
+    a("--teacher-resize", default="bilinear", choices=["bilinear", "bicubic"],
+      help="the 224px teacher view: bilinear as the seed's code; bicubic as timm's DeiT-III config")
     a("--head-epochs", type=int, default=None, help="epochs of the teacher-head fit; 10 (synthetic: 50)")
     a("--depth", type=int, default=None, help="student size overrides (tests, quick runs)")
     a("--embed-dim", type=int, default=None)

@@ -234,7 +234,7 @@ def test_teacher_head(files):
     torch.save(head, tdir / "teacher_head.pt")
     test = mix["test"]
     with torch.no_grad():
-        f = teacher.forward_features(data.teacher_view(test["images"], size=64))[:, 0]
+        f = teacher.forward_features(data.teacher_view(test["images"], size=64, mode="bicubic"))[:, 0]
     expect = float(((f @ W.T + b).argmax(-1) == test["labels"]).float().mean())
     # 1) no cached features: DeiT-III is rebuilt and run on the teacher view
     assert ev.main(["--teacher", str(tdir / "teacher_head.pt"), "--json", str(d / "t1.json"), "--device", "cpu"]) == 0
@@ -367,9 +367,9 @@ def test_bad_inputs(files, tmp_path, capsys):
     other = tmp_path / "other.pt"
     make_ckpt(other, "vit", d / "data")
     ck = torch.load(other, weights_only=True)
-    ck["model"].pop("head.bias")
+    ck["model"].pop("norm.bias")
     torch.save(ck, other)
-    assert "head.bias" in _bad([other, "--json", out], capsys, other)
+    assert "norm.bias" in _bad([other, "--json", out], capsys, other)
     assert not out.exists()
 
     # a baseline from another split: refused before anything is evaluated; an existing output survives
