@@ -318,10 +318,13 @@ def key_numbers(run):
     return (f"val {100 * val:.2f}%, " if val is not None else "") + f"test {100 * acc:.2f}%, ECE {e.get('ece', math.nan):.4f}"
 
 
-def execute(runs, args):
-    """Run what is missing: one at a time, or one per GPU at once. -> list of failure messages."""
+def execute(runs, args, only=None):
+    """Run what is missing (of run `only`, if given): one at a time, or one per GPU at once.
+    -> list of failure messages."""
     todo = []
     for i, run in enumerate(runs):
+        if only is not None and i != only:
+            continue
         st = state(run)
         if st == "done":
             say(f"{i + 1}/{len(runs)} skip {run['config']} s{run['seed']}: finished and evaluated ({run['dir']})")
@@ -336,13 +339,15 @@ def execute(runs, args):
     # first run that builds it runs alone, so parallel runs never build one cache twice at once
     warm = {r["seed"] for r in runs if not r["config"].startswith("vit")
             and os.path.exists(os.path.join(r["dir"], "ckpt.pt"))}
+    # nothing on disk yet: the first run fetches or writes the data alone
+    data_ready = any(os.path.exists(os.path.join(r["dir"], "ckpt.pt")) for r in runs)
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     pending, left = list(todo), len(todo)
     try:
         while pending or jobs:
             if STOP["sig"]:
                 break
-            while free and pending:
+            while free and pending and (data_ready or not jobs):
                 building = {j.run["seed"] for j in jobs.values() if j.phase == "train"
                             and not j.run["config"].startswith("vit")}
                 pick = next((p for p in pending if p[1]["config"].startswith("vit") or p[1]["seed"] in warm
@@ -371,6 +376,7 @@ def execute(runs, args):
                 left -= 1
                 run = job.run
                 if ok:
+                    data_ready = True
                     durations.append(time.time() - job.t0)
                     if not run["config"].startswith("vit"):
                         warm.add(run["seed"])
@@ -696,7 +702,10 @@ def _curve(ax, hists, col, label):
 def write_slurm(path, runs, args, argv):
     """A job-array script: task i trains and evaluates run i; TASK=aggregate (or running the script
     without SLURM_ARRAY_TASK_ID, which runs every task in turn) writes the results."""
-    base = [sys.executable, os.path.abspath(__file__)] + [a for a in argv if a != "--slurm" and a != path]
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    drop = {i for i, a in enumerate(own) if a == "--slurm"} | {i + 1 for i, a in enumerate(own) if a == "--slurm"} \
+        | {i for i, a in enumerate(own) if a.startswith("--slurm=")}
+    base = [sys.executable, os.path.abspath(__file__)] + [a for i, a in enumerate(argv) if i not in drop]
     if "--" in base:
         k = base.index("--")
         task = lambda s: base[:k] + ["--task", s] + base[k:]
@@ -706,7 +715,7 @@ def write_slurm(path, runs, args, argv):
     lines = ["#!/bin/bash",
              f"#SBATCH --job-name=cdeit-{args.experiment}",
              f"#SBATCH --array=0-{n - 1}",
-             "#SBATCH --gres=gpu:1" if args.device != "cpu" else "#SBATCH --cpus-per-task=4",
+             f"#SBATCH --gres=gpu:{args.nproc_per_node or 1}" if args.device != "cpu" else "#SBATCH --cpus-per-task=4",
              f"#SBATCH --output={os.path.abspath(os.path.join(args.out, 'slurm'))}/%x-%A_%a.out",
              "# written by reproduce.py; submit the tasks, then the aggregation once they all succeeded:",
              f"#   jid=$(sbatch --parsable {path}) && sbatch --dependency=afterok:$jid --array=0 "
@@ -776,14 +785,9 @@ def main(argv=None):
                     for c in eval_cmds(run, args):
                         print(shlex.join(c))
             return 0
-        if args.task not in (None, "aggregate"):
-            i = int(args.task)
-            if not 0 <= i < len(runs):
-                raise ReproduceError(f"--task {i}: this plan has runs 0..{len(runs) - 1}")
-            runs_to_do = [runs[i]]
-        else:
-            runs_to_do = [] if args.task == "aggregate" else runs
-        failed = execute(runs_to_do, args) if runs_to_do else []
+        if args.task not in (None, "aggregate") and not (args.task.isdigit() and int(args.task) < len(runs)):
+            raise ReproduceError(f"--task {args.task}: this plan has runs 0..{len(runs) - 1}")
+        failed = [] if args.task == "aggregate" else execute(runs, args, None if args.task is None else int(args.task))
         if args.task in (None, "aggregate"):
             for exp in exps:
                 write_results(exp, runs, args)
