@@ -160,7 +160,8 @@ def plan(args):
 def train_cmd(run, args, resume=False):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
               f"--nproc_per_node={args.nproc_per_node}"] if args.nproc_per_node else [sys.executable]
-    return launch + [TRAIN] + run["flags"] + ["--out-dir", run["dir"]] + _common(args) + (["--resume"] if resume else [])
+    common = (["--device", args.device] if args.device else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
+    return launch + [TRAIN] + run["flags"] + ["--out-dir", run["dir"]] + common + (["--resume"] if resume else [])
 
 
 def eval_cmds(run, args, head=None):
@@ -174,10 +175,6 @@ def eval_cmds(run, args, head=None):
         cmds += [[sys.executable, EVAL, "--teacher", head, "--split", s, "--json",
                   os.path.join(run["dir"], f"teacher-{s}.json")] + dev for s in ("val", "test")]
     return cmds
-
-
-def _common(args):
-    return (["--device", args.device] if args.device else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
 
 
 def _mtime(path):
@@ -245,8 +242,8 @@ def _on_signal(signum, frame):
 class Job:
     """One run's remaining commands (train and/or evals), run one after another in one slot."""
 
-    def __init__(self, run, st, args, index, total):
-        self.run, self.st, self.args, self.index, self.total = run, st, args, index, total
+    def __init__(self, run, st, args, index):
+        self.run, self.st, self.args, self.index = run, st, args, index
         self.proc, self.log, self.phase, self.t0 = None, None, None, None
         self.cmds = []
         if st in ("new", "partial"):
@@ -256,9 +253,9 @@ class Job:
     def start_next(self, env):
         phase, cmd = self.cmds.pop(0)
         if phase == "train":
-            os.makedirs(self.run["dir"], exist_ok=True)
-            with open(os.path.join(self.run["dir"], "command.json"), "w") as f:
-                json.dump({"flags": self.run["flags"], "command": cmd}, f, indent=1)
+            from fileio import atomic_write
+            atomic_write(os.path.join(self.run["dir"], "command.json"),
+                         json.dumps({"flags": self.run["flags"], "command": cmd}, indent=1) + "\n", what="run command")
             seq = [cmd]
         else:
             seq = eval_cmds(self.run, self.args, teacher_head(self.run) if self.run["teacher"] else None)
@@ -358,7 +355,7 @@ def execute(runs, args, only=None):
                 i, run, st = pick
                 slot = free.pop(0)
                 env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {}))
-                job = Job(run, st, args, i, len(runs))
+                job = Job(run, st, args, i)
                 job.t0 = time.time()
                 job.start_next(env)
                 what = {"new": "train + eval", "partial": "resume with --resume + eval", "trained": "eval"}[st]

@@ -194,3 +194,27 @@ def test_relative_mce_undefined_when_the_baseline_does_not_degrade(capsys):
     ev.add_mce(r, {"corruption_errors": base, "clean_error": 0.25}, "vit.json")
     assert r["relative_mce"] is None and r["relative_mce_undefined"] == why and r["mce"] > 0
     assert ev._rel_mce(r).startswith("undefined (the baseline's corrupted error is not above")
+
+
+def test_sigterm_mid_run_then_rerun_resumes_it(session, tmp_path):
+    """A real stop in the middle of a run: SIGTERM to the driver while train.py is past its first
+    epoch (of 10) goes on to train.py, which saves where it is; the same command again resumes it.
+    The teacher experiment, on the session's data (its teacher cache is reused)."""
+    cmd = [sys.executable, "reproduce.py", "teacher", "--seeds", "0", "--dataset", "synthetic", "--device", "cpu",
+           "--data-dir", str(session["dir"] / "data"), "--out", str(tmp_path), "--no-plots", "--"] + TINY + ["--epochs", "10"]
+    log = tmp_path / "runs" / "paper-synthetic" / "deit-hard-s0" / "train.log"
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "epoch 1/10" in log.read_text()):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    first = p.communicate(timeout=120)[0]
+    assert p.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in first, first
+    assert "stopped (SIGTERM)" in log.read_text()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0 and "1/1 started deit-hard s0 (resume with --resume + eval)" in r.stdout, r.stdout + r.stderr
+    assert "resumed " in log.read_text() and "epoch 10/10" in log.read_text()
+    res = json.loads((tmp_path / "teacher.json").read_text())
+    cell = res["rows"][0]["metrics"]["teacher_test_accuracy"]
+    test = json.loads((log.parent / "teacher-test.json").read_text())
+    assert cell["mean"] == pytest.approx(100 * test["accuracy"]) and cell["thesis"]["value"] == 87.4
