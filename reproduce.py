@@ -150,7 +150,8 @@ def plan(args):
                     tag = f"{split}-synthetic" if args.dataset == "synthetic" else split
                     flags = CONFIGS[name] + ["--split", split, "--seed", str(seed)] + \
                         (["--dataset", args.dataset] if args.dataset else []) + args.extra
-                    seen[key] = dict(config=name, split=split, seed=seed, flags=flags, teacher=False,
+                    label = f"{name} s{seed}" + ("" if split == args.split else f" [{split}]")
+                    seen[key] = dict(config=name, split=split, seed=seed, flags=flags, teacher=False, label=label,
                                      dir=os.path.join(args.out, "runs", tag, f"{name}-s{seed}"))
                     runs.append(seen[key])
                 seen[key]["teacher"] |= exp == "teacher"
@@ -324,7 +325,7 @@ def execute(runs, args, only=None):
             continue
         st = state(run)
         if st == "done":
-            say(f"{i + 1}/{len(runs)} skip {run['config']} s{run['seed']}: finished and evaluated ({run['dir']})")
+            say(f"{i + 1}/{len(runs)} skip {run['label']}: finished and evaluated ({run['dir']})")
         else:
             todo.append((i, run, st))
     if not todo:
@@ -359,7 +360,7 @@ def execute(runs, args, only=None):
                 job.t0 = time.time()
                 job.start_next(env)
                 what = {"new": "train + eval", "partial": "resume with --resume + eval", "trained": "eval"}[st]
-                say(f"{i + 1}/{len(runs)} started {run['config']} s{run['seed']} ({what})"
+                say(f"{i + 1}/{len(runs)} started {run['label']} ({what})"
                     + (f" on GPU {slot}" if slot is not None else "") + f" -> {run['dir']}")
                 jobs[slot] = job
             time.sleep(0.1)
@@ -378,11 +379,11 @@ def execute(runs, args, only=None):
                     if not run["config"].startswith("vit"):
                         warm.add(run["seed"])
                     eta = statistics.mean(durations) * left / len(slots)
-                    say(f"{job.index + 1}/{len(runs)} finished {run['config']} s{run['seed']} in "
+                    say(f"{job.index + 1}/{len(runs)} finished {run['label']} in "
                         f"{time.time() - job.t0:.1f}s: {key_numbers(run)} | {left} remain, ETA {eta / 60:.1f} min")
                 elif not STOP["sig"]:
-                    failed.append(f"{run['config']} s{run['seed']}: {msg}")
-                    say(f"{job.index + 1}/{len(runs)} FAILED {run['config']} s{run['seed']}: {msg} | {left} remain")
+                    failed.append(f"{run['label']}: {msg}")
+                    say(f"{job.index + 1}/{len(runs)} FAILED {run['label']}: {msg} | {left} remain")
         if STOP["sig"]:
             for job in jobs.values():  # train.py saves where it is on SIGTERM; eval.py just stops
                 if job.proc.poll() is None:
@@ -416,7 +417,7 @@ def mce_against(res, base, base_dir):
     """seed Eq. 10 from two eval JSONs (metrics.py), refused when they saw other images."""
     from metrics import mce, relative_mce, relative_mce_undefined
     ident = lambda r: (r.get("benchmark"), r.get("split"), {k: v for k, v in (r.get("data_args") or {}).items()
-                                                            if k not in ("root", "seed")})
+                                                            if k != "root"})
     a, b = ident(res), ident(base)
     if (a[0], a[1]) != (b[0], b[1]) or (not a[0] and a[2] != b[2]):
         raise ReproduceError(f"{base_dir}: the mCE baseline was evaluated on other images than {res.get('checkpoint')}")
@@ -721,7 +722,7 @@ def write_slurm(path, runs, args, argv):
              "set -euo pipefail",
              f"cd {shlex.quote(os.getcwd())}",
              f"mkdir -p {shlex.quote(os.path.join(args.out, 'slurm'))}",
-             "runs=("] + [f"  {shlex.quote(r['config'] + ' s' + str(r['seed']))}" for r in runs] + [")",
+             "runs=("] + [f"  {shlex.quote(r['label'])}" for r in runs] + [")",
              f'task() {{ echo "task $1: ${{runs[$1]}}"; {shlex.join(task("__I__")).replace("__I__", chr(34) + "$1" + chr(34))}; }}',
              f'aggregate() {{ {shlex.join(task("aggregate"))}; }}',
              'if [ "${TASK:-}" = aggregate ]; then aggregate',
@@ -775,7 +776,7 @@ def main(argv=None):
         if args.dry_run:
             for i, run in enumerate(runs):
                 st = state(run)
-                say(f"{i + 1}/{len(runs)} {run['config']} s{run['seed']}: {st}")
+                say(f"{i + 1}/{len(runs)} {run['label']}: {st}")
                 if st in ("new", "partial"):
                     print(shlex.join(train_cmd(run, args, resume=st == "partial")))
                 if st != "done":
