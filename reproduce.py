@@ -685,7 +685,7 @@ def plots(exp, res, runs, base, split):
 def _curve(ax, hists, col, label):
     """Mean over seeds per epoch, shaded min..max."""
     series = [[float(h[col]) for h in hist if h.get(col) not in (None, "")] for hist in hists]
-    series = [s for s in series if s]
+    series = [s for s in series if s and any(s)]  # train.py writes 0 for a token the model lacks
     if not series:
         return
     n = min(map(len, series))

@@ -59,7 +59,10 @@ def session(tmp_path_factory, one_thread):
         if "2/10 started" in line:
             time.sleep(1.0)
             break
-    os.killpg(p.pid, signal.SIGKILL)
+    try:
+        os.killpg(p.pid, signal.SIGKILL)  # the driver and its train.py, as a preemption would
+    except ProcessLookupError:
+        pass  # it ended early: the assertions on its output say why
     p.wait()
     out["killed"] = "".join(lines)
 
