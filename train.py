@@ -536,8 +536,10 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
 # ----------------------------------------------------------------------------- main
 
 def run(args, stop_at_step=None):
+    # recorded in config.json and the checkpoint's "config" (both write vars(args)); taken before the
+    # process group starts its threads (git runs in a child process), on rank 0, the one that writes
+    args.environment = environment() if int(os.environ.get("RANK", 0)) == 0 else None
     ctx = setup(args)
-    args.environment = environment()  # config.json and the checkpoint's "config" both record vars(args)
     try:
         device = ctx["device"]
         amp = args.amp or ("bf16" if device.type == "cuda" else "off")
