@@ -43,7 +43,8 @@ import model as model_lib
 import teacher as teacher_lib
 from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_from_bins,
                      expected_calibration_error, mce, mean_corruption_error, mean_or_none, nll,  # noqa: F401
-                     per_severity_accuracy, per_type_accuracy, relative_mce, topk_accuracy)
+                     per_severity_accuracy, per_type_accuracy, relative_mce, relative_mce_undefined,
+                     topk_accuracy)
 
 STUDENT_KIND, HEAD_KIND, EVAL_KIND = "cdeit-kit/student", "cdeit-kit/teacher-head", "cdeit-kit/eval"
 CORRUPTIONS = data.TYPES[1:]  # the seed's 10 corruption types (index 1..10 of the mix)
@@ -282,7 +283,7 @@ def summarize(outs, split, names=data.TYPES):
          "seen_corruption_error": mean_corruption_error(per_type, corruptions.SEEN),
          "unseen_corruption_error": mean_corruption_error(per_type, corruptions.UNSEEN),  # None on the mix
          "corruption_errors": corruption_errors(correct, types, sev, names),
-         "mce": None, "relative_mce": None, "robustbench_accuracy": None,
+         "mce": None, "relative_mce": None, "relative_mce_undefined": None, "robustbench_accuracy": None,
          "head_accuracy": {k: topk_accuracy(outs[k], y, 1) for k in ("cls", "dist", "cls_corr", "combined") if k in outs},
          "corruption_accuracy": None, "confusion_matrix": None,
          "token_similarity": {"cls_dist": None, "cls_corr": None},
@@ -303,8 +304,10 @@ def summarize(outs, split, names=data.TYPES):
 def add_mce(res, base, base_path):
     try:
         res["mce"] = mce(res["corruption_errors"], base["corruption_errors"])
-        res["relative_mce"] = relative_mce(res["corruption_errors"], res["clean_error"],
-                                           base["corruption_errors"], base["clean_error"])
+        why = relative_mce_undefined(base["corruption_errors"], base["clean_error"])
+        res["relative_mce"] = None if why else relative_mce(res["corruption_errors"], res["clean_error"],
+                                                            base["corruption_errors"], base["clean_error"])
+        res["relative_mce_undefined"] = why  # printed as "undefined" with this reason, never a number
     except ValueError as e:
         raise EvalError(f"{base_path}: {e}") from None
     res["baseline"] = base_path
@@ -369,6 +372,13 @@ def _err(acc):
     return None if acc is None else 1.0 - acc
 
 
+def _rel_mce(r, unit="%", why=True):
+    """Relative mCE as printed: a percentage, or "undefined" with the reason (metrics.relative_mce_undefined)."""
+    if r.get("relative_mce_undefined"):
+        return "undefined" + (f" ({r['relative_mce_undefined']})" if why else "")
+    return _pct(r["relative_mce"]) + (unit if r["relative_mce"] is not None else "")
+
+
 def _label(r):
     return f"{r['model_name']}/{r['distill'] or '-'}"
 
@@ -391,7 +401,7 @@ def print_one(r):
               f"(RobustBench Standard WRN-28-10: {ROBUSTBENCH_WRN28_10}%)  error on the seen types "
               f"{_pct(r['seen_corruption_error'])}%  on the unseen types {_pct(r['unseen_corruption_error'])}%" +
               (f"  4 extra corruptions {_pct(r['mean_accuracy_extra'])}%" if "mean_accuracy_extra" in r else ""))
-    mce_txt = f"  mCE {_pct(r['mce'])}%  relative mCE {_pct(r['relative_mce'])}%" if r["baseline"] else ""
+    mce_txt = f"  mCE {_pct(r['mce'])}%  relative mCE {_rel_mce(r)}" if r["baseline"] else ""
     print(f"  {'pooled ' if r.get('benchmark') else ''}accuracy {_pct(r['head_accuracy']['combined'])}%  "
           f"top-5 {_pct(r['top5'])}%  NLL {_num(r['nll'])}  ECE {_num(r['ece'])}  clean error {_pct(r['clean_error'])}%"
           f"  mean corruption error {_pct(r['mean_corruption_error'])}%{mce_txt}")
@@ -427,7 +437,8 @@ def print_table(results):
             ("ECE", "ece", _num), ("clean err %", "clean_error", _pct), ("corr err %", "mean_corruption_error", _pct)]
     if bench:
         spec += [("seen err %", "seen_corruption_error", _pct), ("unseen err %", "unseen_corruption_error", _pct)]
-    spec += [("mCE %", "mce", _pct), ("rel mCE %", "relative_mce", _pct), ("type acc %", "corruption_accuracy", _pct),
+    spec += [("mCE %", "mce", _pct), ("rel mCE %", lambda r: r, lambda r: _rel_mce(r, "", False)),
+             ("type acc %", "corruption_accuracy", _pct),
              ("cos(cls,dist)", lambda r: r["token_similarity"]["cls_dist"], lambda v: _num(v, 3)),
              ("cos(cls,corr)", lambda r: r["token_similarity"]["cls_corr"], lambda v: _num(v, 3)),
              ("img/s", "images_per_s", lambda v: f"{v:,.0f}")]
@@ -438,6 +449,8 @@ def print_table(results):
           "  ".join(c.rjust(wi) for (c, _), wi in zip(cols, w)))
     for i, r in enumerate(results):
         print("  ".join(v[i].rjust(wi) for (_, v), wi in zip(cols, w)) + f"  {r['checkpoint']}")
+    for why in dict.fromkeys(r.get("relative_mce_undefined") for r in results if r.get("relative_mce_undefined")):
+        print(f"relative mCE undefined: {why}")
     print("\nper type error %   " + "  ".join(f"{_label(r):>14}" for r in results))  # seed 4.4
     for t in dict.fromkeys(t for r in results for t in r["per_type"]):
         print(f"{t:<18} " + "  ".join(f"{_pct(_err(r['per_type'].get(t))):>14}" for r in results))

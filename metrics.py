@@ -95,8 +95,24 @@ def mce(errors, baseline_errors, clean=0.0, baseline_clean=0.0):
 
 def relative_mce(errors, clean_error, baseline_errors, baseline_clean_error):
     """Relative mCE: the same ratio after subtracting each model's own clean error from every E_sc
-    (how much a model degrades under corruption, relative to the baseline's degradation)."""
+    (how much a model degrades under corruption, relative to the baseline's degradation).
+    nan where relative_mce_undefined gives a reason."""
+    if relative_mce_undefined(baseline_errors, baseline_clean_error):
+        return math.nan
     return mce(errors, baseline_errors, clean_error, baseline_clean_error)
+
+
+def relative_mce_undefined(baseline_errors, baseline_clean_error):
+    """Why relative mCE has no meaning against this baseline, or None. Each corruption's denominator
+    sum_s (E^base_sc - E^base_clean) must be positive: a baseline whose corrupted error is not above
+    its clean error (the seed's own regime, 4.4: clean ~0.25, corrupted < 0.02) degrades by nothing
+    or less, and the ratio's sign and size mean nothing."""
+    bad = [c for c, e in baseline_errors.items()
+           if sum(b - baseline_clean_error for b in e if b is not None) <= 0]
+    if not bad:
+        return None
+    return (f"the baseline's corrupted error is not above its clean error ({100 * baseline_clean_error:.2f}%) "
+            f"for {len(bad)} of {len(baseline_errors)} corruptions ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})")
 
 
 def confusion_matrix(pred, target, n):

@@ -275,6 +275,30 @@ def log(ctx, *msg):
 
 # ----------------------------------------------------------------------------- files
 
+def environment():
+    """What a run ran on, for config.json and the checkpoint: git commit and whether tracked files
+    differed from it, torch / triton / CUDA versions, GPU name and count (None where unknown)."""
+    import importlib.metadata
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*cmd):
+        try:
+            r = subprocess.run(["git", "-C", here, *cmd], capture_output=True, text=True, timeout=10)
+            return r.stdout.strip() if r.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status),
+            "torch": str(torch.__version__), "triton": triton, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if gpus else None, "gpu_count": gpus,
+            "python": sys.version.split()[0]}
+
 
 def prepare_out_dir(args):
     try:
@@ -690,6 +714,9 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
 # ----------------------------------------------------------------------------- main
 
 def run(args, stop_at_step=None):
+    # recorded in config.json and the checkpoint's "config" (both write vars(args)); taken before the
+    # process group starts its threads (git runs in a child process), on rank 0, the one that writes
+    args.environment = environment() if int(os.environ.get("RANK", 0)) == 0 else None
     ctx = setup(args)
     try:
         device = ctx["device"]

@@ -209,8 +209,12 @@ def test_several_checkpoints_with_baseline(files, capsys):
     assert "mCE %" in so and "per type error %" in so and "each head alone" in so
     rs = json.loads(out.read_text())
     assert [r["model_name"] for r in rs] == ["vit", "deit", "cdeit"]
-    assert rs[0]["mce"] == pytest.approx(1.0) and rs[0]["relative_mce"] == pytest.approx(1.0)  # vs itself
     b = json.loads(base.read_text())
+    assert rs[0]["mce"] == pytest.approx(1.0)  # vs itself; relative mCE too, unless the baseline does not degrade
+    why = ev.relative_mce_undefined(b["corruption_errors"], b["clean_error"])
+    assert rs[0]["relative_mce_undefined"] == why
+    assert rs[0]["relative_mce"] is None if why else rs[0]["relative_mce"] == pytest.approx(1.0)
+    assert ("relative mCE undefined: " + why in so) if why else "undefined" not in so
     assert rs[2]["mce"] == pytest.approx(ev.mce(rs[2]["corruption_errors"], b["corruption_errors"]))
     assert rs[0]["token_similarity"] == {"cls_dist": None, "cls_corr": None}
     assert rs[1]["token_similarity"]["cls_dist"] is not None and rs[1]["corruption_accuracy"] is None
