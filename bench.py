@@ -21,6 +21,7 @@ def bench_data(args):
     import torch
     import torchvision.transforms as T
     from PIL import Image
+    import augment
     import data
 
     n, bs, reps = args.images, args.batch_size, 3
@@ -28,7 +29,7 @@ def bench_data(args):
     images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)   # CIFAR-sized uint8, HWC
     labels = rng.integers(0, 10, n)
     types = rng.integers(0, 11, n)
-    aug = data.Augment()   # the defaults: crop 4, flip, erase 0.25, mixup 0.8 with p 0.3
+    aug = augment.Augment()   # the defaults: crop 4, flip, erase 0.25, mixup 0.8 with p 0.3
     load0 = os.getloadavg()[0]
 
     split = {"images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
@@ -47,7 +48,7 @@ def bench_data(args):
             for b in dl:
                 x, y, t = aug(b["images"], b["labels"], b["types"], gen)
                 if teacher:
-                    xt = data.teacher_view(b["images"], dtype=torch.bfloat16)
+                    xt = augment.teacher_view(b["images"], dtype=torch.bfloat16)
                 k += len(x)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -63,7 +64,7 @@ def bench_data(args):
     # measured second, so that its worker processes cannot slow the runs above
     # torchvision: a PIL image per sample, as torchvision.datasets.CIFAR10 hands them out
     tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize(data.MEAN, data.STD), T.RandomErasing(p=0.25, value="random")])
+                    T.Normalize(augment.MEAN, augment.STD), T.RandomErasing(p=0.25, value="random")])
 
     class DS(torch.utils.data.Dataset):
         def __len__(self):
@@ -74,7 +75,7 @@ def bench_data(args):
 
     loader = torch.utils.data.DataLoader(DS(), batch_size=bs, shuffle=True, num_workers=2,
                                          drop_last=True, persistent_workers=True)
-    mix = data.Augment(crop_padding=0, flip=False, erase_prob=0.0)   # only its batch Mixup
+    mix = augment.Augment(crop_padding=0, flip=False, erase_prob=0.0)   # only its batch Mixup
     g = torch.Generator().manual_seed(0)
 
     def epoch_tv():
@@ -110,6 +111,7 @@ def bench_train(args):
     import os
     import torch
     import torch.nn.functional as F
+    import augment
     import data
     import losses
     import train
@@ -133,7 +135,7 @@ def bench_train(args):
     n = B * n_steps
     split = {"images": torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8),
              "labels": torch.randint(0, 10, (n,)), "types": torch.randint(0, 11, (n,))}
-    aug = data.Augment()  # seed Table 1: crop, flip, erasing 0.25, mixup 0.3
+    aug = augment.Augment()  # seed Table 1: crop, flip, erasing 0.25, mixup 0.3
 
     def sync():
         if cuda:
@@ -176,7 +178,7 @@ def bench_train(args):
     def deit_step(b, x, y, t):
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             with torch.no_grad():
-                t_logits = teacher(data.teacher_view(b["images"], 224, "bicubic"))
+                t_logits = teacher(augment.teacher_view(b["images"], 224, "bicubic"))
             cls, dist_ = student(x)
         # facebookresearch/deit DistillationLoss('hard'): base on cls (soft targets with smoothing,
         # as timm's Mixup hands them over) + CE(dist, teacher argmax), averaged

@@ -8,12 +8,11 @@ Top to bottom:
      standard robustness protocol (CIFAR-10 training images, corrupted on the device by
      corruptions.py, tested on the real CIFAR-10-C files);
   4. DeviceLoader: the whole split on the device as uint8, batches are slices of a randperm
-     (airbench style, no DataLoader workers);
-  5. (augment.py) Augment: crop / flip / RandAugment / Random Erasing / Mixup / CutMix as batched
-     tensor ops, normalize, and the teacher's 224px view; re-exported here (data.Augment, ...).
+     (airbench style, no DataLoader workers).
 
-Fetching the files (resume, checksums, safe extraction, the offline error) is download.py's job;
-`download`, `teacher_path`, `DataError` and the file names are re-exported here.
+Augmentation (crop / flip / RandAugment / Random Erasing / Mixup / CutMix, normalize, the
+teacher's 224px view) is augment.py's job; fetching the files (resume, checksums, safe extraction,
+the offline error) is download.py's.
 Facts (URLs, checksums, layouts): ../shared/reference/data-formats.md.
 Command line: `python data.py --data-dir ./data` downloads what is missing (as download.py does);
 `python data.py --data-dir ./data --synthetic` writes small synthetic files instead.
@@ -32,9 +31,7 @@ import torch
 
 import download as _download
 from fileio import atomic_write, locked
-from augment import MEAN, RANDAUG_OPS, STD, Augment, crop_flip, normalize, teacher_view  # noqa: F401 (re-exported)
-from download import (CIFAR_DIR, CIFAR_FILES, CIFARC_DIR, CORRUPTION_FILES, FILES,  # noqa: F401 (re-exported)
-                      TEACHER_FILE, DataError, Remote, download, teacher_path)
+from download import CIFAR_DIR, CIFAR_FILES, CIFARC_DIR, CORRUPTION_FILES, DataError
 
 # seed 3.4: clean + 10 CIFAR-10-C corruptions; the index is the corruption-token target.
 # corruptions.TYPE_NAMES extends it with the 5 unseen types as 11..15 (checked in _corruptions()).

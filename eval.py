@@ -9,11 +9,10 @@ A checkpoint trained with --split standard (CIFAR-10 train images, corrupted on 
 tested on that protocol by default: clean CIFAR-10 test + the real CIFAR-10-C files, with the errors
 on the seed's 10 training corruptions (seen) and on the 5 others (unseen) reported separately.
 
-The metric functions themselves live in metrics.py (seed 3.5; each tested on hand-computed values)
-and are re-exported here. Top to bottom: 1. loading checkpoints, teacher heads and baseline JSONs
-(one clear line on any bad file), 2. running a model over a split, batched on the device (bf16
-autocast on CUDA), 3. the metrics of one run, 4. the CIFAR-10-C benchmark, 5. tables, plot, command
-line.
+The metric functions themselves live in metrics.py (seed 3.5; each tested on hand-computed values).
+Top to bottom: 1. loading checkpoints, teacher heads and baseline JSONs (one clear line on any bad
+file), 2. running a model over a split, batched on the device (bf16 autocast on CUDA), 3. the
+metrics of one run, 4. the CIFAR-10-C benchmark, 5. tables, plot, command line.
 
 ECE is Guo et al.'s standard definition over the whole split at once (seed Eq. 8-9). The seed's
 ECEs (~0.0002) are far smaller because one public implementation sums per-batch ECEs and divides by
@@ -36,16 +35,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import augment
 import corruptions
 import data
+import download
 import fileio
 import model as model_lib
 import teacher as teacher_lib
-from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_from_bins,
-                     expected_calibration_error, mce, mean_corruption_error, mean_or_none, nll,  # noqa: F401
-                     per_severity_accuracy, per_type_accuracy, relative_mce, topk_accuracy)
+from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_from_bins, mce,
+                     mean_corruption_error, mean_or_none, nll, per_severity_accuracy, per_type_accuracy,
+                     relative_mce, topk_accuracy)
 
-STUDENT_KIND, HEAD_KIND, EVAL_KIND = "cdeit-kit/student", "cdeit-kit/teacher-head", "cdeit-kit/eval"
+STUDENT_KIND, EVAL_KIND = "cdeit-kit/student", "cdeit-kit/eval"
 CORRUPTIONS = data.TYPES[1:]  # the seed's 10 corruption types (index 1..10 of the mix)
 BENCHMARK = corruptions.CORRUPTIONS  # Hendrycks & Dietterich's 15, in CIFAR-10-C's order
 EXTRA = ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
@@ -81,7 +82,7 @@ def _load(path, what, kind, fields):
     if not isinstance(ck, dict) or "kind" not in ck:
         raise EvalError(f"{path}: no 'kind' field, not a cdeit-kit file (expected kind {kind!r})")
     if ck["kind"] != kind:
-        hint = {HEAD_KIND: "; pass a teacher head with --teacher",
+        hint = {teacher_lib.HEAD_KIND: "; pass a teacher head with --teacher",
                 STUDENT_KIND: "; pass a student checkpoint positionally"}.get(ck["kind"], "")
         raise EvalError(f"{path}: kind {ck['kind']!r}, expected {kind!r}{hint}")
     if ck.get("version") != 1:
@@ -121,7 +122,7 @@ def load_student(path):
 
 
 def load_head(path):
-    ck = _load(path, "teacher head", HEAD_KIND, ("weight", "bias", "teacher_path", "data_args"))
+    ck = _load(path, "teacher head", teacher_lib.HEAD_KIND, ("weight", "bias", "teacher_path", "data_args"))
     w, b = ck["weight"], ck["bias"]
     if not (torch.is_tensor(w) and torch.is_tensor(b) and w.ndim == 2 and b.shape == (w.shape[0],)):
         raise EvalError(f"{path}: weight/bias must be (C, D) and (C,) tensors")
@@ -211,7 +212,7 @@ def run_student(net, images, device, batch_size):
     tol = 1e-2 if device.type == "cuda" else 1e-4
     t0 = _now(device)
     for i in range(0, len(images), batch_size):
-        x = data.normalize(images[i:i + batch_size])
+        x = augment.normalize(images[i:i + batch_size])
         with _autocast(device):
             tok = net.forward_tokens(x)
             heads = {k: getattr(net, f"head{'' if k == 'cls' else '_' + k}")(tok[k])
@@ -231,7 +232,7 @@ def run_student(net, images, device, batch_size):
 @torch.no_grad()
 def run_teacher(head, split_name, split, device, batch_size):
     """The fitted teacher head (seed 4.1) on the split: from the cached class-token features beside
-    the head when they match the split, else DeiT-III on data.teacher_view of the images."""
+    the head when they match the split, else DeiT-III on augment.teacher_view of the images."""
     path = head["_path"]
     W, b = head["weight"].float(), head["bias"].float()
     folder = os.path.dirname(os.path.abspath(path))
@@ -258,7 +259,7 @@ def run_teacher(head, split_name, split, device, batch_size):
     images, out = split["images"].to(device), []
     t0 = _now(device)
     for i in range(0, len(images), batch_size):
-        x = data.teacher_view(images[i:i + batch_size], size=net.cfg.img_size, mode=head.get("resize", "bicubic"))
+        x = augment.teacher_view(images[i:i + batch_size], size=net.cfg.img_size, mode=head.get("resize", "bicubic"))
         with _autocast(device):
             out.append(net(x).float().cpu())
     return {"combined": torch.cat(out)}, len(images) / max(_now(device) - t0, 1e-9), head["teacher_path"]
@@ -601,7 +602,7 @@ def main(argv=None):
             fileio.atomic_write(path, content, what)
             print(f"wrote {path}")
         return 0
-    except (EvalError, data.DataError, model_lib.ModelFileError, OSError) as e:  # OSError: fileio.WriteError
+    except (EvalError, download.DataError, model_lib.ModelFileError, OSError) as e:  # OSError: fileio.WriteError
         print("eval.py: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
 

@@ -36,6 +36,8 @@ import data
 import fileio
 import losses
 import teacher  # the teacher stage (seed 4.1): cached features, fitted head, logits
+from augment import Augment, teacher_view
+from download import DataError, download, teacher_path
 from eval import run_student, summarize  # val metrics computed exactly as eval.py reports them
 from model import ModelFileError, count_params, create_model, param_groups
 
@@ -256,7 +258,7 @@ def on_master_first(ctx, fn):
     if ctx["master"]:
         try:
             fn()
-        except (TrainError, data.DataError, ModelFileError, OSError) as e:
+        except (TrainError, DataError, ModelFileError, OSError) as e:
             err = e
     if ctx["ddp"]:
         msg = [str(err) if err else None]
@@ -317,10 +319,10 @@ def prepare_data(args, ctx):
                  f"say nothing about CIFAR-10. Small defaults unless set: {SYNTHETIC_DEFAULTS}")
     else:
         root = args.data_dir
-        tpath = args.teacher or data.teacher_path(root)
+        tpath = args.teacher or teacher_path(root)
         teacher_args = {}
         # every rank calls download: rank 0 fetches while the others wait, and a failure raises everywhere
-        data.download(root, args.mirror, teacher=needs_teacher and not args.teacher)
+        download(root, args.mirror, teacher=needs_teacher and not args.teacher)
     if needs_teacher and not os.path.isfile(tpath):
         raise TrainError(f"teacher file {tpath} not found (python data.py --data-dir {args.data_dir} "
                          "downloads it, or pass --teacher PATH)")
@@ -520,12 +522,12 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loader = data.DeviceLoader(splits["train"], args.batch_size, device, shuffle=True, drop_last=True,
                                seed=args.seed, rank=rank, world_size=world)
-    augment = data.Augment(num_classes=10, num_types=len(data.TYPES), crop_padding=args.crop_padding,
-                           flip=args.hflip, mixup_alpha=args.mixup, mixup_prob=args.mixup_prob,
-                           cutmix_alpha=args.cutmix, cutmix_prob=args.cutmix_prob, mix_types=args.mix_types,
-                           randaug_ops=2 if args.randaug else 0, randaug_magnitude=args.randaug,
-                           randaug_prob=args.randaug_prob, erase_prob=args.erase_prob,
-                           erase_mode=args.erase_mode, draw_per=args.draw_per)
+    augment = Augment(num_classes=10, num_types=len(data.TYPES), crop_padding=args.crop_padding,
+                      flip=args.hflip, mixup_alpha=args.mixup, mixup_prob=args.mixup_prob,
+                      cutmix_alpha=args.cutmix, cutmix_prob=args.cutmix_prob, mix_types=args.mix_types,
+                      randaug_ops=2 if args.randaug else 0, randaug_magnitude=args.randaug,
+                      randaug_prob=args.randaug_prob, erase_prob=args.erase_prob,
+                      erase_mode=args.erase_mode, draw_per=args.draw_per)
     gen = torch.Generator(device=device)
     # --split standard: the per-rank generator of the fresh corruptions (saved with the others)
     cgen = torch.Generator(device=device) if args.split == "standard" else None
@@ -621,7 +623,7 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
                     # --teacher-view augmented: the teacher sees what the student sees; otherwise
                     # (split standard) the corrupted, un-augmented batch, as the cached splits' teacher
                     tx = F.interpolate(x, size=224, mode=args.teacher_resize) if args.teacher_view == "augmented" \
-                        else data.teacher_view(images, 224, args.teacher_resize)
+                        else teacher_view(images, 224, args.teacher_resize)
                     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         tl = live_teacher(tx).float()
                 elif teacher_logits is not None:
@@ -753,7 +755,7 @@ def main(argv=None, stop_at_step=None):
     except FaultError as e:  # met by this rank alone: it says so
         print(f"error: rank {rank}: {e}" if "RANK" in os.environ else f"error: {e}", file=sys.stderr, flush=True)
         return 1
-    except (TrainError, data.DataError, ModelFileError, OSError) as e:  # OSError: fileio.WriteError and kin
+    except (TrainError, DataError, ModelFileError, OSError) as e:  # OSError: fileio.WriteError and kin
         if rank == 0:  # under torchrun, one copy of the message
             more = "; then continue with --resume" if isinstance(e, fileio.WriteError) and \
                 os.path.exists(os.path.join(args.out_dir, "ckpt.pt")) else ""

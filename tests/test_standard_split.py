@@ -10,6 +10,7 @@ import torch
 
 import corruptions
 import data
+import download
 
 TRAIN, VAL = 20, 12                 # per class; the synthetic pool has 40 training images per class
 DETERMINISTIC = {1, 2, 3, 10}       # brightness, defocus_blur, zoom_blur, jpeg_compression: no random numbers
@@ -102,7 +103,7 @@ def test_cache_shared_across_test_counts(root, mix, tmp_path):
 
 
 def test_pool_too_small(root):
-    with pytest.raises(data.DataError, match=r"class 0 \(CIFAR-10 train\).* has 40 images.* need 41"):
+    with pytest.raises(download.DataError, match=r"class 0 \(CIFAR-10 train\).* has 40 images.* need 41"):
         data.build_mix(root, "standard", train_per_class=36, val_per_class=5, cache_dir=False)
 
 
@@ -132,5 +133,5 @@ def test_other_splits_work_without_corruptions(root, monkeypatch):
     monkeypatch.setitem(sys.modules, "corruptions", None)      # `import corruptions` now fails
     m = data.build_mix(root, "paper", train_per_class=5, val_per_class=2, test_per_class=2, cache_dir=False)
     assert len(m["train"]["labels"]) == 11 * 10 * 5
-    with pytest.raises(data.DataError, match="needs corruptions.py"):
+    with pytest.raises(download.DataError, match="needs corruptions.py"):
         data.draw_corruptions(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.Generator())

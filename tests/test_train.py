@@ -185,9 +185,10 @@ def test_standard_split_fresh_corruptions_live_teacher(tmp_path, data_dir, monke
     """--split standard: every batch is corrupted by data.draw_corruptions before augmentation, its
     drawn types are the corruption-token targets, and the teacher runs live on the corrupted batch."""
     _needs_standard()
+    import augment
     import data
     draws, real_draw = [], data.draw_corruptions
-    real_augment_call = data.Augment.__call__
+    real_augment_call = augment.Augment.__call__
 
     def spy(images, generator):
         out = real_draw(images, generator)
@@ -200,7 +201,7 @@ def test_standard_split_fresh_corruptions_live_teacher(tmp_path, data_dir, monke
         seen_types.append(types.clone())
         return real_augment_call(self, images, labels, types, generator=generator)
     monkeypatch.setattr(data, "draw_corruptions", spy)
-    monkeypatch.setattr(data.Augment, "__call__", augment_spy)
+    monkeypatch.setattr(augment.Augment, "__call__", augment_spy)
     assert train.main(STANDARD + ["--epochs", "2", "--data-dir", data_dir, "--out-dir", str(tmp_path / "o")]) == 0
     stdout = capsys.readouterr().out
     assert "teacher: LIVE on every batch (split standard" in stdout
