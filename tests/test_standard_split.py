@@ -1,8 +1,7 @@
-"""data.py's standard split (issue 7) and draw_corruptions, on small synthetic files in the real
+"""data.py's standard split and draw_corruptions, on small synthetic files in the real
 formats: counts, class balance, sources (CIFAR-10 training images only in train/val), the fixed
 val draw (same every call, really corrupted as recorded), the per-epoch draws' determinism and
 distribution."""
-import sys
 
 import numpy as np
 import pytest
@@ -127,11 +126,3 @@ def test_draw_corruptions(cifar):
     # channels-last input gives the same draws and images in its own layout
     yh, th, sh = data.draw_corruptions(x.permute(0, 2, 3, 1).contiguous(), g(3))
     assert torch.equal(th, t) and torch.equal(sh, s) and torch.equal(yh.permute(0, 3, 1, 2), y)
-
-
-def test_other_splits_work_without_corruptions(root, monkeypatch):
-    monkeypatch.setitem(sys.modules, "corruptions", None)      # `import corruptions` now fails
-    m = data.build_mix(root, "paper", train_per_class=5, val_per_class=2, test_per_class=2, cache_dir=False)
-    assert len(m["train"]["labels"]) == 11 * 10 * 5
-    with pytest.raises(download.DataError, match="needs corruptions.py"):
-        data.draw_corruptions(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.Generator())
