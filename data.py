@@ -500,11 +500,10 @@ def _standard_mix(root, seed, counts):
 def draw_corruptions(images, generator=None):
     """Per sample, a training corruption drawn afresh: (images, types, severities), all on the
     images' device; images uint8 (B,3,32,32) or (B,32,32,3), returned in the same shape.
-    The issue asks for (type, severity) "uniform from clean + 10 types x severities 1-5". We read
-    it as: the type uniform over the 11 training types (clean and the seed's 10, 1/11 each: the
-    type balance of the seed's mix, seed 3.4), then, for a corruption, the severity uniform in
-    1..5 (severity 0 for clean). Uniform over the 51 (type, severity) pairs would instead make
-    clean only 1/51 of the samples. Applied with corruptions.corrupt_batch on the images' device.
+    The type is uniform over the 11 training types (clean and the seed's 10, 1/11 each: the type
+    balance of the seed's mix, seed 3.4), then, for a corruption, the severity uniform in 1..5
+    (severity 0 for clean). Uniform over the 51 (type, severity) pairs would instead make clean
+    only 1/51 of the samples. Applied with corruptions.corrupt_batch on the images' device.
     Deterministic for the generator: the draws come from it (on its device, as corruptions.py
     draws) and so do the corruptions' own random numbers; None uses the global RNG."""
     B, dev = images.shape[0], images.device

@@ -1,5 +1,5 @@
-"""data.py: readers on synthetic files in the real formats, the mix, the loader, and the re-exported
-augmentation names. CPU only, no network. The downloader (test_download.py), the standard split
+"""data.py: readers on synthetic files in the real formats, the mix and the loader. CPU only, no
+network. The downloader (test_download.py), the standard split
 (test_standard_split.py) and the augmentation itself (test_augment.py) have their own files."""
 import os
 import pickle

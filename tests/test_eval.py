@@ -276,7 +276,7 @@ def test_benchmark_cifar10c(files, tmp_path, capsys):
 
 
 def test_standard_split_checkpoint(files, tmp_path, capsys):
-    """A checkpoint trained on the standard split (issue 7) is tested, by default, on clean CIFAR-10
+    """A checkpoint trained on the standard split is tested, by default, on clean CIFAR-10
     test + the real CIFAR-10-C files, 15 x 5, with seen and unseen corruption errors apart."""
     d, paths, _ = files
     root = tmp_path / "data"  # 30 test images -> 150 rows per CIFAR-10-C file
@@ -407,7 +407,7 @@ def test_plot_without_matplotlib(files, tmp_path, capsys, monkeypatch):
 
 
 def test_smoke_run_checkpoint_evaluates(request, tmp_path):
-    """The issue's end-to-end check on the checkpoint of `python train.py --model cdeit --distill hard
+    """The end-to-end check on the checkpoint of `python train.py --model cdeit --distill hard
     --dataset synthetic --device cpu`. That run takes minutes on 2 cores and tests/test_train.py already
     runs it, so it is not repeated here: this test uses a session fixture `smoke_run` (the run's out dir)
     when tests/conftest.py provides one, and says it is skipped otherwise."""
