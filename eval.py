@@ -5,7 +5,7 @@
     python eval.py --teacher data/cache/teacher_head.pt    # the fitted teacher head (seed 4.1: 87.4%)
     python eval.py best.pt --benchmark cifar10c [--extra]  # the standard 15 x 5 CIFAR-10-C protocol
 
-A checkpoint trained with --split standard (CIFAR-10 train images, corrupted on the fly; issue 7) is
+A checkpoint trained with --split standard (CIFAR-10 train images, corrupted on the fly) is
 tested on that protocol by default: clean CIFAR-10 test + the real CIFAR-10-C files, with the errors
 on the seed's 10 training corruptions (seen) and on the 5 others (unseen) reported separately.
 
@@ -268,7 +268,7 @@ def run_teacher(head, split_name, split, device, batch_size):
 # ----------------------------------------------------------------------------- 3. metrics of one run
 
 def summarize(outs, split, names=data.TYPES):
-    """All the issue's metrics from run_student/run_teacher outputs and the split's bookkeeping
+    """Every metric (seed 3.5) from run_student/run_teacher outputs and the split's bookkeeping
     (split["types"] indexes names: the mix's 11 types, or clean + the 15 benchmark corruptions)."""
     logits, y = outs["combined"], split["labels"]
     types, sev = split["types"], split["severities"]
@@ -494,7 +494,8 @@ def _device(name):
     return dev
 
 
-def evaluate(args):
+def check_options(args):
+    """Refuse a bad option combination or output path before any work."""
     if not args.checkpoints and not args.teacher:
         raise EvalError("give at least one checkpoint (or --teacher HEAD.pt)")
     if args.extra and not args.benchmark:
@@ -509,8 +510,12 @@ def evaluate(args):
     for out in filter(None, (args.json, args.plot)):  # fail before the work, not after it
         if os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise EvalError(f"{out}: not a writable file path (a folder, or its folder does not exist)")
-    device = _device(args.device)
-    jobs = []  # (result skeleton, model or head) in command-line order, everything loaded and checked first
+
+
+def load_jobs(args, device):
+    """Every checkpoint, the teacher head and the baseline, loaded and checked before any work.
+    Returns ([(result skeleton, model or head)] in command-line order, the teacher last; baseline)."""
+    jobs = []
     for path in args.checkpoints:
         net, ck = load_student(path)
         cfg = ck.get("config") if isinstance(ck.get("config"), dict) else {}
@@ -531,32 +536,43 @@ def evaluate(args):
         r.update(kind=EVAL_KIND, version=1, split="cifar10c" if args.benchmark else args.split,
                  benchmark=args.benchmark or ("cifar10c" if standard else None), device=str(device), baseline=None)
         if base is not None:
-            check_baseline(base, r, args.baseline)  # before any work: refuse a baseline on other images
+            check_baseline(base, r, args.baseline)  # refuse a baseline on other images
+    return jobs, base
 
+
+def evaluate_one(r, obj, args, device, mixes):
+    """The metrics of one student (or the teacher head) and its images/s; mixes caches the split
+    evaluated per data_args, shared by the jobs that read the same mix."""
+    if r["benchmark"]:
+        if r["data_args"].get("split") in ("paper", "grouped"):  # "standard" trains on CIFAR-10 train only
+            print(f"eval.py: warning: {r['checkpoint']} was trained on the {r['data_args']['split']!r} mix, whose "
+                  "corrupted images come from CIFAR-10-C itself: these benchmark images are NOT held out",
+                  file=sys.stderr)
+        print(f"{r['checkpoint']}: CIFAR-10-C accuracy % per severity 1..5")
+        return run_benchmark(obj, r["data_args"]["root"], device, args.batch_size, args.extra)
+    key = json.dumps(r["data_args"], sort_keys=True)
+    if key not in mixes:
+        try:  # keep only the split evaluated (the real mix's train split is 1.5 GB)
+            mixes[key] = data.build_mix(**r["data_args"])[args.split]
+        except (TypeError, ValueError) as e:
+            raise EvalError(f"{r['checkpoint']}: data_args {r['data_args']} do not build a mix ({e})") from None
+    split = mixes[key]
+    if isinstance(obj, dict):
+        check_head_mix(obj, r["data_args"], args.split, split)
+        outs, ips, src = run_teacher(obj, args.split, split, device, args.batch_size)
+        r["teacher_source"] = src
+    else:
+        outs, ips = run_student(obj, split["images"], device, args.batch_size)
+    return summarize(outs, split), ips
+
+
+def evaluate(args):
+    check_options(args)
+    device = _device(args.device)
+    jobs, base = load_jobs(args, device)
     results, mixes = [], {}
     for r, obj in jobs:
-        if r["benchmark"]:
-            if r["data_args"].get("split") in ("paper", "grouped"):  # "standard" trains on CIFAR-10 train only
-                print(f"eval.py: warning: {r['checkpoint']} was trained on the {r['data_args']['split']!r} mix, whose "
-                      "corrupted images come from CIFAR-10-C itself: these benchmark images are NOT held out",
-                      file=sys.stderr)
-            print(f"{r['checkpoint']}: CIFAR-10-C accuracy % per severity 1..5")
-            m, ips = run_benchmark(obj, r["data_args"]["root"], device, args.batch_size, args.extra)
-        else:
-            key = json.dumps(r["data_args"], sort_keys=True)
-            if key not in mixes:
-                try:  # keep only the split evaluated (the real mix's train split is 1.5 GB)
-                    mixes[key] = data.build_mix(**r["data_args"])[args.split]
-                except (TypeError, ValueError) as e:
-                    raise EvalError(f"{r['checkpoint']}: data_args {r['data_args']} do not build a mix ({e})") from None
-            split = mixes[key]
-            if isinstance(obj, dict):
-                check_head_mix(obj, r["data_args"], args.split, split)
-                outs, ips, src = run_teacher(obj, args.split, split, device, args.batch_size)
-                r["teacher_source"] = src
-            else:
-                outs, ips = run_student(obj, split["images"], device, args.batch_size)
-            m = summarize(outs, split)
+        m, ips = evaluate_one(r, obj, args, device, mixes)
         r.update(m, images_per_s=ips)
         if base is not None:
             add_mce(r, base, args.baseline)
