@@ -11,7 +11,7 @@ DeiT-III Small features cached fp16, a fresh 10-way head fitted on them (seed 4.
 every training row cached); (3) the student loop: device-resident loader, with --split standard
 fresh corruptions per batch on the device, batched augmentation, bf16 autocast, AdamW, per-step
 warmup + cosine, DDP; atomic checkpoints, exact resume, clean stop on SIGTERM / Ctrl-C.
-Only rank 0 prints and writes. Checkpoint format: what eval.py reads (see `checkpoint` below).
+Only rank 0 prints and writes. Checkpoint format: what eval.py reads (see `Run.save` below).
 """
 import argparse
 import contextlib
