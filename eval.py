@@ -49,7 +49,7 @@ from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_
 STUDENT_KIND, EVAL_KIND = "cdeit-kit/student", "cdeit-kit/eval"
 CORRUPTIONS = data.TYPES[1:]  # the seed's 10 corruption types (index 1..10 of the mix)
 BENCHMARK = corruptions.CORRUPTIONS  # Hendrycks & Dietterich's 15, in CIFAR-10-C's order
-EXTRA = ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
+EXTRA = download.CORRUPTION_FILES[15:]  # the release's 4 extra corruptions
 ROBUSTBENCH_WRN28_10 = 73.46  # RobustBench CIFAR-10-C, Standard WRN-28-10, mean accuracy over 15 x 5
 
 

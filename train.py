@@ -38,7 +38,7 @@ import losses
 import teacher  # the teacher stage (seed 4.1): cached features, fitted head, logits
 from augment import Augment, teacher_view
 from download import DataError, download, teacher_path
-from eval import run_student, summarize  # val metrics computed exactly as eval.py reports them
+from eval import STUDENT_KIND, run_student, summarize  # val metrics computed exactly as eval.py reports them
 from model import ModelFileError, count_params, create_model, param_groups
 
 # --dataset synthetic: what changes when the user did not set it (about 2,000 training images, so
@@ -585,7 +585,7 @@ class Run:
         this epoch's loss sums so far and this rank's RNG states (replayed by seed_epoch)."""
         args, ctx, path = self.args, self.ctx, self.ckpt_path
         ck = torch.load(path, map_location="cpu", weights_only=True)
-        if ck.get("kind") != "cdeit-kit/student" or (ck["model_name"], ck["model_args"], ck["data_args"]) \
+        if ck.get("kind") != STUDENT_KIND or (ck["model_name"], ck["model_args"], ck["data_args"]) \
                 != (args.model, self.model_args, self.data_args):
             raise TrainError(f"{path} was trained with another model or data configuration "
                              f"({ck.get('model_name')}, {ck.get('model_args')}, {ck.get('data_args')})")
@@ -622,7 +622,7 @@ class Run:
             dist.all_gather_object(states, rng_state(device, self.gen, self.cgen))
         if ctx["master"]:
             fileio.atomic_write(path, {
-                "kind": "cdeit-kit/student", "version": 1, "model_name": args.model,
+                "kind": STUDENT_KIND, "version": 1, "model_name": args.model,
                 "model_args": self.model_args, "model": self.raw_model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
                 "rng": {"world_size": ctx["world"], "ranks": states}, "config": vars(args),

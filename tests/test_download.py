@@ -12,6 +12,7 @@ import threading
 import pytest
 import torch
 
+import corruptions
 import data
 import download
 
@@ -233,6 +234,11 @@ def test_offline_error_lists_every_file(tmp_path, capsys):
         assert ex.value.code == 1
         err = capsys.readouterr().err
         assert err.startswith("error: could not fetch 2 file(s)") and "Traceback" not in err
+
+
+def test_corruption_files_list_the_benchmark_first():
+    # download.py needs only the standard library, so it spells the names corruptions.py defines
+    assert download.CORRUPTION_FILES[:15] == corruptions.CORRUPTIONS
 
 
 def test_readers_raise_the_downloaders_error():
