@@ -47,8 +47,6 @@ from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_
                      relative_mce, topk_accuracy)
 
 STUDENT_KIND, EVAL_KIND = "cdeit-kit/student", "cdeit-kit/eval"
-CORRUPTIONS = data.TYPES[1:]  # the seed's 10 corruption types (index 1..10 of the mix)
-BENCHMARK = corruptions.CORRUPTIONS  # Hendrycks & Dietterich's 15, in CIFAR-10-C's order
 EXTRA = download.CORRUPTION_FILES[15:]  # the release's 4 extra corruptions
 ROBUSTBENCH_WRN28_10 = 73.46  # RobustBench CIFAR-10-C, Standard WRN-28-10, mean accuracy over 15 x 5
 
@@ -320,7 +318,7 @@ def run_benchmark(net, root, device, batch_size, extra=False):
     accuracy = robustbench_accuracy = the mean over the 15 x 5 cells (RobustBench's number)."""
     cifar = data.read_cifar10(root)
     y = torch.from_numpy(cifar["test_labels"])
-    n, names = len(y), ["clean"] + BENCHMARK
+    n, names = len(y), ["clean"] + corruptions.CORRUPTIONS
     outs, book, per, done, t0 = {}, {"labels": [], "types": [], "severities": []}, {}, 0, time.perf_counter()
     for name in names + (EXTRA if extra else []):
         x = cifar["test_images"] if name == "clean" else data.read_cifar10c(root, name, cifar["test_labels"])[0]
@@ -339,8 +337,9 @@ def run_benchmark(net, root, device, batch_size, extra=False):
     ips = done / max(time.perf_counter() - t0, 1e-9)
     r = summarize({k: torch.cat(v) for k, v in outs.items()}, {k: torch.cat(v) for k, v in book.items()}, names)
     cells = lambda cs: float(np.mean([per[c] for c in cs]))  # equal-sized cells: the pooled accuracy too
-    r.update(n=n, clean_accuracy=r["per_type"]["clean"], accuracy=cells(BENCHMARK),
-             robustbench_accuracy=cells(BENCHMARK), per_corruption=per, mean_accuracy_seen=cells(corruptions.SEEN),
+    mean15 = cells(corruptions.CORRUPTIONS)
+    r.update(n=n, clean_accuracy=r["per_type"]["clean"], accuracy=mean15, robustbench_accuracy=mean15,
+             per_corruption=per, mean_accuracy_seen=cells(corruptions.SEEN),
              mean_accuracy_unseen=cells(corruptions.UNSEEN), robustbench_reference=ROBUSTBENCH_WRN28_10)
     if extra:
         r["mean_accuracy_extra"] = cells(EXTRA)

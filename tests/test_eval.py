@@ -263,10 +263,10 @@ def test_benchmark_cifar10c(files, tmp_path, capsys):
     cap = capsys.readouterr()
     assert "NOT held out" in cap.err and "73.46" in cap.out
     r = json.loads(out.read_text())
-    assert list(r["per_corruption"]) == ev.BENCHMARK + ev.EXTRA and r["n"] == 40
-    cells = [a for c in ev.BENCHMARK for a in r["per_corruption"][c]]  # the mean is over the 15 only
+    assert list(r["per_corruption"]) == corruptions.CORRUPTIONS + ev.EXTRA and r["n"] == 40
+    cells = [a for c in corruptions.CORRUPTIONS for a in r["per_corruption"][c]]  # the mean is over the 15 only
     assert len(cells) == 75 and r["accuracy"] == pytest.approx(sum(cells) / 75)
-    assert list(r["corruption_errors"]) == ev.BENCHMARK
+    assert list(r["corruption_errors"]) == corruptions.CORRUPTIONS
     # one cell by hand: fog at severity 3 (rows 2n..3n of fog.npy)
     x, y = data.read_cifar10c(small, "fog")
     rows = torch.from_numpy(x[80:120].copy()).permute(0, 3, 1, 2)
