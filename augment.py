@@ -15,7 +15,7 @@ code (`MyAugments`: torchvision's MixUp / CutMix / RandAugment / RandomErasing w
 arguments, called on the whole batch, so each draws one set of parameters per batch).
 
 Depends on torch only, plus numpy for the Beta draws of Mixup / CutMix (seeded from the torch
-generator); nothing else from this project. data.py re-exports the public names.
+generator); nothing else from this project.
 """
 import math
 

@@ -9,72 +9,94 @@ import time
 
 
 def bench_data(args):
-    """Images/s of data.py's on-device pipeline (DeviceLoader + Augment) against torchvision's
-    per-image transforms (RandomCrop(32, 4), RandomHorizontalFlip, ToTensor, Normalize,
-    RandomErasing(0.25)) through a DataLoader with 2 workers, plus the same Mixup on the collated
-    batches. Same images, same batch size; best of a few epochs each. The machine may be shared:
-    the load average is printed, and a 1-thread figure too (with other processes on the cores,
-    2-thread torch ops wait for a scheduler slice at every parallel region and lose up to 10x).
-    On CUDA also the full pipeline with the teacher view."""
+    """Images/s of data.py's on-device pipeline (DeviceLoader + augment.Augment with its defaults:
+    Mixup alpha 1.0 with p 0.3, Random Erasing p 0.25 zero-fill, no crop or flip) against
+    torchvision's per-image transforms (RandomCrop(32, 4), RandomHorizontalFlip, ToTensor,
+    Normalize, RandomErasing(0.25)) through a DataLoader with 2 workers, plus the same Mixup on the
+    collated batches. Same images, same batch size; best of a few epochs each. The machine may be
+    shared: the load average is printed, and a 1-thread figure too (with other processes on the
+    cores, 2-thread torch ops wait for a scheduler slice at every parallel region and lose up to
+    10x). On CUDA also the full pipeline with the teacher view."""
     import os
     import numpy as np
     import torch
-    import torchvision.transforms as T
-    from PIL import Image
-    import data
 
     n, bs, reps = args.images, args.batch_size, 3
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)   # CIFAR-sized uint8, HWC
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)   # (n, 32, 32, 3) uint8, CIFAR's HWC
     labels = rng.integers(0, 10, n)
     types = rng.integers(0, 11, n)
-    aug = data.Augment()   # the defaults: crop 4, flip, erase 0.25, mixup 0.8 with p 0.3
     load0 = os.getloadavg()[0]
-
     split = {"images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
              "labels": torch.from_numpy(labels), "types": torch.from_numpy(types),
              "severities": torch.zeros(n, dtype=torch.long)}
 
-    def run_ours(device, teacher=False):
-        dl = data.DeviceLoader(split, bs, device)
-        gen = torch.Generator(device=device).manual_seed(0)
-        best = 0.0
-        for epoch in range(reps + 1):   # epoch 0 warms up
-            dl.set_epoch(epoch)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0, k = time.perf_counter(), 0
-            for b in dl:
-                x, y, t = aug(b["images"], b["labels"], b["types"], gen)
-                if teacher:
-                    xt = data.teacher_view(b["images"], dtype=torch.bfloat16)
-                k += len(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = max(best, k / (time.perf_counter() - t0)) if epoch else 0.0
-        return best
-
     threads = torch.get_num_threads()
-    ours = run_ours(torch.device("cpu"))
+    ours = _data_ours(split, bs, reps, torch.device("cpu"))
     torch.set_num_threads(1)
-    ours1 = run_ours(torch.device("cpu"))
+    ours1 = _data_ours(split, bs, reps, torch.device("cpu"))
     torch.set_num_threads(threads)
+    tv = _data_torchvision(images, labels, types, bs, reps)  # second: its workers cannot slow the runs above
 
-    # measured second, so that its worker processes cannot slow the runs above
-    # torchvision: a PIL image per sample, as torchvision.datasets.CIFAR10 hands them out
+    print(f"data pipeline: {n} images, batch {bs}, best of {reps} epochs; "
+          f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"  torchvision per-image + DataLoader(2 workers) + mixup: {tv:9.0f} img/s")
+    print(f"  data.py DeviceLoader + Augment, CPU, {threads} threads:      {ours:9.0f} img/s  ({ours / tv:.1f}x)")
+    print(f"  data.py DeviceLoader + Augment, CPU, 1 thread:        {ours1:9.0f} img/s  ({ours1 / tv:.1f}x)")
+    print("  goal: >= 20x")
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        print(f"  data.py on {torch.cuda.get_device_name()}: augment {_data_ours(split, bs, reps, dev):.0f} img/s, "
+              f"augment + teacher view (224px bf16) {_data_ours(split, bs, reps, dev, teacher=True):.0f} img/s")
+
+
+def _data_ours(split, bs, reps, device, teacher=False):
+    """Best images/s over reps epochs (after one warm-up) of DeviceLoader + Augment's defaults."""
+    import torch
+    import augment
+    import data
+
+    aug = augment.Augment()
+    dl = data.DeviceLoader(split, bs, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    best = 0.0
+    for epoch in range(reps + 1):   # epoch 0 warms up
+        dl.set_epoch(epoch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0, k = time.perf_counter(), 0
+        for b in dl:
+            x, y, t = aug(b["images"], b["labels"], b["types"], gen)
+            if teacher:
+                augment.teacher_view(b["images"], dtype=torch.bfloat16)
+            k += len(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, k / (time.perf_counter() - t0)) if epoch else 0.0
+    return best
+
+
+def _data_torchvision(images, labels, types, bs, reps):
+    """Best images/s over reps epochs of torchvision's per-image transforms on PIL images (as
+    torchvision.datasets.CIFAR10 hands them out) through a 2-worker DataLoader, then Augment's Mixup."""
+    import torch
+    import torchvision.transforms as T
+    from PIL import Image
+    import augment
+
     tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize(data.MEAN, data.STD), T.RandomErasing(p=0.25, value="random")])
+                    T.Normalize(augment.MEAN, augment.STD), T.RandomErasing(p=0.25, value="random")])
 
     class DS(torch.utils.data.Dataset):
         def __len__(self):
-            return n
+            return len(images)
 
         def __getitem__(self, i):
             return tf(Image.fromarray(images[i])), int(labels[i]), int(types[i])
 
     loader = torch.utils.data.DataLoader(DS(), batch_size=bs, shuffle=True, num_workers=2,
                                          drop_last=True, persistent_workers=True)
-    mix = data.Augment(crop_padding=0, flip=False, erase_prob=0.0)   # only its batch Mixup
+    mix = augment.Augment(erase_prob=0.0)   # only its batch Mixup
     g = torch.Generator().manual_seed(0)
 
     def epoch_tv():
@@ -85,36 +107,19 @@ def bench_data(args):
         return k / (time.perf_counter() - t0)
 
     epoch_tv()   # warm-up: worker start-up is not counted
-    tv = max(epoch_tv() for _ in range(reps))
-
-    print(f"data pipeline: {n} images, batch {bs}, best of {reps} epochs; "
-          f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"  torchvision per-image + DataLoader(2 workers) + mixup: {tv:9.0f} img/s")
-    print(f"  data.py DeviceLoader + Augment, CPU, {threads} threads:      {ours:9.0f} img/s  ({ours / tv:.1f}x)")
-    print(f"  data.py DeviceLoader + Augment, CPU, 1 thread:        {ours1:9.0f} img/s  ({ours1 / tv:.1f}x)")
-    print("  goal: >= 20x")
-    if torch.cuda.is_available():
-        dev = torch.device("cuda")
-        print(f"  data.py on {torch.cuda.get_device_name()}: augment {run_ours(dev):.0f} img/s, "
-              f"augment + teacher view (224px bf16) {run_ours(dev, teacher=True):.0f} img/s")
+    return max(epoch_tv() for _ in range(reps))
 
 
 def bench_train(args):
     """Student train-step images/s and MFU for the paper configuration (B=1024, 32px, patch 4,
     DeiT-Tiny sizes, hard distillation, teacher logits cached: random logits stand in), through
-    train.py's own step (DeviceLoader + Augment + train_step: bf16 autocast, fused AdamW and the
-    Triton loss on CUDA). Side by side, the way DeiT's reference code trains: timm's
-    deit_tiny_distilled_patch16_224(img_size=32, patch_size=4, num_classes=10), an eager DeiT-style
-    hard-distillation loss, and a live timm deit3_small_patch16_224 teacher (random weights) on the
-    224px view of every batch. On CPU the batch and step count are small (about a minute)."""
-    import os
+    train.py's own step (DeviceLoader + Augment with the recipe's defaults + train_step: bf16
+    autocast, fused AdamW and the Triton loss on CUDA). Side by side, the way DeiT's reference code
+    trains: timm's deit_tiny_distilled_patch16_224(img_size=32, patch_size=4, num_classes=10), an
+    eager DeiT-style hard-distillation loss, and a live timm deit3_small_patch16_224 teacher (random
+    weights) on the 224px view of every batch. On CPU the batch and step count are small (about a
+    minute)."""
     import torch
-    import torch.nn.functional as F
-    import data
-    import losses
-    import train
-    from model import MODELS, count_params, create_model, flops_per_image, param_groups
-    from dataclasses import replace
 
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(prog="bench.py train")
@@ -128,45 +133,60 @@ def bench_train(args):
         torch.set_num_threads(opts.threads)
     dev = torch.device("cuda" if cuda else "cpu")
     amp = torch.bfloat16 if cuda else None
-    B, n_steps = opts.batch, opts.steps + 2
     torch.manual_seed(0)
-    n = B * n_steps
+    n = opts.batch * (opts.steps + 2)
     split = {"images": torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8),
              "labels": torch.randint(0, 10, (n,)), "types": torch.randint(0, 11, (n,))}
-    aug = data.Augment()  # seed Table 1: crop, flip, erasing 0.25, mixup 0.3
+    ours_ips = _train_ours(opts, split, dev, amp)
+    timm_ips = _train_timm(opts, split, dev, amp)
+    _print_train(opts, dev, ours_ips, timm_ips)
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
 
-    def timed(step_fn):
-        loader = data.DeviceLoader(split, B, dev, seed=0)
-        gen = torch.Generator(device=dev).manual_seed(0)
-        for i, batch in enumerate(loader):
-            if i == 2:  # two warm-up steps (allocator, autotuning, compile)
-                sync()
-                t0 = time.perf_counter()
-            step_fn(batch, *aug(batch["images"], batch["labels"], batch["types"], generator=gen))
-        sync()
-        return opts.steps * B / (time.perf_counter() - t0)
+def _timed_steps(opts, split, dev, step_fn):
+    """Images/s of step_fn(batch, x, y, t) on Augment's batches, after two warm-up steps
+    (allocator, autotuning, compile)."""
+    import torch
+    import augment
+    import data
 
-    # ours: exactly train.py's step
+    aug = augment.Augment()  # the recipe's defaults (seed Table 1)
+    loader = data.DeviceLoader(split, opts.batch, dev, seed=0)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for i, batch in enumerate(loader):
+        if i == 2:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        step_fn(batch, *aug(batch["images"], batch["labels"], batch["types"], generator=gen))
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return opts.steps * opts.batch / (time.perf_counter() - t0)
+
+
+def _train_ours(opts, split, dev, amp):
+    """Exactly train.py's step, on cached teacher logits (random ones stand in)."""
+    import torch
+    import train
+    from model import create_model, param_groups
+
     targs = train.get_args(["--model", opts.model, "--distill", "hard"])
     ours = create_model(opts.model, drop_path=0.1).to(dev)
-    opt = torch.optim.AdamW(param_groups(ours, 0.05), lr=1e-3, fused=True if cuda else None)
+    opt = torch.optim.AdamW(param_groups(ours, 0.05), lr=1e-3, fused=True if dev.type == "cuda" else None)
     scaler = torch.amp.GradScaler(dev.type, enabled=False)
-    loss_fn = losses.distillation_loss
-    if cuda:
-        import kernels
-        loss_fn = getattr(kernels, "distillation_loss", loss_fn)
+    loss_fn = train.pick_loss(targs, dev)
     model = torch.compile(ours) if opts.compile else ours
-    cached = torch.randn(n, 10, device=dev)  # stands in for the cached teacher logits
-    ours_ips = timed(lambda b, x, y, t: train.train_step(model, opt, scaler, loss_fn, x, y, t, cached[b["index"]],
-                                                          targs, amp))
-    del ours, model, opt
+    cached = torch.randn(len(split["labels"]), 10, device=dev)  # (n, 10) stand-in teacher logits
+    return _timed_steps(opts, split, dev, lambda b, x, y, t: train.train_step(
+        model, opt, scaler, loss_fn, x, y, t, cached[b["index"]], targs, amp))
 
-    # DeiT reference style: timm student, eager loss, live teacher at 224px
+
+def _train_timm(opts, split, dev, amp):
+    """DeiT's reference style: timm student, eager loss, live teacher at 224px."""
     import timm
+    import torch
+    import torch.nn.functional as F
+    import augment
+
     student = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=4, num_classes=10,
                                 drop_path_rate=0.1).to(dev)
     student.set_distilled_training(True)  # train mode returns (cls, dist) logits
@@ -176,7 +196,7 @@ def bench_train(args):
     def deit_step(b, x, y, t):
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             with torch.no_grad():
-                t_logits = teacher(data.teacher_view(b["images"], 224, "bilinear"))
+                t_logits = teacher(augment.teacher_view(b["images"], 224, "bilinear"))
             cls, dist_ = student(x)
         # facebookresearch/deit DistillationLoss('hard'): base on cls (soft targets with smoothing,
         # as timm's Mixup hands them over) + CE(dist, teacher argmax), averaged
@@ -187,19 +207,28 @@ def bench_train(args):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    timm_ips = timed(deit_step)
+    return _timed_steps(opts, split, dev, deit_step)
 
-    cfg = replace(MODELS[opts.model], num_classes=10)
-    f_student = flops_per_image(cfg, train=True)
+
+def _print_train(opts, dev, ours_ips, timm_ips):
+    """The table: images/s and MFU (achieved FLOP/s on CPU, where there is no defined peak)."""
+    import os
+    from dataclasses import replace
+    import torch
+    from model import MODELS, count_params, create_model, flops_per_image
+
+    cuda = dev.type == "cuda"
+    f_student = flops_per_image(replace(MODELS[opts.model], num_classes=10), train=True)
     f_teacher = flops_per_image(replace(MODELS["deit3_small"], num_classes=10), train=False)
     name = torch.cuda.get_device_name() if cuda else "CPU"
     peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # dense bf16
     peak = next((v for k, v in peaks.items() if k in name), None) if cuda else None
     print(f"train step on {name} ({'bf16 autocast' if cuda else f'fp32, {torch.get_num_threads()} threads'}), "
-          f"global batch {B}, {opts.steps} timed steps; load average {os.getloadavg()[0]:.1f} on "
+          f"global batch {opts.batch}, {opts.steps} timed steps; load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores")
     print(f"FLOPs assumed (model.flops_per_image, matmuls, 2/MAC): student {opts.model} train "
-          f"{f_student / 1e9:.3f} GFLOP/img (fwd+bwd = 3x fwd); teacher forward at 224px {f_teacher / 1e9:.2f} GFLOP/img")
+          f"{f_student / 1e9:.3f} GFLOP/img (fwd+bwd = 3x fwd); teacher forward at 224px "
+          f"{f_teacher / 1e9:.2f} GFLOP/img")
     print("peak assumed: " + (f"{peak / 1e12:.0f} TFLOP/s dense bf16 ({name})" if peak else
                               "none: MFU is not meaningful on CPU (no defined peak); achieved GFLOP/s shown"
                               if not cuda else f"unknown for {name}; achieved TFLOP/s shown"))

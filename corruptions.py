@@ -33,7 +33,7 @@ import torch.nn.functional as F
 CORRUPTIONS = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
                "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
                "elastic_transform", "pixelate", "jpeg_compression"]
-# The seed's 10 training corruptions (seed 3.4), in the data issue's type-index order 1..10.
+# The seed's 10 training corruptions (seed 3.4): corruption-token type indices 1..10 (data.TYPES).
 SEEN = ["brightness", "defocus_blur", "zoom_blur", "motion_blur", "fog", "frost", "snow",
         "shot_noise", "gaussian_noise", "jpeg_compression"]
 # The other 5 benchmark corruptions, never seen in training: type indices 11..15.

@@ -8,19 +8,17 @@ Top to bottom:
      standard robustness protocol (CIFAR-10 training images, corrupted on the device by
      corruptions.py, tested on the real CIFAR-10-C files);
   4. DeviceLoader: the whole split on the device as uint8, batches are slices of a randperm
-     (airbench style, no DataLoader workers);
-  5. (augment.py) Augment: crop / flip / RandAugment / Random Erasing / Mixup / CutMix as batched
-     tensor ops, normalize, and the teacher's 224px view; re-exported here (data.Augment, ...).
+     (airbench style, no DataLoader workers).
 
-Fetching the files (resume, checksums, safe extraction, the offline error) is download.py's job;
-`download`, `teacher_path`, `DataError` and the file names are re-exported here.
+Augmentation (crop / flip / RandAugment / Random Erasing / Mixup / CutMix, normalize, the
+teacher's 224px view) is augment.py's job; fetching the files (resume, checksums, safe extraction,
+the offline error) is download.py's.
 Facts (URLs, checksums, layouts): ../shared/reference/data-formats.md.
 Command line: `python data.py --data-dir ./data` downloads what is missing (as download.py does);
 `python data.py --data-dir ./data --synthetic` writes small synthetic files instead.
 """
 import hashlib
 import importlib
-import importlib.util
 import json
 import math
 import os
@@ -30,16 +28,13 @@ import sys
 import numpy as np
 import torch
 
+import corruptions
 import download as _download
 from fileio import atomic_write, locked
-from augment import MEAN, RANDAUG_OPS, STD, Augment, crop_flip, normalize, teacher_view  # noqa: F401 (re-exported)
-from download import (CIFAR_DIR, CIFAR_FILES, CIFARC_DIR, CORRUPTION_FILES, FILES,  # noqa: F401 (re-exported)
-                      TEACHER_FILE, DataError, Remote, download, teacher_path)
+from download import CIFAR_DIR, CIFAR_FILES, CIFARC_DIR, CORRUPTION_FILES, DataError
 
-# seed 3.4: clean + 10 CIFAR-10-C corruptions; the index is the corruption-token target.
-# corruptions.TYPE_NAMES extends it with the 5 unseen types as 11..15 (checked in _corruptions()).
-TYPES = ["clean", "brightness", "defocus_blur", "zoom_blur", "motion_blur", "fog", "frost", "snow",
-         "shot_noise", "gaussian_noise", "jpeg_compression"]
+# seed 3.4: clean + the 10 training corruptions; the index is the corruption-token target
+TYPES = ["clean"] + corruptions.SEEN
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -228,7 +223,6 @@ def write_cifar10c(root, names=None, seed=0):
     """CIFAR-10-C/<name>.npy and labels.npy in the real layout, rendered by corruptions.py from
     root's test_batch (any CIFAR-format test set): rows (s-1)*n..s*n = severity s of test image
     0..n-1. names: default the 15 benchmark corruptions (what download.py looks for)."""
-    corruptions = _corruptions()
     test_x, test_y = _read_batch(os.path.join(root, CIFAR_DIR, "test_batch"))
     x, g = torch.from_numpy(np.ascontiguousarray(test_x)), torch.Generator().manual_seed(seed)
     dc = os.path.join(root, CIFARC_DIR)
@@ -259,10 +253,8 @@ def files_identity(root, split):
     out = {}
     paths = [os.path.join(_sub(root, CIFAR_DIR), f) for f in CIFAR_FILES[:6]]
     if split == "standard":
-        spec = importlib.util.find_spec("corruptions")
-        if spec and spec.origin and os.path.isfile(spec.origin):
-            with open(spec.origin, "rb") as f:
-                out["corruptions.py"] = hashlib.sha256(f.read()).hexdigest()[:16]
+        with open(corruptions.__file__, "rb") as f:
+            out["corruptions.py"] = hashlib.sha256(f.read()).hexdigest()[:16]
     else:
         paths += [os.path.join(_sub(root, CIFARC_DIR), f"{n}.npy") for n in TYPES[1:] + ["labels"]]
     for p in paths:
@@ -505,29 +497,15 @@ def _standard_mix(root, seed, counts):
     return mix
 
 
-def _corruptions():
-    """corruptions.py, imported on first use: only the standard split needs it (and frost needs
-    the optional imagecorruptions package), so every other split works without them."""
-    try:
-        import corruptions
-    except ImportError as e:
-        raise DataError(f"the standard split needs corruptions.py next to data.py ({e})") from None
-    if corruptions.TYPE_NAMES[:len(TYPES)] != TYPES:   # the corruption-token targets must agree
-        raise RuntimeError(f"corruptions.TYPE_NAMES[:11] {corruptions.TYPE_NAMES[:11]} != data.TYPES {TYPES}")
-    return corruptions
-
-
 def draw_corruptions(images, generator=None):
     """Per sample, a training corruption drawn afresh: (images, types, severities), all on the
     images' device; images uint8 (B,3,32,32) or (B,32,32,3), returned in the same shape.
-    The issue asks for (type, severity) "uniform from clean + 10 types x severities 1-5". We read
-    it as: the type uniform over the 11 training types (clean and the seed's 10, 1/11 each: the
-    type balance of the seed's mix, seed 3.4), then, for a corruption, the severity uniform in
-    1..5 (severity 0 for clean). Uniform over the 51 (type, severity) pairs would instead make
-    clean only 1/51 of the samples. Applied with corruptions.corrupt_batch on the images' device.
+    The type is uniform over the 11 training types (clean and the seed's 10, 1/11 each: the type
+    balance of the seed's mix, seed 3.4), then, for a corruption, the severity uniform in 1..5
+    (severity 0 for clean). Uniform over the 51 (type, severity) pairs would instead make clean
+    only 1/51 of the samples. Applied with corruptions.corrupt_batch on the images' device.
     Deterministic for the generator: the draws come from it (on its device, as corruptions.py
     draws) and so do the corruptions' own random numbers; None uses the global RNG."""
-    corruptions = _corruptions()
     B, dev = images.shape[0], images.device
     gdev = generator.device if generator is not None else dev
     types = torch.randint(0, len(TYPES), (B,), generator=generator, device=gdev).to(dev)

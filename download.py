@@ -9,7 +9,7 @@ One job: put the published files on disk, intact. Top to bottom:
   4. torchrun: only rank 0 downloads, the other ranks wait for it;
   5. the command line.
 
-Reading the files is data.py's job; it re-exports `download`, `teacher_path` and `DataError`.
+Reading the files is data.py's job.
 Facts (URLs, checksums, layouts): ../shared/reference/data-formats.md.
 Command line: `python download.py --data-dir ./data` (or `python data.py --data-dir ./data`).
 Needs only the standard library (plus safetensors to check the teacher file, and torch only when

@@ -5,15 +5,14 @@
     python eval.py --teacher data/cache/teacher_head.pt    # the fitted teacher head (seed 4.1: 87.4%)
     python eval.py best.pt --benchmark cifar10c [--extra]  # the standard 15 x 5 CIFAR-10-C protocol
 
-A checkpoint trained with --split standard (CIFAR-10 train images, corrupted on the fly; issue 7) is
+A checkpoint trained with --split standard (CIFAR-10 train images, corrupted on the fly) is
 tested on that protocol by default: clean CIFAR-10 test + the real CIFAR-10-C files, with the errors
 on the seed's 10 training corruptions (seen) and on the 5 others (unseen) reported separately.
 
-The metric functions themselves live in metrics.py (seed 3.5; each tested on hand-computed values)
-and are re-exported here. Top to bottom: 1. loading checkpoints, teacher heads and baseline JSONs
-(one clear line on any bad file), 2. running a model over a split, batched on the device (bf16
-autocast on CUDA), 3. the metrics of one run, 4. the CIFAR-10-C benchmark, 5. tables, plot, command
-line.
+The metric functions themselves live in metrics.py (seed 3.5; each tested on hand-computed values).
+Top to bottom: 1. loading checkpoints, teacher heads and baseline JSONs (one clear line on any bad
+file), 2. running a model over a split, batched on the device (bf16 autocast on CUDA), 3. the
+metrics of one run, 4. the CIFAR-10-C benchmark, 5. tables, plot, command line.
 
 ECE is Guo et al.'s standard definition over the whole split at once (seed Eq. 8-9). The seed's
 ECEs (~0.0002) are far smaller because one public implementation sums per-batch ECEs and divides by
@@ -36,20 +35,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import augment
 import corruptions
 import data
+import download
 import fileio
 import model as model_lib
 import teacher as teacher_lib
-from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_from_bins,
-                     expected_calibration_error, mce, mean_corruption_error, mean_or_none, nll,  # noqa: F401
-                     per_severity_accuracy, per_type_accuracy, relative_mce, relative_mce_undefined,
-                     topk_accuracy)
+from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_from_bins, mce,
+                     mean_corruption_error, mean_or_none, nll, per_severity_accuracy, per_type_accuracy,
+                     relative_mce, relative_mce_undefined, topk_accuracy)
 
-STUDENT_KIND, HEAD_KIND, EVAL_KIND = "cdeit-kit/student", "cdeit-kit/teacher-head", "cdeit-kit/eval"
-CORRUPTIONS = data.TYPES[1:]  # the seed's 10 corruption types (index 1..10 of the mix)
-BENCHMARK = corruptions.CORRUPTIONS  # Hendrycks & Dietterich's 15, in CIFAR-10-C's order
-EXTRA = ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
+STUDENT_KIND, EVAL_KIND = "cdeit-kit/student", "cdeit-kit/eval"
+EXTRA = download.CORRUPTION_FILES[15:]  # the release's 4 extra corruptions
 ROBUSTBENCH_WRN28_10 = 73.46  # RobustBench CIFAR-10-C, Standard WRN-28-10, mean accuracy over 15 x 5
 
 
@@ -82,7 +80,7 @@ def _load(path, what, kind, fields):
     if not isinstance(ck, dict) or "kind" not in ck:
         raise EvalError(f"{path}: no 'kind' field, not a cdeit-kit file (expected kind {kind!r})")
     if ck["kind"] != kind:
-        hint = {HEAD_KIND: "; pass a teacher head with --teacher",
+        hint = {teacher_lib.HEAD_KIND: "; pass a teacher head with --teacher",
                 STUDENT_KIND: "; pass a student checkpoint positionally"}.get(ck["kind"], "")
         raise EvalError(f"{path}: kind {ck['kind']!r}, expected {kind!r}{hint}")
     if ck.get("version") != 1:
@@ -122,7 +120,7 @@ def load_student(path):
 
 
 def load_head(path):
-    ck = _load(path, "teacher head", HEAD_KIND, ("weight", "bias", "teacher_path", "data_args"))
+    ck = _load(path, "teacher head", teacher_lib.HEAD_KIND, ("weight", "bias", "teacher_path", "data_args"))
     w, b = ck["weight"], ck["bias"]
     if not (torch.is_tensor(w) and torch.is_tensor(b) and w.ndim == 2 and b.shape == (w.shape[0],)):
         raise EvalError(f"{path}: weight/bias must be (C, D) and (C,) tensors")
@@ -212,7 +210,7 @@ def run_student(net, images, device, batch_size):
     tol = 1e-2 if device.type == "cuda" else 1e-4
     t0 = _now(device)
     for i in range(0, len(images), batch_size):
-        x = data.normalize(images[i:i + batch_size])
+        x = augment.normalize(images[i:i + batch_size])
         with _autocast(device):
             tok = net.forward_tokens(x)
             heads = {k: getattr(net, f"head{'' if k == 'cls' else '_' + k}")(tok[k])
@@ -232,7 +230,7 @@ def run_student(net, images, device, batch_size):
 @torch.no_grad()
 def run_teacher(head, split_name, split, device, batch_size):
     """The fitted teacher head (seed 4.1) on the split: from the cached class-token features beside
-    the head when they match the split, else DeiT-III on data.teacher_view of the images."""
+    the head when they match the split, else DeiT-III on augment.teacher_view of the images."""
     path = head["_path"]
     W, b = head["weight"].float(), head["bias"].float()
     folder = os.path.dirname(os.path.abspath(path))
@@ -259,7 +257,7 @@ def run_teacher(head, split_name, split, device, batch_size):
     images, out = split["images"].to(device), []
     t0 = _now(device)
     for i in range(0, len(images), batch_size):
-        x = data.teacher_view(images[i:i + batch_size], size=net.cfg.img_size, mode=head["resize"])
+        x = augment.teacher_view(images[i:i + batch_size], size=net.cfg.img_size, mode=head["resize"])
         with _autocast(device):
             out.append(net(x).float().cpu())
     return {"combined": torch.cat(out)}, len(images) / max(_now(device) - t0, 1e-9), head["teacher_path"]
@@ -268,7 +266,7 @@ def run_teacher(head, split_name, split, device, batch_size):
 # ----------------------------------------------------------------------------- 3. metrics of one run
 
 def summarize(outs, split, names=data.TYPES):
-    """All the issue's metrics from run_student/run_teacher outputs and the split's bookkeeping
+    """Every metric (seed 3.5) from run_student/run_teacher outputs and the split's bookkeeping
     (split["types"] indexes names: the mix's 11 types, or clean + the 15 benchmark corruptions)."""
     logits, y = outs["combined"], split["labels"]
     types, sev = split["types"], split["severities"]
@@ -322,7 +320,7 @@ def run_benchmark(net, root, device, batch_size, extra=False):
     accuracy = robustbench_accuracy = the mean over the 15 x 5 cells (RobustBench's number)."""
     cifar = data.read_cifar10(root)
     y = torch.from_numpy(cifar["test_labels"])
-    n, names = len(y), ["clean"] + BENCHMARK
+    n, names = len(y), ["clean"] + corruptions.CORRUPTIONS
     outs, book, per, done, t0 = {}, {"labels": [], "types": [], "severities": []}, {}, 0, time.perf_counter()
     for name in names + (EXTRA if extra else []):
         x = cifar["test_images"] if name == "clean" else data.read_cifar10c(root, name, cifar["test_labels"])[0]
@@ -341,8 +339,9 @@ def run_benchmark(net, root, device, batch_size, extra=False):
     ips = done / max(time.perf_counter() - t0, 1e-9)
     r = summarize({k: torch.cat(v) for k, v in outs.items()}, {k: torch.cat(v) for k, v in book.items()}, names)
     cells = lambda cs: float(np.mean([per[c] for c in cs]))  # equal-sized cells: the pooled accuracy too
-    r.update(n=n, clean_accuracy=r["per_type"]["clean"], accuracy=cells(BENCHMARK),
-             robustbench_accuracy=cells(BENCHMARK), per_corruption=per, mean_accuracy_seen=cells(corruptions.SEEN),
+    mean15 = cells(corruptions.CORRUPTIONS)
+    r.update(n=n, clean_accuracy=r["per_type"]["clean"], accuracy=mean15, robustbench_accuracy=mean15,
+             per_corruption=per, mean_accuracy_seen=cells(corruptions.SEEN),
              mean_accuracy_unseen=cells(corruptions.UNSEEN), robustbench_reference=ROBUSTBENCH_WRN28_10)
     if extra:
         r["mean_accuracy_extra"] = cells(EXTRA)
@@ -506,7 +505,8 @@ def _device(name):
     return dev
 
 
-def evaluate(args):
+def check_options(args):
+    """Refuse a bad option combination or output path before any work."""
     if not args.checkpoints and not args.teacher:
         raise EvalError("give at least one checkpoint (or --teacher HEAD.pt)")
     if args.extra and not args.benchmark:
@@ -521,8 +521,12 @@ def evaluate(args):
     for out in filter(None, (args.json, args.plot)):  # fail before the work, not after it
         if os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise EvalError(f"{out}: not a writable file path (a folder, or its folder does not exist)")
-    device = _device(args.device)
-    jobs = []  # (result skeleton, model or head) in command-line order, everything loaded and checked first
+
+
+def load_jobs(args, device):
+    """Every checkpoint, the teacher head and the baseline, loaded and checked before any work.
+    Returns ([(result skeleton, model or head)] in command-line order, the teacher last; baseline)."""
+    jobs = []
     for path in args.checkpoints:
         net, ck = load_student(path)
         cfg = ck.get("config") if isinstance(ck.get("config"), dict) else {}
@@ -543,32 +547,43 @@ def evaluate(args):
         r.update(kind=EVAL_KIND, version=1, split="cifar10c" if args.benchmark else args.split,
                  benchmark=args.benchmark or ("cifar10c" if standard else None), device=str(device), baseline=None)
         if base is not None:
-            check_baseline(base, r, args.baseline)  # before any work: refuse a baseline on other images
+            check_baseline(base, r, args.baseline)  # refuse a baseline on other images
+    return jobs, base
 
+
+def evaluate_one(r, obj, args, device, mixes):
+    """The metrics of one student (or the teacher head) and its images/s; mixes caches the split
+    evaluated per data_args, shared by the jobs that read the same mix."""
+    if r["benchmark"]:
+        if r["data_args"].get("split") in ("paper", "grouped"):  # "standard" trains on CIFAR-10 train only
+            print(f"eval.py: warning: {r['checkpoint']} was trained on the {r['data_args']['split']!r} mix, whose "
+                  "corrupted images come from CIFAR-10-C itself: these benchmark images are NOT held out",
+                  file=sys.stderr)
+        print(f"{r['checkpoint']}: CIFAR-10-C accuracy % per severity 1..5")
+        return run_benchmark(obj, r["data_args"]["root"], device, args.batch_size, args.extra)
+    key = json.dumps(r["data_args"], sort_keys=True)
+    if key not in mixes:
+        try:  # keep only the split evaluated (the real mix's train split is 1.5 GB)
+            mixes[key] = data.build_mix(**r["data_args"])[args.split]
+        except (TypeError, ValueError) as e:
+            raise EvalError(f"{r['checkpoint']}: data_args {r['data_args']} do not build a mix ({e})") from None
+    split = mixes[key]
+    if isinstance(obj, dict):
+        check_head_mix(obj, r["data_args"], args.split, split)
+        outs, ips, src = run_teacher(obj, args.split, split, device, args.batch_size)
+        r["teacher_source"] = src
+    else:
+        outs, ips = run_student(obj, split["images"], device, args.batch_size)
+    return summarize(outs, split), ips
+
+
+def evaluate(args):
+    check_options(args)
+    device = _device(args.device)
+    jobs, base = load_jobs(args, device)
     results, mixes = [], {}
     for r, obj in jobs:
-        if r["benchmark"]:
-            if r["data_args"].get("split") in ("paper", "grouped"):  # "standard" trains on CIFAR-10 train only
-                print(f"eval.py: warning: {r['checkpoint']} was trained on the {r['data_args']['split']!r} mix, whose "
-                      "corrupted images come from CIFAR-10-C itself: these benchmark images are NOT held out",
-                      file=sys.stderr)
-            print(f"{r['checkpoint']}: CIFAR-10-C accuracy % per severity 1..5")
-            m, ips = run_benchmark(obj, r["data_args"]["root"], device, args.batch_size, args.extra)
-        else:
-            key = json.dumps(r["data_args"], sort_keys=True)
-            if key not in mixes:
-                try:  # keep only the split evaluated (the real mix's train split is 1.5 GB)
-                    mixes[key] = data.build_mix(**r["data_args"])[args.split]
-                except (TypeError, ValueError) as e:
-                    raise EvalError(f"{r['checkpoint']}: data_args {r['data_args']} do not build a mix ({e})") from None
-            split = mixes[key]
-            if isinstance(obj, dict):
-                check_head_mix(obj, r["data_args"], args.split, split)
-                outs, ips, src = run_teacher(obj, args.split, split, device, args.batch_size)
-                r["teacher_source"] = src
-            else:
-                outs, ips = run_student(obj, split["images"], device, args.batch_size)
-            m = summarize(outs, split)
+        m, ips = evaluate_one(r, obj, args, device, mixes)
         r.update(m, images_per_s=ips)
         if base is not None:
             add_mce(r, base, args.baseline)
@@ -614,7 +629,7 @@ def main(argv=None):
             fileio.atomic_write(path, content, what)
             print(f"wrote {path}")
         return 0
-    except (EvalError, data.DataError, model_lib.ModelFileError, OSError) as e:  # OSError: fileio.WriteError
+    except (EvalError, download.DataError, model_lib.ModelFileError, OSError) as e:  # OSError: fileio.WriteError
         print("eval.py: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
 

@@ -38,6 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+from augment import teacher_view
+from download import DataError
 from fileio import atomic_write, locked
 from model import create_model, load_teacher
 
@@ -47,10 +49,10 @@ SYNTHETIC_TEACHER = dict(depth=1, embed_dim=96, num_heads=2)  # deit3_small-shap
 STANDARD_DRAW_SEED, DRAW_CHUNK = 7_919, 1024
 # changes whenever features, head or logits are computed differently: old folders are not reused
 CACHE_VERSION = 2
-HEAD_KIND = "cdeit-kit/teacher-head"  # eval.py's HEAD_KIND: the head file's kind
+HEAD_KIND = "cdeit-kit/teacher-head"  # the head file's kind, checked by eval.py
 
 
-class CacheError(data.DataError):
+class CacheError(DataError):
     """A teacher cache file is missing, unreadable or malformed; str(e) is one line."""
 
 
@@ -135,7 +137,7 @@ def features(teacher, images, device, resize, amp_dtype, corrupt_seed=None):
         if g is not None:
             chunk = data.draw_corruptions(chunk, g)[0]
         for i in range(0, len(chunk), bs):
-            x = data.teacher_view(chunk[i:i + bs], 224, resize)
+            x = teacher_view(chunk[i:i + bs], 224, resize)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out.append(teacher.forward_features(x)[:, 0].half().cpu())
     return torch.cat(out) if out else torch.zeros(0, 0, dtype=torch.half)

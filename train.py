@@ -11,7 +11,7 @@ DeiT-III Small features cached fp16, a fresh 10-way head fitted on them (seed 4.
 every training row cached); (3) the student loop: device-resident loader, with --split standard
 fresh corruptions per batch on the device, batched augmentation, bf16 autocast, AdamW, per-step
 warmup + cosine, DDP; atomic checkpoints, exact resume, clean stop on SIGTERM / Ctrl-C.
-Only rank 0 prints and writes. Checkpoint format: what eval.py reads (see `checkpoint` below).
+Only rank 0 prints and writes. Checkpoint format: what eval.py reads (see `Run.save` below).
 """
 import argparse
 import contextlib
@@ -36,7 +36,9 @@ import data
 import fileio
 import losses
 import teacher  # the teacher stage (seed 4.1): cached features, fitted head, logits
-from eval import run_student, summarize  # val metrics computed exactly as eval.py reports them
+from augment import Augment, teacher_view
+from download import DataError, download, teacher_path
+from eval import STUDENT_KIND, run_student, summarize  # val metrics computed exactly as eval.py reports them
 from model import ModelFileError, count_params, create_model, param_groups
 
 # --dataset synthetic: what changes when the user did not set it (about 2,000 training images, so
@@ -122,7 +124,11 @@ def get_args(argv=None):
     a("--fused", action=argparse.BooleanOptionalAction, default=True, help="Triton kernels on CUDA")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
     a("--log-interval", type=int, default=20)
-    args = p.parse_args(argv)
+    return fill_defaults(p.parse_args(argv))
+
+
+def fill_defaults(args):
+    """The flags left None: the seed's values, or SYNTHETIC_DEFAULTS; the out dir from the run's name."""
     defaults = SYNTHETIC_DEFAULTS if args.dataset == "synthetic" else dict(
         epochs=15, batch_size=1024, warmup_epochs=3, train_per_class=4500,
         val_per_class=500 if args.split == "standard" else 200,  # standard: 45,000 / 5,000 of CIFAR-10 train
@@ -257,7 +263,7 @@ def on_master_first(ctx, fn):
     if ctx["master"]:
         try:
             fn()
-        except (TrainError, data.DataError, ModelFileError, OSError) as e:
+        except (TrainError, DataError, ModelFileError, OSError) as e:
             err = e
     if ctx["ddp"]:
         msg = [str(err) if err else None]
@@ -342,10 +348,10 @@ def prepare_data(args, ctx):
                  f"say nothing about CIFAR-10. Small defaults unless set: {SYNTHETIC_DEFAULTS}")
     else:
         root = args.data_dir
-        tpath = args.teacher or data.teacher_path(root)
+        tpath = args.teacher or teacher_path(root)
         teacher_args = {}
         # every rank calls download: rank 0 fetches while the others wait, and a failure raises everywhere
-        data.download(root, args.mirror, teacher=needs_teacher and not args.teacher)
+        download(root, args.mirror, teacher=needs_teacher and not args.teacher)
     if needs_teacher and not os.path.isfile(tpath):
         raise TrainError(f"teacher file {tpath} not found (python data.py --data-dir {args.data_dir} "
                          "downloads it, or pass --teacher PATH)")
@@ -375,10 +381,7 @@ def prepare_teacher(args, ctx, splits, data_args, path, teacher_args, amp_dtype)
                                                log=lambda *m: log(ctx, *m)))
     info = {"path": os.path.abspath(path), "sha256": sha, "head": os.path.abspath(os.path.join(cache, "teacher_head.pt"))}
     logits, live = None, None
-    if args.split == "standard":
-        # Fresh corruptions every epoch: the teacher's input changes every epoch, so there is no
-        # table to read. Caching per (sample, type, severity) would take 45,000 x 51 = 2.3M teacher
-        # passes up front, more than the 15 x 45,000 = 675,000 live passes of a whole run.
+    if args.split == "standard":  # the teacher's input changes every epoch: no table to read
         log(ctx, "teacher: LIVE on every batch (split standard: fresh corruptions each epoch cannot be "
                  "cached; a table per (sample, type, severity) would need 45,000 x 51 teacher passes, "
                  "more than 15 epochs of live ones)")
@@ -524,6 +527,19 @@ def _request_stop(signum, frame):
     signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
 
+@contextlib.contextmanager
+def stop_requests():
+    """SIGTERM / Ctrl-C ask the loop to stop at its next check (it saves first) instead of killing it."""
+    handlers = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    STOP["why"] = None
+    try:
+        yield
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
 def build_student(args, device):
     model_args = dict(num_classes=10, num_types=len(data.TYPES), drop_path=args.drop_path, drop=args.drop,
                       fused_attn=args.fused, **({"strategy": args.strategy} if args.model == "cdeit" else {}),
@@ -533,76 +549,213 @@ def build_student(args, device):
     return create_model(args.model, **model_args).to(device), model_args
 
 
-def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, live_teacher, amp_dtype,
-                  stop_at_step=None):
-    device, master, world, rank = ctx["device"], ctx["master"], ctx["world"], ctx["rank"]
-    raw_model, model_args = build_student(args, device)
-    peak = args.lr * args.batch_size / 512  # DeiT's linear scaling (seed Table 1)
+def build_optimizer(args, raw_model, device):
+    """AdamW (or SGD) at DeiT's linearly scaled peak lr (seed Table 1). Returns (optimizer, peak lr)."""
+    peak = args.lr * args.batch_size / 512
     groups = param_groups(raw_model, args.weight_decay)
     fused = True if device.type == "cuda" else None
     optimizer = torch.optim.AdamW(groups, lr=peak, fused=fused) if args.opt == "adamw" else \
         torch.optim.SGD(groups, lr=peak, momentum=0.9, fused=fused)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    loader = data.DeviceLoader(splits["train"], args.batch_size, device, shuffle=True, drop_last=True,
-                               seed=args.seed, rank=rank, world_size=world)
-    augment = data.Augment(num_classes=10, num_types=len(data.TYPES), crop_padding=args.crop_padding,
-                           flip=args.hflip, mixup_alpha=args.mixup, mixup_prob=args.mixup_prob,
-                           cutmix_alpha=args.cutmix, cutmix_prob=args.cutmix_prob, mix_types=args.mix_types,
-                           randaug_ops=2 if args.randaug else 0, randaug_magnitude=args.randaug,
-                           randaug_prob=args.randaug_prob, erase_prob=args.erase_prob,
-                           erase_mode=args.erase_mode, draw_per=args.draw_per)
-    gen = torch.Generator(device=device)
-    # --split standard: the per-rank generator of the fresh corruptions (saved with the others)
-    cgen = torch.Generator(device=device) if args.split == "standard" else None
+    return optimizer, peak
+
+
+def build_augment(args):
+    return Augment(num_classes=10, num_types=len(data.TYPES), crop_padding=args.crop_padding,
+                   flip=args.hflip, mixup_alpha=args.mixup, mixup_prob=args.mixup_prob,
+                   cutmix_alpha=args.cutmix, cutmix_prob=args.cutmix_prob, mix_types=args.mix_types,
+                   randaug_ops=2 if args.randaug else 0, randaug_magnitude=args.randaug,
+                   randaug_prob=args.randaug_prob, erase_prob=args.erase_prob,
+                   erase_mode=args.erase_mode, draw_per=args.draw_per)
+
+
+def pick_loss(args, device):
+    """losses.distillation_loss, or its Triton kernel on CUDA with --fused."""
     loss_fn = losses.distillation_loss
     if args.fused and device.type == "cuda":
         import kernels
         loss_fn = getattr(kernels, "distillation_loss", loss_fn)
+    return loss_fn
+
+
+def teacher_targets(args, batch, images, x, cached, live, amp_dtype):
+    """The teacher's logits for a batch: live on what the student sees (--teacher-view augmented),
+    live on the corrupted, un-augmented batch (--split standard: as the cached splits' teacher saw
+    its images), or read from the cache (seed 4.1); None without distillation."""
+    if live is not None:
+        tx = F.interpolate(x, size=224, mode=args.teacher_resize) if args.teacher_view == "augmented" \
+            else teacher_view(images, 224, args.teacher_resize)
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return live(tx).float()
+    return cached[batch["index"]] if cached is not None else None
+
+
+class Run:
+    """A run's state, and what a checkpoint saves of it: model, optimizer, every rank's RNG, epoch,
+    step, best val accuracy, the history and this epoch's loss sums (an exact mid-epoch resume)."""
+
+    def __init__(self, args, ctx, raw_model, model_args, optimizer, data_args, teacher_info, gen, cgen, cols):
+        self.args, self.ctx, self.cols = args, ctx, cols
+        self.raw_model, self.model_args, self.optimizer = raw_model, model_args, optimizer
+        self.data_args, self.teacher_info, self.gen, self.cgen = data_args, teacher_info, gen, cgen
+        self.ckpt_path, self.best_path, self.summary_path = (os.path.join(args.out_dir, n) for n in
+                                                             ("ckpt.pt", "best.pt", "summary.csv"))
+        self.epoch, self.step, self.best_val, self.history, self.resume_rng = 0, 0, -1.0, [], None
+        self.sums = self.zero_sums()
+
+    def zero_sums(self):
+        return torch.zeros(1 + len(self.cols), dtype=torch.float64)  # per-epoch sums of the loss and its parts
+
+    def resume(self, spe):
+        """--resume: model, optimizer, counters and history from ckpt.pt; after a mid-epoch stop also
+        this epoch's loss sums so far and this rank's RNG states (replayed by seed_epoch)."""
+        args, ctx, path = self.args, self.ctx, self.ckpt_path
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        if ck.get("kind") != STUDENT_KIND or (ck["model_name"], ck["model_args"], ck["data_args"]) \
+                != (args.model, self.model_args, self.data_args):
+            raise TrainError(f"{path} was trained with another model or data configuration "
+                             f"({ck.get('model_name')}, {ck.get('model_args')}, {ck.get('data_args')})")
+        self.raw_model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.epoch, self.step, self.best_val, self.history = (ck["epoch"], ck["step"], ck["best_val_accuracy"],
+                                                              ck["history"])
+        if self.step > self.epoch * spe:  # stopped mid-epoch
+            self.sums = torch.tensor(ck["epoch_sums"], dtype=torch.float64)
+            if ck["rng"]["world_size"] == ctx["world"]:
+                self.resume_rng = ck["rng"]["ranks"][ctx["rank"]]
+            else:
+                log(ctx, "warning: mid-epoch resume on another process count is not bit-exact")
+        log(ctx, f"resumed {path}: epoch {self.epoch}, step {self.step}, best val {self.best_val:.2%}")
+
+    def seed_epoch(self):
+        """Seed this epoch's generators from (seed, epoch, rank); after a mid-epoch stop, continue the
+        saved states instead."""
+        s = rank_seed(self.args.seed, self.epoch, self.ctx["rank"])
+        torch.manual_seed(s)  # drop-path masks
+        self.gen.manual_seed(s + 1)  # augmentation draws
+        if self.cgen is not None:
+            self.cgen.manual_seed(s + 2)  # corruption draws
+        if self.resume_rng is not None:
+            set_rng_state(self.ctx["device"], self.gen, self.resume_rng, self.cgen)
+            self.resume_rng = None
+
+    def save(self, path):
+        """The file eval.py reads: only tensors and plain values (torch.load weights_only=True).
+        Every rank calls it (the RNG states are gathered); rank 0 writes."""
+        args, ctx, device = self.args, self.ctx, self.ctx["device"]
+        states = [rng_state(device, self.gen, self.cgen)] * ctx["world"]
+        if ctx["ddp"]:
+            dist.all_gather_object(states, rng_state(device, self.gen, self.cgen))
+        if ctx["master"]:
+            fileio.atomic_write(path, {
+                "kind": STUDENT_KIND, "version": 1, "model_name": args.model,
+                "model_args": self.model_args, "model": self.raw_model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
+                "rng": {"world_size": ctx["world"], "ranks": states}, "config": vars(args),
+                "data_args": self.data_args, "dataset": args.dataset, "best_val_accuracy": self.best_val,
+                "teacher": self.teacher_info, "history": self.history, "epoch_sums": self.sums.tolist()},
+                "best checkpoint" if path == self.best_path else "checkpoint")
+
+    def save_summary(self):
+        if self.ctx["master"]:
+            write_summary(self.history, self.summary_path)
+
+    def record_untrained(self, val_split):
+        """History row 0: the untrained model, the start of the seed's 4.4 token comparison."""
+        self.history.append({"epoch": 0, "step": 0, **validate(self.raw_model, val_split, self.ctx)})
+        log(self.ctx, f"epoch 0 (untrained): {epoch_line(self.history[0])}")
+        self.save_summary()
+
+    def end_epoch(self, val_split, lr, spe, t_epoch):
+        """Validate, append the epoch's row, save. ckpt.pt last: a kill before it reruns this epoch
+        exactly and rewrites best.pt and summary.csv."""
+        self.epoch += 1
+        metrics = validate(self.raw_model, val_split, self.ctx)  # collective: save() is too
+        val = metrics["val_accuracy"]
+        row = dict(epoch=self.epoch, step=self.step, lr=lr, **{f"train_{k}": v / spe for k, v in
+                                                              zip(["loss", *self.cols], self.sums.tolist())},
+                   **metrics, epoch_time_s=round(time.time() - t_epoch, 2))
+        self.history.append(row)
+        self.sums = self.zero_sums()
+        improved, self.best_val = val > self.best_val, max(self.best_val, val)
+        log(self.ctx, f"epoch {self.epoch}/{self.args.epochs}: train loss {row['train_loss']:.4f} | "
+            f"{epoch_line(row)}" + (" (best)" if improved else "") + f" | {row['epoch_time_s']:.0f}s")
+        if improved:  # best val accuracy; test data never selects anything
+            self.save(self.best_path)
+        self.save_summary()
+        self.save(self.ckpt_path)
+
+
+class Meter:
+    """The loss and its parts per step, kept on the device and read once per interval: one host sync
+    that averages over ranks, checks for a non-finite loss, adds to the epoch sums and logs a line."""
+
+    def __init__(self, args, ctx, cols, total):
+        self.args, self.ctx, self.cols, self.total = args, ctx, cols, total
+        self.t_start, self.steps_done = time.time(), 0
+
+    def start_epoch(self):
+        # (log_interval, 1 + parts): the loss and its parts of each step since the last read
+        self.buf = torch.zeros(self.args.log_interval, 1 + len(self.cols), device=self.ctx["device"])
+        self.n, self.t_int = 0, time.time()
+
+    def add(self, loss, parts):
+        self.buf[self.n] = torch.stack([loss.detach().float()] + [parts[p].float() for p in self.cols.values()])
+        self.n, self.steps_done = self.n + 1, self.steps_done + 1
+
+    def due(self, last_of_epoch):
+        # one process checks for a stop every step; DDP ranks must agree, so only at intervals
+        return self.n == self.args.log_interval or last_of_epoch or (STOP["why"] and not self.ctx["ddp"])
+
+    def flush(self, run, lr):
+        """Read back, check and log the interval; True when any rank asked to stop."""
+        ctx = self.ctx
+        flag = torch.tensor([float(STOP["why"] is not None)], device=ctx["device"])
+        if ctx["ddp"]:
+            dist.all_reduce(self.buf), dist.all_reduce(flag)
+            self.buf /= ctx["world"]
+        rows = self.buf[:self.n].double().cpu()
+        bad = (~torch.isfinite(rows[:, 0])).nonzero()
+        if len(bad):
+            kept = f"the last good checkpoint is {run.ckpt_path} (epoch {run.epoch})" if run.epoch > 0 \
+                else "no checkpoint was written"
+            raise TrainError(f"non-finite loss at step {run.step - self.n + int(bad[0]) + 1}; stopped, {kept}")
+        run.sums += rows.sum(0)
+        m, rate = rows.mean(0), self.n * self.args.batch_size / (time.time() - self.t_int)
+        eta = (self.total - run.step) * (time.time() - self.t_start) / self.steps_done
+        log(ctx, f"step {run.step}/{self.total} | epoch {run.epoch + 1} | loss {m[0]:.4f} ("
+            + " ".join(f"{k.replace('_', '+')} {m[j + 1]:.3f}" for j, k in enumerate(self.cols))
+            + f") | lr {lr:.2e} | {rate:.0f} img/s | eta {eta / 60:.1f}m")
+        self.buf.zero_()
+        self.n, self.t_int = 0, time.time()
+        return flag.item() > 0
+
+
+def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, live_teacher, amp_dtype,
+                  stop_at_step=None):
+    device, world, rank = ctx["device"], ctx["world"], ctx["rank"]
+    raw_model, model_args = build_student(args, device)
+    optimizer, peak = build_optimizer(args, raw_model, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loader = data.DeviceLoader(splits["train"], args.batch_size, device, shuffle=True, drop_last=True,
+                               seed=args.seed, rank=rank, world_size=world)
+    augment = build_augment(args)
+    gen = torch.Generator(device=device)
+    # --split standard: the per-rank generator of the fresh corruptions (saved with the others)
+    cgen = torch.Generator(device=device) if args.split == "standard" else None
+    loss_fn = pick_loss(args, device)
     spe = len(loader)  # steps per epoch
     if spe == 0:
         raise TrainError(f"--batch-size {args.batch_size} exceeds the {loader.n} training images")
     total, warmup, floor = args.epochs * spe, int(args.warmup_epochs * spe), min(args.min_lr, peak)
-
-    ckpt_path, best_path = (os.path.join(args.out_dir, n) for n in ("ckpt.pt", "best.pt"))
-    epoch, step, best_val, history, resume_rng = 0, 0, -1.0, [], None
     cols = loss_columns(args)  # the loss parts logged per step and per epoch
-    sums = torch.zeros(1 + len(cols), dtype=torch.float64)  # per-epoch sums of the loss and its parts
+    run = Run(args, ctx, raw_model, model_args, optimizer, data_args, teacher_info, gen, cgen, cols)
     if args.resume:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck.get("kind") != "cdeit-kit/student" or (ck["model_name"], ck["model_args"], ck["data_args"]) \
-                != (args.model, model_args, data_args):
-            raise TrainError(f"{ckpt_path} was trained with another model or data configuration "
-                             f"({ck.get('model_name')}, {ck.get('model_args')}, {ck.get('data_args')})")
-        raw_model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        epoch, step, best_val, history = ck["epoch"], ck["step"], ck["best_val_accuracy"], ck["history"]
-        if step > epoch * spe:  # stopped mid-epoch: replay this rank's RNG from the save
-            sums = torch.tensor(ck["epoch_sums"], dtype=torch.float64)  # this epoch's losses so far
-            if ck["rng"]["world_size"] == world:
-                resume_rng = ck["rng"]["ranks"][rank]
-            else:
-                log(ctx, "warning: mid-epoch resume on another process count is not bit-exact")
-        log(ctx, f"resumed {ckpt_path}: epoch {epoch}, step {step}, best val {best_val:.2%}")
+        run.resume(spe)
     model = torch.compile(raw_model) if args.compile else raw_model
     if ctx["ddp"]:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def checkpoint(path):
-        """The file eval.py reads: only tensors and plain values (torch.load weights_only=True)."""
-        states = [rng_state(device, gen, cgen)] * world
-        if ctx["ddp"]:
-            dist.all_gather_object(states, rng_state(device, gen, cgen))
-        if master:
-            fileio.atomic_write(path, {
-                "kind": "cdeit-kit/student", "version": 1, "model_name": args.model,
-                "model_args": model_args, "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-                "rng": {"world_size": world, "ranks": states}, "config": vars(args),
-                "data_args": data_args, "dataset": args.dataset, "best_val_accuracy": best_val,
-                "teacher": teacher_info, "history": history, "epoch_sums": sums.tolist()},
-                "best checkpoint" if path == best_path else "checkpoint")
-
-    if master:
+    if ctx["master"]:
         fileio.atomic_write(os.path.join(args.out_dir, "config.json"), json.dumps(vars(args), indent=2) + "\n",
                             "run config")
     cfg = raw_model.cfg
@@ -610,105 +763,46 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
              f"{args.distill} distillation, {spe} steps/epoch x {args.epochs} epochs, global batch "
              f"{args.batch_size} on {world} x {device.type}, peak lr {peak:.2e}, amp {amp_dtype}, "
              f"loss {loss_fn.__module__}")
-    if step == 0 and not history:  # the untrained model: the start of the seed's 4.4 comparison
-        history.append({"epoch": 0, "step": 0, **validate(raw_model, splits["val"], ctx)})
-        log(ctx, f"epoch 0 (untrained): {epoch_line(history[0])}")
-        if master:
-            write_summary(history, os.path.join(args.out_dir, "summary.csv"))
-    handlers = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)} \
-        if threading.current_thread() is threading.main_thread() else {}
-    STOP["why"], stopped, t_start, steps_done = None, None, time.time(), 0
-    try:
-        while epoch < args.epochs and not stopped:
-            torch.manual_seed(rank_seed(args.seed, epoch, rank))  # drop-path masks
-            gen.manual_seed(rank_seed(args.seed, epoch, rank) + 1)  # augmentation draws
-            if cgen is not None:
-                cgen.manual_seed(rank_seed(args.seed, epoch, rank) + 2)  # corruption draws
-            if resume_rng is not None:
-                set_rng_state(device, gen, resume_rng, cgen)
-                resume_rng = None
-            loader.set_epoch(epoch)
-            buf = torch.zeros(args.log_interval, 1 + len(cols), device=device)  # loss and its parts per step
-            n_buf, t_epoch, t_int = 0, time.time(), time.time()
-            lr = lr_at(step, total, warmup, peak, floor)
+    if run.step == 0 and not run.history:
+        run.record_untrained(splits["val"])
+
+    stopped, meter = None, Meter(args, ctx, cols, total)
+    with stop_requests():
+        while run.epoch < args.epochs and not stopped:
+            run.seed_epoch()
+            loader.set_epoch(run.epoch)
+            meter.start_epoch()
+            t_epoch, lr = time.time(), lr_at(run.step, total, warmup, peak, floor)
             for i, batch in enumerate(loader):
-                if i < step - epoch * spe:
+                if i < run.step - run.epoch * spe:
                     continue  # mid-epoch resume: these batches were trained before the stop
-                lr = lr_at(step, total, warmup, peak, floor)
+                lr = lr_at(run.step, total, warmup, peak, floor)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 images, types = batch["images"], batch["types"]
                 if cgen is not None:  # standard: a fresh (type, severity) per row, before augmentation;
                     images, types, _ = data.draw_corruptions(images, cgen)  # the token learns the drawn type
                 x, y, t = augment(images, batch["labels"], types, generator=gen)
-                tl = None
-                if live_teacher is not None:
-                    # --teacher-view augmented: the teacher sees what the student sees; otherwise
-                    # (split standard) the corrupted, un-augmented batch, as the cached splits' teacher
-                    tx = F.interpolate(x, size=224, mode=args.teacher_resize) if args.teacher_view == "augmented" \
-                        else data.teacher_view(images, 224, args.teacher_resize)
-                    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        tl = live_teacher(tx).float()
-                elif teacher_logits is not None:
-                    tl = teacher_logits[batch["index"]]  # cached once (seed 4.1)
+                tl = teacher_targets(args, batch, images, x, teacher_logits, live_teacher, amp_dtype)
                 loss, parts = train_step(model, optimizer, scaler, loss_fn, x, y, t, tl, args, amp_dtype)
-                buf[n_buf] = torch.stack([loss.detach().float()] + [parts[p].float() for p in cols.values()])
-                n_buf, step, steps_done = n_buf + 1, step + 1, steps_done + 1
-                if stop_at_step is not None and step >= stop_at_step:
+                meter.add(loss, parts)
+                run.step += 1
+                if stop_at_step is not None and run.step >= stop_at_step:
                     STOP["why"] = STOP["why"] or f"stop_at_step={stop_at_step}"
-                # one host sync per interval: losses averaged over ranks, non-finite check, stop requests
-                # (one process checks for a stop every step; DDP ranks must agree, so at intervals)
-                if n_buf == args.log_interval or i == spe - 1 or (STOP["why"] and not ctx["ddp"]):
-                    flag = torch.tensor([float(STOP["why"] is not None)], device=device)
-                    if ctx["ddp"]:
-                        dist.all_reduce(buf), dist.all_reduce(flag)
-                        buf /= world
-                    rows = buf[:n_buf].double().cpu()
-                    bad = (~torch.isfinite(rows[:, 0])).nonzero()
-                    if len(bad):
-                        kept = f"the last good checkpoint is {ckpt_path} (epoch {epoch})" if epoch > 0 \
-                            else "no checkpoint was written"
-                        raise TrainError(f"non-finite loss at step {step - n_buf + int(bad[0]) + 1}; stopped, {kept}")
-                    sums += rows.sum(0)
-                    m, rate = rows.mean(0), n_buf * args.batch_size / (time.time() - t_int)
-                    eta = (total - step) * (time.time() - t_start) / steps_done
-                    log(ctx, f"step {step}/{total} | epoch {epoch + 1} | loss {m[0]:.4f} ("
-                        + " ".join(f"{k.replace('_', '+')} {m[j + 1]:.3f}" for j, k in enumerate(cols))
-                        + f") | lr {lr:.2e} | {rate:.0f} img/s | eta {eta / 60:.1f}m")
-                    buf.zero_()
-                    n_buf, t_int = 0, time.time()
-                    if flag.item() > 0:
-                        stopped = STOP["why"] or "a stop on another rank"
-                        break
-            if stopped and step < (epoch + 1) * spe:  # mid-epoch: save where we are
-                checkpoint(ckpt_path)
-                log(ctx, f"stopped ({stopped}) at step {step}: saved {ckpt_path}; continue with --resume")
+                if meter.due(i == spe - 1) and meter.flush(run, lr):  # True: some rank asked to stop
+                    stopped = STOP["why"] or "a stop on another rank"
+                    break
+            if stopped and run.step < (run.epoch + 1) * spe:  # mid-epoch: save where we are
+                run.save(run.ckpt_path)
+                log(ctx, f"stopped ({stopped}) at step {run.step}: saved {run.ckpt_path}; continue with --resume")
                 break
-            epoch += 1
-            metrics = validate(raw_model, splits["val"], ctx)  # collective: checkpoint() is too
-            val = metrics["val_accuracy"]
-            row = dict(epoch=epoch, step=step, lr=lr, **{f"train_{k}": v / spe for k, v in
-                                                        zip(["loss", *cols], sums.tolist())},
-                       **metrics, epoch_time_s=round(time.time() - t_epoch, 2))
-            history.append(row)
-            sums = torch.zeros(1 + len(cols), dtype=torch.float64)
-            improved, best_val = val > best_val, max(best_val, val)
-            log(ctx, f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} | {epoch_line(row)}"
-                + (" (best)" if improved else "") + f" | {row['epoch_time_s']:.0f}s")
-            # ckpt.pt last: a kill before it reruns this epoch exactly and rewrites best.pt and summary.csv
-            if improved:  # best val accuracy; test data never selects anything
-                checkpoint(best_path)
-            if master:
-                write_summary(history, os.path.join(args.out_dir, "summary.csv"))
-            checkpoint(ckpt_path)
+            run.end_epoch(splits["val"], lr, spe, t_epoch)
             if stopped:  # the stop came on an epoch's last step: the epoch was finished and saved
-                log(ctx, f"stopped ({stopped}) after epoch {epoch}: saved {ckpt_path}; continue with --resume")
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    if epoch >= args.epochs and steps_done == 0:
-        log(ctx, f"already trained {epoch} epochs; nothing to do")
-    return dict(best_val_accuracy=best_val, step=step, stopped=stopped)
+                log(ctx, f"stopped ({stopped}) after epoch {run.epoch}: saved {run.ckpt_path}; "
+                         "continue with --resume")
+    if run.epoch >= args.epochs and meter.steps_done == 0:
+        log(ctx, f"already trained {run.epoch} epochs; nothing to do")
+    return dict(best_val_accuracy=run.best_val, step=run.step, stopped=stopped)
 
 
 # ----------------------------------------------------------------------------- main
@@ -781,7 +875,7 @@ def main(argv=None, stop_at_step=None):
     except FaultError as e:  # met by this rank alone: it says so
         print(f"error: rank {rank}: {e}" if "RANK" in os.environ else f"error: {e}", file=sys.stderr, flush=True)
         return 1
-    except (TrainError, data.DataError, ModelFileError, OSError) as e:  # OSError: fileio.WriteError and kin
+    except (TrainError, DataError, ModelFileError, OSError) as e:  # OSError: fileio.WriteError and kin
         if rank == 0:  # under torchrun, one copy of the message
             more = "; then continue with --resume" if isinstance(e, fileio.WriteError) and \
                 os.path.exists(os.path.join(args.out_dir, "ckpt.pt")) else ""

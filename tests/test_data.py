@@ -1,5 +1,5 @@
-"""data.py: readers on synthetic files in the real formats, the mix, the loader, and the re-exported
-augmentation names. CPU only, no network. The downloader (test_download.py), the standard split
+"""data.py: readers on synthetic files in the real formats, the mix and the loader. CPU only, no
+network. The downloader (test_download.py), the standard split
 (test_standard_split.py) and the augmentation itself (test_augment.py) have their own files."""
 import os
 import pickle
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import download
 
 COUNTS = dict(train_per_class=100, val_per_class=20, test_per_class=20)   # small, multiples of 5
 
@@ -111,7 +112,7 @@ def test_malicious_pickles_are_refused(tmp_path, payload, needle):
     marker = tmp_path / "pwned"
     p = tmp_path / "data_batch_1"
     p.write_bytes(pickle.dumps({b"labels": [0], b"data": payload(marker)}, protocol=2))
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(download.DataError) as e:
         data._read_batch(str(p))
     msg = str(e.value)
     assert "\n" not in msg and str(p) in msg and "refusing" in msg and needle in msg, msg
@@ -127,7 +128,7 @@ def test_read_cifar10c(root):
     clean = data.read_cifar10(root)["test_images"].astype(np.float32)
     d = [np.abs(x[s * 600:(s + 1) * 600] - clean).mean() for s in range(5)]
     assert all(a < b for a, b in zip(d, d[1:]))
-    for name in data.CORRUPTION_FILES:
+    for name in download.CORRUPTION_FILES:
         assert os.path.exists(os.path.join(root, "CIFAR-10-C", f"{name}.npy"))
 
 
@@ -162,7 +163,7 @@ def test_bad_batch_files(root, tmp_path, damage, needle):
         else:
             obj = [obj]
         p.write_bytes(pickle.dumps(obj, protocol=4))
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(download.DataError) as e:
         data.read_cifar10(str(d))
     assert str(p) in str(e.value) and needle in str(e.value)
 
@@ -186,7 +187,7 @@ def test_bad_cifar10c_files(root, tmp_path, damage, needle):
         p.write_bytes(b"not numpy at all")
     else:
         np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(download.DataError) as e:
         data.read_cifar10c(str(d.parent), "snow")
     assert str(p) in str(e.value) and needle in str(e.value)
 
@@ -260,7 +261,7 @@ def test_mix_cache_keyed_on_file_content_not_mtime(tmp_path):
     args = dict(train_per_class=5, val_per_class=1, test_per_class=1)
     old = data.build_mix(r, "paper", **args)
     stamps = {os.path.join(r, sub, f): os.stat(os.path.join(r, sub, f)).st_mtime_ns
-              for sub in (data.CIFAR_DIR, data.CIFARC_DIR) for f in os.listdir(os.path.join(r, sub))}
+              for sub in (download.CIFAR_DIR, download.CIFARC_DIR) for f in os.listdir(os.path.join(r, sub))}
     assert len(stamps) == 7 + 20
     data.write_synthetic(r, train_per_class=20, test_per_class=10, seed=1)
     for p, t in stamps.items():
@@ -292,10 +293,10 @@ def test_grouped_has_no_source_overlap_and_paper_does(mixes):
 
 
 def test_mix_pools_too_small(root, tmp_path):
-    with pytest.raises(data.DataError, match="need 300"):
+    with pytest.raises(download.DataError, match="need 300"):
         data.build_mix(root, "paper", cache_dir=False, train_per_class=260, val_per_class=20, test_per_class=20)
     data.write_synthetic(str(tmp_path), train_per_class=100, test_per_class=10)
-    with pytest.raises(data.DataError, match="class 0 test sources.* has 10 images.* need 12"):
+    with pytest.raises(download.DataError, match="class 0 test sources.* has 10 images.* need 12"):
         data.build_mix(str(tmp_path), "grouped", cache_dir=False, train_per_class=40, val_per_class=10, test_per_class=10)
     with pytest.raises(ValueError, match="multiples of 5"):
         data.build_mix(root, "grouped", cache_dir=False, train_per_class=101)
@@ -329,13 +330,3 @@ def test_device_loader_epochs_and_ranks():
         assert len(a["index"]) == 8 and torch.equal(torch.cat([a["index"], b["index"]]), g["index"])
     full = data.DeviceLoader(split, 16, "cpu", shuffle=False, drop_last=False)
     assert len(full) == 7 and torch.equal(torch.cat([b["index"] for b in full]), torch.arange(103))
-
-
-# --------------------------------------------------------------------------------- re-exports
-
-def test_data_reexports_augment():
-    # train.py, teacher.py, eval.py and bench.py reach the augmentation through data.*: the same
-    # objects as augment.py's (a monkeypatch of data.Augment.__call__ patches augment.Augment).
-    import augment
-    for name in ("Augment", "normalize", "teacher_view", "crop_flip", "RANDAUG_OPS", "MEAN", "STD"):
-        assert getattr(data, name) is getattr(augment, name), name

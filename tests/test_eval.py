@@ -10,9 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import augment
 import corruptions
 import data
 import eval as ev
+import metrics
 import teacher as teacher_lib
 from model import create_model
 
@@ -39,9 +41,9 @@ def test_ece_hand_example():
     # ECE = 4/6 * |3/4 - 0.95| + 2/6 * |1/2 - 0.55| = 4/6 * 0.20 + 2/6 * 0.05 = 0.13333 + 0.01667 = 0.15
     logits = two_class_logits([0.95, 0.95, 0.95, 0.95, 0.55, 0.55], [0, 1, 0, 1, 0, 1])
     labels = torch.tensor([0, 1, 0, 0, 0, 0])  # wrong: sample 3 (pred 1) and sample 5 (pred 1)
-    assert ev.expected_calibration_error(logits, labels) == pytest.approx(0.15, abs=1e-12)
+    assert metrics.expected_calibration_error(logits, labels) == pytest.approx(0.15, abs=1e-12)
     conf, pred = logits.softmax(-1).max(-1)
-    count, acc, cf = ev.calibration_bins(conf, pred == labels)
+    count, acc, cf = metrics.calibration_bins(conf, pred == labels)
     assert count[14] == 4 and count[8] == 2 and count.sum() == 6
     assert acc[14] == pytest.approx(0.75) and cf[8] == pytest.approx(0.55)
     # 10 classes, 3 bins: conf 0.1 (bin 1: (0.0667, 0.1333]), 0.5 (bin 7: (0.4667, 0.5333]), 0.9 (bin 13)
@@ -52,20 +54,20 @@ def test_ece_hand_example():
         probs[i, 3] = p
     probs[0] = 0.1  # a tie at 0.1: argmax picks class 0, the label is 3 -> wrong
     labels = torch.tensor([3, 0, 3])
-    assert ev.expected_calibration_error(probs.double().log(), labels) == pytest.approx((0.1 + 0.5 + 0.1) / 3, abs=1e-9)
+    assert metrics.expected_calibration_error(probs.double().log(), labels) == pytest.approx((0.1 + 0.5 + 0.1) / 3, abs=1e-9)
 
 
 def test_ece_bin_edges_and_confidence_one():
     edges = torch.linspace(0, 1, 16, dtype=torch.float64)
     # (lower, upper]: an edge belongs to the bin below it; 0 goes to the first bin, 1.0 to the last
-    count, _, _ = ev.calibration_bins(torch.stack([edges[3], edges[0], edges[15], edges[3] + 1e-9]),
+    count, _, _ = metrics.calibration_bins(torch.stack([edges[3], edges[0], edges[15], edges[3] + 1e-9]),
                                       torch.ones(4, dtype=torch.bool))
     assert count[2] == 1 and count[0] == 1 and count[14] == 1 and count[3] == 1
     logits = torch.tensor([[100.0, 0.0]] * 4, dtype=torch.float64)
     assert (logits.softmax(-1).max(-1).values == 1.0).all()  # confidence exactly 1.0
     # all right -> ECE 0; half right -> bin 14 has acc 0.5, conf 1.0 -> ECE = 4/4 * 0.5 = 0.5
-    assert ev.expected_calibration_error(logits, torch.zeros(4, dtype=torch.long)) == 0.0
-    assert ev.expected_calibration_error(logits, torch.tensor([0, 0, 1, 1])) == pytest.approx(0.5)
+    assert metrics.expected_calibration_error(logits, torch.zeros(4, dtype=torch.long)) == 0.0
+    assert metrics.expected_calibration_error(logits, torch.tensor([0, 0, 1, 1])) == pytest.approx(0.5)
 
 
 def test_ece_invariants():
@@ -76,19 +78,19 @@ def test_ece_invariants():
     probs[:, 0] = p  # the prediction is class 0 with confidence p
     right = torch.rand(n, generator=g, dtype=torch.float64) < p  # correct with probability p
     labels = torch.where(right, 0, torch.randint(1, 10, (n,), generator=g))
-    assert ev.expected_calibration_error(probs.log(), labels) < 0.01  # calibrated by construction
+    assert metrics.expected_calibration_error(probs.log(), labels) < 0.01  # calibrated by construction
     wrong = torch.zeros(n, 10, dtype=torch.float64)
     wrong[:, 0] = 30.0  # confidence ~1, label never class 0
-    assert ev.expected_calibration_error(wrong, torch.randint(1, 10, (n,), generator=g)) > 0.999
+    assert metrics.expected_calibration_error(wrong, torch.randint(1, 10, (n,), generator=g)) > 0.999
 
 
 def test_accuracy_and_nll():
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
     labels = torch.tensor([0, 1])
-    assert ev.topk_accuracy(logits, labels, 1) == 0.5 and ev.topk_accuracy(logits, labels, 2) == 1.0
-    assert ev.topk_accuracy(logits, labels, 5) == 1.0  # k above the class count means all classes
+    assert metrics.topk_accuracy(logits, labels, 1) == 0.5 and metrics.topk_accuracy(logits, labels, 2) == 1.0
+    assert metrics.topk_accuracy(logits, labels, 5) == 1.0  # k above the class count means all classes
     lse = math.log(math.exp(2) + math.exp(1) + 1)  # NLL = mean(lse - 2, lse - 1)
-    assert ev.nll(logits, labels) == pytest.approx(lse - 1.5)
+    assert metrics.nll(logits, labels) == pytest.approx(lse - 1.5)
 
 
 # ----------------------------------------------------------------------------- mCE and bookkeeping
@@ -97,34 +99,34 @@ def test_mce_hand_example():
     errs = {"a": [0.1, 0.2, 0.3, 0.4, 0.5], "b": [0.0, 0.1, 0.1, 0.1, 0.2]}  # sums 1.5, 0.5
     base = {"a": [0.2, 0.3, 0.4, 0.5, 0.6], "b": [0.1, 0.1, 0.2, 0.2, 0.4]}  # sums 2.0, 1.0
     # CE_a = 1.5 / 2.0 = 0.75, CE_b = 0.5 / 1.0 = 0.5 -> mCE = 0.625
-    assert ev.mce(errs, base) == pytest.approx(0.625)
+    assert metrics.mce(errs, base) == pytest.approx(0.625)
     # relative, clean errors 0.05 (model) and 0.1 (baseline):
     # a: (1.5 - 5*0.05) / (2.0 - 5*0.1) = 1.25 / 1.5; b: (0.5 - 0.25) / (1.0 - 0.5) = 0.5
-    assert ev.relative_mce(errs, 0.05, base, 0.1) == pytest.approx((1.25 / 1.5 + 0.5) / 2)
-    assert ev.mce(base, base) == pytest.approx(1.0)
+    assert metrics.relative_mce(errs, 0.05, base, 0.1) == pytest.approx((1.25 / 1.5 + 0.5) / 2)
+    assert metrics.mce(base, base) == pytest.approx(1.0)
     # a severity missing on one side is left out of both sums: a = (0.1+0.2+0.3+0.4) / (0.2+0.3+0.4+0.5)
     holey = {"a": [0.1, 0.2, 0.3, 0.4, None]}
-    assert ev.mce(holey, base) == pytest.approx(1.0 / 1.4)
+    assert metrics.mce(holey, base) == pytest.approx(1.0 / 1.4)
     with pytest.raises(ValueError, match="zzz"):
-        ev.mce({"zzz": [0.1] * 5}, base)
+        metrics.mce({"zzz": [0.1] * 5}, base)
 
 
 def test_per_type_and_severity_bookkeeping():
     types = torch.tensor([0, 0, 1, 1, 1, 2, 2, 10])
     sev = torch.tensor([0, 0, 1, 1, 3, 5, 5, 2])
     correct = torch.tensor([1, 0, 1, 0, 1, 0, 0, 1], dtype=torch.bool)
-    pt = ev.per_type_accuracy(correct, types, data.TYPES)
+    pt = metrics.per_type_accuracy(correct, types, data.TYPES)
     assert list(pt) == data.TYPES
     assert pt["clean"] == 0.5 and pt["brightness"] == pytest.approx(2 / 3) and pt["defocus_blur"] == 0.0
     assert pt["jpeg_compression"] == 1.0 and pt["fog"] is None
     # severity s over corrupted images: s1 -> samples 2,3 (1 of 2); s2 -> 7; s3 -> 4; s5 -> 5,6; s4 none
-    assert ev.per_severity_accuracy(correct, types, sev) == {"1": 0.5, "2": 1.0, "3": 1.0, "4": None, "5": 0.0}
-    ce = ev.corruption_errors(correct, types, sev, data.TYPES)
+    assert metrics.per_severity_accuracy(correct, types, sev) == {"1": 0.5, "2": 1.0, "3": 1.0, "4": None, "5": 0.0}
+    ce = metrics.corruption_errors(correct, types, sev, data.TYPES)
     assert list(ce) == data.TYPES[1:]
     assert ce["brightness"] == [0.5, None, 0.0, None, None] and ce["defocus_blur"] == [None] * 4 + [1.0]
     # mean over the corruption types present: brightness 1/3, defocus_blur 1, jpeg 0 -> 4/9
-    assert ev.mean_corruption_error(pt, data.TYPES[1:]) == pytest.approx(4 / 9)
-    cm = ev.confusion_matrix(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3)
+    assert metrics.mean_corruption_error(pt, data.TYPES[1:]) == pytest.approx(4 / 9)
+    cm = metrics.confusion_matrix(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3)
     assert cm.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
 
 
@@ -138,7 +140,7 @@ def make_ckpt(path, name, root, data_args=DATA_ARGS, seed=0, train_on=None, **ex
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3 if train_on else 1e-3)
     x, y = train_on or (torch.randn(2, 3, 32, 32), None)
     for i in range(0, len(x), 50) if train_on else [0]:
-        out = net(data.normalize(x[i:i + 50]) if train_on else x)  # train mode: Logits
+        out = net(augment.normalize(x[i:i + 50]) if train_on else x)  # train mode: Logits
         (torch.nn.functional.cross_entropy(out.cls, y[i:i + 50]) if train_on else out.cls.sum()).backward()
         opt.step()
         opt.zero_grad()
@@ -187,8 +189,8 @@ def test_cli_end_to_end(files):
     # the same numbers computed here, independently of eval.py's batching and token path
     test = data.build_mix(**r["data_args"])["test"]
     with torch.no_grad():
-        logits = nets["cdeit"](data.normalize(test["images"]))
-        tok = nets["cdeit"].forward_tokens(data.normalize(test["images"]))
+        logits = nets["cdeit"](augment.normalize(test["images"]))
+        tok = nets["cdeit"].forward_tokens(augment.normalize(test["images"]))
     assert r["accuracy"] == pytest.approx(float((logits.argmax(-1) == test["labels"]).float().mean()))
     assert r["nll"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, test["labels"])), rel=1e-4)
     cos = torch.nn.functional.cosine_similarity(tok["cls"], tok["corr"], dim=-1).mean()
@@ -211,11 +213,11 @@ def test_several_checkpoints_with_baseline(files, capsys):
     assert [r["model_name"] for r in rs] == ["vit", "deit", "cdeit"]
     b = json.loads(base.read_text())
     assert rs[0]["mce"] == pytest.approx(1.0)  # vs itself; relative mCE too, unless the baseline does not degrade
-    why = ev.relative_mce_undefined(b["corruption_errors"], b["clean_error"])
+    why = metrics.relative_mce_undefined(b["corruption_errors"], b["clean_error"])
     assert rs[0]["relative_mce_undefined"] == why
     assert rs[0]["relative_mce"] is None if why else rs[0]["relative_mce"] == pytest.approx(1.0)
     assert ("relative mCE undefined: " + why in so) if why else "undefined" not in so
-    assert rs[2]["mce"] == pytest.approx(ev.mce(rs[2]["corruption_errors"], b["corruption_errors"]))
+    assert rs[2]["mce"] == pytest.approx(metrics.mce(rs[2]["corruption_errors"], b["corruption_errors"]))
     assert rs[0]["token_similarity"] == {"cls_dist": None, "cls_corr": None}
     assert rs[1]["token_similarity"]["cls_dist"] is not None and rs[1]["corruption_accuracy"] is None
 
@@ -238,7 +240,7 @@ def test_teacher_head(files):
     torch.save(head, tdir / "teacher_head.pt")
     test = mix["test"]
     with torch.no_grad():
-        f = teacher.forward_features(data.teacher_view(test["images"], size=64, mode="bicubic"))[:, 0]
+        f = teacher.forward_features(augment.teacher_view(test["images"], size=64, mode="bicubic"))[:, 0]
     expect = float(((f @ W.T + b).argmax(-1) == test["labels"]).float().mean())
     # 1) no cached features: DeiT-III is rebuilt and run on the teacher view
     assert ev.main(["--teacher", str(tdir / "teacher_head.pt"), "--json", str(d / "t1.json"), "--device", "cpu"]) == 0
@@ -265,20 +267,20 @@ def test_benchmark_cifar10c(files, tmp_path, capsys):
     cap = capsys.readouterr()
     assert "NOT held out" in cap.err and "73.46" in cap.out
     r = json.loads(out.read_text())
-    assert list(r["per_corruption"]) == ev.BENCHMARK + ev.EXTRA and r["n"] == 40
-    cells = [a for c in ev.BENCHMARK for a in r["per_corruption"][c]]  # the mean is over the 15 only
+    assert list(r["per_corruption"]) == corruptions.CORRUPTIONS + ev.EXTRA and r["n"] == 40
+    cells = [a for c in corruptions.CORRUPTIONS for a in r["per_corruption"][c]]  # the mean is over the 15 only
     assert len(cells) == 75 and r["accuracy"] == pytest.approx(sum(cells) / 75)
-    assert list(r["corruption_errors"]) == ev.BENCHMARK
+    assert list(r["corruption_errors"]) == corruptions.CORRUPTIONS
     # one cell by hand: fog at severity 3 (rows 2n..3n of fog.npy)
     x, y = data.read_cifar10c(small, "fog")
     rows = torch.from_numpy(x[80:120].copy()).permute(0, 3, 1, 2)
     with torch.no_grad():
-        acc = (nets["deit"](data.normalize(rows)).argmax(-1) == torch.from_numpy(y[80:120])).float().mean()
+        acc = (nets["deit"](augment.normalize(rows)).argmax(-1) == torch.from_numpy(y[80:120])).float().mean()
     assert r["per_corruption"]["fog"][2] == pytest.approx(float(acc))
 
 
 def test_standard_split_checkpoint(files, tmp_path, capsys):
-    """A checkpoint trained on the standard split (issue 7) is tested, by default, on clean CIFAR-10
+    """A checkpoint trained on the standard split is tested, by default, on clean CIFAR-10
     test + the real CIFAR-10-C files, 15 x 5, with seen and unseen corruption errors apart."""
     d, paths, _ = files
     root = tmp_path / "data"  # 30 test images -> 150 rows per CIFAR-10-C file
@@ -300,7 +302,7 @@ def test_standard_split_checkpoint(files, tmp_path, capsys):
 
     # every cell recomputed here from the files, with the model's own eval forward
     y = torch.from_numpy(cifar["test_labels"])
-    predict = lambda x: net(data.normalize(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2))).argmax(-1)
+    predict = lambda x: net(augment.normalize(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2))).argmax(-1)
     with torch.no_grad():
         clean_err = float((predict(cifar["test_images"]) != y).double().mean())
         err = {c: (predict(data.read_cifar10c(root, c)[0]) != y.repeat(5)).view(5, -1).double().mean(1).tolist()
@@ -409,7 +411,7 @@ def test_plot_without_matplotlib(files, tmp_path, capsys, monkeypatch):
 
 
 def test_smoke_run_checkpoint_evaluates(request, tmp_path):
-    """The issue's end-to-end check on the checkpoint of `python train.py --model cdeit --distill hard
+    """The end-to-end check on the checkpoint of `python train.py --model cdeit --distill hard
     --dataset synthetic --device cpu`. That run takes minutes on 2 cores and tests/test_train.py already
     runs it, so it is not repeated here: this test uses a session fixture `smoke_run` (the run's out dir)
     when tests/conftest.py provides one, and says it is skipped otherwise."""

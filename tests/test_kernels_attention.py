@@ -225,7 +225,7 @@ def test_bytes_moved_counted_from_the_kernels_match_their_model():
         assert fwd == bench.traffic_model("ours", "fwd", N, D)
         if N <= A.SHORT_N:  # the long backward is PyTorch, not a kernel
             assert bwd == bench.traffic_model("ours", "bwd", N, D)
-    t = 67 * 64 * 2  # the accounting of the previous kernels: about 24 u forward + backward
+    t = 67 * 64 * 2  # the accounting of the previous kernels: about 24 u forward + backward
     assert round((bench.traffic_model("previous", "fwd", 67, 64) + bench.traffic_model("previous", "bwd", 67, 64)) / t) == 24
 
 

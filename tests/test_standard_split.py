@@ -1,8 +1,7 @@
-"""data.py's standard split (issue 7) and draw_corruptions, on small synthetic files in the real
+"""data.py's standard split and draw_corruptions, on small synthetic files in the real
 formats: counts, class balance, sources (CIFAR-10 training images only in train/val), the fixed
 val draw (same every call, really corrupted as recorded), the per-epoch draws' determinism and
 distribution."""
-import sys
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 import corruptions
 import data
+import download
 
 TRAIN, VAL = 20, 12                 # per class; the synthetic pool has 40 training images per class
 DETERMINISTIC = {1, 2, 3, 10}       # brightness, defocus_blur, zoom_blur, jpeg_compression: no random numbers
@@ -102,7 +102,7 @@ def test_cache_shared_across_test_counts(root, mix, tmp_path):
 
 
 def test_pool_too_small(root):
-    with pytest.raises(data.DataError, match=r"class 0 \(CIFAR-10 train\).* has 40 images.* need 41"):
+    with pytest.raises(download.DataError, match=r"class 0 \(CIFAR-10 train\).* has 40 images.* need 41"):
         data.build_mix(root, "standard", train_per_class=36, val_per_class=5, cache_dir=False)
 
 
@@ -126,11 +126,3 @@ def test_draw_corruptions(cifar):
     # channels-last input gives the same draws and images in its own layout
     yh, th, sh = data.draw_corruptions(x.permute(0, 2, 3, 1).contiguous(), g(3))
     assert torch.equal(th, t) and torch.equal(sh, s) and torch.equal(yh.permute(0, 3, 1, 2), y)
-
-
-def test_other_splits_work_without_corruptions(root, monkeypatch):
-    monkeypatch.setitem(sys.modules, "corruptions", None)      # `import corruptions` now fails
-    m = data.build_mix(root, "paper", train_per_class=5, val_per_class=2, test_per_class=2, cache_dir=False)
-    assert len(m["train"]["labels"]) == 11 * 10 * 5
-    with pytest.raises(data.DataError, match="needs corruptions.py"):
-        data.draw_corruptions(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.Generator())

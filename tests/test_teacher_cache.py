@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import download
 import eval as ev
 import fileio
 import teacher
@@ -53,7 +54,7 @@ def _run(root, tpath, seed=0, head_epochs=2):
 def _rewrite(root, seed):
     """New file contents, same counts, and the old mtimes put back: only the content tells."""
     stamps = {os.path.join(root, sub, f): os.stat(os.path.join(root, sub, f)).st_mtime_ns
-              for sub in (data.CIFAR_DIR, data.CIFARC_DIR) for f in os.listdir(os.path.join(root, sub))}
+              for sub in (download.CIFAR_DIR, download.CIFARC_DIR) for f in os.listdir(os.path.join(root, sub))}
     assert len(stamps) == 7 + 20   # 5 + 1 batches and batches.meta; 19 corruptions and labels.npy
     data.write_synthetic(root, seed=seed, **FILES)
     for p, t in stamps.items():

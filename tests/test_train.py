@@ -14,6 +14,8 @@ import sys
 import pytest
 import torch
 
+import augment
+import data
 import train
 from model import create_model
 
@@ -175,19 +177,11 @@ STANDARD = TINY[:6] + ["--train-per-class", "4", "--val-per-class", "2", "--batc
                        "--distill", "hard", "--log-interval", "1"]  # 40 clean train rows -> 2 steps per epoch
 
 
-def _needs_standard():
-    import data
-    if not hasattr(data, "draw_corruptions"):
-        pytest.skip("data.py has no draw_corruptions / split='standard' yet (the data engineer's part)")
-
-
 def test_standard_split_fresh_corruptions_live_teacher(tmp_path, data_dir, monkeypatch, capsys):
     """--split standard: every batch is corrupted by data.draw_corruptions before augmentation, its
     drawn types are the corruption-token targets, and the teacher runs live on the corrupted batch."""
-    _needs_standard()
-    import data
     draws, real_draw = [], data.draw_corruptions
-    real_augment_call = data.Augment.__call__
+    real_augment_call = augment.Augment.__call__
 
     def spy(images, generator):
         out = real_draw(images, generator)
@@ -200,7 +194,7 @@ def test_standard_split_fresh_corruptions_live_teacher(tmp_path, data_dir, monke
         seen_types.append(types.clone())
         return real_augment_call(self, images, labels, types, generator=generator)
     monkeypatch.setattr(data, "draw_corruptions", spy)
-    monkeypatch.setattr(data.Augment, "__call__", augment_spy)
+    monkeypatch.setattr(augment.Augment, "__call__", augment_spy)
     assert train.main(STANDARD + ["--epochs", "2", "--data-dir", data_dir, "--out-dir", str(tmp_path / "o")]) == 0
     stdout = capsys.readouterr().out
     assert "teacher: LIVE on every batch (split standard" in stdout
@@ -223,7 +217,6 @@ def test_standard_split_fresh_corruptions_live_teacher(tmp_path, data_dir, monke
 
 
 def test_standard_split_resume_is_bit_identical(tmp_path, data_dir):
-    _needs_standard()
     base = STANDARD + ["--epochs", "2", "--data-dir", data_dir]
     assert train.main(base + ["--out-dir", str(tmp_path / "a")]) == 0
     assert train.main(base + ["--out-dir", str(tmp_path / "b")], stop_at_step=3) == 0  # mid-epoch 2
