@@ -204,7 +204,8 @@ class PeerWatch:
         self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                    timeout=datetime.timedelta(seconds=self.DEAD_AFTER_S))
         self.found, self.quit = threading.Event(), threading.Event()
-        threading.Thread(target=self._loop, daemon=True, name="peer-watch").start()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="peer-watch")
+        self.thread.start()
 
     def key(self, name):
         return self.prefix + name
@@ -251,10 +252,13 @@ class PeerWatch:
     def close(self, error=None):
         """This rank ends: well (the others stop watching it) or with an error (the others stop too)."""
         self.quit.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(self.DEAD_AFTER_S + 1)  # not mid store call at exit: that aborts the process
         with contextlib.suppress(Exception):
             if error:
                 self.store.compare_set(self.key("abort"), "", f"rank {self.rank} stopped with an error ({error})")
             self.store.set(self.key(f"end/{self.rank}"), "ok" if not error else "error")
+        self.store = None  # the client closes now, before the process group and the interpreter go
 
 
 def on_master_first(ctx, fn):
