@@ -39,6 +39,7 @@ import teacher  # the teacher stage (seed 4.1): cached features, fitted head, lo
 from augment import Augment, teacher_view
 from download import DataError, download, teacher_path
 from eval import STUDENT_KIND, run_student, summarize  # val metrics computed exactly as eval.py reports them
+from heartbeat import PeerWatch
 from model import ModelFileError, count_params, create_model, param_groups
 
 # --dataset synthetic: what changes when the user did not set it (about 2,000 training images, so
@@ -179,86 +180,11 @@ def setup(args):
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=60))
         try:  # a dead rank stops the others in seconds, not after that timeout
-            watch = PeerWatch(rank, world, args.out_dir)
+            watch = PeerWatch(rank, world, note=lambda: kept_note(args.out_dir))
         except Exception as e:  # noqa: BLE001  (a launcher without MASTER_ADDR / MASTER_PORT)
             print(f"warning: rank {rank}: no heartbeat watch ({type(e).__name__}: {e}); a dead rank may "
                   "leave the others waiting until the process-group timeout", file=sys.stderr)
     return dict(ddp=ddp, rank=rank, world=world, device=device, master=rank == 0, watch=watch)
-
-
-class PeerWatch:
-    """Heartbeats through torchrun's store, so a rank that dies stops the others in seconds. Every rank
-    bumps its counter every BEAT_S seconds (a daemon thread: it beats while the main thread computes or
-    waits in a collective) and watches the next rank's (a ring: store traffic grows with the world
-    size, not its square). A neighbour silent for DEAD_AFTER_S (killed, crashed, its node gone), or a
-    rank that ended with an error, sets one `abort` key naming it; every rank reads that key and stops
-    with one line. A collective that fails asks `verdict` who is gone. torchrun's agent already stops
-    the ranks on the dead rank's node; this covers the other nodes and NCCL collectives, which would
-    otherwise wait out the process-group timeout."""
-    BEAT_S, DEAD_AFTER_S, CONFIRM_S = 0.5, 10.0, 2.0  # CONFIRM_S: silence that names a rank after a failed collective
-
-    def __init__(self, rank, world, out_dir):
-        self.rank, self.world, self.out_dir, self.dead, self.limit = rank, world, out_dir, None, self.DEAD_AFTER_S
-        self.prefix = f"cdeit-watch/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # one set per attempt
-        # a client of its own: the process group's store is busy in the main thread's collectives
-        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                   timeout=datetime.timedelta(seconds=self.DEAD_AFTER_S))
-        self.found, self.quit = threading.Event(), threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="peer-watch")
-        self.thread.start()
-
-    def key(self, name):
-        return self.prefix + name
-
-    def _get(self, key):
-        return self.store.get(key).decode() if self.store.check([key]) else None
-
-    def _loop(self):
-        peer, beat, last, since = (self.rank + 1) % self.world, 0, None, time.monotonic()
-        while not self.quit.wait(self.BEAT_S):
-            try:
-                beat += 1
-                self.store.set(self.key(f"beat/{self.rank}"), str(beat))
-                why = self._get(self.key("abort"))
-                if why is None and self._get(self.key(f"end/{peer}")) is None:  # a peer that ended well is quiet
-                    n, now = self._get(self.key(f"beat/{peer}")), time.monotonic()
-                    if n is None or n != last:
-                        last, since = n, now
-                    elif now - since > self.limit:
-                        why = (f"rank {peer} stopped responding {now - since:.0f}s ago "
-                               "(killed, hung, crashed or its machine lost)")
-                        self.store.compare_set(self.key("abort"), "", why)  # the first finder names it for all
-                        why = self._get(self.key("abort"))
-                if why is not None:
-                    return self._stop(why)
-            except Exception as e:  # noqa: BLE001  (the store lives in rank 0 or torchrun's agent)
-                return self._stop(f"lost the rendezvous store {os.environ['MASTER_ADDR']}:"
-                                  f"{os.environ['MASTER_PORT']}, so rank 0 or torchrun's agent is gone "
-                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-
-    def _stop(self, why):
-        self.dead = why
-        self.found.set()
-        if not self.quit.wait(2.0):  # the main thread may be blocked in a collective: give it 2 s
-            print(f"error: rank {self.rank}: {why}; {kept_note(self.out_dir)}", file=sys.stderr, flush=True)
-            os._exit(1)
-
-    def verdict(self):
-        """After a failed collective: wait until the lost rank is named; None if no rank seems gone."""
-        self.limit = self.CONFIRM_S  # a collective failed, so a rank is gone: a short silence names it
-        self.found.wait(self.DEAD_AFTER_S + 2)
-        return self.dead
-
-    def close(self, error=None):
-        """This rank ends: well (the others stop watching it) or with an error (the others stop too)."""
-        self.quit.set()
-        if self.thread is not threading.current_thread():
-            self.thread.join(self.DEAD_AFTER_S + 1)  # not mid store call at exit: that aborts the process
-        with contextlib.suppress(Exception):
-            if error:
-                self.store.compare_set(self.key("abort"), "", f"rank {self.rank} stopped with an error ({error})")
-            self.store.set(self.key(f"end/{self.rank}"), "ok" if not error else "error")
-        self.store = None  # the client closes now, before the process group and the interpreter go
 
 
 def on_master_first(ctx, fn):

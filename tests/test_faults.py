@@ -22,6 +22,7 @@ import torch
 
 import eval as evaluate_cli
 import fileio
+import heartbeat
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -400,7 +401,7 @@ def test_rank_killed_without_agent_survivor_names_it(tmp_path, data_dir, victim,
         assert re.fullmatch(r"error: rank 0: rank 1 stopped responding \d+s ago \(killed, hung, crashed or its machine "
                             r"lost\); the last checkpoint \S+ckpt\.pt is kept", last), err
         if sig == signal.SIGSTOP:  # no collective failed: the full silence limit, not the short confirmation
-            assert stopped >= train.PeerWatch.DEAD_AFTER_S, stopped
+            assert stopped >= heartbeat.PeerWatch.DEAD_AFTER_S, stopped
     else:  # rank 0 also held the rendezvous store
         assert "Traceback" not in err
         assert re.fullmatch(r"error: rank 1: lost the rendezvous store 127\.0\.0\.1:\d+, so rank 0 or torchrun's "
