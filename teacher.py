@@ -167,6 +167,9 @@ def fit_head(feats, device, epochs, seed):
         with torch.no_grad():
             if acc("val") > best[0]:  # select by val, never test
                 best = (acc("val"), {k: v.detach().clone() for k, v in head.state_dict().items()})
+    if best[1] is None:  # no epoch, or no val rows to select one by
+        raise CacheError(f"teacher head: no epoch to select ({epochs} epochs, {len(y['val'])} val rows); "
+                         "use --head-epochs >= 1 and --val-per-class >= 1")
     head.load_state_dict(best[1])
     with torch.no_grad():
         return head, best[0], acc("test")
@@ -237,11 +240,17 @@ def build(path, teacher_args, splits, data_args, ident, device, amp_dtype, log=p
     cache = cache_dir(data_args["root"], ident)
     standard = data_args["split"] == "standard"
     resize, head_epochs, seed = ident["resize"], ident["head"]["epochs"], ident["head"]["seed"]
-    with locked(cache, log=lambda m: log(f"teacher: {m}")):
-        h = _complete(cache, ident, splits, standard)  # checked after the lock: maybe another process built it
+
+    def cached():
+        h = _complete(cache, ident, splits, standard)
         if h is not None:
             log(f"teacher: cached head{'' if standard else ' and logits'} in {cache} "
                 f"(val {h['val_accuracy']:.2%}, test {h['test_accuracy']:.2%})")
+        return h is not None
+    if os.path.isdir(cache) and cached():  # no lock for a complete cache: a read-only data folder works
+        return cache
+    with locked(cache, log=lambda m: log(f"teacher: {m}")):
+        if cached():  # checked again under the lock: maybe another process built it meanwhile
             return cache
         teacher = None
         feats = {}

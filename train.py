@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import hashlib
 import io
 import json
 import math
@@ -153,8 +154,8 @@ def check_args(args, world_size=1):
         raise TrainError(f"--batch-size {args.batch_size} is not divisible by {world_size} processes")
     if not 0 <= args.randaug <= 30:
         raise TrainError(f"--randaug {args.randaug}: RandAugment's magnitude is a bin in 0..30 (0 = off)")
-    if args.epochs < 1 or args.log_interval < 1:
-        raise TrainError("--epochs and --log-interval must be >= 1")
+    if args.epochs < 1 or args.log_interval < 1 or args.head_epochs < 1:
+        raise TrainError("--epochs, --log-interval and --head-epochs must be >= 1")
 
 
 # ----------------------------------------------------------------------------- distributed set-up
@@ -332,9 +333,11 @@ def lr_at(step, total, warmup, peak, floor):
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
 
 
-def rank_seed(seed, epoch, rank):
-    # every epoch's randomness derives from (seed, epoch, rank): an epoch replays exactly on resume
-    return (seed * 100_003 + epoch) * 1009 + rank
+def stream_seed(seed, epoch, rank, stream):
+    """Each random stream's seed for (seed, epoch, rank): an epoch replays exactly on resume, and no
+    two streams (ranks, epochs, or drop-path / augmentation / corruption) share a seed (hashed)."""
+    h = hashlib.sha256(f"{seed}/{epoch}/{rank}/{stream}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
 
 
 # ----------------------------------------------------------------------------- the per-epoch record
@@ -523,9 +526,10 @@ class Run:
     """A run's state, and what a checkpoint saves of it: model, optimizer, every rank's RNG, epoch,
     step, best val accuracy, the history and this epoch's loss sums (an exact mid-epoch resume)."""
 
-    def __init__(self, args, ctx, raw_model, model_args, optimizer, data_args, teacher_info, gen, cgen, cols):
+    def __init__(self, args, ctx, raw_model, model_args, optimizer, scaler, data_args, teacher_info, gen, cgen,
+                 cols):
         self.args, self.ctx, self.cols = args, ctx, cols
-        self.raw_model, self.model_args, self.optimizer = raw_model, model_args, optimizer
+        self.raw_model, self.model_args, self.optimizer, self.scaler = raw_model, model_args, optimizer, scaler
         self.data_args, self.teacher_info, self.gen, self.cgen = data_args, teacher_info, gen, cgen
         self.ckpt_path, self.best_path, self.summary_path = (os.path.join(args.out_dir, n) for n in
                                                              ("ckpt.pt", "best.pt", "summary.csv"))
@@ -540,12 +544,18 @@ class Run:
         this epoch's loss sums so far and this rank's RNG states (replayed by seed_epoch)."""
         args, ctx, path = self.args, self.ctx, self.ckpt_path
         ck = torch.load(path, map_location="cpu", weights_only=True)
-        if ck.get("kind") != STUDENT_KIND or (ck["model_name"], ck["model_args"], ck["data_args"]) \
-                != (args.model, self.model_args, self.data_args):
-            raise TrainError(f"{path} was trained with another model or data configuration "
-                             f"({ck.get('model_name')}, {ck.get('model_args')}, {ck.get('data_args')})")
+        same = lambda d: {k: v for k, v in d.items() if k != "fused_attn"}  # noqa: E731  (a kernel choice, not weights)
+        if ck.get("kind") != STUDENT_KIND or (ck["model_name"], same(ck["model_args"]), ck["data_args"]) \
+                != (args.model, same(self.model_args), self.data_args):
+            was, now = dict(model=ck.get("model_name"), **ck.get("model_args", {}), **ck.get("data_args", {})), \
+                dict(model=args.model, **self.model_args, **self.data_args)
+            diff = ", ".join(f"{k} {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now))
+                             if k != "fused_attn" and was.get(k) != now.get(k))
+            raise TrainError(f"{path} was trained with another model or data configuration ({diff})")
         self.raw_model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
+        if "scaler" in ck:  # --amp fp16: the loss scale and its growth tracker continue too
+            self.scaler.load_state_dict(ck["scaler"])
         self.epoch, self.step, self.best_val, self.history = (ck["epoch"], ck["step"], ck["best_val_accuracy"],
                                                               ck["history"])
         if self.step > self.epoch * spe:  # stopped mid-epoch
@@ -559,11 +569,11 @@ class Run:
     def seed_epoch(self):
         """Seed this epoch's generators from (seed, epoch, rank); after a mid-epoch stop, continue the
         saved states instead."""
-        s = rank_seed(self.args.seed, self.epoch, self.ctx["rank"])
-        torch.manual_seed(s)  # drop-path masks
-        self.gen.manual_seed(s + 1)  # augmentation draws
+        seed = lambda stream: stream_seed(self.args.seed, self.epoch, self.ctx["rank"], stream)  # noqa: E731
+        torch.manual_seed(seed("drop-path"))
+        self.gen.manual_seed(seed("augment"))
         if self.cgen is not None:
-            self.cgen.manual_seed(s + 2)  # corruption draws
+            self.cgen.manual_seed(seed("corrupt"))
         if self.resume_rng is not None:
             set_rng_state(self.ctx["device"], self.gen, self.resume_rng, self.cgen)
             self.resume_rng = None
@@ -579,7 +589,8 @@ class Run:
             fileio.atomic_write(path, {
                 "kind": STUDENT_KIND, "version": 1, "model_name": args.model,
                 "model_args": self.model_args, "model": self.raw_model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch, "step": self.step,
                 "rng": {"world_size": ctx["world"], "ranks": states}, "config": vars(args),
                 "data_args": self.data_args, "dataset": args.dataset, "best_val_accuracy": self.best_val,
                 "teacher": self.teacher_info, "history": self.history, "epoch_sums": self.sums.tolist()},
@@ -678,7 +689,7 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
         raise TrainError(f"--batch-size {args.batch_size} exceeds the {loader.n} training images")
     total, warmup, floor = args.epochs * spe, int(args.warmup_epochs * spe), min(args.min_lr, peak)
     cols = loss_columns(args)  # the loss parts logged per step and per epoch
-    run = Run(args, ctx, raw_model, model_args, optimizer, data_args, teacher_info, gen, cgen, cols)
+    run = Run(args, ctx, raw_model, model_args, optimizer, scaler, data_args, teacher_info, gen, cgen, cols)
     if args.resume:
         run.resume(spe)
     model = torch.compile(raw_model) if args.compile else raw_model

@@ -195,3 +195,27 @@ def test_two_concurrent_builders_one_builds_the_other_waits(root, base, tmp_path
     assert n == 220 and out.strip().splitlines()[-1] == f"rows 220 {cache}"
     assert sorted(os.listdir(cache)) == [".lock", "features_test.pt", "features_train.pt", "features_val.pt",
                                          "logits_train.pt", "teacher_head.pt"]   # no temp files left
+
+
+def test_complete_cache_is_read_without_the_lock(root, base, monkeypatch):
+    """A complete cache on a read-only data folder (a shared dataset mount) is read, not locked:
+    taking the lock would create <cache>/.lock. Root ignores file modes, so the lock is made to fail."""
+    tpath = str(base / "teacher.safetensors")
+    a = _run(root, tpath)
+
+    def refuse(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(teacher, "locked", refuse)
+    b = _run(root, tpath)
+    assert b["cache"] == a["cache"] and "cached head and logits" in b["log"]
+    assert torch.equal(b["logits"], a["logits"])
+
+
+def test_head_fit_without_an_epoch_is_one_line():
+    feats = {s: {"features": torch.randn(4, 8), "labels": torch.arange(4)} for s in ("train", "test")}
+    feats["val"] = {"features": torch.randn(0, 8), "labels": torch.zeros(0, dtype=torch.long)}  # no val rows
+    with pytest.raises(teacher.CacheError, match="no epoch to select"):
+        teacher.fit_head(feats, CPU, 2, 0)
+    feats["val"] = feats["train"]
+    with pytest.raises(teacher.CacheError, match="--head-epochs >= 1"):
+        teacher.fit_head(feats, CPU, 0, 0)

@@ -68,14 +68,17 @@ def _weights(path):
 
 
 @pytest.mark.parametrize("stop_at", [10, 13])  # at the epoch boundary / mid-epoch (a SIGTERM-style save)
-def test_resume_is_bit_identical(tmp_path, data_dir, stop_at):
+def test_resume_is_bit_identical(tmp_path, data_dir, stop_at, capsys):
     base = TINY + ["--model", "cdeit", "--distill", "hard", "--epochs", "2", "--data-dir", data_dir,
                    "--log-interval", "1"]  # defaults keep mixup, erasing, drop-path: every RNG matters
     assert train.main(base + ["--out-dir", str(tmp_path / "a")]) == 0
     assert train.main(base + ["--out-dir", str(tmp_path / "b")], stop_at_step=stop_at) == 0
     ck = torch.load(tmp_path / "b" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ck["step"] == stop_at and ck["epoch"] == stop_at // 10
-    assert train.main(base + ["--out-dir", str(tmp_path / "b"), "--resume"]) == 0
+    assert "scaler" in ck  # --amp fp16's loss scale resumes too (empty when fp16 is off)
+    # --no-fused only picks the attention kernel (the same weights): a resume accepts it
+    assert train.main(base + ["--out-dir", str(tmp_path / "b"), "--resume"]
+                      + (["--no-fused"] if stop_at == 13 else [])) == 0
     a, b = _weights(tmp_path / "a" / "ckpt.pt"), _weights(tmp_path / "b" / "ckpt.pt")
     assert a.keys() == b.keys()
     for k in a:
@@ -84,6 +87,16 @@ def test_resume_is_bit_identical(tmp_path, data_dir, stop_at):
     sb = (tmp_path / "b" / "summary.csv").read_text().splitlines()
     strip = lambda lines: [line.rsplit(",", 1)[0] for line in lines]  # noqa: E731 (drop epoch_time_s)
     assert strip(sa) == strip(sb)
+    capsys.readouterr()
+    other = [f if f != "2" or base[i - 1] != "--depth" else "3" for i, f in enumerate(base)]
+    assert train.main(other + ["--out-dir", str(tmp_path / "b"), "--resume"]) == 1
+    assert "depth 2 -> 3" in capsys.readouterr().err  # the refusal names what differs
+
+
+def test_random_streams_never_share_a_seed():
+    seeds = {train.stream_seed(s, e, r, n) for s in range(3) for e in range(20) for r in range(8)
+             for n in ("drop-path", "augment", "corrupt")}
+    assert len(seeds) == 3 * 20 * 8 * 3
 
 
 def test_bad_flags_give_one_line_and_nonzero_exit(tmp_path, data_dir, capsys):
