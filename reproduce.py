@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+from fileio import atomic_write
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN, EVAL = os.path.join(HERE, "train.py"), os.path.join(HERE, "eval.py")
 
@@ -254,7 +256,6 @@ class Job:
     def start_next(self, env):
         phase, cmd = self.cmds.pop(0)
         if phase == "train":
-            from fileio import atomic_write
             atomic_write(os.path.join(self.run["dir"], "command.json"),
                          json.dumps({"flags": self.run["flags"], "command": cmd}, indent=1) + "\n", what="run command")
             seq = [cmd]
@@ -311,8 +312,9 @@ def key_numbers(run):
     acc = e.get("robustbench_accuracy") or e.get("accuracy")
     val = None
     hist = read_summary(run)
-    if hist and "val_accuracy" in hist[-1]:
-        val = max(float(h["val_accuracy"]) for h in hist)
+    trained = [float(h["val_accuracy"]) for h in hist if int(h["epoch"]) > 0 and h.get("val_accuracy")]
+    if trained:  # row 0 is the untrained model; best.pt is chosen from epoch 1 on
+        val = max(trained)
     return (f"val {100 * val:.2f}%, " if val is not None else "") + f"test {100 * acc:.2f}%, ECE {e.get('ece', math.nan):.4f}"
 
 
@@ -362,15 +364,15 @@ def execute(runs, args, only=None):
                 what = {"new": "train + eval", "partial": "resume with --resume + eval", "trained": "eval"}[st]
                 say(f"{i + 1}/{len(runs)} started {run['label']} ({what})"
                     + (f" on GPU {slot}" if slot is not None else "") + f" -> {run['dir']}")
-                jobs[slot] = job
+                job.slot, jobs[i] = slot, job  # keyed by run: --gpus 0,0 gives GPU 0 two runs at once
             time.sleep(0.1)
-            for slot, job in list(jobs.items()):
+            for key, job in list(jobs.items()):
                 res = job.poll()
                 if res is None:
                     continue
                 ok, msg = res
-                del jobs[slot]
-                free.append(slot)
+                del jobs[key]
+                free.append(job.slot)
                 left -= 1
                 run = job.run
                 if ok:
@@ -593,7 +595,6 @@ def _per_type(res):
 
 
 def write_results(exp, runs, args):
-    from fileio import atomic_write
     res = aggregate(exp, runs, args)
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, exp)
@@ -640,8 +641,9 @@ def plots(exp, res, runs, base, split):
             by_cfg.setdefault(r["config"], []).append(r["summary"])
         # Fig. 6: the hard-label loss per epoch; Fig. 7: every per-token loss column summary.csv holds
         fig, ax = plt.subplots(figsize=(6, 4))
-        for cfg, hists in by_cfg.items():
-            _curve(ax, hists, "train_label", cfg)
+        for cfg, hists in by_cfg.items():  # the label term: class + corruption projection where CdeiT has it
+            col = "train_cls_corr" if any(h and h[-1].get("train_cls_corr") for h in hists) else "train_cls"
+            _curve(ax, hists, col, cfg)
         ax.set(xlabel="epoch", ylabel="label loss", title="hard-label loss (thesis Fig. 6)")
         ax.legend(fontsize=7)
         save(fig, "fig6")
@@ -701,8 +703,9 @@ def write_slurm(path, runs, args, argv):
     """A job-array script: task i trains and evaluates run i; TASK=aggregate (or running the script
     without SLURM_ARRAY_TASK_ID, which runs every task in turn) writes the results."""
     own = argv[:argv.index("--")] if "--" in argv else argv
-    drop = {i for i, a in enumerate(own) if a == "--slurm"} | {i + 1 for i, a in enumerate(own) if a == "--slurm"} \
-        | {i for i, a in enumerate(own) if a.startswith("--slurm=")}
+    # each task runs one run on the GPU(s) Slurm gives it: --slurm and --gpus do not carry over
+    drop = {j for i, a in enumerate(own) if a in ("--slurm", "--gpus") for j in (i, i + 1)} \
+        | {i for i, a in enumerate(own) if a.startswith(("--slurm=", "--gpus="))}
     base = [sys.executable, os.path.abspath(__file__)] + [a for i, a in enumerate(argv) if i not in drop]
     if "--" in base:
         k = base.index("--")
@@ -729,7 +732,7 @@ def write_slurm(path, runs, args, argv):
              'elif [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then task "$SLURM_ARRAY_TASK_ID"',
              f"else for i in $(seq 0 {n - 1}); do task \"$i\"; done; aggregate",
              "fi"]
-    from fileio import atomic_write
+    os.makedirs(os.path.join(args.out, "slurm"), exist_ok=True)  # Slurm opens --output before the script runs
     atomic_write(path, "\n".join(lines) + "\n", what="slurm script")
     os.chmod(path, 0o755)
     say(f"wrote {path}: {n} array tasks + aggregation; submit with")

@@ -3,7 +3,7 @@
 One module fixture plays a user's session once: a --dry-run; a first invocation killed (SIGKILL to
 its whole process group) while its second run trains; one later run interrupted mid-epoch through
 train.py's own stop path (what SIGTERM leaves: ckpt.pt at epoch 0, step 5), started from the exact
-command the dry run printed; a second invocation, two runs at once (--gpus 0,1 on the CPU), that
+command the dry run printed; a second invocation, two runs at once (--gpus 0,0 on the CPU: two runs share one id), that
 must skip the finished run, resume the interrupted one and finish the set; a third that must train
 nothing. The tests then check each step and the written mean ± std against the per-run JSON files.
 """
@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -74,7 +75,7 @@ def session(tmp_path_factory, one_thread):
     out["stopped"] = train.main(cmd[2:], stop_at_step=5)
 
     # 3. the same command again, two runs at a time: finishes the set
-    out["second"] = subprocess.run(reproduce_cmd(d, "--gpus", "0,1"), cwd=ROOT, capture_output=True, text=True,
+    out["second"] = subprocess.run(reproduce_cmd(d, "--gpus", "0,0"), cwd=ROOT, capture_output=True, text=True,
                                    env=ENV, timeout=600)
     out["mtimes"] = {n: os.path.getmtime(runs / n / "train.log") for n in NAMES if (runs / n / "train.log").exists()}
     # 4. and once more: nothing to train
@@ -168,9 +169,12 @@ def test_refuses_to_average_runs_whose_configs_differ(session, capsys):
 def test_slurm_script_checks_and_runs_its_tasks_in_turn(session, tmp_path):
     d = session["dir"]
     script = tmp_path / "table3.sbatch"
-    assert reproduce.main(cli(d) + ["--no-plots", "--slurm", str(script), "--"] + TINY) == 0
+    shutil.rmtree(d / "res" / "slurm", ignore_errors=True)
+    assert reproduce.main(cli(d) + ["--no-plots", "--gpus", "0,1", "--slurm", str(script), "--"] + TINY) == 0
     text = script.read_text()
     assert "#SBATCH --array=0-9" in text and "--task" in text
+    assert (d / "res" / "slurm").is_dir()  # Slurm opens each task's --output file before the script runs
+    assert "--gpus" not in text  # a task uses the GPU Slurm gives it, not the ids given here
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     env = {k: v for k, v in ENV.items() if not k.startswith("SLURM")}
     r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=300)
