@@ -232,7 +232,8 @@ def _url(spec, base_url):
     return f"{base_url.rstrip('/')}/{spec.filename}" if base_url else spec.url
 
 
-def _download_all(data_dir, specs, base_url, quiet, retries):
+def _download_all(data_dir, specs, base_url, quiet, retries, tidy=True):
+    created = not os.path.isdir(data_dir)
     os.makedirs(data_dir, exist_ok=True)
     failed = []
     for spec in specs:
@@ -243,6 +244,8 @@ def _download_all(data_dir, specs, base_url, quiet, retries):
         except (DataError, OSError, http.client.HTTPException, ValueError) as e:
             failed.append((spec, e))
     if failed:
+        if tidy and created and not os.listdir(data_dir):  # nothing fetched: leave no empty folder behind
+            os.rmdir(data_dir)
         raise DataError(_missing_message(data_dir, failed, base_url))
 
 
@@ -299,7 +302,7 @@ def download(data_dir, base_url=None, teacher=True, quiet=False, files=None, ret
         if os.path.exists(marker):
             os.remove(marker)
         try:
-            return _download_all(data_dir, specs, base_url, quiet, retries)
+            return _download_all(data_dir, specs, base_url, quiet, retries, tidy=False)  # the marker goes there
         except DataError as e:
             with contextlib.suppress(fileio.WriteError):  # atomic: a waiting rank never reads half of it
                 fileio.atomic_write(marker, str(e), "download error note")

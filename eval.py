@@ -21,7 +21,6 @@ the number of samples; ours are not comparable to those numbers.
 --json writes one dict for one checkpoint and a list of dicts (command-line order, the teacher last)
 for several; outputs are written only after everything succeeded, atomically.
 """
-import argparse
 import io
 import json
 import math
@@ -42,6 +41,7 @@ import download
 import fileio
 import model as model_lib
 import teacher as teacher_lib
+from cli import FlagError, Parser, check_device, check_existing_dir, check_writable_file, fail, positive_int
 from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_from_bins, mce,
                      mean_corruption_error, mean_or_none, nll, per_severity_accuracy, per_type_accuracy,
                      relative_mce, relative_mce_undefined, topk_accuracy)
@@ -65,18 +65,30 @@ def _first_line(e):
 def _load(path, what, kind, fields):
     """torch.load(weights_only=True), then kind, version and fields checked: one clear line for each
     way a file can be bad (missing, truncated, tampered, another kind)."""
+    expects = {"checkpoint": "a student checkpoint written by train.py (<out-dir>/best.pt or ckpt.pt)",
+               "teacher head": "a teacher head written by train.py (data/cache/teacher-.../teacher_head.pt)"}[what]
+    if os.path.isdir(path):
+        inside = [n for n in ("best.pt", "ckpt.pt", "teacher_head.pt") if os.path.isfile(os.path.join(path, n))]
+        raise EvalError(f"{path}: a folder; eval.py expects {expects}"
+                        + (f", e.g. {os.path.join(path, inside[0])}" if inside else ""))
     if not os.path.isfile(path):
-        raise EvalError(f"{path}: {what} not found")
+        raise EvalError(f"{path}: {what} not found (eval.py expects {expects})")
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if head[:1] in (b"{", b"["):
+        raise EvalError(f"{path}: a JSON file (eval.py --json writes these; pass one as --baseline); eval.py "
+                        f"expects {expects}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):  # a pickle that asks for code: never run it
             m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
             raise EvalError(f"{path}: refused by the weights_only loader{m and f' (it asks for {m.group(1)})' or ''}"
-                            f": a tampered or foreign pickle, not a {what}") from None
+                            f": a pickle from another program or a tampered file; eval.py expects {expects}") from None
         raise EvalError(f"{path}: not a torch {what} ({_first_line(e)})") from None
     except Exception as e:  # truncated zip, not a zip, bad records, ...
-        raise EvalError(f"{path}: unreadable {what}, truncated or not a torch file ({_first_line(e)})") from None
+        raise EvalError(f"{path}: unreadable {what}, truncated or not a torch file ({_first_line(e)}); eval.py "
+                        f"expects {expects}") from None
     if not isinstance(ck, dict) or "kind" not in ck:
         raise EvalError(f"{path}: no 'kind' field, not a cdeit-kit file (expected kind {kind!r})")
     if ck["kind"] != kind:
@@ -281,7 +293,9 @@ def summarize(outs, split, names=data.TYPES):
          "seen_corruption_error": mean_corruption_error(per_type, corruptions.SEEN),
          "unseen_corruption_error": mean_corruption_error(per_type, corruptions.UNSEEN),  # None on the mix
          "corruption_errors": corruption_errors(correct, types, sev, names),
-         "mce": None, "relative_mce": None, "relative_mce_undefined": None, "robustbench_accuracy": None,
+         # the headline mCE: CIFAR-10-C papers' unnormalised mean corruption error (no baseline model)
+         "mce": mean_corruption_error(per_type, names[1:]),
+         "mce_vs_baseline": None, "relative_mce": None, "relative_mce_undefined": None, "robustbench_accuracy": None,
          "head_accuracy": {k: topk_accuracy(outs[k], y, 1) for k in ("cls", "dist", "cls_corr", "combined") if k in outs},
          "corruption_accuracy": None, "confusion_matrix": None,
          "token_similarity": {"cls_dist": None, "cls_corr": None},
@@ -300,8 +314,9 @@ def summarize(outs, split, names=data.TYPES):
 
 
 def add_mce(res, base, base_path):
+    """Seed Eq. 10 against --baseline ("mCE vs ViT" when the baseline is the ViT), beside the headline mCE."""
     try:
-        res["mce"] = mce(res["corruption_errors"], base["corruption_errors"])
+        res["mce_vs_baseline"] = mce(res["corruption_errors"], base["corruption_errors"])
         why = relative_mce_undefined(base["corruption_errors"], base["clean_error"])
         res["relative_mce"] = None if why else relative_mce(res["corruption_errors"], res["clean_error"],
                                                             base["corruption_errors"], base["clean_error"])
@@ -309,6 +324,8 @@ def add_mce(res, base, base_path):
     except ValueError as e:
         raise EvalError(f"{base_path}: {e}") from None
     res["baseline"] = base_path
+    res["baseline_run"] = f"{base.get('label') or base.get('model_name')} ({base.get('checkpoint')})"
+    res["baseline_model"] = base.get("model_name")
 
 
 # ----------------------------------------------------------------------------- 4. CIFAR-10-C benchmark
@@ -378,8 +395,36 @@ def _rel_mce(r, unit="%", why=True):
     return _pct(r["relative_mce"]) + (unit if r["relative_mce"] is not None else "")
 
 
-def _label(r):
-    return f"{r['model_name']}/{r['distill'] or '-'}"
+# train.py flags that say how a run executed, not what it trained: never what tells two runs apart
+NOT_RECIPE = {"out_dir", "resume", "environment", "device", "data_dir", "mirror", "log_interval", "compile", "fused",
+              "amp", "teacher"}
+
+
+def run_labels(results):
+    """A label per result that tells runs apart: model/distillation, and where several results share
+    that, the train.py flags in which they differ (up to 3), else their out-dir names; results that
+    still tie (best.pt and ckpt.pt of one run) get their checkpoint path."""
+    base = [f"{r['model_name']}/{r['distill'] or '-'}" if r["model_name"] != "deit3_small" else "teacher head"
+            for r in results]
+    out = list(base)
+    for b in dict.fromkeys(base):
+        idx = [i for i, x in enumerate(base) if x == b]
+        if len(idx) < 2:
+            continue
+        cfgs = [results[i].get("train_config") or {} for i in idx]
+        keys = sorted(k for k in set().union(*cfgs) if k not in NOT_RECIPE
+                      and len({json.dumps(c.get(k), sort_keys=True, default=str) for c in cfgs}) > 1)
+        for i, c in zip(idx, cfgs):
+            out[i] += " " + (" ".join(f"--{k.replace('_', '-')} {c.get(k)}" for k in keys) if 0 < len(keys) <= 3 else
+                             os.path.basename(os.path.dirname(os.path.abspath(results[i]["checkpoint"]))))
+    tied = {x for x in out if out.count(x) > 1}
+    return [f"{x} ({r['checkpoint']})" if x in tied else x for x, r in zip(out, results)]
+
+
+def _mce_vs(r):
+    """The column name of Eq. 10's mCE: against the ViT (the thesis's baseline) or another model."""
+    m = r.get("baseline_model")
+    return "mCE vs ViT" if m == "vit" else f"mCE vs {m}" if m else "mCE vs base"
 
 
 def _cosine_line(hist):
@@ -400,10 +445,13 @@ def print_one(r):
               f"(RobustBench Standard WRN-28-10: {ROBUSTBENCH_WRN28_10}%)  error on the seen types "
               f"{_pct(r['seen_corruption_error'])}%  on the unseen types {_pct(r['unseen_corruption_error'])}%" +
               (f"  4 extra corruptions {_pct(r['mean_accuracy_extra'])}%" if "mean_accuracy_extra" in r else ""))
-    mce_txt = f"  mCE {_pct(r['mce'])}%  relative mCE {_rel_mce(r)}" if r["baseline"] else ""
     print(f"  {'pooled ' if r.get('benchmark') else ''}accuracy {_pct(r['head_accuracy']['combined'])}%  "
-          f"top-5 {_pct(r['top5'])}%  NLL {_num(r['nll'])}  ECE {_num(r['ece'])}  clean error {_pct(r['clean_error'])}%"
-          f"  mean corruption error {_pct(r['mean_corruption_error'])}%{mce_txt}")
+          f"top-5 {_pct(r['top5'])}%  NLL {_num(r['nll'])} nats  ECE {_pct(r['ece'])}%  "
+          f"clean error {_pct(r['clean_error'])}%")
+    print(f"  mCE {_pct(r['mce'])}% (mean corruption error over {len(r['corruption_errors'])} corruptions x "
+          "severities, the CIFAR-10-C convention)" + (
+              f"  {_mce_vs(r)} {_pct(r['mce_vs_baseline'])}%  relative {_mce_vs(r)} {_rel_mce(r)} "
+              f"(seed Eq. 10, baseline {r['baseline_run']})" if r["baseline"] else ""))
     extra = [f"final-layer cos(cls, {k[4:]}) {v:.3f}" for k, v in r["token_similarity"].items() if v is not None]
     if r["corruption_accuracy"] is not None:
         extra.append(f"corruption-token type accuracy {_pct(r['corruption_accuracy'])}%")
@@ -417,10 +465,11 @@ def print_one(r):
         print(f"  {t:<18}{_pct(a, 1):>7}{_pct(_err(a), 1):>7}   {sev}")
     print(f"  {'all corrupted':<32}" + " ".join(f"{_pct(_err(a), 1):>5}" for a in r["per_severity"].values()))
     if r["confusion_matrix"] is not None:
-        print("  corruption-token confusion, rows = true type, columns = predicted (type index as in data.TYPES)")
-        print("       " + " ".join(f"{j:>5}" for j in range(len(data.TYPES))))
-        for i, row in enumerate(r["confusion_matrix"]):
-            print(f"  {i:>4} " + " ".join(f"{v:>5}" for v in row))
+        short = [t.split("_")[0][:7] for t in data.TYPES]  # brightness -> brightn, gaussian_noise -> gaussia
+        print("  corruption-token confusion (images): rows = true type, columns = predicted type")
+        print(f"  {'':<18}" + " ".join(f"{c:>7}" for c in short))
+        for t, row in zip(data.TYPES, r["confusion_matrix"]):
+            print(f"  {t:<18}" + " ".join(f"{v:>7}" for v in row))
 
 
 def print_table(results):
@@ -429,33 +478,41 @@ def print_table(results):
     CIFAR-10-C results (--benchmark, standard split), acc % for the mix, seen / unseen corruption
     errors whenever a CIFAR-10-C result is in the table."""
     bench = any(r.get("benchmark") for r in results)
-    mix = lambda k: (lambda r: None if r.get("benchmark") else r[k])
-    spec = [("model", "model_name", str), ("distill", "distill", lambda v: v or "-"),
-            ("acc %", mix("accuracy"), _pct), ("clean %", "clean_accuracy", _pct),
+    labels = run_labels(results)
+    vs = _mce_vs(next((r for r in results if r.get("baseline")), {}))
+    mix = lambda k: (lambda r: None if r.get("benchmark") else r[k])  # noqa: E731
+    spec = [("acc %", mix("accuracy"), _pct), ("clean %", "clean_accuracy", _pct),
             ("C10-C %", "robustbench_accuracy", _pct), ("top5 %", "top5", _pct), ("NLL", "nll", _num),
-            ("ECE", "ece", _num), ("clean err %", "clean_error", _pct), ("corr err %", "mean_corruption_error", _pct)]
+            ("ECE %", "ece", _pct), ("clean err %", "clean_error", _pct)]
     if bench:
         spec += [("seen err %", "seen_corruption_error", _pct), ("unseen err %", "unseen_corruption_error", _pct)]
-    spec += [("mCE %", "mce", _pct), ("rel mCE %", lambda r: r, lambda r: _rel_mce(r, "", False)),
+    spec += [("mCE %", "mce", _pct), (f"{vs} %", "mce_vs_baseline", _pct),
+             (f"rel {vs} %", lambda r: r, lambda r: _rel_mce(r, "", False)),
              ("type acc %", "corruption_accuracy", _pct),
              ("cos(cls,dist)", lambda r: r["token_similarity"]["cls_dist"], lambda v: _num(v, 3)),
              ("cos(cls,corr)", lambda r: r["token_similarity"]["cls_corr"], lambda v: _num(v, 3)),
              ("img/s", "images_per_s", lambda v: f"{v:,.0f}")]
     cols = [(c, [fmt(k(r) if callable(k) else r.get(k)) for r in results]) for c, k, fmt in spec]
     cols = [(c, v) for c, v in cols if c in ("mCE %", "img/s") or any(x != "-" for x in v)]
+    cols = [("run", labels)] + cols
     w = [max(len(c), *map(len, v)) for c, v in cols]
     print(f"\n{'/'.join(sorted({r['split'] for r in results}))} split, {results[0]['device']}\n" +
-          "  ".join(c.rjust(wi) for (c, _), wi in zip(cols, w)))
+          "  ".join(c.ljust(wi) if j == 0 else c.rjust(wi) for j, ((c, _), wi) in enumerate(zip(cols, w))))
     for i, r in enumerate(results):
-        print("  ".join(v[i].rjust(wi) for (_, v), wi in zip(cols, w)) + f"  {r['checkpoint']}")
+        print("  ".join(v[i].ljust(wi) if j == 0 else v[i].rjust(wi) for j, ((_, v), wi) in enumerate(zip(cols, w)))
+              + f"  {r['checkpoint']}")
+    print("mCE: mean corruption error over the corruptions x severities (the CIFAR-10-C convention); "
+          + (f"{vs}: seed Eq. 10 against {next(r['baseline_run'] for r in results if r.get('baseline'))}"
+             if any(r.get("baseline") for r in results) else f"{vs}: needs --baseline (an eval.py --json of the ViT)"))
     for why in dict.fromkeys(r.get("relative_mce_undefined") for r in results if r.get("relative_mce_undefined")):
         print(f"relative mCE undefined: {why}")
-    print("\nper type error %   " + "  ".join(f"{_label(r):>14}" for r in results))  # seed 4.4
+    lw = max(14, *map(len, labels))
+    print("\nerror % per type   " + "  ".join(f"{x:>{lw}}" for x in labels))  # seed 4.4
     for t in dict.fromkeys(t for r in results for t in r["per_type"]):
-        print(f"{t:<18} " + "  ".join(f"{_pct(_err(r['per_type'].get(t))):>14}" for r in results))
+        print(f"{t:<18} " + "  ".join(f"{_pct(_err(r['per_type'].get(t))):>{lw}}" for r in results))
     print("accuracy % of each head alone")
     for h in ("cls", "dist", "cls_corr", "combined"):
-        print(f"{h:<18} " + "  ".join(f"{_pct(r['head_accuracy'].get(h)):>14}" for r in results))
+        print(f"{h:<18} " + "  ".join(f"{_pct(r['head_accuracy'].get(h)):>{lw}}" for r in results))
 
 
 def render_plot(results, f):
@@ -467,17 +524,18 @@ def render_plot(results, f):
     ax1.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     names = list(dict.fromkeys(t for r in results for t in r["per_type"]))
     width = 0.8 / len(results)
+    labels = run_labels(results)
     for j, r in enumerate(results):
         cal = r["calibration"]
         ax1.plot(*zip(*[(c, a) for n, c, a in zip(cal["count"], cal["confidence"], cal["accuracy"]) if n > 0]),
-                 "o-", label=f"{_label(r)} (ECE {r['ece']:.3f})")
+                 "o-", label=f"{labels[j]} (ECE {100 * r['ece']:.2f}%)")
         errs = [math.nan if r["per_type"].get(t) is None else 1 - r["per_type"][t] for t in names]
-        ax2.bar(np.arange(len(names)) + (j - (len(results) - 1) / 2) * width, errs, width, label=_label(r))
+        ax2.bar(np.arange(len(names)) + (j - (len(results) - 1) / 2) * width, errs, width, label=labels[j])
     ax1.set(xlabel="confidence (top-1 softmax)", ylabel="accuracy", title="reliability (15 bins)", xlim=(0, 1), ylim=(0, 1))
     ax2.set(ylabel="error", title=f"error per image type ({'/'.join(sorted({r['split'] for r in results}))})")
     ax2.set_xticks(np.arange(len(names)), names, rotation=45, ha="right", fontsize=8)
-    for ax in (ax1, ax2):
-        ax.legend(fontsize=8)
+    ax1.legend(fontsize=8, loc="upper left")
+    ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never over them
     fig.tight_layout()
     fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
@@ -506,21 +564,26 @@ def _device(name):
 
 
 def check_options(args):
-    """Refuse a bad option combination or output path before any work."""
+    """Every option, the device and the output paths, before any file is read (each flag's own
+    range is its argparse type in main). Raises cli.FlagError."""
     if not args.checkpoints and not args.teacher:
-        raise EvalError("give at least one checkpoint (or --teacher HEAD.pt)")
+        fail("checkpoints", "(none)", "give at least one checkpoint (or --teacher HEAD.pt)")
     if args.extra and not args.benchmark:
-        raise EvalError("--extra only applies with --benchmark cifar10c")
+        fail("--extra", "", "applies only with --benchmark cifar10c")
     if args.benchmark and args.teacher:
-        raise EvalError("--benchmark evaluates students; the teacher head is evaluated on the mix only")
+        fail("--teacher", args.teacher, "--benchmark evaluates students; the teacher head is evaluated on the mix only")
+    if args.benchmark and args.split != "test":
+        fail("--split", args.split, "--benchmark cifar10c is a test set; leave --split at test")
+    check_device("--device", args.device)
+    check_existing_dir("--data-dir", args.data_dir)
     if args.plot:
         try:
             import matplotlib  # noqa: F401  (optional dependency, checked before any work)
         except ImportError:
-            raise EvalError(f"--plot {args.plot}: matplotlib is not installed (pip install matplotlib)") from None
-    for out in filter(None, (args.json, args.plot)):  # fail before the work, not after it
-        if os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-            raise EvalError(f"{out}: not a writable file path (a folder, or its folder does not exist)")
+            fail("--plot", args.plot, "needs matplotlib, not installed (pip install -r requirements-plot.txt)")
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):  # fail before the work, not after it
+        if out:
+            check_writable_file(flag, out)
 
 
 def load_jobs(args, device):
@@ -532,7 +595,8 @@ def load_jobs(args, device):
         cfg = ck.get("config") if isinstance(ck.get("config"), dict) else {}
         jobs.append(({"checkpoint": path, "model_name": ck["model_name"], "model_args": ck["model_args"],
                       "distill": cfg.get("distill"), "dataset": ck.get("dataset"), "epoch": ck.get("epoch"),
-                      "data_args": dict(ck["data_args"]), "token_similarity_history": cosine_history(ck)}, net))
+                      "data_args": dict(ck["data_args"]), "token_similarity_history": cosine_history(ck),
+                      "train_config": {k: v for k, v in cfg.items() if k != "environment"}}, net))
     if args.teacher:
         head = load_head(args.teacher)
         head["_path"] = args.teacher
@@ -542,6 +606,11 @@ def load_jobs(args, device):
     for r, obj in jobs:
         if args.data_dir:
             r["data_args"]["root"] = args.data_dir
+        root = r["data_args"].get("root")
+        if root is not None and not os.path.isdir(root):  # a moved data folder: say where we looked
+            raise EvalError(f"{r['checkpoint']}: its data folder {root} " + ("(--data-dir) does not exist" if args.data_dir
+                            else "(recorded by train.py) does not exist; moved? pass --data-dir with the folder it "
+                                 "was trained on"))
         # a standard-split student's test set is CIFAR-10-C itself: the benchmark's images and code
         standard = r["data_args"].get("split") == "standard" and args.split == "test" and not isinstance(obj, dict)
         r.update(kind=EVAL_KIND, version=1, split="cifar10c" if args.benchmark else args.split,
@@ -565,6 +634,10 @@ def evaluate_one(r, obj, args, device, mixes):
     if key not in mixes:
         try:  # keep only the split evaluated (the real mix's train split is 1.5 GB)
             mixes[key] = data.build_mix(**r["data_args"])[args.split]
+        except download.DataError as e:
+            raise EvalError(f"{e} (eval.py read the data folder {r['data_args']['root']}: "
+                            f"{'--data-dir' if args.data_dir else 'the one train.py recorded; --data-dir sets another'})") \
+                from None
         except (TypeError, ValueError) as e:
             raise EvalError(f"{r['checkpoint']}: data_args {r['data_args']} do not build a mix ({e})") from None
     split = mixes[key]
@@ -578,7 +651,6 @@ def evaluate_one(r, obj, args, device, mixes):
 
 
 def evaluate(args):
-    check_options(args)
     device = _device(args.device)
     jobs, base = load_jobs(args, device)
     results, mixes = [], {}
@@ -588,26 +660,31 @@ def evaluate(args):
         if base is not None:
             add_mce(r, base, args.baseline)
         results.append(r)
+    for r, label in zip(results, run_labels(results)):
+        r["label"] = label
     return results
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate cdeit-kit checkpoints (seed 3.5, 4.4).")
+    p = Parser(description="Evaluate cdeit-kit checkpoints (seed 3.5, 4.4).")
     p.add_argument("checkpoints", nargs="*", help="student checkpoints (train.py's ckpt.pt / best.pt)")
-    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--split", choices=["test", "val"], default="test", help="which split of the checkpoint's mix")
     p.add_argument("--json", help="write the results here (one dict, or a list for several checkpoints)")
-    p.add_argument("--baseline", help="an earlier eval.py --json of the baseline (e.g. the ViT) for mCE")
+    p.add_argument("--baseline", help="an earlier eval.py --json of the baseline (the ViT) for mCE vs ViT (seed Eq. 10)")
     p.add_argument("--plot", help="reliability diagram + per-type errors as a PNG (needs matplotlib)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--batch-size", type=positive_int, default=500, help="images per forward pass")
     p.add_argument("--benchmark", choices=["cifar10c"], help="the standard CIFAR-10-C protocol (15 x 5)")
     p.add_argument("--extra", action="store_true", help="with --benchmark: also the 4 extra corruptions")
     p.add_argument("--teacher", help="a fitted teacher head file (teacher_head.pt), evaluated on the same split")
     p.add_argument("--data-dir", help="data folder, if not where the checkpoint was trained")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)  # a bad value: one line from cli.Parser, exit 2
     try:
-        if args.batch_size < 1:
-            raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
+        check_options(args)
+    except FlagError as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 2
+    try:
         try:
             results = evaluate(args)
         except torch.OutOfMemoryError:

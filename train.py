@@ -41,7 +41,9 @@ from augment import Augment, teacher_view
 from download import DataError, download, teacher_path
 from eval import STUDENT_KIND, run_student, summarize  # val metrics computed exactly as eval.py reports them
 from heartbeat import PeerWatch
-from model import ModelFileError, count_params, create_model, param_groups
+from cli import (FlagError, Parser, bounded, check_device, check_existing_file, check_writable_dir, fail, non_negative,
+                 positive, positive_int, probability, rate, seed_int, url)
+from model import ModelFileError, ViTConfig, count_params, create_model, param_groups
 
 # --dataset synthetic: what changes when the user did not set it (about 2,000 training images, so
 # the whole pipeline runs in a couple of minutes on a laptop CPU). Data and teacher are fake.
@@ -58,74 +60,89 @@ class FaultError(TrainError):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    a = p.add_argument
-    a("--model", default="cdeit", choices=["vit", "deit", "cdeit"])
-    a("--distill", default="hard", choices=["none", "hard", "soft"], help="vit needs none (seed 3.3)")
-    a("--strategy", type=int, default=2, choices=[1, 2, 3], help="CdeiT inference strategy (seed 3.3)")
-    # seed Table 1 / Table 4 best row; None = dataset-dependent default (SYNTHETIC_DEFAULTS)
-    a("--epochs", type=int, default=None, help="15 (synthetic: 1)")
-    a("--batch-size", type=int, default=None, help="global batch, split across ranks; 1024 (synthetic: 64)")
-    a("--lr", type=float, default=5e-4, help="base lr, scaled by global batch / 512 (DeiT)")
-    a("--min-lr", type=float, default=1e-5, help="cosine floor (DeiT)")
-    a("--weight-decay", type=float, default=0.05)
+    p = Parser(description=__doc__.split("\n")[0] + "\nDefaults are the seed's Table 1 / Table 4 best row "
+               "(README \"Recipe\"); a flag shown without a default depends on --dataset (synthetic: small).")
+    g = p.add_argument_group("model")
+    a = g.add_argument
+    a("--model", default="cdeit", choices=["vit", "deit", "cdeit"],
+      help="vit: class token only; deit: + distillation token; cdeit: + corruption token (seed 2-3)")
+    a("--distill", default="hard", choices=["none", "hard", "soft"],
+      help="distillation loss (seed Eq. 4-7); vit needs none, deit / cdeit hard or soft")
+    a("--strategy", type=int, default=2, choices=[1, 2, 3], help="CdeiT inference strategy (seed 3.3; cdeit only)")
+    a("--vit-head", default="mlp", choices=["mlp", "linear"],
+      help="the vit baseline's head: mlp (seed 2.1) or linear (loads into timm's DeiT); deit / cdeit "
+           "always use linear heads (seed 2.3)")
+    a("--depth", type=positive_int, default=None, help="transformer blocks (default 12, DeiT-Tiny; smaller for quick runs)")
+    a("--embed-dim", type=positive_int, default=None, help="token width (default 192); divisible by --num-heads")
+    a("--num-heads", type=positive_int, default=None, help="attention heads (default 3)")
+    a("--drop-path", type=rate, default=0.1, help="stochastic depth rate (seed Table 1)")
+    a("--drop", type=rate, default=0.0, help="dropout rate (seed Table 4 ablation: 0.1)")
+
+    g = p.add_argument_group("data")
+    a = g.add_argument
+    a("--split", default="paper", choices=["paper", "grouped", "standard"],
+      help="paper: the seed's mix (3.4); grouped: leak-free; standard: CIFAR-10 train with fresh "
+           "on-device corruptions each epoch, tested on CIFAR-10-C (RobustBench protocol)")
+    a("--dataset", default="cifar", choices=["cifar", "synthetic"],
+      help="cifar: the real files (fetched when missing); synthetic: small fake files, offline smoke run")
+    a("--data-dir", default="./data", help="where the CIFAR-10 / CIFAR-10-C files and the teacher are (or go)")
+    a("--mirror", type=url, default=None, help="base URL for downloads, <URL>/<filename> (env CDEIT_MIRROR)")
+    a("--train-per-class", type=positive_int, default=None, help="training images per class per type: 4500 (synthetic: 20)")
+    a("--val-per-class", type=positive_int, default=None, help="200; 500 for --split standard (synthetic: 5)")
+    a("--test-per-class", type=positive_int, default=None, help="200 (synthetic: 5)")
+
+    g = p.add_argument_group("recipe (seed Table 1 / Table 4 best row; crop and flip are ours, off)")
+    a = g.add_argument
+    a("--epochs", type=positive_int, default=None, help="15 (synthetic: 1)")
+    a("--batch-size", type=positive_int, default=None, help="global batch, split across ranks: 1024 (synthetic: 64)")
+    a("--lr", type=positive, default=5e-4, help="base learning rate, scaled by global batch / 512 (DeiT)")
+    a("--min-lr", type=non_negative, default=1e-5, help="cosine floor (DeiT)")
+    a("--weight-decay", type=non_negative, default=0.05, help="AdamW / SGD weight decay")
     a("--opt", default="adamw", choices=["adamw", "sgd"], help="sgd: momentum 0.9 (seed Table 4 ablation)")
-    a("--warmup-epochs", type=float, default=None, help="3 (synthetic: 0.25)")
-    a("--smoothing", type=float, default=0.1)
-    a("--drop-path", type=float, default=0.1)
-    a("--drop", type=float, default=0.0)
-    # augmentation: the seed's recipe by default (README "Recipe"); crop and flip are ours, opt-in
-    a("--mixup", type=float, default=1.0, help="Mixup alpha (torchvision MixUp's default, the seed's code)")
-    a("--mixup-prob", type=float, default=0.3, help="per batch (seed Table 1)")
-    a("--cutmix", type=float, default=1.0, help="CutMix alpha (torchvision CutMix's default)")
-    a("--cutmix-prob", type=float, default=0.0, help="per batch, drawn after and independently of Mixup")
+    a("--warmup-epochs", type=non_negative, default=None, help="linear warmup, then cosine: 3 (synthetic: 0.25)")
+    a("--smoothing", type=rate, default=0.1, help="label smoothing of the label and type targets")
+    a("--clip-grad", type=positive, default=None, help="max gradient norm (default: off)")
+    a("--mixup", type=positive, default=1.0, help="Mixup alpha (torchvision MixUp's default, the seed's code)")
+    a("--mixup-prob", type=probability, default=0.3, help="Mixup probability per batch (seed Table 1)")
+    a("--cutmix", type=positive, default=1.0, help="CutMix alpha (torchvision CutMix's default)")
+    a("--cutmix-prob", type=probability, default=0.0, help="per batch, drawn after and independently of Mixup")
     a("--mix-types", action=argparse.BooleanOptionalAction, default=False,
       help="mix CdeiT's corruption-type targets like the labels (the seed's code mixes labels only)")
-    a("--randaug", type=int, default=0,
+    a("--randaug", type=bounded(int, 0, 30), default=0,
       help="torchvision RandAugment magnitude M of 31 bins, 2 ops (seed Table 4 ablation: 9); 0 = off")
-    a("--randaug-prob", type=float, default=1.0, help="per-sample probability of RandAugment")
-    a("--erase-prob", type=float, default=0.25, help="Random Erasing probability (seed Table 1)")
+    a("--randaug-prob", type=probability, default=1.0, help="per-sample probability of RandAugment")
+    a("--erase-prob", type=probability, default=0.25, help="Random Erasing probability (seed Table 1)")
     a("--erase-mode", default="zero", choices=["zero", "pixel"],
       help="zero: torchvision RandomErasing's fill 0 on the image before normalising (the seed's code); "
            "pixel: timm's per-pixel N(0, 1) noise after normalising")
     a("--draw-per", default="batch", choices=["batch", "image"],
       help="RandAugment's ops and Random Erasing's box drawn once per batch (the seed's code calls "
            "torchvision's transforms on the whole batch) or per image")
-    a("--crop-padding", type=int, default=0, help="random crop with zero padding, e.g. 4 (ours); 0 = none")
+    a("--crop-padding", type=bounded(int, 0, 31), default=0, help="random crop with zero padding, e.g. 4 (ours); 0 = none")
     a("--hflip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flip (ours)")
-    a("--vit-head", default="mlp", choices=["mlp", "linear"],
-      help="the vit baseline's head: mlp (seed 2.1) or linear (loads into timm's DeiT); deit / cdeit "
-           "always use linear heads (seed 2.3)")
-    a("--tau", type=float, default=3.0)
-    a("--alpha", type=float, default=0.5)
-    a("--clip-grad", type=float, default=None, help="max grad norm; off by default")
-    a("--split", default="paper", choices=["paper", "grouped", "standard"],
-      help="paper: the seed's mix (3.4); grouped: leak-free; standard: CIFAR-10 train with fresh "
-           "on-device corruptions each epoch, tested on CIFAR-10-C (RobustBench protocol)")
-    a("--dataset", default="cifar", choices=["cifar", "synthetic"])
-    a("--data-dir", default="./data")
-    a("--mirror", default=None, help="base URL for downloads (env CDEIT_MIRROR)")
-    a("--train-per-class", type=int, default=None, help="per class per type; 4500 (synthetic: 20)")
-    a("--val-per-class", type=int, default=None, help="200; 500 for --split standard (synthetic: 5)")
-    a("--test-per-class", type=int, default=None, help="200 (synthetic: 5)")
-    a("--teacher", default=None, help="teacher safetensors; default: the downloaded DeiT-III Small")
+
+    g = p.add_argument_group("distillation (seed 2.2, 4.1)")
+    a = g.add_argument
+    a("--tau", type=positive, default=3.0, help="soft distillation temperature (seed Eq. 4)")
+    a("--alpha", type=probability, default=0.5, help="weight of the teacher term, lambda (seed Eq. 4-7)")
+    a("--teacher", default=None, help="teacher safetensors (default: the downloaded DeiT-III Small)")
     a("--teacher-view", default="cached", choices=["cached", "augmented"],
       help="cached: logits of the un-augmented 224px image, computed once (seed 3.4); "
            "augmented: teacher runs live on the student's augmented batch (Beyer et al. 2022)")
     a("--teacher-resize", default="bilinear", choices=["bilinear", "bicubic"],
       help="the 224px teacher view: bilinear as the seed's code; bicubic as timm's DeiT-III config")
-    a("--head-epochs", type=int, default=None, help="epochs of the teacher-head fit; 10 (synthetic: 50)")
-    a("--depth", type=int, default=None, help="student size overrides (tests, quick runs)")
-    a("--embed-dim", type=int, default=None)
-    a("--num-heads", type=int, default=None)
-    a("--out-dir", default=None, help="default out/<model>-<distill>-<split>-s<seed>[-synthetic]")
-    a("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
-    a("--seed", type=int, default=0)
-    a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast; default bf16 on CUDA, off on CPU")
-    a("--compile", action="store_true")
+    a("--head-epochs", type=positive_int, default=None, help="epochs of the teacher-head fit: 10 (synthetic: 50)")
+
+    g = p.add_argument_group("run")
+    a = g.add_argument
+    a("--seed", type=seed_int, default=0, help="seeds the mix's draw, the weights, the teacher head and every random stream")
+    a("--out-dir", default=None, help="default: out/<model>-<distill>-<split>-s<seed>[-synthetic]")
+    a("--resume", action="store_true", help="continue <out-dir>/ckpt.pt; every recipe flag must be as it was")
+    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast (default: bf16 on CUDA, off on CPU)")
+    a("--compile", action="store_true", help="torch.compile the student")
     a("--fused", action=argparse.BooleanOptionalAction, default=True, help="Triton kernels on CUDA")
-    a("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    a("--log-interval", type=int, default=20)
+    a("--log-interval", type=positive_int, default=20, help="steps per log line")
     return fill_defaults(p.parse_args(argv))
 
 
@@ -144,18 +161,71 @@ def fill_defaults(args):
     return args
 
 
+# flags that change how a run executes, not what it trains: they may differ on --resume
+RUN_ONLY = {"resume", "out_dir", "device", "data_dir", "mirror", "log_interval", "environment", "compile", "fused",
+            "amp", "teacher"}
+
+
 def check_args(args, world_size=1):
+    """Every flag combination, the device and the paths, before any file is read or written (each
+    flag's own range is its argparse type in get_args). Raises cli.FlagError; returns notes on
+    flags that do not apply to this model (reproduce.py passes flags after -- to every run)."""
     if args.model == "vit" and args.distill != "none":
-        raise TrainError(f"--model vit has no distillation token: use --distill none, not {args.distill}")
+        fail("--distill", args.distill, "--model vit has no distillation token: use --distill none")
     if args.model != "vit" and args.distill == "none":
-        raise TrainError(f"--model {args.model} learns its distillation token from the teacher: "
-                         "use --distill hard or soft (or --model vit)")
+        fail("--distill", "none", f"--model {args.model} learns its distillation token from the teacher: "
+             "use --distill hard or soft (or --model vit)")
+    if args.model == "vit" and args.teacher:
+        fail("--teacher", args.teacher, "--model vit --distill none has no teacher")
     if args.batch_size % world_size:
-        raise TrainError(f"--batch-size {args.batch_size} is not divisible by {world_size} processes")
-    if not 0 <= args.randaug <= 30:
-        raise TrainError(f"--randaug {args.randaug}: RandAugment's magnitude is a bin in 0..30 (0 = off)")
-    if args.epochs < 1 or args.log_interval < 1 or args.head_epochs < 1:
-        raise TrainError("--epochs, --log-interval and --head-epochs must be >= 1")
+        fail("--batch-size", args.batch_size, f"not divisible by the {world_size} processes (global batch, split "
+             f"evenly: use a multiple of {world_size})")
+    n_train = args.train_per_class * 10 * (1 if args.split == "standard" else len(data.TYPES))
+    if args.batch_size > n_train:
+        fail("--batch-size", args.batch_size, f"larger than the {n_train:,} training images (--train-per-class "
+             f"{args.train_per_class}); no step would run")
+    if args.warmup_epochs > args.epochs:
+        fail("--warmup-epochs", args.warmup_epochs, f"longer than --epochs {args.epochs}")
+    dim, heads = args.embed_dim or ViTConfig.embed_dim, args.num_heads or ViTConfig.num_heads
+    if dim % heads:
+        fail("--embed-dim", dim, f"not divisible by --num-heads {heads} (each head takes embed-dim / num-heads)")
+    check_device("--device", args.device)
+    on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if args.amp == "fp16" and not on_cuda:
+        fail("--amp", "fp16", "needs CUDA; use --amp bf16 or off on the CPU")
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        fail("--data-dir", args.data_dir, "is a file, not a folder")
+    check_existing_file("--teacher", args.teacher)
+    check_out_dir(args)
+    default = get_args([])  # the parser's defaults, to tell a flag the user set from one left alone
+    only = {"strategy": "cdeit", "mix_types": "cdeit", "vit_head": "vit", "tau": "deit/cdeit", "alpha": "deit/cdeit",
+            "teacher_view": "deit/cdeit", "teacher_resize": "deit/cdeit"}
+    return [f"--{k.replace('_', '-')} {getattr(args, k)} applies to --model {m} only; ignored for --model {args.model}"
+            for k, m in only.items() if getattr(args, k) != getattr(default, k) and args.model not in m.split("/")]
+
+
+def check_out_dir(args):
+    """--out-dir can be written, holds a checkpoint exactly when --resume says so, and a resumed
+    run keeps every flag that shapes the training (a longer --epochs would stretch a cosine
+    schedule half gone). Reads ckpt.pt's config; creates nothing."""
+    check_writable_dir("--out-dir", args.out_dir)
+    ckpt = os.path.join(args.out_dir, "ckpt.pt")
+    if os.path.exists(ckpt) and not args.resume:
+        fail("--out-dir", args.out_dir, "holds a run (ckpt.pt): pass --resume to continue it, or choose another --out-dir")
+    if not args.resume:
+        return
+    if not os.path.exists(ckpt):
+        fail("--resume", ckpt, "no checkpoint there")
+    try:
+        was = torch.load(ckpt, map_location="cpu", weights_only=True).get("config") or {}
+    except Exception as e:  # noqa: BLE001  (any damage: one line)
+        fail("--resume", ckpt, f"unreadable checkpoint ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]})")
+    now = vars(args)
+    diff = [k for k in sorted(set(was) & set(now)) if k not in RUN_ONLY and was[k] != now[k]]
+    if diff:
+        what = ", ".join(f"--{k.replace('_', '-')} {was[k]} -> {now[k]}" for k in diff)
+        fail("--resume", ckpt, f"was trained with other flags ({what}); resume with the run's own flags, or start "
+             "a new --out-dir")
 
 
 # ----------------------------------------------------------------------------- distributed set-up
@@ -174,7 +244,6 @@ def setup(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    check_args(args, world)  # before init: a bad flag fails every rank alike, no rank waits
     watch = None
     if ddp:
         # long timeout: the other ranks wait while rank 0 runs the teacher over the whole mix once
@@ -238,6 +307,8 @@ def environment():
 
 
 def prepare_out_dir(args):
+    """Create --out-dir (check_out_dir has checked it, and the resume, before any work) and remove
+    the temp file of a save a kill interrupted."""
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         probe = os.path.join(args.out_dir, f".write-test{os.getpid()}")
@@ -246,11 +317,6 @@ def prepare_out_dir(args):
         os.remove(probe)
     except OSError as e:
         raise TrainError(f"cannot write to out dir {args.out_dir}: {e.strerror or e}") from None
-    ckpt = os.path.join(args.out_dir, "ckpt.pt")
-    if os.path.exists(ckpt) and not args.resume:
-        raise TrainError(f"{ckpt} exists: pass --resume to continue it, or choose another --out-dir")
-    if args.resume and not os.path.exists(ckpt):
-        raise TrainError(f"--resume: no checkpoint at {ckpt}")
     stale = fileio.temp_files(args.out_dir)  # a kill mid-save leaves its temp file; the real files are whole
     for f in stale:
         os.remove(f)
@@ -700,10 +766,12 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
         fileio.atomic_write(os.path.join(args.out_dir, "config.json"), json.dumps(vars(args), indent=2) + "\n",
                             "run config")
     cfg = raw_model.cfg
+    amp = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + loss scaling", None: "off (fp32)"}
+    loss = "PyTorch (losses.py)" if loss_fn is losses.distillation_loss else "fused Triton kernel (kernels/)"
     log(ctx, f"student: {args.model} ({count_params(raw_model):,} params, {cfg.depth} blocks, D={cfg.embed_dim}), "
              f"{args.distill} distillation, {spe} steps/epoch x {args.epochs} epochs, global batch "
-             f"{args.batch_size} on {world} x {device.type}, peak lr {peak:.2e}, amp {amp_dtype}, "
-             f"loss {loss_fn.__module__}")
+             f"{args.batch_size} on {world} x {device.type}, peak lr {peak:.2e}, mixed precision "
+             f"{amp[amp_dtype]}, loss {loss}")
     if run.step == 0 and not run.history:
         run.record_untrained(splits["val"])
 
@@ -757,10 +825,8 @@ def run(args, stop_at_step=None):
         device = ctx["device"]
         amp = args.amp or ("bf16" if device.type == "cuda" else "off")
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-        if amp == "fp16" and device.type != "cuda":
-            raise TrainError("--amp fp16 needs CUDA; use --amp bf16 or off on CPU")
-        on_master_first(ctx, lambda: prepare_out_dir(args))
         splits, data_args, tpath, targs = prepare_data(args, ctx)
+        on_master_first(ctx, lambda: prepare_out_dir(args))  # only once the data are there
         info, logits, live = None, None, None
         if tpath is not None:
             info, logits, live = prepare_teacher(args, ctx, splits, data_args, tpath, targs, amp_dtype)
@@ -809,8 +875,16 @@ def train_student_or_fault(args, ctx, *rest):
 
 
 def main(argv=None, stop_at_step=None):
-    args = get_args(argv)
+    args = get_args(argv)  # a bad value of one flag: one line from cli.Parser, exit 2
     rank = int(os.environ.get("RANK", 0))
+    try:  # flag combinations, the device and the paths, before any file is read or written
+        notes = check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+    except FlagError as e:
+        if rank == 0:  # under torchrun every rank checks; one copy of the line
+            print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    for n in notes if rank == 0 else []:
+        print(f"note: {n}", file=sys.stderr, flush=True)
     try:
         run(args, stop_at_step)
     except FaultError as e:  # met by this rank alone: it says so
@@ -820,7 +894,9 @@ def main(argv=None, stop_at_step=None):
         if rank == 0:  # under torchrun, one copy of the message
             more = "; then continue with --resume" if isinstance(e, fileio.WriteError) and \
                 os.path.exists(os.path.join(args.out_dir, "ckpt.pt")) else ""
-            print(f"error: {' '.join(str(e).split())}{more}", file=sys.stderr, flush=True)
+            # the download instructions are several lines (one per file); every other error is one
+            text = str(e).strip() if isinstance(e, DataError) else " ".join(str(e).split())
+            print(f"error: {text}{more}", file=sys.stderr, flush=True)
         return 1
     return 0
 
