@@ -25,7 +25,11 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    raise_errors = False  # True: error() raises FlagError (reproduce.py checks train.py's flags this way)
+
     def error(self, message):
+        if self.raise_errors:
+            raise FlagError(message)
         # under torchrun every rank parses the same flags: one copy of the line is enough
         if int(os.environ.get("RANK", 0)) == 0:
             sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
@@ -71,7 +75,8 @@ def bounded(kind, lo=None, hi=None, lo_open=False, hi_open=False, what=None):
 
     def parse(text):
         v = _number(kind, text)
-        if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi)):
+        low = lo is not None and (v <= lo if lo_open else v < lo)
+        if low or (hi is not None and (v >= hi if hi_open else v > hi)):
             raise argparse.ArgumentTypeError(f"{text} is not {desc}")
         return v
     parse.__name__ = desc  # argparse names the type in its own messages

@@ -608,9 +608,9 @@ def load_jobs(args, device):
             r["data_args"]["root"] = args.data_dir
         root = r["data_args"].get("root")
         if root is not None and not os.path.isdir(root):  # a moved data folder: say where we looked
-            raise EvalError(f"{r['checkpoint']}: its data folder {root} " + ("(--data-dir) does not exist" if args.data_dir
-                            else "(recorded by train.py) does not exist; moved? pass --data-dir with the folder it "
-                                 "was trained on"))
+            raise EvalError(f"{r['checkpoint']}: its data folder {root} " + (
+                "(--data-dir) does not exist" if args.data_dir else
+                "(recorded by train.py) does not exist; moved? pass --data-dir with the folder it was trained on"))
         # a standard-split student's test set is CIFAR-10-C itself: the benchmark's images and code
         standard = r["data_args"].get("split") == "standard" and args.split == "test" and not isinstance(obj, dict)
         r.update(kind=EVAL_KIND, version=1, split="cifar10c" if args.benchmark else args.split,
@@ -635,9 +635,8 @@ def evaluate_one(r, obj, args, device, mixes):
         try:  # keep only the split evaluated (the real mix's train split is 1.5 GB)
             mixes[key] = data.build_mix(**r["data_args"])[args.split]
         except download.DataError as e:
-            raise EvalError(f"{e} (eval.py read the data folder {r['data_args']['root']}: "
-                            f"{'--data-dir' if args.data_dir else 'the one train.py recorded; --data-dir sets another'})") \
-                from None
+            where = "--data-dir" if args.data_dir else "the one train.py recorded; --data-dir sets another"
+            raise EvalError(f"{e} (eval.py read the data folder {r['data_args']['root']}: {where})") from None
         except (TypeError, ValueError) as e:
             raise EvalError(f"{r['checkpoint']}: data_args {r['data_args']} do not build a mix ({e})") from None
     split = mixes[key]
@@ -666,11 +665,11 @@ def evaluate(args):
 
 
 def main(argv=None):
-    p = Parser(description="Evaluate cdeit-kit checkpoints (seed 3.5, 4.4).")
+    p = Parser(prog="eval.py", description="Evaluate cdeit-kit checkpoints (seed 3.5, 4.4).")
     p.add_argument("checkpoints", nargs="*", help="student checkpoints (train.py's ckpt.pt / best.pt)")
     p.add_argument("--split", choices=["test", "val"], default="test", help="which split of the checkpoint's mix")
     p.add_argument("--json", help="write the results here (one dict, or a list for several checkpoints)")
-    p.add_argument("--baseline", help="an earlier eval.py --json of the baseline (the ViT) for mCE vs ViT (seed Eq. 10)")
+    p.add_argument("--baseline", help="an earlier eval.py --json of the baseline (the ViT): mCE vs ViT (seed Eq. 10)")
     p.add_argument("--plot", help="reliability diagram + per-type errors as a PNG (needs matplotlib)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--batch-size", type=positive_int, default=500, help="images per forward pass")

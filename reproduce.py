@@ -16,11 +16,13 @@ one continued with --resume, an evaluation redone only when older than its check
 crash or a preemption, run the same command again. A configuration shared by two experiments
 (Table 4's best row is Table 3's DeiT hard) is one set of runs.
 
-Results: <out>/EXPERIMENT.md and .json, one row per configuration with mean +- std over seeds (the
-sample std, n - 1) and n, the thesis's value beside it with the difference, the per-run numbers and
-what each run ran on; runs of one configuration whose config.json differ in anything but the seed
-are refused. mCE (seed Eq. 10) is computed here from the eval JSONs with metrics.py, against the
-ViT run of the same seed and split (the thesis names no baseline). Plots need matplotlib.
+Results: <out>/<experiment>.md and .json (e.g. results/table3.md), one row per configuration with
+mean +- std over seeds (the sample std, n - 1) and n, the thesis's value beside it with the
+difference, the per-run numbers and what each run ran on; runs of one configuration whose config.json differ in anything but the seed
+are refused. mCE is the CIFAR-10-C papers' mean corruption error over corruptions x severities
+(eval.py's, no baseline model), the thesis's mCE values beside it; "mCE vs ViT" (seed Eq. 10) is
+computed here from the eval JSONs with metrics.py, against the ViT run of the same seed and split.
+Plots need matplotlib (requirements-plot.txt).
 """
 import argparse
 import csv
@@ -34,6 +36,8 @@ import subprocess
 import sys
 import time
 
+from cli import (FlagError, Parser, check_device, check_writable_dir, check_writable_file, fail, gpu_list, positive_int,
+                 seed_int)
 from fileio import atomic_write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -71,7 +75,7 @@ EXPERIMENTS = {
                    configs=["deit-hard", "deit-hard-wd0.01", "deit-hard-lr3e-4", "deit-hard-lr3e-4-wd0.01"],
                    split=None, metrics=["accuracy", "ece"], baseline=None),
     "table3": dict(title="ViT, DeiT and CdeiT with hard and soft distillation (thesis Table 3)", configs=TABLE3,
-                   split=None, metrics=["accuracy", "ece", "nll", "clean_error", "mean_corruption_error", "mce",
+                   split=None, metrics=["accuracy", "ece", "nll", "clean_error", "mce", "mce_vs_baseline",
                                         "relative_mce"], baseline="vit-none"),
     "table4": dict(title="augmentation and regularisation ablations, each a change from DeiT's best row "
                          "(thesis Table 4)",
@@ -80,14 +84,17 @@ EXPERIMENTS = {
                    split=None, metrics=["accuracy", "ece"], baseline=None),
     "fig5": dict(title="CdeiT's inference strategies 1 / 2 / 3 (thesis Fig. 5)",
                  configs=["vit-none", "cdeit-hard-strategy1", "cdeit-hard", "cdeit-hard-strategy3"],
-                 split=None, metrics=["accuracy", "mce"], baseline="vit-none"),
+                 split=None, metrics=["accuracy", "mce", "mce_vs_baseline"], baseline="vit-none"),
     "robustness": dict(title="the standard protocol: CIFAR-10 train, tested on CIFAR-10-C 15 x 5", configs=TABLE3,
                        split="standard", metrics=["clean_accuracy", "robustbench_accuracy", "seen_corruption_error",
-                                                  "unseen_corruption_error", "mce"], baseline="vit-none"),
+                                                  "unseen_corruption_error", "mce", "mce_vs_baseline"],
+                       baseline="vit-none"),
 }
-# metric -> (column, scale to the printed unit)
-METRICS = {"accuracy": ("acc %", 100), "ece": ("ECE", 1), "nll": ("NLL", 1), "clean_error": ("clean err %", 100),
-           "mean_corruption_error": ("corr err %", 100), "mce": ("mCE %", 100), "relative_mce": ("rel mCE %", 100),
+# metric -> (column, scale to the printed unit). mce: the CIFAR-10-C convention, the unnormalised mean
+# corruption error (eval.py's mean_corruption_error); mce_vs_baseline: seed Eq. 10 against the ViT.
+METRICS = {"accuracy": ("acc %", 100), "ece": ("ECE (0-1)", 1), "nll": ("NLL (nats)", 1),
+           "clean_error": ("clean err %", 100), "mean_corruption_error": ("corr err %", 100), "mce": ("mCE %", 100),
+           "mce_vs_baseline": ("mCE vs ViT %", 100), "relative_mce": ("rel mCE vs ViT %", 100),
            "clean_accuracy": ("clean acc %", 100), "robustbench_accuracy": ("C10-C acc %", 100),
            "seen_corruption_error": ("seen err %", 100), "unseen_corruption_error": ("unseen err %", 100),
            "teacher_val_accuracy": ("val acc %", 100), "teacher_test_accuracy": ("test acc %", 100)}
@@ -123,8 +130,10 @@ THESIS = [
     ("table4", "deit-hard-no-drop-path", "accuracy", 96.2, None, "thesis Table 4"),
     ("fig5", "cdeit-hard", "accuracy", 97.5, 0.3, "thesis 4.3 (Fig. 5's strategy 2)"),
 ]
-# RobustBench's CIFAR-10-C leaderboard (mean accuracy over 15 x 5), the rows the robustness table cites
-ROBUSTBENCH = [("Standard WRN-28-10", 73.46), ("AugMix", 88.82), ("PRIME", 89.05)]
+# RobustBench's CIFAR-10-C leaderboard (mean accuracy over 15 x 5), the rows the robustness table cites,
+# each with its architecture (AugMix has two entries)
+ROBUSTBENCH = [("Standard, WideResNet-28-10", 73.46), ("AugMix, WideResNet-40-2", 88.82),
+               ("AugMix, ResNeXt29_32x4d", 89.09), ("PRIME, ResNet-18", 89.05)]
 # config.json keys that may differ between the seeds of one configuration
 NOT_CONFIG = {"seed", "out_dir", "resume", "environment", "device", "data_dir", "mirror", "log_interval"}
 
@@ -439,6 +448,8 @@ def collect(exp, runs, split):
             continue
         res = read_json(path)
         vals = {m: res.get(m) for m in e["metrics"] if m in res}
+        if "mce" in e["metrics"]:  # the headline mCE is the mean corruption error, in every eval.json
+            vals["mce"] = res.get("mean_corruption_error")
         rec = dict(config=run["config"], seed=run["seed"], dir=run["dir"], eval=path, values=vals,
                    environment=config_of(run).get("environment"), mce_baseline=None, relative_mce_undefined=None)
         if exp == "teacher":
@@ -446,13 +457,13 @@ def collect(exp, runs, split):
                 p = os.path.join(run["dir"], f"teacher-{s}.json")
                 if os.path.exists(p):
                     vals[f"teacher_{s}_accuracy"] = read_json(p).get("accuracy")
-        if e["baseline"] and ("mce" in e["metrics"] or "relative_mce" in e["metrics"]):
+        if e["baseline"] and ("mce_vs_baseline" in e["metrics"] or "relative_mce" in e["metrics"]):
             base = next((r for r in runs if r["config"] == e["baseline"] and r["seed"] == run["seed"]
                          and r["split"] == run["split"]), None)
             bpath = base and os.path.join(base["dir"], "eval.json")
             if bpath and os.path.exists(bpath):
                 m, rel, why = mce_against(res, read_json(bpath), base["dir"])
-                vals["mce"] = m
+                vals["mce_vs_baseline"] = m
                 if "relative_mce" in e["metrics"]:
                     vals["relative_mce"] = rel
                 rec["mce_baseline"], rec["relative_mce_undefined"] = bpath, why
@@ -513,7 +524,8 @@ def aggregate(exp, runs, args):
     return dict(experiment=exp, title=e["title"], split=e["split"] or args.split, dataset=args.dataset or "cifar",
                 seeds=args.seeds, extra_train_flags=args.extra, rows=rows,
                 mce_baseline=(f"{e['baseline']} run of the same seed and split (its eval.json), Eq. 10 without "
-                              "clean-error subtraction" if e["baseline"] else None),
+                              "clean-error subtraction" if e["baseline"] and "mce_vs_baseline" in e["metrics"]
+                              else None),
                 std="sample standard deviation over seeds (n - 1); n = runs with a value",
                 robustbench=ROBUSTBENCH if exp == "robustness" else None,
                 runs=[{k: v for k, v in r.items() if k != "summary"} for r in recs],
@@ -532,8 +544,11 @@ def render_md(res):
     lines += [f"split `{res['split']}`, dataset `{res['dataset']}`, seeds {' '.join(map(str, res['seeds']))}"
               + (f", extra train.py flags `{shlex.join(res['extra_train_flags'])}`" if res["extra_train_flags"] else ""),
               f"Cells: mean ± std (n), {res['std']}. Thesis values in the unit it prints; diff = ours - thesis.", ""]
-    if res["mce_baseline"]:
-        lines += [f"mCE baseline: the {res['mce_baseline']}. The thesis names no baseline; see the README.", ""]
+    if any(m in (res["rows"][0]["metrics"] if res["rows"] else {}) for m in ("mce", "mce_vs_baseline")):
+        lines += ["mCE: the mean corruption error over the corruptions x severities, as CIFAR-10-C papers report it "
+                  "(no baseline model); the thesis's mCE values are on this scale and sit beside it."
+                  + (f" mCE vs ViT: seed Eq. 10 against the {res['mce_baseline']}. The thesis names no baseline; "
+                     "see the README." if res["mce_baseline"] else ""), ""]
     metrics = list(res["rows"][0]["metrics"]) if res["rows"] else []
     pubs = [m for m in metrics if any("thesis" in r["metrics"][m] for r in res["rows"])]
     head = ["config", "n"] + [c for m in metrics for c in ([METRICS[m][0]] + (["thesis (diff)"] if m in pubs else []))]
@@ -557,7 +572,7 @@ def render_md(res):
     lines += [""] + [f"- {n}" for n in dict.fromkeys(notes)] + ([f"Thesis sources: {'; '.join(srcs)}."] if srcs else [])
     if res["robustbench"]:
         lines += ["", "RobustBench CIFAR-10-C (mean accuracy over 15 x 5): "
-                  + ", ".join(f"{n} {v}%" for n, v in res["robustbench"])]
+                  + "; ".join(f"{n} {v}%" for n, v in res["robustbench"])]
     per_type = _per_type(res)
     if per_type:
         types = list(per_type[0][1])
@@ -613,8 +628,9 @@ def plots(exp, res, runs, base, split):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
-        say("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        say("plots skipped: matplotlib is not installed (pip install -r requirements-plot.txt)")
         return
     recs = collect(exp, runs, split)
     if not recs:
@@ -622,17 +638,32 @@ def plots(exp, res, runs, base, split):
     written = []
 
     def save(fig, name):
-        fig.tight_layout()
+        top = 1.0
+        if res["synthetic_warning"]:  # on every figure, not only the markdown
+            fig.text(0.5, 0.995, "SYNTHETIC DATA (--dataset synthetic): these numbers say nothing about CIFAR-10",
+                     ha="center", va="top", color="red", fontweight="bold", fontsize=9)
+            top = 0.93
+        for ax in fig.axes:
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")  # 2.2985, never 1e-5+2.298
+        fig.tight_layout(rect=(0, 0, 1, top))
         fig.savefig(f"{base}-{name}.png", dpi=100)
         plt.close(fig)
         written.append(f"{base}-{name}.png")
+
+    def epochs(ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+    def legend_beside(ax, **kw):  # outside the axes: never over the bars or curves
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, **kw)
     if exp == "fig5":
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
         rows = [r for r in res["rows"] if r["config"] != "vit-none"]
+        names = [f"strategy {CONFIGS[r['config']][CONFIGS[r['config']].index('--strategy') + 1]}"
+                 if "--strategy" in CONFIGS[r["config"]] else "strategy 2" for r in rows]  # train.py's default: 2
         for ax, m in zip(axes, ("mce", "accuracy")):
             ax.bar(range(len(rows)), [r["metrics"][m]["mean"] or 0 for r in rows],
                    yerr=[r["metrics"][m]["std"] or 0 for r in rows], capsize=4)
-            ax.set_xticks(range(len(rows)), ["strategy 1", "strategy 2", "strategy 3"][:len(rows)])
+            ax.set_xticks(range(len(rows)), names)
             ax.set_title(METRICS[m][0])
         save(fig, "fig5")
     if exp == "table3":
@@ -640,12 +671,13 @@ def plots(exp, res, runs, base, split):
         for r in recs:
             by_cfg.setdefault(r["config"], []).append(r["summary"])
         # Fig. 6: the hard-label loss per epoch; Fig. 7: every per-token loss column summary.csv holds
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4))
         for cfg, hists in by_cfg.items():  # the label term: class + corruption projection where CdeiT has it
             col = "train_cls_corr" if any(h and h[-1].get("train_cls_corr") for h in hists) else "train_cls"
             _curve(ax, hists, col, cfg)
         ax.set(xlabel="epoch", ylabel="label loss", title="hard-label loss (thesis Fig. 6)")
-        ax.legend(fontsize=7)
+        epochs(ax)
+        legend_beside(ax, fontsize=7)
         save(fig, "fig6")
         cols = [c for c in dict.fromkeys(k for hs in by_cfg.values() for h in hs for k in (h[0] if h else {}))
                 if c.startswith("train_") and c != "train_loss"]
@@ -654,20 +686,21 @@ def plots(exp, res, runs, base, split):
             for c in cols:
                 _curve(ax, hists, c, c[6:])
             ax.set(title=cfg, xlabel="epoch")
+            epochs(ax)
             ax.legend(fontsize=6)
         save(fig, "fig7")
     if exp in ("table3", "robustness"):
         per_type = _per_type(res)
         if per_type:
             types = list(per_type[0][1])
-            fig, ax = plt.subplots(figsize=(10, 3.5))
+            fig, ax = plt.subplots(figsize=(11.5, 3.5))
             w = 0.8 / len(per_type)
             for j, (cfg, p) in enumerate(per_type):
                 ax.bar([i + j * w for i in range(len(types))], [p[t][0] or 0 for t in types], w,
                        yerr=[p[t][1] or 0 for t in types], capsize=2, label=cfg)
             ax.set_xticks([i + 0.4 - w / 2 for i in range(len(types))], types, rotation=45, ha="right", fontsize=7)
             ax.set(ylabel="error %", title="error per type, bars = seed std")
-            ax.legend(fontsize=7)
+            legend_beside(ax, fontsize=7)
             save(fig, "per-type")
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
         ax.plot([0, 1], [0, 1], "k--", lw=1)
@@ -678,7 +711,7 @@ def plots(exp, res, runs, base, split):
             xy = [(cx / n, ay / n) for cx, ay, n in pts if n]
             ax.plot(*zip(*xy), "o-", ms=3, label=cfg) if xy else None
         ax.set(xlabel="confidence", ylabel="accuracy", title="reliability, seeds pooled")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")  # above the diagonal's empty corner
         save(fig, "reliability")
     if written:
         say("plots: " + ", ".join(written))
@@ -741,35 +774,101 @@ def write_slurm(path, runs, args, argv):
 
 # ----------------------------------------------------------------------------- command line
 
+def _experiments_help():
+    lines = ["experiments (each configuration is train.py's defaults plus the flags shown):"]
+    for name, e in EXPERIMENTS.items():
+        lines.append(f"  {name:<11} {e['title']}" + (f"; split {e['split']}" if e["split"] else ""))
+        lines += [f"{'':14}{c}: {' '.join(CONFIGS[c]) or '(defaults)'}" for c in e["configs"]]
+    lines += ["  all         every experiment above; a configuration shared by two is trained once",
+              "",
+              "after --: flags for every train.py run, e.g. -- --epochs 2 --depth 1 (checked before anything",
+              "runs; the flags reproduce.py sets itself, and those an experiment's configurations vary, are refused)"]
+    return "\n".join(lines)
+
+
+# train.py flags reproduce.py sets itself -> the reproduce.py flag that sets them
+OWN_FLAGS = {"--seed": "--seeds", "--split": "--split", "--dataset": "--dataset", "--device": "--device",
+             "--data-dir": "--data-dir", "--out-dir": "--out", "--resume": "(automatic: rerun the command)"}
+
+
 def get_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("experiment", choices=list(EXPERIMENTS) + ["all"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p = Parser(prog="reproduce.py", description=__doc__.split("\n\n")[0], epilog=_experiments_help(),
+               usage="%(prog)s EXPERIMENT [options] [-- train.py flags]")
+    p.add_argument("experiment", choices=list(EXPERIMENTS) + ["all"], help="what to reproduce (see below)")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2],
+                   help="one train.py run per configuration and seed; tables show mean ± std over them")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--gpus", help="comma-separated GPU ids: one run per GPU at once (CUDA_VISIBLE_DEVICES)")
-    g.add_argument("--nproc-per-node", type=int, help="each run under torchrun with N processes, one at a time")
-    p.add_argument("--split", default="paper", choices=["paper", "grouped", "standard"])
-    p.add_argument("--data-dir", help="passed to every train.py / eval.py")
-    p.add_argument("--dataset", choices=["cifar", "synthetic"], help="passed to every train.py")
-    p.add_argument("--device", help="passed to every train.py / eval.py")
-    p.add_argument("--out", default="results", help="results and run folders (default results/)")
+    g.add_argument("--gpus", type=gpu_list, help="comma-separated GPU ids: one run per GPU at once "
+                   "(CUDA_VISIBLE_DEVICES; an id twice runs two there); default: one run at a time")
+    g.add_argument("--nproc-per-node", type=positive_int, help="each run under torchrun with N processes, in turn")
+    p.add_argument("--split", default="paper", choices=["paper", "grouped", "standard"],
+                   help="train.py's --split for every experiment but robustness (always standard)")
+    p.add_argument("--data-dir", help="passed to every train.py / eval.py (default: train.py's ./data)")
+    p.add_argument("--dataset", choices=["cifar", "synthetic"], help="passed to every train.py (default: cifar)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N for every train.py / eval.py (default: cuda when available)")
+    p.add_argument("--out", default="results", help="results (<out>/<experiment>.md) and run folders (<out>/runs/)")
     p.add_argument("--dry-run", action="store_true", help="print the commands that would run, run nothing")
-    p.add_argument("--slurm", metavar="SCRIPT", help="write a job-array script instead of running")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--slurm", metavar="SCRIPT", help="write a Slurm job-array script instead of running")
+    p.add_argument("--no-plots", action="store_true", help="write the tables only")
     p.add_argument("--task", help=argparse.SUPPRESS)  # the slurm script's: a run index, or "aggregate"
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    args = p.parse_args(own)
+    args = p.parse_args(own)  # a bad value: one line from cli.Parser, exit 2
     args.extra = extra
-    if args.nproc_per_node is not None and args.nproc_per_node < 1:
-        p.error("--nproc-per-node must be >= 1")
-    if len(set(args.seeds)) != len(args.seeds):
-        p.error("--seeds has duplicates")
     return args
+
+
+def check_args(args):
+    """Every option and the flags after --, before any file is read or written: raises FlagError."""
+    if len(set(args.seeds)) != len(args.seeds):
+        fail("--seeds", " ".join(map(str, args.seeds)), "has duplicates")
+    running = not (args.dry_run or args.slurm)  # a script or a listing may be written on a machine without GPUs
+    if running:
+        check_device("--device", args.device)
+    if args.gpus and running and args.device != "cpu":  # with --device cpu the ids are only parallel slots
+        import torch
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if max(int(g) for g in args.gpus.split(",")) >= n:
+            fail("--gpus", args.gpus, f"this machine has {n} CUDA device(s)" + (f", ids 0..{n - 1}" if n else ""))
+    if args.data_dir and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        fail("--data-dir", args.data_dir, "is a file, not a folder")
+    check_writable_dir("--out", args.out)
+    if args.slurm:
+        check_writable_file("--slurm", args.slurm)
+    check_passthrough(args)
+
+
+def check_passthrough(args):
+    """The flags after --: none that reproduce.py sets or an experiment varies, and every run's
+    train.py command line accepted by train.py's own parser and flag checks."""
+    varied = {f for e in (EXPERIMENTS if args.experiment == "all" else [args.experiment])
+              for c in EXPERIMENTS[e]["configs"] for f in CONFIGS[c] if f.startswith("--")}
+    for a in args.extra:
+        flag = a.split("=")[0]
+        if flag in OWN_FLAGS:
+            fail("--", a, f"reproduce.py sets {flag} of every run itself; use {OWN_FLAGS[flag]}")
+        if flag in varied:
+            fail("--", a, f"{args.experiment}'s configurations set {flag} themselves; it cannot pass through")
+    if not args.extra:
+        return  # the configurations alone are train.py's defaults plus tested flags
+    import train  # torch: only to check a user's flags
+    world = args.nproc_per_node or 1
+    for run in plan(args):
+        p = train.parser()
+        p.raise_errors = True
+        try:
+            train.check_flags(train.fill_defaults(p.parse_args(run["flags"])), world)
+        except FlagError as e:
+            fail("--", " ".join(args.extra), f"train.py refuses them for {run['label']}: {e}")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = get_args(argv)
+    try:
+        check_args(args)
+    except FlagError as e:
+        print(f"reproduce.py: error: {e}", file=sys.stderr)
+        return 2
     exps = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     try:
         runs = plan(args)

@@ -60,8 +60,12 @@ class FaultError(TrainError):
 
 
 def get_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0] + "\nDefaults are the seed's Table 1 / Table 4 best row "
-               "(README \"Recipe\"); a flag shown without a default depends on --dataset (synthetic: small).")
+    return fill_defaults(parser().parse_args(argv))
+
+
+def parser():
+    p = Parser(prog="train.py", description=__doc__.split("\n")[0] + "\nDefaults are the seed's Table 1 / Table 4 "
+               "best row (README \"Recipe\"); a flag shown without a default depends on --dataset (synthetic: small).")
     g = p.add_argument_group("model")
     a = g.add_argument
     a("--model", default="cdeit", choices=["vit", "deit", "cdeit"],
@@ -72,7 +76,7 @@ def get_args(argv=None):
     a("--vit-head", default="mlp", choices=["mlp", "linear"],
       help="the vit baseline's head: mlp (seed 2.1) or linear (loads into timm's DeiT); deit / cdeit "
            "always use linear heads (seed 2.3)")
-    a("--depth", type=positive_int, default=None, help="transformer blocks (default 12, DeiT-Tiny; smaller for quick runs)")
+    a("--depth", type=positive_int, default=None, help="transformer blocks (default 12, DeiT-Tiny; fewer: quick runs)")
     a("--embed-dim", type=positive_int, default=None, help="token width (default 192); divisible by --num-heads")
     a("--num-heads", type=positive_int, default=None, help="attention heads (default 3)")
     a("--drop-path", type=rate, default=0.1, help="stochastic depth rate (seed Table 1)")
@@ -87,7 +91,7 @@ def get_args(argv=None):
       help="cifar: the real files (fetched when missing); synthetic: small fake files, offline smoke run")
     a("--data-dir", default="./data", help="where the CIFAR-10 / CIFAR-10-C files and the teacher are (or go)")
     a("--mirror", type=url, default=None, help="base URL for downloads, <URL>/<filename> (env CDEIT_MIRROR)")
-    a("--train-per-class", type=positive_int, default=None, help="training images per class per type: 4500 (synthetic: 20)")
+    a("--train-per-class", type=positive_int, default=None, help="images per class per type: 4500 (synthetic: 20)")
     a("--val-per-class", type=positive_int, default=None, help="200; 500 for --split standard (synthetic: 5)")
     a("--test-per-class", type=positive_int, default=None, help="200 (synthetic: 5)")
 
@@ -118,7 +122,7 @@ def get_args(argv=None):
     a("--draw-per", default="batch", choices=["batch", "image"],
       help="RandAugment's ops and Random Erasing's box drawn once per batch (the seed's code calls "
            "torchvision's transforms on the whole batch) or per image")
-    a("--crop-padding", type=bounded(int, 0, 31), default=0, help="random crop with zero padding, e.g. 4 (ours); 0 = none")
+    a("--crop-padding", type=bounded(int, 0, 31), default=0, help="random crop, zero padding, e.g. 4 (ours); 0 = none")
     a("--hflip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flip (ours)")
 
     g = p.add_argument_group("distillation (seed 2.2, 4.1)")
@@ -135,7 +139,7 @@ def get_args(argv=None):
 
     g = p.add_argument_group("run")
     a = g.add_argument
-    a("--seed", type=seed_int, default=0, help="seeds the mix's draw, the weights, the teacher head and every random stream")
+    a("--seed", type=seed_int, default=0, help="seeds the mix's draw, the weights, the teacher head, every random stream")
     a("--out-dir", default=None, help="default: out/<model>-<distill>-<split>-s<seed>[-synthetic]")
     a("--resume", action="store_true", help="continue <out-dir>/ckpt.pt; every recipe flag must be as it was")
     a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -143,7 +147,7 @@ def get_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the student")
     a("--fused", action=argparse.BooleanOptionalAction, default=True, help="Triton kernels on CUDA")
     a("--log-interval", type=positive_int, default=20, help="steps per log line")
-    return fill_defaults(p.parse_args(argv))
+    return p
 
 
 def fill_defaults(args):
@@ -170,13 +174,25 @@ def check_args(args, world_size=1):
     """Every flag combination, the device and the paths, before any file is read or written (each
     flag's own range is its argparse type in get_args). Raises cli.FlagError; returns notes on
     flags that do not apply to this model (reproduce.py passes flags after -- to every run)."""
+    notes = check_flags(args, world_size)
+    check_device("--device", args.device)
+    on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if args.amp == "fp16" and not on_cuda:
+        fail("--amp", "fp16", "needs CUDA; use --amp bf16 or off on the CPU")
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        fail("--data-dir", args.data_dir, "is a file, not a folder")
+    check_existing_file("--teacher", args.teacher)
+    check_out_dir(args)
+    return notes
+
+
+def check_flags(args, world_size=1):
+    """The flag combinations alone (no device, no file): also what reproduce.py checks for each run."""
     if args.model == "vit" and args.distill != "none":
         fail("--distill", args.distill, "--model vit has no distillation token: use --distill none")
     if args.model != "vit" and args.distill == "none":
         fail("--distill", "none", f"--model {args.model} learns its distillation token from the teacher: "
              "use --distill hard or soft (or --model vit)")
-    if args.model == "vit" and args.teacher:
-        fail("--teacher", args.teacher, "--model vit --distill none has no teacher")
     if args.batch_size % world_size:
         fail("--batch-size", args.batch_size, f"not divisible by the {world_size} processes (global batch, split "
              f"evenly: use a multiple of {world_size})")
@@ -189,17 +205,9 @@ def check_args(args, world_size=1):
     dim, heads = args.embed_dim or ViTConfig.embed_dim, args.num_heads or ViTConfig.num_heads
     if dim % heads:
         fail("--embed-dim", dim, f"not divisible by --num-heads {heads} (each head takes embed-dim / num-heads)")
-    check_device("--device", args.device)
-    on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if args.amp == "fp16" and not on_cuda:
-        fail("--amp", "fp16", "needs CUDA; use --amp bf16 or off on the CPU")
-    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
-        fail("--data-dir", args.data_dir, "is a file, not a folder")
-    check_existing_file("--teacher", args.teacher)
-    check_out_dir(args)
     default = get_args([])  # the parser's defaults, to tell a flag the user set from one left alone
     only = {"strategy": "cdeit", "mix_types": "cdeit", "vit_head": "vit", "tau": "deit/cdeit", "alpha": "deit/cdeit",
-            "teacher_view": "deit/cdeit", "teacher_resize": "deit/cdeit"}
+            "teacher_view": "deit/cdeit", "teacher_resize": "deit/cdeit", "teacher": "deit/cdeit"}
     return [f"--{k.replace('_', '-')} {getattr(args, k)} applies to --model {m} only; ignored for --model {args.model}"
             for k, m in only.items() if getattr(args, k) != getattr(default, k) and args.model not in m.split("/")]
 
@@ -211,7 +219,8 @@ def check_out_dir(args):
     check_writable_dir("--out-dir", args.out_dir)
     ckpt = os.path.join(args.out_dir, "ckpt.pt")
     if os.path.exists(ckpt) and not args.resume:
-        fail("--out-dir", args.out_dir, "holds a run (ckpt.pt): pass --resume to continue it, or choose another --out-dir")
+        fail("--out-dir", args.out_dir, "holds a run (ckpt.pt): pass --resume to continue it, or choose another "
+             "--out-dir")
     if not args.resume:
         return
     if not os.path.exists(ckpt):

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(depth=2, embed_dim=48, num_heads=2)
 DATA_ARGS = dict(split="paper", seed=0, train_per_class=20, val_per_class=5, test_per_class=5)
 KEYS = ["accuracy", "top5", "nll", "ece", "per_type", "per_severity", "clean_error", "mean_corruption_error",
-        "mce", "relative_mce", "corruption_accuracy", "token_similarity", "confusion_matrix", "head_accuracy",
+        "mce", "mce_vs_baseline", "relative_mce", "corruption_accuracy", "token_similarity", "confusion_matrix", "head_accuracy",
         "checkpoint", "model_name", "split", "data_args", "corruption_errors", "images_per_s"]
 
 
@@ -184,7 +184,10 @@ def test_cli_end_to_end(files):
     assert len(r["confusion_matrix"]) == 11 and sum(map(sum, r["confusion_matrix"])) == r["n"]
     assert set(r["head_accuracy"]) == {"cls", "dist", "cls_corr", "combined"}
     assert r["head_accuracy"]["combined"] == r["accuracy"]
-    assert r["mce"] is None and r["relative_mce"] is None  # no baseline given
+    assert r["mce_vs_baseline"] is None and r["relative_mce"] is None  # no baseline given
+    # the headline mCE: the mean corruption error over the corruptions, no baseline (CIFAR-10-C convention)
+    errs = [1 - r["per_type"][t] for t in data.TYPES[1:]]
+    assert r["mce"] == r["mean_corruption_error"] == pytest.approx(sum(errs) / len(errs))
 
     # the same numbers computed here, independently of eval.py's batching and token path
     test = data.build_mix(**r["data_args"])["test"]
@@ -208,16 +211,17 @@ def test_several_checkpoints_with_baseline(files, capsys):
     assert ev.main([str(paths["vit"]), str(paths["deit"]), str(paths["cdeit"]), "--split", "val",
                     "--baseline", str(base), "--json", str(out), "--device", "cpu"]) == 0
     so = capsys.readouterr().out
-    assert "mCE %" in so and "per type error %" in so and "each head alone" in so
+    assert "mCE %" in so and "mCE vs ViT %" in so and "error % per type" in so and "each head alone" in so
+    assert f"seed Eq. 10 against vit/none ({paths['vit']})" in so  # the baseline, named
     rs = json.loads(out.read_text())
     assert [r["model_name"] for r in rs] == ["vit", "deit", "cdeit"]
     b = json.loads(base.read_text())
-    assert rs[0]["mce"] == pytest.approx(1.0)  # vs itself; relative mCE too, unless the baseline does not degrade
+    assert rs[0]["mce_vs_baseline"] == pytest.approx(1.0)  # vs itself; relative mCE too, unless the baseline does not degrade
     why = metrics.relative_mce_undefined(b["corruption_errors"], b["clean_error"])
     assert rs[0]["relative_mce_undefined"] == why
     assert rs[0]["relative_mce"] is None if why else rs[0]["relative_mce"] == pytest.approx(1.0)
     assert ("relative mCE undefined: " + why in so) if why else "undefined" not in so
-    assert rs[2]["mce"] == pytest.approx(metrics.mce(rs[2]["corruption_errors"], b["corruption_errors"]))
+    assert rs[2]["mce_vs_baseline"] == pytest.approx(metrics.mce(rs[2]["corruption_errors"], b["corruption_errors"]))
     assert rs[0]["token_similarity"] == {"cls_dist": None, "cls_corr": None}
     assert rs[1]["token_similarity"]["cls_dist"] is not None and rs[1]["corruption_accuracy"] is None
 
@@ -392,7 +396,7 @@ def test_bad_inputs(files, tmp_path, capsys):
     _bad([], capsys, "at least one checkpoint")
     _bad([paths["vit"], "--json", tmp_path / "no" / "such" / "dir.json"], capsys, "dir.json")
     if not torch.cuda.is_available():
-        _bad([paths["vit"], "--device", "cuda"], capsys, "CUDA is not available")
+        _bad([paths["vit"], "--device", "cuda"], capsys, "no CUDA device is available")
 
 
 def test_bad_input_cli_one_line(tmp_path):
@@ -406,7 +410,7 @@ def test_bad_input_cli_one_line(tmp_path):
 def test_plot_without_matplotlib(files, tmp_path, capsys, monkeypatch):
     d, paths, _ = files
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    _bad([paths["vit"], "--plot", tmp_path / "p.png", "--json", tmp_path / "p.json"], capsys, "pip install matplotlib")
+    _bad([paths["vit"], "--plot", tmp_path / "p.png", "--json", tmp_path / "p.json"], capsys, "requirements-plot.txt")
     assert os.listdir(tmp_path) == []
 
 
@@ -431,7 +435,7 @@ def test_smoke_run_checkpoint_evaluates(request, tmp_path):
 
 
 def test_plot_png(files, tmp_path):
-    pytest.importorskip("matplotlib")  # optional dependency, not in requirements.txt
+    pytest.importorskip("matplotlib")  # requirements-plot.txt (which requirements-test.txt includes)
     d, paths, _ = files
     png = tmp_path / "p.png"
     assert ev.main([str(paths["vit"]), str(paths["cdeit"]), "--split", "val", "--plot", str(png), "--device", "cpu"]) == 0
