@@ -41,7 +41,8 @@ import download
 import fileio
 import model as model_lib
 import teacher as teacher_lib
-from cli import FlagError, Parser, check_device, check_existing_dir, check_writable_file, fail, positive_int
+from cli import (FlagError, Parser, check_device, check_existing_dir, check_existing_file, check_writable_file, fail,
+                 positive_int)
 from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_from_bins, mce,
                      mean_corruption_error, mean_or_none, nll, per_severity_accuracy, per_type_accuracy,
                      relative_mce, relative_mce_undefined, topk_accuracy)
@@ -576,6 +577,8 @@ def check_options(args):
         fail("--split", args.split, "--benchmark cifar10c is a test set; leave --split at test")
     check_device("--device", args.device)
     check_existing_dir("--data-dir", args.data_dir)
+    check_existing_file("--baseline", args.baseline)
+    check_existing_file("--teacher", args.teacher)
     if args.plot:
         try:
             import matplotlib  # noqa: F401  (optional dependency, checked before any work)

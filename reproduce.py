@@ -324,7 +324,8 @@ def key_numbers(run):
     trained = [float(h["val_accuracy"]) for h in hist if int(h["epoch"]) > 0 and h.get("val_accuracy")]
     if trained:  # row 0 is the untrained model; best.pt is chosen from epoch 1 on
         val = max(trained)
-    return (f"val {100 * val:.2f}%, " if val is not None else "") + f"test {100 * acc:.2f}%, ECE {e.get('ece', math.nan):.4f}"
+    return (f"val {100 * val:.2f}%, " if val is not None else "") + \
+        f"test {100 * acc:.2f}%, ECE {100 * e.get('ece', math.nan):.2f}%"
 
 
 def execute(runs, args, only=None):

@@ -38,11 +38,11 @@ import fileio
 import losses
 import teacher  # the teacher stage (seed 4.1): cached features, fitted head, logits
 from augment import Augment, teacher_view
+from cli import (FlagError, Parser, bounded, check_device, check_existing_file, check_writable_dir, fail, non_negative,
+                 positive, positive_int, probability, rate, seed_int, url)
 from download import DataError, download, teacher_path
 from eval import STUDENT_KIND, run_student, summarize  # val metrics computed exactly as eval.py reports them
 from heartbeat import PeerWatch
-from cli import (FlagError, Parser, bounded, check_device, check_existing_file, check_writable_dir, fail, non_negative,
-                 positive, positive_int, probability, rate, seed_int, url)
 from model import ModelFileError, ViTConfig, count_params, create_model, param_groups
 
 # --dataset synthetic: what changes when the user did not set it (about 2,000 training images, so
