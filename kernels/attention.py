@@ -10,21 +10,21 @@ Math, for one (batch, head), non-causal, scale = D**-0.5:
 
 Built for the shapes that run: N = 65-67 for the 32px students (trained), N = 197 for the 224px
 teacher (forward only, under no_grad).
-- N <= 128: one program per (batch, head) holds every key, loaded once, as a main block of a
-  power of two and a tail block of 16 or more (`short_tiles`: N = 67 is 64 + 16 = 80 keys, not
-  128); query rows use the same split, the main block in chunks of BLOCK_M. The forward needs
+- N <= 80: one program per (batch, head) holds every key, loaded once, as a main block of a
+  power of two and a tail block of 16 (`short_tiles`: N = 67 is 64 + 16 = 80 keys, not 128);
+  query rows use the same split, the main block in chunks of BLOCK_M. The forward needs
   no online softmax (every key is here) and writes O and LSE. The backward is one kernel: per
   query chunk delta, P, dV += P^T dO, dS, dQ (stored, complete) and dK += dS^T Q, for both key
   blocks; dK and dV stay in registers until the end. No atomics, every input read once.
-- N > 128 (forward only): a head's query rows in blocks of BLOCK_M, the last block only as tall
+- N > 80 (forward only): a head's query rows in blocks of BLOCK_M, the last block only as tall
   as its rows need (N = 197: 3 x 64 + 16 rows); each sweeps the keys in chunks with an online
   softmax, the last chunk as narrow as its keys need (3 x 64 + 16 keys). A 1-D grid with the
   block index varying fastest, so a head's blocks run side by side and share K/V through L2 (and
   the grid is not bound by the 65,535 limit of axes 1-2). Its backward is SDPA's.
 Offsets are int64 (B*H*N*D passes 2**31 at large batches). No autotuning: one pinned config per
 (kernel, dtype, head size) for sm_90 (CONFIGS below, `choose`), so every rank and restart runs
-the same code. Where no config serves (fp32 at D = 128; a backward at N > 128, D = 128 or fp32
-D > 32; a GPU other than sm_90) the call goes to SDPA, forward and fused backward.
+the same code. Where no config serves (an fp32 forward at D >= 64; a backward at N > 80, at
+D = 128 or in fp32; a GPU other than sm_90) a call goes to SDPA, forward and fused backward.
 
 Dtypes: fp16 / bf16 in, fp32 accumulation, output in the input dtype; fp32 is accepted (its dots
 run as 3xTF32, about fp32 accuracy). Any N >= 1 (ragged sizes are masked), head dim up to 128.
@@ -49,7 +49,7 @@ from .reference import sdpa, sdpa_packed
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels use exp2
 LN2 = tl.constexpr(0.6931471805599453)    # ln(x) = log2(x) * LN2
-SHORT_N = 128  # sequences up to this many tokens take the one-program-per-head kernels
+SHORT_N = 80  # sequences up to this many tokens take the one-program-per-head kernels (64 + 16 keys)
 
 
 @triton.jit
@@ -314,19 +314,16 @@ KERNELS = ("fwd_short", "bwd_short", "fwd_long")
 CHECKED_MAJOR = 9  # sm_90 (H100 / H200): the compute capability CONFIGS was checked for
 CONFIGS = {  # (kernel, input bits, BLOCK_D) -> (BLOCK_M, BLOCK_N or 0 (the short kernels' key tile), warps,
     #            pipeline stages, register cap per thread or 0 for ptxas's choice)
-    ("fwd_short", 16, 32): (64, 0, 4, 2, 0),
-    ("fwd_short", 16, 64): (64, 0, 4, 2, 0),
-    ("fwd_short", 16, 128): (64, 0, 8, 2, 0),
-    ("fwd_short", 32, 32): (16, 0, 4, 2, 0),
-    ("fwd_short", 32, 64): (16, 0, 8, 2, 0),
-    ("bwd_short", 16, 32): (16, 0, 4, 1, 0),
-    ("bwd_short", 16, 64): (16, 0, 4, 1, 0),
-    ("bwd_short", 32, 32): (16, 0, 4, 1, 0),
-    ("fwd_long", 16, 32): (64, 64, 4, 2, 0),
-    ("fwd_long", 16, 64): (64, 64, 4, 2, 0),
-    ("fwd_long", 16, 128): (64, 32, 8, 2, 0),
-    ("fwd_long", 32, 32): (64, 32, 4, 2, 0),
-    ("fwd_long", 32, 64): (64, 32, 8, 2, 0),
+    ("fwd_short", 16, 32): (64, 0, 4, 2, 0),     # 128 regs: 4 CTAs per SM
+    ("fwd_short", 16, 64): (16, 0, 4, 2, 128),   # 128 regs: 4 CTAs (uncapped 168: 3)
+    ("fwd_short", 16, 128): (64, 0, 4, 2, 0),    # 235 regs: 2 CTAs
+    ("fwd_short", 32, 32): (64, 0, 4, 2, 0),     # 214 regs: 2 CTAs; fp32 at D >= 64 spills in every candidate
+    ("bwd_short", 16, 32): (16, 0, 4, 1, 0),     # 226 regs: 2 CTAs
+    ("bwd_short", 16, 64): (32, 0, 4, 1, 0),     # 255 regs, no spill: 2 CTAs (8 warps: 1; 2 stages spill)
+    ("fwd_long", 16, 32): (64, 32, 4, 2, 0),     # 96 regs: 5 CTAs
+    ("fwd_long", 16, 64): (64, 32, 4, 2, 0),     # 168 regs: 3 CTAs (64 keys: 240 regs, or spills capped)
+    ("fwd_long", 16, 128): (64, 32, 4, 2, 0),    # 168 regs: 3 CTAs
+    ("fwd_long", 32, 32): (64, 32, 4, 2, 0),     # 186 regs: 2 CTAs (capped at 168: spills)
 }
 
 
@@ -335,9 +332,9 @@ def _pow2(x):
 
 
 def short_tiles(N):
-    """(BLOCK_N, BLOCK_T) for N <= 128: a main block of BLOCK_N keys (a power of two) and a tail
-    block of BLOCK_T (a power of two >= 16, the dots' smallest reduction; 0 for none) covering N
-    with the least padding; rows use the same split. N = 67: 64 + 16 (80, not 128)."""
+    """(BLOCK_N, BLOCK_T) for N <= SHORT_N: a main block of BLOCK_N keys (a power of two) and a
+    tail block of BLOCK_T (a power of two >= 16, the dots' smallest reduction; 0 for none) covering
+    N with the least padding; rows use the same split. N = 67: 64 + 16 (80, not 128)."""
     main = 16
     while main * 2 <= min(N, SHORT_N):
         main *= 2
@@ -357,11 +354,16 @@ def _dot_prec(dtype):
     return "tf32x3" if dtype == torch.float32 else "tf32"  # fp16/bf16 ignore it
 
 
-@functools.lru_cache(maxsize=None)
 def choose(kernel, capability, N, D, dtype):
     """The launch of `kernel` at (N, D, dtype) on a GPU of this compute capability (None: the
     interpreter, which runs the sm_90 configs): (constexprs, launch options), or None where SDPA
-    serves. A pure function of its arguments and the pinned CONFIGS."""
+    serves. A pure function of its arguments and the pinned CONFIGS. (int(): a traced symbolic
+    size specializes here, as the kernel's tiles do.)"""
+    return _choose(kernel, capability, int(N), int(D), dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _choose(kernel, capability, N, D, dtype):
     if capability is not None and capability[0] != CHECKED_MAJOR:
         return None
     entry = CONFIGS.get((kernel, 8 * dtype.itemsize, _pow2(D)))
@@ -422,9 +424,9 @@ def _bwd(q, k, v, o, do, lse, dq, dk, dv, B, H, N, D, qs, os_):
 
 
 def _sdpa_grads(fn, inputs, do):
-    """Gradients of fn(*inputs) by SDPA's own backward (fused: no N x N tensor on a GPU), for a
-    custom op called directly at a shape whose backward has no kernel (`attention` and
-    `attention_packed` send such calls to SDPA from the start)."""
+    """Gradients of fn(*inputs) by SDPA's own backward (fused: no N x N tensor on a GPU), for the
+    custom ops called directly at a shape whose backward has no kernel (`attention` and
+    `attention_packed` send such calls to SDPA from the start, without this recomputation)."""
     with torch.enable_grad():
         xs = [x.detach().requires_grad_() for x in inputs]
         return torch.autograd.grad(fn(*xs), xs, do)
@@ -454,8 +456,6 @@ def _(q, k, v):
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
-    if choose("bwd_short", capability(q), N, D, q.dtype) is None:
-        return tuple(_sdpa_grads(reference_attention, (q, k, v), do))
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     dq, dk, dv = q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
     st = (H * N * D, N * D, D)
@@ -477,6 +477,8 @@ def _attention_backward(ctx, do, dlse):  # lse is a by-product, not differentiat
     if do is None:
         return None, None, None
     q, k, v, o, lse = ctx.saved_tensors
+    if choose("bwd_short", capability(q), q.shape[2], q.shape[3], q.dtype) is None:
+        return tuple(_sdpa_grads(reference_attention, (q, k, v), do))
     return _attention_bwd(do.to(q.dtype), q, k, v, o, lse)
 
 
@@ -512,9 +514,6 @@ def _(qkv):
 @torch.library.custom_op("triton_kit::attention_packed_bwd", mutates_args=())
 def _attention_packed_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor,
                           lse: torch.Tensor) -> torch.Tensor:
-    B, N, _, H, D = qkv.shape
-    if choose("bwd_short", capability(qkv), N, D, qkv.dtype) is None:
-        return _sdpa_grads(reference_packed, (qkv,), do)[0]
     qkv, do = qkv.contiguous(), do.contiguous()
     B, N, H, D, qs, os_ = _packed_views(qkv)
     dqkv = qkv.new_empty(qkv.shape)  # the three slices below cover every element
@@ -537,6 +536,8 @@ def _attention_packed_backward(ctx, do, dlse):
     if do is None:
         return None
     qkv, o, lse = ctx.saved_tensors
+    if choose("bwd_short", capability(qkv), qkv.shape[1], qkv.shape[4], qkv.dtype) is None:
+        return _sdpa_grads(reference_packed, (qkv,), do)[0]
     return _attention_packed_bwd(do.to(qkv.dtype), qkv, o, lse)
 
 

@@ -149,13 +149,13 @@ def _with_config(kernel, bits, D, entry, fn):
     A = importlib.import_module("kernels.attention")
     key, saved = (kernel, bits, A._pow2(D)), dict(A.CONFIGS)
     A.CONFIGS[key] = entry
-    A.choose.cache_clear()
+    A._choose.cache_clear()
     try:
         return fn()
     finally:
         A.CONFIGS.clear()
         A.CONFIGS.update(saved)
-        A.choose.cache_clear()
+        A._choose.cache_clear()
 
 
 SHAPES = {"fwd_short": TRAIN, "bwd_short": TRAIN, "fwd_long": TEACHER}
@@ -328,8 +328,8 @@ def compile_stats(kernel, dtype, N, D):
 
 
 TILE_CLASSES = {  # one N per distinct tile set the chooser can return
-    "fwd_short": (16, 32, 48, 64, 67, 96, 128), "bwd_short": (16, 32, 48, 64, 67, 96, 128),
-    "fwd_long": (197, 224, 256, 300),
+    "fwd_short": (16, 32, 48, 64, 67), "bwd_short": (16, 32, 48, 64, 67),
+    "fwd_long": (197, 224, 256, 300),  # the long kernel's row and key tails: 16, 32, none, a masked block
 }
 
 

@@ -27,7 +27,7 @@ if DEVICE == "cpu" and not A.INTERPRETED:
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (5e-3, 5e-3)}
 
 # Every sequence length around the kernels' edges (1, 2, a block of 16 and 64 either side, the
-# students' 65-67, the 128-key tile's edge, the teacher's 197), each head size, both CPU dtypes.
+# students' 65-67, 127-129 around the long kernel's 64-row blocks, the teacher's 197), each head size, both CPU dtypes.
 NS = [1, 2, 17, 63, 64, 65, 67, 127, 128, 129, 197]
 DS = [32, 64, 128]
 DTYPES = [torch.float32, torch.float16]
@@ -69,10 +69,10 @@ def test_attention_matches_sdpa(N, D, dtype, poisoned):
         _close(name, a, e, dtype)
 
 
-@pytest.mark.parametrize("N", [40, 90, 230, 300])
+@pytest.mark.parametrize("N", [40, 80, 230, 300])
 def test_other_tile_classes(N, poisoned):
-    """The tiles NS does not reach: short 32 + 16 and 64 + 32 (N = 40, 90); long with a 32-key
-    and 32-row tail (230) and a last chunk of a full masked block (300)."""
+    """The tiles NS does not reach: short 32 + 16 (N = 40) and the 64 + 16 tile full (80); long
+    with a 32-key and 32-row tail (230) and a last chunk of a full masked block (300)."""
     q, k, v, go = _inputs(1, 2, N, 32, torch.float16, seed=N)
     ref = _reference(q, k, v, go)
     with torch.no_grad():
@@ -102,9 +102,9 @@ def test_attention_packed_matches_sdpa(N, dtype, poisoned):
 
 
 def test_many_heads_one_dimensional_grid(poisoned):
-    """The long kernel's 1-D grid (query block fastest) over B*H = 96 heads x 3 blocks (64 + 64 +
+    """The long kernel's 1-D grid (query block fastest) over B*H = 24 heads x 3 blocks (64 + 64 +
     a 16-row tail), every head checked; the grid stays on axis 0 even at the teacher's largest batches."""
-    B, H, N, D = 32, 3, 129, 32
+    B, H, N, D = 8, 3, 129, 32
     q, k, v, _ = _inputs(B, H, N, D, torch.float16, seed=6)
     o = kernels.attention(q, k, v)
     _close("o", o, F.scaled_dot_product_attention(q.double(), k.double(), v.double()), torch.float16)
@@ -123,14 +123,14 @@ def test_config_choice_is_pinned_and_pure():
     assert "autotune" not in src and "Autotuner" not in src
     for fn in (A._attn_fwd_short_kernel, A._attn_bwd_short_kernel, A._attn_fwd_long_kernel):
         assert not hasattr(fn, "configs")  # a triton.autotune wrapper has them
-    grid = [(cap, N, D, dt) for cap in (None, (9, 0)) for N in (1, 17, 40, 67, 90, 128, 197, 300)
+    grid = [(cap, N, D, dt) for cap in (None, (9, 0)) for N in (1, 17, 40, 67, 80, 81, 128, 197, 300)
             for D in (32, 64, 128) for dt in ("float16", "bfloat16", "float32")]
 
     def table():
         return [[A.choose(k, cap, N, D, getattr(torch, dt)) for k in A.KERNELS] for cap, N, D, dt in grid]
 
     here = table()
-    A.choose.cache_clear()
+    A._choose.cache_clear()
     assert table() == here
     code = ("import json, torch, importlib; A = importlib.import_module('kernels.attention'); "
             f"grid = {grid!r}; print(json.dumps([[A.choose(k, tuple(c) if c else None, N, D, getattr(torch, dt)) "
@@ -141,7 +141,7 @@ def test_config_choice_is_pinned_and_pure():
     assert r.returncode == 0, r.stderr
     import json
     assert json.loads(r.stdout) == json.loads(json.dumps(here))
-    assert A.short_tiles(67) == (64, 16) and A.short_tiles(128) == (128, 0) and A.short_tiles(17) == (32, 0)
+    assert A.short_tiles(67) == (64, 16) and A.short_tiles(80) == (64, 16) and A.short_tiles(17) == (32, 0)
     for dtype in (torch.bfloat16, torch.float16):  # the students train with a kernel forward and backward
         assert A.choose("fwd_short", (9, 0), 67, 64, dtype) and A.choose("bwd_short", (9, 0), 67, 64, dtype)
         assert A.choose("fwd_long", (9, 0), 197, 64, dtype)
@@ -150,7 +150,7 @@ def test_config_choice_is_pinned_and_pure():
 
 
 def test_no_backward_kernel_means_sdpa_forward_and_backward(monkeypatch, poisoned):
-    """Where no backward kernel serves (N > 128, D = 128, fp32 at D = 64), a call that needs a
+    """Where no backward kernel serves (N > 80, D = 128, fp32), a call that needs a
     gradient runs SDPA for both passes (its fused backward: no N x N tensor on a GPU); without a
     gradient the forward kernel still runs. A private op called directly gets SDPA's gradients."""
     calls = []
@@ -161,7 +161,7 @@ def test_no_backward_kernel_means_sdpa_forward_and_backward(monkeypatch, poisone
 
     monkeypatch.setattr(A, "reference_attention", spy)
     monkeypatch.setattr(A, "reference_packed", lambda qkv: (calls.append(qkv.shape), kernels.sdpa_packed(qkv))[1])
-    for N, D, dtype in [(129, 32, torch.float16), (67, 128, torch.float16), (67, 64, torch.float32)]:
+    for N, D, dtype in [(97, 32, torch.float16), (67, 128, torch.float16), (67, 32, torch.float32)]:
         q, k, v, go = _inputs(1, 2, N, D, dtype, seed=8)
         ref = _reference(q, k, v, go)
         with torch.no_grad():
@@ -175,8 +175,9 @@ def test_no_backward_kernel_means_sdpa_forward_and_backward(monkeypatch, poisone
         qkv = torch.stack([q, k, v], 2).transpose(1, 3).contiguous().requires_grad_()
         kernels.attention_packed(qkv)
         assert len(calls) == 2
-        o, lse = A._attention_fwd(q, k, v)  # the op directly, then its backward: SDPA's gradients
-        for name, a, e in zip(("dq", "dk", "dv"), A._attention_bwd(go, q, k, v, o, lse), ref[1:]):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        o, _ = A._attention_fwd(*xs)  # the op directly, then its backward: SDPA's gradients
+        for name, a, e in zip(("dq", "dk", "dv"), torch.autograd.grad(o, xs, go), ref[1:]):
             _close(name, a, e, dtype)
         assert len(calls) == 3
         calls.clear()
@@ -307,8 +308,10 @@ def test_work_counted_from_the_kernels_matches_their_tiles():
     assert fwd["macs"] == 2 * 80 * 80 * 64 and fwd["exps"] == 80 * 80
     assert bwd["macs"] == 5 * 80 * 80 * 64 and bwd["exps"] == 80 * 80
     fwd, _ = bench.counted_attention(197, 64)
+    consts, _ = A.choose("fwd_long", None, 197, 64, torch.float16)
+    chunks = 197 // consts["BLOCK_N"] + (consts["KEY_TAIL"] > 0)
     assert fwd["macs"] == 2 * 208 * 208 * 64
-    assert fwd["exps"] == 208 * 208 + 4 * 208  # and one rescale exp per row and key chunk
+    assert fwd["exps"] == 208 * 208 + chunks * 208  # and one rescale exp per row and key chunk
     t = 67 * 64 * 2  # the accounting of the previous kernels: about 24 u forward + backward
     assert round((bench.traffic_model("previous", "fwd", 67, 64) + bench.traffic_model("previous", "bwd", 67, 64)) / t) == 24
     assert bench.occupancy(255, 40 * 1024, 4) == 2 and bench.occupancy(168, 18 * 1024, 4) == 3
