@@ -354,6 +354,7 @@ def _dot_prec(dtype):
     return "tf32x3" if dtype == torch.float32 else "tf32"  # fp16/bf16 ignore it
 
 
+@torch.compiler.assume_constant_result  # traced by torch.compile as the constant it returns
 def choose(kernel, capability, N, D, dtype):
     """The launch of `kernel` at (N, D, dtype) on a GPU of this compute capability (None: the
     interpreter, which runs the sm_90 configs): (constexprs, launch options), or None where SDPA
@@ -380,9 +381,14 @@ def _choose(kernel, capability, N, D, dtype):
     return consts, {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
 
 
-@functools.lru_cache(maxsize=None)
+_CAPABILITIES = {}  # device index -> (major, minor)
+
+
+@torch.compiler.assume_constant_result
 def _device_capability(index):
-    return torch.cuda.get_device_capability(index)
+    if index not in _CAPABILITIES:
+        _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITIES[index]
 
 
 def capability(t):

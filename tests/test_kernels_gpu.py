@@ -5,7 +5,6 @@ fp32 -> bf16 by truncation), and D=128 and the real batch shapes are too slow th
 checked here on the compiled kernels; plus a torch.compile'd (fullgraph, CUDA graphs) model step
 through both custom ops.
 """
-import importlib
 
 import pytest
 import torch
@@ -140,10 +139,3 @@ def test_backward_is_bitwise_repeatable_on_gpu():
         runs.append(torch.autograd.grad(kernels.attention(*xs), xs, go))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-        xs = [x.clone().requires_grad_() for x in (q, k, v)]
-        o = kernels.attention(*xs)
-        got = [o, *torch.autograd.grad(o, xs, go)] if kernel == "bwd_short" else [o]
-        assert tuner.best_config is c
-        for name, a, e in zip(("o", "dq", "dk", "dv"), got, ref):
-            torch.testing.assert_close(a.double(), e, atol=4e-2, rtol=4e-2, msg=lambda m: f"{name} {c}: {m}")
-    tuner.cache.clear()
