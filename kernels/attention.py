@@ -368,7 +368,8 @@ def _choose(kernel, capability, N, D, dtype):
     if capability is not None and capability[0] != CHECKED_MAJOR:
         return None
     entry = CONFIGS.get((kernel, 8 * dtype.itemsize, _pow2(D)))
-    if entry is None or not 1 <= D <= 128 or N < 1 or (kernel != "fwd_long") != (N <= SHORT_N):
+    short = kernel != "fwd_long"
+    if entry is None or not 1 <= D <= 128 or N < 1 or short != (N <= SHORT_N):  # short kernels: N <= SHORT_N
         return None
     block_m, block_n, warps, stages, maxnreg = entry
     consts = {"BLOCK_D": _pow2(D), "DOT_PREC": _dot_prec(dtype)}
