@@ -318,6 +318,21 @@ def test_work_counted_from_the_kernels_matches_their_tiles():
     assert bench.occupancy(128, 20 * 1024, 8) == 2 and bench.occupancy(64, 100 * 1024, 4) == 2
 
 
+def test_training_shapes_compile_without_spills_two_ctas_per_sm():
+    """The done-when of the kernels' design, from ptxas for sm_90 (no GPU needed): the students'
+    forward and backward and the teacher's forward, as shipped for bf16 at D = 64, compile with no
+    register spills and leave room for at least 2 CTAs per SM."""
+    import json
+    code = ("import json, torch, kernels.bench as b; print(json.dumps({k: b.compile_stats(k, torch.bfloat16, N, 64) "
+            "for k, N in (('fwd_short', 67), ('bwd_short', 67), ('fwd_long', 197))}))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for kernel, st in json.loads(r.stdout.strip().splitlines()[-1]).items():
+        assert st["spill"] == 0 and st["ctas"] >= 2, (kernel, st)
+
+
 def test_gpu_summary_lines_and_json(tmp_path):
     """bench/gpu.sh's last step, on made-up results: one PASS/FAIL line per goal and results.json."""
     import json
