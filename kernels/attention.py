@@ -10,22 +10,21 @@ Math, for one (batch, head), non-causal, scale = D**-0.5:
 
 Built for the shapes that run: N = 65-67 for the 32px students (trained), N = 197 for the 224px
 teacher (forward only, under no_grad).
-- N <= 128: one program per (batch, head). Its whole key range is one tile (BLOCK_N = N rounded
-  up to a power of two, at most 128), loaded once; the program walks its query rows in chunks of
-  BLOCK_M. The forward needs no online softmax (every key is in the tile) and writes O and LSE.
-  The backward is one kernel: per query chunk it computes delta once, P, dV += P^T dO,
-  dS, dQ (stored, complete: all keys are here) and dK += dS^T Q; dK and dV stay in registers until
-  the end. No atomics, no second launch, every input read once from DRAM.
-- N > 128: the forward splits a head into 128-row query blocks, each sweeping the keys in chunks
-  with an online softmax; a 1-D grid with the block index varying fastest, so a head's blocks run
-  side by side and share K/V through L2 (and the grid is not bound by the 65,535 limit of axes 1-2).
-  Its backward (not on the training path) runs in PyTorch from the saved LSE.
-Offsets are int64 (B*H*N*D passes 2**31 at large batches). Block sizes and warps are autotuned
-over a few configs per (N bucket, D, dtype), pruned ahead of time to those that compile without
-register spills within shared memory (FITS below; `python -m kernels.bench --compile-check`
-prints ptxas's counts for each); under the Triton interpreter the first one runs, untimed.
-Where no config fits (fp32 at D = 128; the backward at D = 128 or fp32 D > 32), the forward is
-SDPA and the backward PyTorch: not the training path, which runs bf16 at D = 64.
+- N <= 80: one program per (batch, head) holds every key, loaded once, as a main block of a
+  power of two and a tail block of 16 (`short_tiles`: N = 67 is 64 + 16 = 80 keys, not 128);
+  query rows use the same split, the main block in chunks of BLOCK_M. The forward needs
+  no online softmax (every key is here) and writes O and LSE. The backward is one kernel: per
+  query chunk delta, P, dV += P^T dO, dS, dQ (stored, complete) and dK += dS^T Q, for both key
+  blocks; dK and dV stay in registers until the end. No atomics, every input read once.
+- N > 80 (forward only): a head's query rows in blocks of BLOCK_M, the last block only as tall
+  as its rows need (N = 197: 3 x 64 + 16 rows); each sweeps the keys in chunks with an online
+  softmax, the last chunk as narrow as its keys need (3 x 64 + 16 keys). A 1-D grid with the
+  block index varying fastest, so a head's blocks run side by side and share K/V through L2 (and
+  the grid is not bound by the 65,535 limit of axes 1-2). Its backward is SDPA's.
+Offsets are int64 (B*H*N*D passes 2**31 at large batches). No autotuning: one pinned config per
+(kernel, dtype, head size) for sm_90 (CONFIGS below, `choose`), so every rank and restart runs
+the same code. Where no config serves (an fp32 forward at D >= 64; a backward at N > 80, at
+D = 128 or in fp32; a GPU other than sm_90) a call goes to SDPA, forward and fused backward.
 
 Dtypes: fp16 / bf16 in, fp32 accumulation, output in the input dtype; fp32 is accepted (its dots
 run as 3xTF32, about fp32 accuracy). Any N >= 1 (ragged sizes are masked), head dim up to 128.
@@ -39,7 +38,7 @@ Both are torch.library custom ops (fake + autograd registered), so torch.compile
 traces them. CUDA tensors run the kernels; CPU tensors run them only under the Triton interpreter
 (TRITON_INTERPRET=1 set before triton is imported), else fall back to SDPA.
 """
-import os
+import functools
 
 import torch
 import triton
@@ -47,10 +46,38 @@ import triton.language as tl
 
 from .reference import sdpa, sdpa_packed
 
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels use exp2
 LN2 = tl.constexpr(0.6931471805599453)    # ln(x) = log2(x) * LN2
-SHORT_N = 128  # sequences up to this many tokens take the one-program-per-head kernels
-AUTOTUNE = os.environ.get("KERNELS_AUTOTUNE", "1") != "0"  # 0: the first fitting config, untimed (tests)
+SHORT_N = 80  # sequences up to this many tokens take the one-program-per-head kernels (64 + 16 keys)
+
+
+@triton.jit
+def _fwd_rows(Q, O, LSE, stride_qn, stride_on, offs_m, offs_d, mask_d, N, qk_scale,
+              k, v, mask_n, kt, vt, mask_t, HAS_TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One chunk of query rows (offs_m) against every key of the head: the main key block (k, v),
+    then the tail block (kt, vt) if any. All keys are here, so no online softmax. Q, O, LSE
+    point at the head."""
+    mask_m = offs_m < N
+    row_mask = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (rows, BLOCK_N), log2 units
+    s = tl.where(mask_n[None, :], s, float("-inf"))  # padded keys get no weight
+    m = tl.max(s, 1)
+    if HAS_TAIL:
+        st = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale  # (rows, BLOCK_T)
+        st = tl.where(mask_t[None, :], st, float("-inf"))
+        m = tl.maximum(m, tl.max(st, 1))
+    p = tl.exp2(s - m[:, None])
+    l = tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)  # (rows, BLOCK_D)
+    if HAS_TAIL:
+        pt = tl.exp2(st - m[:, None])
+        l += tl.sum(pt, 1)
+        acc = tl.dot(pt.to(vt.dtype), vt, acc, input_precision=DOT_PREC)
+    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], (acc / l[:, None]).to(O.dtype.element_ty),
+             mask=row_mask)
+    tl.store(LSE + offs_m, (m + tl.log2(l)) * LN2, mask=mask_m)
 
 
 @triton.jit
@@ -61,37 +88,92 @@ def _attn_fwd_short_kernel(
     stride_qb, stride_qh, stride_qn,
     stride_ob, stride_oh, stride_on,
     H, N, D, qk_scale,      # qk_scale = D**-0.5 * log2(e)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per chunk of the main block
+    BLOCK_N: tl.constexpr,  # the main block: keys (and rows) 0 .. BLOCK_N-1
+    BLOCK_T: tl.constexpr,  # the tail block: keys (and rows) BLOCK_N .. BLOCK_N+BLOCK_T-1; 0 for none
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)  # one program per (batch, head)
     off_b = pid_bh // H
     off_h = pid_bh % H
     q_base = off_b * stride_qb + off_h * stride_qh
     o_base = off_b * stride_ob + off_h * stride_oh
+    # The head's base pointers (int64 offsets), so the tile offsets below are int32: fewer registers.
+    Q, K, V, O, LSE = Q + q_base, K + q_base, V + q_base, O + o_base, LSE + pid_bh * N
 
-    offs_n = tl.arange(0, BLOCK_N)  # every key of the head: N <= BLOCK_N
     offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
     mask_d = offs_d < D
-    kv_offs = q_base + offs_n[:, None] * stride_qn + offs_d[None, :]
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D), read once
-    v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    kv_offs = offs_n[:, None] * stride_qn + offs_d[None, :]
+    k = tl.load(K + kv_offs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D), read once
+    v = tl.load(V + kv_offs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    if BLOCK_T > 0:
+        offs_t = BLOCK_N + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < N
+        kt_offs = offs_t[:, None] * stride_qn + offs_d[None, :]
+        kt = tl.load(K + kt_offs, mask=mask_t[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_T, BLOCK_D)
+        vt = tl.load(V + kt_offs, mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+    else:
+        kt, vt, mask_t = k, v, mask_n  # unused
 
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < N
-        row_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(Q + q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        s = tl.where(mask_n[None, :], s, float("-inf"))  # padded keys get no weight
-        m = tl.max(s, 1)
-        p = tl.exp2(s - m[:, None])
-        l = tl.sum(p, 1)
-        o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC) / l[:, None]  # (BLOCK_M, BLOCK_D)
-        tl.store(O + o_base + offs_m[:, None] * stride_on + offs_d[None, :], o.to(O.dtype.element_ty),
-                 mask=row_mask)
-        tl.store(LSE + pid_bh * N + offs_m, (m + tl.log2(l)) * LN2, mask=mask_m)
+    for start_m in range(0, BLOCK_N, BLOCK_M):
+        _fwd_rows(Q, O, LSE, stride_qn, stride_on, start_m + tl.arange(0, BLOCK_M),
+                  offs_d, mask_d, N, qk_scale, k, v, mask_n, kt, vt, mask_t, BLOCK_T > 0, DOT_PREC)
+    if BLOCK_T > 0:  # the tail rows, one chunk of BLOCK_T
+        _fwd_rows(Q, O, LSE, stride_qn, stride_on, BLOCK_N + tl.arange(0, BLOCK_T),
+                  offs_d, mask_d, N, qk_scale, k, v, mask_n, kt, vt, mask_t, True, DOT_PREC)
+
+
+@triton.jit
+def _online_step(q, K, V, stride_qn, offs_n, offs_d, mask_d, N, qk_scale, m_i, l_i, acc,
+                 MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One chunk of keys (offs_n) into the running softmax (m_i, l_i, acc) of the rows in q."""
+    kv_offs = offs_n[:, None] * stride_qn + offs_d[None, :]
+    if MASKED:
+        mask_n = offs_n < N
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+    else:
+        kv_mask = mask_d[None, :]
+    k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)  # (keys, BLOCK_D)
+    v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (rows, keys), log2 units
+    if MASKED:
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every chunk has a real key
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_long_rows(Q, K, V, O, LSE, stride_qn, stride_on, row0, N, D, qk_scale,
+                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr, KEY_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
+    """Query rows row0 .. row0+ROWS-1 against the whole key range: full chunks of BLOCK_N keys
+    (unmasked), then the last N % BLOCK_N keys as one masked chunk of KEY_TAIL. Q ... LSE point
+    at the head."""
+    offs_m = row0 + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N
+    mask_d = offs_d < D
+    row_mask = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
+    m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)  # running row max (log2 units)
+    l_i = tl.zeros((ROWS,), dtype=tl.float32)                # running row sum of exp2
+    acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, l_i, acc = _online_step(q, K, V, stride_qn, start_n + tl.arange(0, BLOCK_N), offs_d, mask_d,
+                                     N, qk_scale, m_i, l_i, acc, False, DOT_PREC)
+    if KEY_TAIL > 0:
+        m_i, l_i, acc = _online_step(q, K, V, stride_qn, n_full + tl.arange(0, KEY_TAIL), offs_d, mask_d,
+                                     N, qk_scale, m_i, l_i, acc, True, DOT_PREC)
+    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
+             mask=row_mask)
+    tl.store(LSE + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=mask_m)
 
 
 @triton.jit
@@ -100,8 +182,11 @@ def _attn_fwd_long_kernel(
     stride_qb, stride_qh, stride_qn,
     stride_ob, stride_oh, stride_on,
     H, N, D, qk_scale,
-    N_BUCKET: tl.constexpr,  # N rounded up to a power of two: the autotuning key, unused here
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,   # query rows per program
+    ROW_TAIL: tl.constexpr,  # rows of the head's last program (covers N % BLOCK_M); 0: BLOCK_M like the rest
+    BLOCK_N: tl.constexpr,   # keys per chunk of the sweep
+    KEY_TAIL: tl.constexpr,  # keys of the last chunk (covers N % BLOCK_N); 0 when BLOCK_N divides N
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     n_blocks = tl.cdiv(N, BLOCK_M)
     pid = tl.program_id(0).to(tl.int64)  # 1-D grid, the query block varying fastest
@@ -111,36 +196,53 @@ def _attn_fwd_long_kernel(
     off_h = pid_bh % H
     q_base = off_b * stride_qb + off_h * stride_qh
     o_base = off_b * stride_ob + off_h * stride_oh
+    args = (Q + q_base, K + q_base, V + q_base, O + o_base, LSE + pid_bh * N, stride_qn, stride_on, pid_m * BLOCK_M,
+            N, D, qk_scale)  # the head's base pointers: int32 tile offsets
+    if ROW_TAIL > 0:
+        if pid_m == n_blocks - 1:  # the head's short last block: fewer padded rows
+            _fwd_long_rows(*args, ROW_TAIL, BLOCK_N, KEY_TAIL, BLOCK_D, DOT_PREC)
+        else:
+            _fwd_long_rows(*args, BLOCK_M, BLOCK_N, KEY_TAIL, BLOCK_D, DOT_PREC)
+    else:
+        _fwd_long_rows(*args, BLOCK_M, BLOCK_N, KEY_TAIL, BLOCK_D, DOT_PREC)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+
+@triton.jit
+def _bwd_keys(q, do, delta, lse2, k, v, mask_n, dk, dv, qk_scale, DOT_PREC: tl.constexpr):
+    """One query chunk against one key block: adds to dK, dV of the block; returns dS K (unscaled)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (rows, keys)
+    p = tl.exp2(s * qk_scale - lse2[:, None])
+    p = tl.where(mask_n[None, :], p, 0.0)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (rows, keys)
+    ds = (p * (dp - delta[:, None])).to(q.dtype)
+    dk = tl.dot(tl.trans(ds), q, dk, input_precision=DOT_PREC)
+    return tl.dot(ds, k, input_precision=DOT_PREC), dk, dv
+
+
+@triton.jit
+def _bwd_rows(Q, DQ, O, DO, LSE, stride_qn, stride_on, offs_m, offs_d, mask_d, N,
+              sm_scale, k, v, mask_n, dk, dv, kt, vt, mask_t, dkt, dvt, HAS_TAIL: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """One chunk of query rows (offs_m): dQ of the chunk, complete, stored; dK, dV of the main and
+    the tail key block accumulated and returned."""
     mask_m = offs_m < N
-    mask_d = offs_d < D
     row_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
-
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (log2 units)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)                # running row sum of exp2
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):  # this program sweeps the whole key range
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        kv_offs = q_base + offs_n[:, None] * stride_qn + offs_d[None, :]
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every chunk has a real key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
-
-    o = acc / l_i[:, None]
-    tl.store(O + o_base + offs_m[:, None] * stride_on + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_mask)
-    tl.store(LSE + pid_bh * N + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=mask_m)
+    q_offs = offs_m[:, None] * stride_qn + offs_d[None, :]  # Q, O, ... point at the head
+    o_offs = offs_m[:, None] * stride_on + offs_d[None, :]
+    q = tl.load(Q + q_offs, mask=row_mask, other=0.0)    # (rows, BLOCK_D)
+    do = tl.load(DO + o_offs, mask=row_mask, other=0.0)
+    o = tl.load(O + o_offs, mask=row_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # (rows,) rowsum(dO * O), once
+    # lse = +inf on padded query rows makes their P row exactly 0.
+    lse2 = tl.load(LSE + offs_m, mask=mask_m, other=float("inf")) * LOG2E
+    qk_scale = sm_scale * LOG2E
+    dq, dk, dv = _bwd_keys(q, do, delta, lse2, k, v, mask_n, dk, dv, qk_scale, DOT_PREC)
+    if HAS_TAIL:
+        dqt, dkt, dvt = _bwd_keys(q, do, delta, lse2, kt, vt, mask_t, dkt, dvt, qk_scale, DOT_PREC)
+        dq += dqt
+    tl.store(DQ + q_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
+    return dk, dv, dkt, dvt
 
 
 @triton.jit
@@ -151,129 +253,100 @@ def _attn_bwd_short_kernel(
     stride_qb, stride_qh, stride_qn,
     stride_ob, stride_oh, stride_on,
     H, N, D, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,  # as in _attn_fwd_short_kernel
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)  # one program per (batch, head): dQ, dK, dV complete
     off_b = pid_bh // H
     off_h = pid_bh % H
     q_base = off_b * stride_qb + off_h * stride_qh
     o_base = off_b * stride_ob + off_h * stride_oh
-    qk_scale = sm_scale * LOG2E
+    # The head's base pointers (int64 offsets), so the tile offsets below are int32: fewer registers.
+    Q, K, V, DQ, DK, DV = Q + q_base, K + q_base, V + q_base, DQ + q_base, DK + q_base, DV + q_base
+    O, DO, LSE = O + o_base, DO + o_base, LSE + pid_bh * N
 
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
     mask_d = offs_d < D
-    kv_offs = q_base + offs_n[:, None] * stride_qn + offs_d[None, :]
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    kv_offs = offs_n[:, None] * stride_qn + offs_d[None, :]
     kv_mask = mask_n[:, None] & mask_d[None, :]
     k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    if BLOCK_T > 0:
+        offs_t = BLOCK_N + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < N
+        kt_offs = offs_t[:, None] * stride_qn + offs_d[None, :]
+        kt_mask = mask_t[:, None] & mask_d[None, :]
+        kt = tl.load(K + kt_offs, mask=kt_mask, other=0.0)  # (BLOCK_T, BLOCK_D)
+        vt = tl.load(V + kt_offs, mask=kt_mask, other=0.0)
+        dkt = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        dvt = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    else:
+        kt, vt, mask_t, dkt, dvt = k, v, mask_n, dk, dv  # unused
 
-    for start_m in range(0, N, BLOCK_M):  # each query row is visited once
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < N
-        row_mask = mask_m[:, None] & mask_d[None, :]
-        q_offs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
-        o_offs = o_base + offs_m[:, None] * stride_on + offs_d[None, :]
-        q = tl.load(Q + q_offs, mask=row_mask, other=0.0)    # (BLOCK_M, BLOCK_D)
-        do = tl.load(DO + o_offs, mask=row_mask, other=0.0)
-        o = tl.load(O + o_offs, mask=row_mask, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # (BLOCK_M,) rowsum(dO * O), once
-        # lse = +inf on padded query rows makes their P row exactly 0.
-        lse2 = tl.load(LSE + pid_bh * N + offs_m, mask=mask_m, other=float("inf")) * LOG2E
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(s * qk_scale - lse2[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
-        dq = tl.dot(ds, k, input_precision=DOT_PREC) * sm_scale
-        tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=row_mask)
-        dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PREC)
-
+    for start_m in range(0, BLOCK_N, BLOCK_M):  # each query row is visited once
+        dk, dv, dkt, dvt = _bwd_rows(Q, DQ, O, DO, LSE, stride_qn, stride_on,
+                                     start_m + tl.arange(0, BLOCK_M), offs_d, mask_d, N, sm_scale,
+                                     k, v, mask_n, dk, dv, kt, vt, mask_t, dkt, dvt, BLOCK_T > 0, DOT_PREC)
+    if BLOCK_T > 0:  # the tail rows, one chunk of BLOCK_T
+        dk, dv, dkt, dvt = _bwd_rows(Q, DQ, O, DO, LSE, stride_qn, stride_on,
+                                     BLOCK_N + tl.arange(0, BLOCK_T), offs_d, mask_d, N, sm_scale,
+                                     k, v, mask_n, dk, dv, kt, vt, mask_t, dkt, dvt, True, DOT_PREC)
+        tl.store(DK + kt_offs, (dkt * sm_scale).to(DK.dtype.element_ty), mask=kt_mask)
+        tl.store(DV + kt_offs, dvt.to(DV.dtype.element_ty), mask=kt_mask)
     tl.store(DK + kv_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 # ----------------------------------------------------------------------------------------------
-# Configs and launchers. Each kernel has a few candidate configs (BLOCK_M, BLOCK_N, warps); FITS
-# lists, per (kernel, 16- or 32-bit inputs, BLOCK_D), those that compile for sm_90 without register
-# spills and within shared memory (ptxas's counts, Triton 3.8; `python -m kernels.bench
-# --compile-check` re-derives them). ptxas's allocation is not monotone in tile size (at D=32 a
-# config spills that does not at D=64), so a formula cannot stand in for it. Autotuning times only
-# these, once per (N bucket, D, dtype); under the interpreter the first one runs, untimed. Where
-# nothing fits, the forward goes to SDPA and the backward to PyTorch (`_bwd_math`).
+# Tiles and configs, pinned: no autotuning. The key and row tiles follow from N (`short_tiles`,
+# `_tail`); BLOCK_M, the long kernel's BLOCK_N and the warps come from CONFIGS, one entry per
+# (kernel, input bits, BLOCK_D), chosen for sm_90 by counting (`python -m kernels.bench --bytes`:
+# padded vs useful work) and by ptxas (`--compile-check`: no spills, CTAs per SM). So the launch
+# is a pure function of (capability, N, D, dtype): every rank and every restart runs the same
+# code, bit for bit. GPUs other than compute capability 9.x (not checked) and the shapes with no
+# entry take SDPA, forward and backward.
 
-def _cfg(block_m, warps, block_n=None):
-    kw = {"BLOCK_M": block_m} if block_n is None else {"BLOCK_M": block_m, "BLOCK_N": block_n}
-    return triton.Config(kw, num_warps=warps, num_stages=2)
-
-
-CONFIGS = {
-    "fwd_short": [_cfg(m, w) for m in (64, 32, 128, 16) for w in (8, 4)],
-    "bwd_short": [_cfg(m, w) for m in (32, 16, 64) for w in (8, 4)],
-    "fwd_long": [_cfg(128, w, n) for n in (64, 32) for w in (8, 4)],
+KERNELS = ("fwd_short", "bwd_short", "fwd_long")
+CHECKED_MAJOR = 9  # sm_90 (H100 / H200): the compute capability CONFIGS was checked for
+CONFIGS = {  # (kernel, input bits, BLOCK_D) -> (BLOCK_M, BLOCK_N or 0 (the short kernels' key tile), warps,
+    #            pipeline stages, register cap per thread or 0 for ptxas's choice)
+    ("fwd_short", 16, 32): (64, 0, 4, 2, 0),     # 128 regs: 4 CTAs per SM
+    ("fwd_short", 16, 64): (16, 0, 4, 2, 128),   # 128 regs: 4 CTAs (uncapped 168: 3)
+    ("fwd_short", 16, 128): (64, 0, 4, 2, 0),    # 235 regs: 2 CTAs
+    ("fwd_short", 32, 32): (64, 0, 4, 2, 0),     # 214 regs: 2 CTAs; fp32 at D >= 64 spills in every candidate
+    ("bwd_short", 16, 32): (16, 0, 4, 1, 0),     # 226 regs: 2 CTAs
+    ("bwd_short", 16, 64): (32, 0, 4, 1, 0),     # 255 regs, no spill: 2 CTAs (8 warps: 1; 2 stages spill)
+    ("fwd_long", 16, 32): (64, 32, 4, 2, 0),     # 96 regs: 5 CTAs
+    ("fwd_long", 16, 64): (64, 32, 4, 2, 0),     # 168 regs: 3 CTAs (64 keys: 240 regs, or spills capped)
+    ("fwd_long", 16, 128): (64, 32, 4, 2, 0),    # 168 regs: 3 CTAs
+    ("fwd_long", 32, 32): (64, 32, 4, 2, 0),     # 186 regs: 2 CTAs (capped at 168: spills)
 }
-FITS = {  # (kernel, input bits, BLOCK_D) -> (BLOCK_M, BLOCK_N or 0 for the key tile, warps)
-    ("fwd_short", 16, 32): {(64, 0, 8), (64, 0, 4), (32, 0, 8), (32, 0, 4), (128, 0, 8), (128, 0, 4),
-                            (16, 0, 8), (16, 0, 4)},
-    ("fwd_short", 16, 64): {(64, 0, 8), (64, 0, 4), (32, 0, 8), (32, 0, 4), (128, 0, 8), (16, 0, 8), (16, 0, 4)},
-    ("fwd_short", 16, 128): {(64, 0, 8), (64, 0, 4), (32, 0, 8), (32, 0, 4), (16, 0, 8), (16, 0, 4)},
-    ("fwd_short", 32, 32): {(16, 0, 8), (16, 0, 4)},
-    ("fwd_short", 32, 64): {(32, 0, 8), (16, 0, 8)},
-    ("bwd_short", 16, 32): {(16, 0, 8), (16, 0, 4)},
-    ("bwd_short", 16, 64): {(32, 0, 8), (16, 0, 8)},
-    ("bwd_short", 32, 32): {(16, 0, 8)},
-    ("fwd_long", 16, 32): {(128, 64, 8), (128, 64, 4), (128, 32, 8), (128, 32, 4)},
-    ("fwd_long", 16, 64): {(128, 64, 8), (128, 32, 8), (128, 32, 4)},
-    ("fwd_long", 16, 128): {(128, 32, 8)},
-    ("fwd_long", 32, 32): {(128, 64, 8), (128, 32, 8), (128, 32, 4)},
-    ("fwd_long", 32, 64): {(128, 32, 8)},
-}
-
-
-def _key(c):
-    return c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N", 0), c.num_warps
-
-
-def prune(kernel, configs, BLOCK_N, BLOCK_D, elem_bytes):
-    """The configs that fit, in CONFIGS order, preferring query chunks no taller than the key tile
-    (only the first under the interpreter, which times nothing, or with KERNELS_AUTOTUNE=0)."""
-    fit = FITS.get((kernel, 8 * elem_bytes, max(32, BLOCK_D)), set())
-    kept = [c for c in configs if _key(c) in fit]
-    kept = [c for c in kept if kernel == "fwd_long" or c.kwargs["BLOCK_M"] <= BLOCK_N] or kept
-    return kept[:1] if INTERPRETED or not AUTOTUNE else kept
-
-
-def fits(kernel, D, dtype):
-    return bool(FITS.get((kernel, 8 * dtype.itemsize, max(32, _pow2(D)))))
-
-
-def _pruner(kernel):
-    def early_prune(configs, named_args, **kwargs):
-        return prune(kernel, configs, kwargs.get("BLOCK_N", 0), kwargs["BLOCK_D"], named_args["Q"].element_size())
-    return {"early_config_prune": early_prune}
-
-
-_fwd_short = triton.autotune(CONFIGS["fwd_short"], key=["BLOCK_N", "BLOCK_D"],
-                             prune_configs_by=_pruner("fwd_short"))(_attn_fwd_short_kernel)
-_fwd_long = triton.autotune(CONFIGS["fwd_long"], key=["N_BUCKET", "BLOCK_D"],
-                            prune_configs_by=_pruner("fwd_long"))(_attn_fwd_long_kernel)
-_bwd_short = triton.autotune(CONFIGS["bwd_short"], key=["BLOCK_N", "BLOCK_D"],
-                             prune_configs_by=_pruner("bwd_short"))(_attn_bwd_short_kernel)
 
 
 def _pow2(x):
     return max(16, triton.next_power_of_2(x))
 
 
-def supported(N, D, dtype):
-    """Shapes whose forward kernel has a config that fits; anything else goes to SDPA."""
-    return (N >= 1 and 1 <= D <= 128 and dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and fits("fwd_short" if N <= SHORT_N else "fwd_long", D, dtype))
+def short_tiles(N):
+    """(BLOCK_N, BLOCK_T) for N <= SHORT_N: a main block of BLOCK_N keys (a power of two) and a
+    tail block of BLOCK_T (a power of two >= 16, the dots' smallest reduction; 0 for none) covering
+    N with the least padding; rows use the same split. N = 67: 64 + 16 (80, not 128)."""
+    main = 16
+    while main * 2 <= min(N, SHORT_N):
+        main *= 2
+    tail = _tail(N - main, main)
+    return (main, tail) if tail or N <= main else (2 * main, 0)
+
+
+def _tail(rem, block):
+    """The power-of-two block (>= 16) for the last `rem` rows or keys, 0 when rem is 0 or the
+    tail would be as large as a full block."""
+    t = _pow2(rem) if rem > 0 else 0
+    return t if t < block else 0
 
 
 def _dot_prec(dtype):
@@ -281,39 +354,89 @@ def _dot_prec(dtype):
     return "tf32x3" if dtype == torch.float32 else "tf32"  # fp16/bf16 ignore it
 
 
-def fwd_grid(B, H, N):
+@torch.compiler.assume_constant_result  # traced by torch.compile as the constant it returns
+def choose(kernel, capability, N, D, dtype):
+    """The launch of `kernel` at (N, D, dtype) on a GPU of this compute capability (None: the
+    interpreter, which runs the sm_90 configs): (constexprs, launch options), or None where SDPA
+    serves. A pure function of its arguments and the pinned CONFIGS. (int(): a traced symbolic
+    size specializes here, as the kernel's tiles do.)"""
+    return _choose(kernel, capability, int(N), int(D), dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _choose(kernel, capability, N, D, dtype):
+    if capability is not None and capability[0] != CHECKED_MAJOR:
+        return None
+    entry = CONFIGS.get((kernel, 8 * dtype.itemsize, _pow2(D)))
+    short = kernel != "fwd_long"
+    if entry is None or not 1 <= D <= 128 or N < 1 or short != (N <= SHORT_N):  # short kernels: N <= SHORT_N
+        return None
+    block_m, block_n, warps, stages, maxnreg = entry
+    consts = {"BLOCK_D": _pow2(D), "DOT_PREC": _dot_prec(dtype)}
+    if kernel == "fwd_long":
+        tail = _tail(N % block_n, block_n) or (block_n if N % block_n else 0)  # a last chunk of block_n, masked
+        consts.update(BLOCK_M=block_m, ROW_TAIL=_tail(N % block_m, block_m), BLOCK_N=block_n, KEY_TAIL=tail)
+    else:
+        main, tail = short_tiles(N)
+        consts.update(BLOCK_M=min(block_m, main), BLOCK_N=main, BLOCK_T=tail)
+    return consts, {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+
+
+_CAPABILITIES = {}  # device index -> (major, minor)
+
+
+@torch.compiler.assume_constant_result
+def _device_capability(index):
+    if index not in _CAPABILITIES:
+        _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITIES[index]
+
+
+def capability(t):
+    """The compute capability of t's GPU; None for CPU tensors (the interpreter)."""
+    return _device_capability(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
+        if t.is_cuda else None
+
+
+def forward_kernel(N):
+    return "fwd_short" if N <= SHORT_N else "fwd_long"
+
+
+def fits(q, N, D, needs_grad):
+    """Do the kernels serve this call? The forward must have a config, and the backward too when
+    a gradient will be asked for (else SDPA runs both: its backward is fused, never N x N)."""
+    cap = capability(q)
+    return (choose(forward_kernel(N), cap, N, D, q.dtype) is not None
+            and (not needs_grad or choose("bwd_short", cap, N, D, q.dtype) is not None))
+
+
+def fwd_grid(B, H, N, BLOCK_M):
     """Programs of the forward: B*H for short sequences, else B*H*blocks on grid axis 0."""
-    return (B * H,) if N <= SHORT_N else (B * H * triton.cdiv(N, 128),)
+    return (B * H,) if N <= SHORT_N else (B * H * triton.cdiv(N, BLOCK_M),)
 
 
 def _fwd(q, k, v, o, lse, B, H, N, D, qs, os_):
     """qs, os_: (batch, head, seq) strides of the q/k/v views and of the o view."""
-    args = (q, k, v, o, lse, *qs, *os_, H, N, D, D ** -0.5 * LOG2E.value)
-    if N <= SHORT_N:
-        _fwd_short[fwd_grid(B, H, N)](*args, BLOCK_N=_pow2(N), BLOCK_D=_pow2(D), DOT_PREC=_dot_prec(q.dtype))
-    else:
-        _fwd_long[fwd_grid(B, H, N)](*args, N_BUCKET=triton.next_power_of_2(N), BLOCK_D=_pow2(D),
-                                     DOT_PREC=_dot_prec(q.dtype))
-
-
-def _bwd_math(q, k, v, o, do, lse, dq, dk, dv):
-    """The backward where the kernel does not fit (N > 128, D = 128, fp32 at D > 32: no training
-    path here) in fp32 PyTorch from the saved LSE."""
-    B, H, N, D = q.shape
-    scale = D ** -0.5
-    q, k, v, o, do = (x.float() for x in (q, k, v, o, do))
-    p = torch.exp(q @ k.transpose(-1, -2) * scale - lse.view(B, H, N, 1))  # (B, H, N, N)
-    dv.copy_(p.transpose(-1, -2) @ do)
-    ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
-    dq.copy_(ds @ k * scale)
-    dk.copy_(ds.transpose(-1, -2) @ q * scale)
+    kernel = forward_kernel(N)
+    consts, opts = choose(kernel, capability(q), N, D, q.dtype)
+    fn = _attn_fwd_short_kernel if kernel == "fwd_short" else _attn_fwd_long_kernel
+    fn[fwd_grid(B, H, N, consts["BLOCK_M"])](q, k, v, o, lse, *qs, *os_, H, N, D, D ** -0.5 * LOG2E.value,
+                                             **consts, **opts)
 
 
 def _bwd(q, k, v, o, do, lse, dq, dk, dv, B, H, N, D, qs, os_):
-    if N > SHORT_N or not fits("bwd_short", D, q.dtype):
-        return _bwd_math(q, k, v, o, do, lse, dq, dk, dv)
-    _bwd_short[(B * H,)](q, k, v, dq, dk, dv, o, do, lse, *qs, *os_, H, N, D, D ** -0.5,
-                         BLOCK_N=_pow2(N), BLOCK_D=_pow2(D), DOT_PREC=_dot_prec(q.dtype))
+    consts, opts = choose("bwd_short", capability(q), N, D, q.dtype)
+    _attn_bwd_short_kernel[(B * H,)](q, k, v, dq, dk, dv, o, do, lse, *qs, *os_, H, N, D, D ** -0.5,
+                                     **consts, **opts)
+
+
+def _sdpa_grads(fn, inputs, do):
+    """Gradients of fn(*inputs) by SDPA's own backward (fused: no N x N tensor on a GPU), for the
+    custom ops called directly at a shape whose backward has no kernel (`attention` and
+    `attention_packed` send such calls to SDPA from the start, without this recomputation)."""
+    with torch.enable_grad():
+        xs = [x.detach().requires_grad_() for x in inputs]
+        return torch.autograd.grad(fn(*xs), xs, do)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,6 +484,8 @@ def _attention_backward(ctx, do, dlse):  # lse is a by-product, not differentiat
     if do is None:
         return None, None, None
     q, k, v, o, lse = ctx.saved_tensors
+    if choose("bwd_short", capability(q), q.shape[2], q.shape[3], q.dtype) is None:
+        return tuple(_sdpa_grads(reference_attention, (q, k, v), do))
     return _attention_bwd(do.to(q.dtype), q, k, v, o, lse)
 
 
@@ -399,14 +524,8 @@ def _attention_packed_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor,
     qkv, do = qkv.contiguous(), do.contiguous()
     B, N, H, D, qs, os_ = _packed_views(qkv)
     dqkv = qkv.new_empty(qkv.shape)  # the three slices below cover every element
-    math = N > SHORT_N or not fits("bwd_short", D, qkv.dtype)
-    view = (lambda t, i: t[:, :, i].transpose(1, 2)) if math else (lambda t, i: t[:, :, i])
-    if math:  # the PyTorch backward wants (B, H, N, D) views
-        o4, do4 = o.view(B, N, H, D).transpose(1, 2), do.view(B, N, H, D).transpose(1, 2)
-    else:
-        o4, do4 = o, do
-    _bwd(view(qkv, 0), view(qkv, 1), view(qkv, 2), o4, do4, lse,
-         view(dqkv, 0), view(dqkv, 1), view(dqkv, 2), B, H, N, D, qs, os_)
+    _bwd(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], o, do, lse, dqkv[:, :, 0], dqkv[:, :, 1], dqkv[:, :, 2],
+         B, H, N, D, qs, os_)
     return dqkv
 
 
@@ -424,6 +543,8 @@ def _attention_packed_backward(ctx, do, dlse):
     if do is None:
         return None
     qkv, o, lse = ctx.saved_tensors
+    if choose("bwd_short", capability(qkv), qkv.shape[1], qkv.shape[4], qkv.dtype) is None:
+        return _sdpa_grads(reference_packed, (qkv,), do)[0]
     return _attention_packed_bwd(do.to(qkv.dtype), qkv, o, lse)
 
 
@@ -447,13 +568,20 @@ def use_triton(t):
     return INTERPRETED and t.device.type == "cpu" and t.dtype != torch.bfloat16
 
 
-reference_attention = sdpa  # the fallback (a module attribute, so tests can replace it)
+# The fallbacks (module attributes, so tests can replace them): SDPA forward and fused backward.
+reference_attention = sdpa
+reference_packed = sdpa_packed
+
+
+def _needs_grad(*xs):
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
 def attention(q, k, v):
     """softmax(q k^T / sqrt(D)) v for (B, H, N, D) tensors; same contract as SDPA's default call."""
     if (q.dim() == 4 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
-            and use_triton(q) and q.numel() > 0 and supported(q.shape[2], q.shape[3], q.dtype)):
+            and q.dtype in DTYPES and use_triton(q) and q.numel() > 0
+            and fits(q, q.shape[2], q.shape[3], _needs_grad(q, k, v))):
         return _attention_fwd(q, k, v)[0]
     return reference_attention(q, k, v)
 
@@ -463,6 +591,6 @@ def attention_packed(qkv):
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"attention_packed wants qkv of shape (B, N, 3, H, D), got {tuple(qkv.shape)}")
     B, N, _, H, D = qkv.shape
-    if use_triton(qkv) and qkv.numel() > 0 and supported(N, D, qkv.dtype):
+    if qkv.dtype in DTYPES and use_triton(qkv) and qkv.numel() > 0 and fits(qkv, N, D, _needs_grad(qkv)):
         return _attention_packed_fwd(qkv)[0]
-    return sdpa_packed(qkv)
+    return reference_packed(qkv)

@@ -11,12 +11,16 @@ only, no_grad):
 Each goal prints as `PASS|FAIL name measured goal`. Goals: attention >= 1.3x the fastest SDPA
 (kernel and packed layer, fwd+bwd, training shape); loss >= 5x eager and >= 1x compiled (B=1024).
 
-No GPU needed:
-  --bytes          bytes each kernel moves at those shapes, in u (one B*H*N*D bf16 tensor) and MB:
-                   ours counted from the kernels' own loads and stores (run once per head through
-                   the Triton interpreter, every masked-in element), the previous kernels' and
-                   FlashAttention-2's from their launch schemes (`traffic_model`).
-  --compile-check  every shipped config compiled for sm_90: ptxas registers, spills, shared memory.
+No GPU needed (counted and compiled, not measured):
+  --bytes          per kernel at those shapes, with its pinned config: bytes moved (u = one B*H*N*D
+                   bf16 tensor), useful / padded multiply-adds and exps, counted from the kernels'
+                   own loads, stores, dot tiles and exp2 calls (one head through the Triton
+                   interpreter); registers, spills, shared memory from ptxas for sm_90 and the
+                   CTAs per SM they allow; then bytes against the previous kernels and
+                   FlashAttention-2 (their launch schemes, `traffic_model`). --candidates: every
+                   config the pinned choice was made from.
+  --compile-check  every shipped config at every tile class, compiled for sm_90: ptxas registers,
+                   spills, shared memory, CTAs per SM; exits 1 on any spill.
 """
 import argparse
 import importlib
@@ -35,7 +39,7 @@ GOALS = {"attention kernel fwd+bwd vs fastest SDPA": 1.3, "attention packed laye
          "loss fwd+bwd vs eager B1024": 5.0, "loss fwd+bwd vs torch.compile B1024": 1.0}
 
 
-# ---------------------------------------------------------------------------------------------- bytes
+# ---------------------------------------------------------------------------------------------- counting
 
 def traffic_model(scheme, kernel, N, D, elem=2):
     """Bytes one (batch, head) moves in `kernel` under `scheme` (every program's loads + stores, so
@@ -43,8 +47,11 @@ def traffic_model(scheme, kernel, N, D, elem=2):
     t = one N x D tensor of the head, r = one fp32 row statistic (LSE or delta)."""
     t, r, cdiv = N * D * elem, N * 4, lambda a, b: -(-a // b)
     if scheme == "ours":
-        if kernel == "fwd":  # short: Q, K, V once, O and LSE out; long: K, V once per 128-row block
-            return 2 * t * (1 if N <= 128 else cdiv(N, 128)) + 2 * t + r
+        if kernel == "fwd":  # short: Q, K, V once, O and LSE out; long: K, V once per query block
+            A = importlib.import_module("kernels.attention")
+            consts, _ = A.choose(A.forward_kernel(N), None, N, D, torch.float16)
+            blocks = 1 if N <= A.SHORT_N else cdiv(N, consts["BLOCK_M"])
+            return 2 * t * blocks + 2 * t + r
         return 5 * t + r + 3 * t  # bwd: Q K V O dO + LSE in, dQ dK dV out (one program a head)
     if scheme == "previous":  # 64-row query blocks; dq (64, 32) and dk/dv (16 rows, 64-key blocks)
         nq, nk = cdiv(N, 64), cdiv(N, 64)
@@ -65,38 +72,141 @@ def traffic_model(scheme, kernel, N, D, elem=2):
     raise ValueError(scheme)
 
 
-def count_bytes(fn):
-    """Bytes loaded and stored by every Triton program `fn()` launches (interpreter only)."""
+def count_work(fn):
+    """What every Triton program `fn()` launches does, counted in the interpreter: bytes loaded +
+    stored (masked-in elements), multiply-adds of its tl.dot tiles (M*N*K, padding included) and
+    exp2 evaluations (every lane of the tile, masked or not)."""
     from triton.runtime import interpreter as I
-    counts = {"load": 0, "store": 0}
-    load, store = I.InterpreterBuilder.create_masked_load, I.InterpreterBuilder.create_masked_store
+    n = {"bytes": 0, "macs": 0, "exps": 0}
+    B = I.InterpreterBuilder
+    load, store, dot, exp2 = B.create_masked_load, B.create_masked_store, B.create_dot, B.create_exp2
 
     def counted_load(self, ptrs, mask, other, *args):
-        counts["load"] += int(mask.data.sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
+        n["bytes"] += int(mask.data.sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
         return load(self, ptrs, mask, other, *args)
 
     def counted_store(self, ptrs, value, mask, *args):
-        counts["store"] += int(mask.data.sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
+        n["bytes"] += int(mask.data.sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
         return store(self, ptrs, value, mask, *args)
 
-    I.InterpreterBuilder.create_masked_load, I.InterpreterBuilder.create_masked_store = counted_load, counted_store
+    def counted_dot(self, a, b, *args):
+        (m, k), nn = a.data.shape[-2:], b.data.shape[-1]
+        n["macs"] += m * nn * k
+        return dot(self, a, b, *args)
+
+    def counted_exp2(self, arg):
+        n["exps"] += arg.data.size
+        return exp2(self, arg)
+
+    B.create_masked_load, B.create_masked_store, B.create_dot, B.create_exp2 = (
+        counted_load, counted_store, counted_dot, counted_exp2)
     try:
         fn()
     finally:
-        I.InterpreterBuilder.create_masked_load, I.InterpreterBuilder.create_masked_store = load, store
-    return counts["load"] + counts["store"]
+        B.create_masked_load, B.create_masked_store, B.create_dot, B.create_exp2 = load, store, dot, exp2
+    return n
 
 
-def counted_attention_bytes(N, D):
-    """Per-head bytes of our packed forward and backward, counted (fp16 stands in for bf16: same
-    size; the interpreter's bf16 dot is wrong, its loads and stores are not)."""
+def count_bytes(fn):
+    return count_work(fn)["bytes"]
+
+
+def counted_attention(N, D):
+    """Per-head work of our packed forward and backward (None where SDPA runs the backward),
+    counted; fp16 stands in for bf16 (same sizes; the interpreter's bf16 dot is wrong)."""
     A = importlib.import_module("kernels.attention")
     qkv = torch.randn(1, N, 3, 1, D, dtype=torch.float16)
     out = {}
-    out["fwd"] = count_bytes(lambda: out.setdefault("o", A._attention_packed_fwd(qkv)))
+    fwd = count_work(lambda: out.setdefault("o", A._attention_packed_fwd(qkv)))
     o, lse = out["o"]
-    out["bwd"] = count_bytes(lambda: A._attention_packed_bwd(torch.randn_like(o), qkv, o, lse))
-    return out["fwd"], out["bwd"]
+    bwd = None
+    if A.choose("bwd_short", None, N, D, torch.float16) is not None:
+        bwd = count_work(lambda: A._attention_packed_bwd(torch.randn_like(o), qkv, o, lse))
+    return fwd, bwd
+
+
+def counted_attention_bytes(N, D):
+    fwd, bwd = counted_attention(N, D)
+    return fwd["bytes"], bwd["bytes"] if bwd else None
+
+
+def useful_work(kernel, N, D):
+    """Multiply-adds and exps one head needs: 2 (fwd) or 5 (bwd) N x N x D products, N x N exps."""
+    return (2 if kernel.startswith("fwd") else 5) * N * N * D, N * N
+
+
+def occupancy(regs, smem, warps):
+    """CTAs per H100 SM: 65,536 registers (allocated per warp in 256s), 228 KB shared memory
+    (1 KB reserved per CTA), 2,048 threads, 32 CTAs."""
+    if regs is None:
+        return None
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(65536 // (per_warp * warps), (228 * 1024) // (smem + 1024), 2048 // (32 * warps), 32)
+
+
+def _with_config(kernel, bits, D, entry, fn):
+    """fn() with CONFIGS[(kernel, bits, BLOCK_D)] set to `entry` (a candidate), restored after."""
+    A = importlib.import_module("kernels.attention")
+    key, saved = (kernel, bits, A._pow2(D)), dict(A.CONFIGS)
+    A.CONFIGS[key] = entry
+    A._choose.cache_clear()
+    try:
+        return fn()
+    finally:
+        A.CONFIGS.clear()
+        A.CONFIGS.update(saved)
+        A._choose.cache_clear()
+
+
+SHAPES = {"fwd_short": TRAIN, "bwd_short": TRAIN, "fwd_long": TEACHER}
+CANDIDATES = {  # the configs the pinned choice at D = 64 (16-bit) was made from: (BLOCK_M, BLOCK_N, warps, stages, regs cap)
+    "fwd_short": [(m, 0, w, 2, r) for m in (64, 32, 16) for w, r in ((4, 0), (4, 168), (4, 128), (8, 128))],
+    "bwd_short": [(m, 0, w, s, r) for m in (64, 32, 16) for w, s, r in ((4, 2, 0), (4, 1, 0), (8, 1, 0), (8, 1, 128))],
+    "fwd_long": [(m, n, w, 2, r) for m in (128, 64, 32) for n in (64, 32) for w, r in ((4, 0), (4, 168), (8, 128))],
+}
+
+
+def work_rows(candidates=False):
+    """Counted work per kernel at its shape (interpreter): the shipped config, or every candidate."""
+    A = importlib.import_module("kernels.attention")
+    rows = []
+    for kernel, (B, H, N, D) in SHAPES.items():
+        shipped = A.CONFIGS[(kernel, 16, A._pow2(D))]
+        for entry in (CANDIDATES[kernel] if candidates else [shipped]):
+            fwd, bwd = _with_config(kernel, 16, D, entry, lambda: counted_attention(N, D))
+            c = fwd if kernel.startswith("fwd") else bwd
+            macs, exps = useful_work(kernel, N, D)
+            consts, _ = _with_config(kernel, 16, D, entry, lambda: A.choose(kernel, None, N, D, torch.float16))
+            rows.append({"kernel": kernel, "shape": f"B{B} H{H} N{N} D{D}", "config": list(entry),
+                         "shipped": entry == shipped, "tiles": consts,
+                         "u": c["bytes"] * B * H / (B * H * N * D * 2), "MB": c["bytes"] * B * H / 1e6,
+                         "macs_useful": macs, "macs_padded": c["macs"], "exps_useful": exps, "exps_padded": c["exps"]})
+    return rows
+
+
+def tiles_str(kernel, c):
+    if kernel == "fwd_long":
+        return f"rows {c['BLOCK_M']}+{c['ROW_TAIL']} keys {c['BLOCK_N']}+{c['KEY_TAIL']}"
+    return f"rows {c['BLOCK_M']}x keys {c['BLOCK_N']}+{c['BLOCK_T']}"
+
+
+def print_work(rows):
+    print("counted per (batch, head) in the Triton interpreter, times B*H; registers / spills / shared memory from "
+          "ptxas for sm_90; CTAs per SM from those (65,536 regs, 228 KB, 2,048 threads). Counted, not measured on a GPU.")
+    print(f"{'kernel':<10} {'shape':<18} {'BLOCK_M,N,warps':<16} {'tiles':<26} {'u':>5} {'MB':>6} "
+          f"{'MACs use/pad':>12} {'exps use/pad':>12} {'regs':>4} {'spill':>5} {'smem KB':>7} {'CTA/SM':>6} mma")
+    for r in rows:
+        star = "*" if r.get("shipped") else " "
+        print(f"{r['kernel']:<10} {r['shape']:<18} {star}{','.join(map(str, r['config'])):<15} "
+              f"{tiles_str(r['kernel'], r['tiles']):<26} {r['u']:>5.2f} {r['MB']:>6.1f} "
+              f"{r['macs_useful'] / r['macs_padded']:>12.2f} {r['exps_useful'] / r['exps_padded']:>12.2f} "
+              f"{_fmt(r.get('regs')):>4} {_fmt(r.get('spill')):>5} {_fmt(r.get('smem'), 1024):>7} "
+              f"{_fmt(r.get('ctas')):>6} {r.get('mma', '?')}")
+    print("* the shipped (pinned) config; u = one B*H*N*D bf16 tensor; use/pad = useful / executed work")
+
+
+def _fmt(x, div=1):
+    return "?" if x is None else f"{x / div:.0f}" if div > 1 else str(x)
 
 
 def bytes_rows():
@@ -104,8 +214,7 @@ def bytes_rows():
     for shape, kernels_ in ((TRAIN, ("fwd", "bwd")), (TEACHER, ("fwd",))):
         B, H, N, D = shape
         u = B * H * N * D * 2
-        fwd, bwd = counted_attention_bytes(N, D)
-        ours = {"fwd": fwd, "bwd": bwd}
+        ours = dict(zip(("fwd", "bwd"), counted_attention_bytes(N, D)))
         for kernel in kernels_:
             for name, per_head, how in [
                     ("ours", ours[kernel], "counted"),
@@ -119,8 +228,7 @@ def bytes_rows():
     return rows
 
 
-def print_bytes():
-    rows = bytes_rows()
+def print_bytes(rows):
     print("bytes moved (loads + stores of every program; u = one B*H*N*D bf16 tensor)")
     print(f"{'shape':<20} {'kernel':<15} {'impl':<20} {'u':>6} {'MB':>8}  how")
     for r in rows:
@@ -132,6 +240,29 @@ def print_bytes():
         both = t[(s, "attention fwd", other)] + t[(s, "attention bwd", other)]
         print(f"training fwd+bwd: {other} {both:.2f}u vs ours {ours:.2f}u -> "
               f"{both / ours:.2f}x fewer bytes (an estimate of the speed-up if memory-bound, until measured)")
+
+
+def counts_main(candidates):
+    """--bytes: the counts come from a child process under the interpreter, the compiled facts
+    (registers, CTAs per SM) from this one, which must not be interpreted."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    child = subprocess.run([sys.executable, "-c", "import json, kernels.bench as b; "
+                            f"print(json.dumps([b.work_rows({candidates}), b.bytes_rows()]))"],
+                           env=env, capture_output=True, text=True)
+    if child.returncode:
+        print(child.stderr.strip().splitlines()[-1] if child.stderr.strip() else "counting failed")
+        return 1
+    work, traffic = json.loads(child.stdout.strip().splitlines()[-1])
+    for r in work:  # compiled as trained: bf16
+        D, N = int(r["shape"].split("D")[1]), int(r["shape"].split("N")[1].split()[0])
+        try:
+            r.update(_with_config(r["kernel"], 16, D, tuple(r["config"]),
+                                  lambda: compile_stats(r["kernel"], torch.bfloat16, N, D)))
+        except Exception as e:  # no ptxas here, or a config that does not compile: counts still print
+            print(f"compile {r['kernel']} {r['config']}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+    print_work(work)
+    print()
+    print_bytes(traffic)
     return 0
 
 
@@ -169,56 +300,73 @@ def _signature(fn, consts, tname):
     return sig
 
 
-def compile_check(arch=90):
-    """Compile every config that survives pruning (so can be autotuned) at the students' key tile
-    (N 65-128), the next smaller one and the teacher's bucket (N = 197), for each dtype and head
-    size, and the loss kernel; report ptxas registers, spills, shared memory. Returns 1 if any
-    spills or exceeds shared memory. (dtype/D pairs with no row fall back to PyTorch.)"""
+TNAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def compile_kernel(fn, consts, opts, tname, arch=90):
+    """ptxas's counts for one kernel compiled for sm_`arch` with launch options `opts` (num_warps,
+    num_stages, maxnreg): regs, spill (B), smem (B), mma kind, CTAs per SM."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    k = triton.compile(ASTSource(fn=fn, signature=_signature(fn, consts, tname), constexprs=consts),
+                       target=GPUTarget("cuda", arch, 32), options=dict(opts))
+    regs, spill = _ptxas_counts(k.asm["ptx"], arch)
+    ptx = k.asm["ptx"]
+    mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma"
+    smem = k.metadata.shared
+    return {"regs": regs, "spill": spill, "smem": smem, "mma": mma, "ctas": occupancy(regs, smem, opts["num_warps"])}
+
+
+def compile_stats(kernel, dtype, N, D):
+    """The shipped launch of `kernel` at (N, D, dtype), compiled for sm_90."""
+    A = importlib.import_module("kernels.attention")
+    consts, opts = A.choose(kernel, None, N, D, dtype)
+    fn = {"fwd_short": A._attn_fwd_short_kernel, "bwd_short": A._attn_bwd_short_kernel,
+          "fwd_long": A._attn_fwd_long_kernel}[kernel]
+    return compile_kernel(fn, dict(consts), opts, TNAME[dtype])
+
+
+TILE_CLASSES = {  # one N per distinct tile set the chooser can return
+    "fwd_short": (16, 32, 48, 64, 67), "bwd_short": (16, 32, 48, 64, 67),
+    "fwd_long": (197, 224, 256, 300),  # the long kernel's row and key tails: 16, 32, none, a masked block
+}
+
+
+def compile_check():
+    """Compile every shipped config (CONFIGS) at every tile class its N range can give, for each
+    dtype and head size, and the loss kernel; report ptxas registers, spills, shared memory and
+    CTAs per SM. Returns 1 if any spills or exceeds shared memory."""
     A = importlib.import_module("kernels.attention")
     L = importlib.import_module("kernels.distill_loss")
     if A.INTERPRETED:
         print("compile check: unset TRITON_INTERPRET first")
         return 1
-    target = GPUTarget("cuda", arch, 32)
-    print(f"{'kernel':<10} {'dtype':<5} {'D':>4} {'N tile':>6} {'BLOCK_M':>7} {'BLOCK_N':>7} {'warps':>5} "
-          f"{'regs':>5} {'spill B':>7} {'smem B':>7} mma")
-    spills = 0
+    print(f"{'kernel':<10} {'dtype':<5} {'D':>4} {'N':>4} {'BLOCK_M,N,warps':<16} {'tiles':<26} "
+          f"{'regs':>5} {'spill B':>7} {'smem B':>7} {'CTA/SM':>6} mma")
+    bad = 0
 
-    def report(name, tname, D, ntile, bm, bn, warps, fn, consts):
-        nonlocal spills
-        k = triton.compile(ASTSource(fn=fn, signature=_signature(fn, consts, tname), constexprs=consts),
-                           target=target, options={"num_warps": warps, "num_stages": 2})
-        regs, spill = _ptxas_counts(k.asm["ptx"], arch)
-        spills += bool(spill) or k.metadata.shared > 227 * 1024  # sm_90's shared memory per block
-        ptx = k.asm["ptx"]
-        mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma"
-        print(f"{name:<10} {tname:<5} {D:>4} {ntile:>6} {bm:>7} {bn:>7} {warps:>5} {regs:>5} "
-              f"{spill if spill is not None else '?':>7} {k.metadata.shared:>7} {mma}", flush=True)
+    def report(name, tname, D, N, entry, tiles, s):
+        nonlocal bad
+        bad += bool(s["spill"]) or s["spill"] is None or s["smem"] > 227 * 1024  # sm_90's shared memory per block
+        print(f"{name:<10} {tname:<5} {D:>4} {N:>4} {','.join(map(str, entry)):<16} {tiles:<26} {_fmt(s['regs']):>5} "
+              f"{_fmt(s['spill']):>7} {s['smem']:>7} {_fmt(s['ctas']):>6} {s['mma']}", flush=True)
 
-    kernels_ = {"fwd_short": A._attn_fwd_short_kernel, "bwd_short": A._attn_bwd_short_kernel,
-                "fwd_long": A._attn_fwd_long_kernel}
-    for dtype, tname in [(torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")]:
-        for D in (32, 64, 128):
-            for name, fn in kernels_.items():
-                for ntile in ((128, 64) if name != "fwd_long" else (256,)):  # students' tile, then smaller
-                    for c in A.prune(name, A.CONFIGS[name], ntile, D, dtype.itemsize):
-                        bn = c.kwargs.get("BLOCK_N", ntile)
-                        consts = {"BLOCK_M": c.kwargs["BLOCK_M"], "BLOCK_N": bn, "BLOCK_D": A._pow2(D),
-                                  "DOT_PREC": A._dot_prec(dtype)}
-                        if name == "fwd_long":
-                            consts["N_BUCKET"] = ntile
-                        report(name, tname, D, ntile, c.kwargs["BLOCK_M"], bn, c.num_warps, fn, consts)
+    for (kernel, bits, BLOCK_D), entry in A.CONFIGS.items():
+        for dtype in ([torch.bfloat16, torch.float16] if bits == 16 else [torch.float32]):
+            for N in TILE_CLASSES[kernel]:
+                consts, _ = A.choose(kernel, None, N, BLOCK_D, dtype)
+                report(kernel, TNAME[dtype], BLOCK_D, N, entry, tiles_str(kernel, consts),
+                       compile_stats(kernel, dtype, N, BLOCK_D))
     for mode in (0, 1, 2):  # the loss kernel as launched for vit / deit hard / cdeit soft with mixup
         consts = {"HAS_CORR_CLS": mode == 2, "TEACHER_MODE": mode, "HAS_CORR": mode == 2,
                   "SOFT_LABELS": mode == 2, "SOFT_TYPES": False, "BLOCK_B": L._block_rows(10, 11),
                   "BLOCK_C": 16, "BLOCK_T": 16}
-        report(f"loss m{mode}", "bf16", 0, 0, consts["BLOCK_B"], 16, 4, L._distill_loss_kernel, consts)
-    print("no spills, shared memory within sm_90's 227 KB" if not spills else
-          f"{spills} configs spill or exceed shared memory: remove them from kernels/attention.py's FITS")
-    return int(spills > 0)
+        report(f"loss m{mode}", "bf16", 0, 0, (consts["BLOCK_B"], 16, 4, 0), "",
+               compile_kernel(L._distill_loss_kernel, consts, {"num_warps": 4, "num_stages": 2}, "bf16"))
+    print("no spills, shared memory within sm_90's 227 KB" if not bad else
+          f"{bad} configs spill or exceed shared memory: change them in kernels/attention.py's CONFIGS")
+    return int(bad > 0)
 
 
 # ---------------------------------------------------------------------------------------------- GPU timing
@@ -371,7 +519,9 @@ def main():
                     help="attention inputs and loss logits (training runs bf16 autocast)")
     ap.add_argument("--only", choices=["attention", "loss"], help="run one of the two GPU benchmarks")
     ap.add_argument("--json", help="also write the rows and goals to this JSON file")
-    ap.add_argument("--bytes", action="store_true", help="no GPU needed: the bytes-moved table")
+    ap.add_argument("--bytes", action="store_true",
+                    help="no GPU needed: counted bytes, padded vs useful MACs and exps, registers and CTAs per SM")
+    ap.add_argument("--candidates", action="store_true", help="with --bytes: every candidate config, not the shipped")
     ap.add_argument("--compile-check", action="store_true",
                     help="no GPU needed: compile every shipped config for sm_90, print registers/spills/smem")
     ap.add_argument("--summarize", metavar="OUTDIR",
@@ -379,13 +529,11 @@ def main():
     args = ap.parse_args()
     if args.summarize:
         return summarize(args.summarize)
-    if args.compile_check:
-        return compile_check()
-    if args.bytes:
-        if not importlib.import_module("kernels.attention").INTERPRETED:  # counting needs the interpreter
-            env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-            return subprocess.run([sys.executable, "-m", "kernels.bench", "--bytes"], env=env).returncode
-        return print_bytes()
+    if args.compile_check or args.bytes:
+        if importlib.import_module("kernels.attention").INTERPRETED:
+            print("--bytes / --compile-check compile for sm_90: unset TRITON_INTERPRET first")
+            return 1
+        return compile_check() if args.compile_check else counts_main(args.candidates)
     if not torch.cuda.is_available():
         print("kernels.bench needs a CUDA GPU and this machine has none: nothing measured. "
               "(--bytes and --compile-check run without one.)")

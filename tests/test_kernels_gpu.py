@@ -5,7 +5,6 @@ fp32 -> bf16 by truncation), and D=128 and the real batch shapes are too slow th
 checked here on the compiled kernels; plus a torch.compile'd (fullgraph, CUDA graphs) model step
 through both custom ops.
 """
-import importlib
 
 import pytest
 import torch
@@ -31,9 +30,6 @@ def _reference(q, k, v, go):
                                    (2, 2, 256, 128), (4, 3, 1, 64), (1, 1, 17, 128)],
                          ids=lambda s: "B{}H{}N{}D{}".format(*s))
 def test_attention_on_gpu(shape, dtype):
-    A = importlib.import_module("kernels.attention")
-    if not A.supported(shape[2], shape[3], dtype):
-        pytest.skip("falls back to SDPA by design (tiles too large for shared memory)")
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, go = (torch.randn(*shape, device="cuda", generator=g).to(dtype) for _ in range(4))
     ref = _reference(q, k, v, go)
@@ -132,21 +128,14 @@ def test_compiled_train_step_with_cuda_graphs():
     assert torch.isfinite(g).all() and F.cosine_similarity(g, g_ref, dim=0) > 0.99
 
 
-@pytest.mark.parametrize("kernel,N", [("fwd_short", 67), ("bwd_short", 67), ("fwd_long", 197)])
-def test_every_fitting_config_on_gpu(kernel, N, monkeypatch):
-    """Each config autotuning may pick (FITS, bf16, D=64), forced, at a slice of the real shapes."""
-    A = importlib.import_module("kernels.attention")
-    tuner = {"fwd_short": A._fwd_short, "bwd_short": A._bwd_short, "fwd_long": A._fwd_long}[kernel]
+def test_backward_is_bitwise_repeatable_on_gpu():
+    """One pinned config, no atomics: two backward passes at the students' shape (a slice of the
+    batch, bf16) give bit-identical dQ, dK, dV, as two ranks or a resumed run will."""
     g = torch.Generator(device="cuda").manual_seed(3)
-    q, k, v, go = (torch.randn(64, 3, N, 64, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4))
-    ref = _reference(q, k, v, go)
-    for c in [c for c in A.CONFIGS[kernel] if A._key(c) in A.FITS[(kernel, 16, 64)]]:
-        monkeypatch.setattr(A, "prune", lambda *args, c=c: [c])
-        tuner.cache.clear()
+    q, k, v, go = (torch.randn(256, 3, 67, 64, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4))
+    runs = []
+    for _ in range(2):
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
-        o = kernels.attention(*xs)
-        got = [o, *torch.autograd.grad(o, xs, go)] if kernel == "bwd_short" else [o]
-        assert tuner.best_config is c
-        for name, a, e in zip(("o", "dq", "dk", "dv"), got, ref):
-            torch.testing.assert_close(a.double(), e, atol=4e-2, rtol=4e-2, msg=lambda m: f"{name} {c}: {m}")
-    tuner.cache.clear()
+        runs.append(torch.autograd.grad(kernels.attention(*xs), xs, go))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
