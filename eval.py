@@ -46,7 +46,7 @@ from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_
                      mean_corruption_error, mean_or_none, nll, per_severity_accuracy, per_type_accuracy,
                      relative_mce, relative_mce_undefined, topk_accuracy)
 
-STUDENT_KIND, EVAL_KIND = "cdeit-kit/student", "cdeit-kit/eval"
+EVAL_KIND = "cdeit-kit/eval"
 EXTRA = download.CORRUPTION_FILES[15:]  # the release's 4 extra corruptions
 ROBUSTBENCH_WRN28_10 = 73.46  # RobustBench CIFAR-10-C, Standard WRN-28-10, mean accuracy over 15 x 5
 
@@ -57,70 +57,9 @@ class EvalError(RuntimeError):
 
 # ----------------------------------------------------------------------------- 1. input files
 
-def _first_line(e):
-    s = str(e).strip()
-    return f"{type(e).__name__}: {s.splitlines()[0] if s else ''}"
-
-
-def _load(path, what, kind, fields):
-    """torch.load(weights_only=True), then kind, version and fields checked: one clear line for each
-    way a file can be bad (missing, truncated, tampered, another kind)."""
-    if not os.path.isfile(path):
-        raise EvalError(f"{path}: {what} not found")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):  # a pickle that asks for code: never run it
-            m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            raise EvalError(f"{path}: refused by the weights_only loader{m and f' (it asks for {m.group(1)})' or ''}"
-                            f": a tampered or foreign pickle, not a {what}") from None
-        raise EvalError(f"{path}: not a torch {what} ({_first_line(e)})") from None
-    except Exception as e:  # truncated zip, not a zip, bad records, ...
-        raise EvalError(f"{path}: unreadable {what}, truncated or not a torch file ({_first_line(e)})") from None
-    if not isinstance(ck, dict) or "kind" not in ck:
-        raise EvalError(f"{path}: no 'kind' field, not a cdeit-kit file (expected kind {kind!r})")
-    if ck["kind"] != kind:
-        hint = {teacher_lib.HEAD_KIND: "; pass a teacher head with --teacher",
-                STUDENT_KIND: "; pass a student checkpoint positionally"}.get(ck["kind"], "")
-        raise EvalError(f"{path}: kind {ck['kind']!r}, expected {kind!r}{hint}")
-    if ck.get("version") != 1:
-        raise EvalError(f"{path}: unsupported {kind} version {ck.get('version')!r} (this eval.py reads 1)")
-    missing = [k for k in fields if k not in ck]
-    if missing:
-        raise EvalError(f"{path}: {what} lacks the field(s) {', '.join(missing)}")
-    return ck
-
-
-def _load_weights(net, sd, path):
-    """load_state_dict with every key and shape checked first, reported on one line."""
-    want = net.state_dict()
-    if not isinstance(sd, dict):
-        raise EvalError(f"{path}: 'model' is not a state dict")
-    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    shaped = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != tuple(want[k].shape))
-    if missing or unexpected or shaped:
-        parts = [f"{n}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
-                 for n, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if v]
-        raise EvalError(f"{path}: weights do not fit the model ({'; '.join(parts)})")
-    net.load_state_dict(sd)
-
-
-def load_student(path):
-    """-> (model on CPU in eval mode, checkpoint dict without the optimizer)."""
-    ck = _load(path, "checkpoint", STUDENT_KIND, ("model_name", "model_args", "model", "data_args"))
-    if ck["model_name"] not in ("vit", "deit", "cdeit"):
-        raise EvalError(f"{path}: model_name {ck['model_name']!r} is not a student (vit, deit, cdeit)")
-    try:
-        net = model_lib.create_model(ck["model_name"], **ck["model_args"])
-    except (TypeError, ValueError) as e:
-        raise EvalError(f"{path}: model_args do not build a {ck['model_name']}: {e}") from None
-    _load_weights(net, ck["model"], path)
-    ck.pop("optimizer", None)
-    return net.eval(), ck
-
-
 def load_head(path):
-    ck = _load(path, "teacher head", teacher_lib.HEAD_KIND, ("weight", "bias", "teacher_path", "data_args"))
+    ck = model_lib.load_checked(path, "teacher head", teacher_lib.HEAD_KIND, ("weight", "bias", "teacher_path", "data_args"),
+                                {model_lib.STUDENT_KIND: "; pass a student checkpoint positionally"})
     w, b = ck["weight"], ck["bias"]
     if not (torch.is_tensor(w) and torch.is_tensor(b) and w.ndim == 2 and b.shape == (w.shape[0],)):
         raise EvalError(f"{path}: weight/bias must be (C, D) and (C,) tensors")
@@ -153,7 +92,7 @@ def load_baseline(path):
         with open(path) as f:
             base = json.load(f)
     except (OSError, ValueError) as e:
-        raise EvalError(f"{path}: not a readable JSON file ({_first_line(e)})") from None
+        raise EvalError(f"{path}: not a readable JSON file ({model_lib.first_line(e)})") from None
     if isinstance(base, list):
         if len(base) != 1:
             raise EvalError(f"{path}: holds {len(base)} results; a baseline must be one eval (one checkpoint)")
@@ -528,7 +467,7 @@ def load_jobs(args, device):
     Returns ([(result skeleton, model or head)] in command-line order, the teacher last; baseline)."""
     jobs = []
     for path in args.checkpoints:
-        net, ck = load_student(path)
+        net, ck = model_lib.load_student(path, {teacher_lib.HEAD_KIND: "; pass a teacher head with --teacher"})
         cfg = ck.get("config") if isinstance(ck.get("config"), dict) else {}
         jobs.append(({"checkpoint": path, "model_name": ck["model_name"], "model_args": ck["model_args"],
                       "distill": cfg.get("distill"), "dataset": ck.get("dataset"), "epoch": ck.get("epoch"),

@@ -118,3 +118,46 @@ def relative_mce_undefined(baseline_errors, baseline_clean_error):
 def confusion_matrix(pred, target, n):
     """(n, n) counts, rows = true index, columns = predicted index."""
     return torch.bincount(target * n + pred, minlength=n * n).reshape(n, n)
+
+
+# ----------------------------------------------------------------------------- temperature scaling
+
+def fit_temperature(logits, labels, lo=1e-2, hi=1e2, iters=100):
+    """Guo et al. 2017 (4.2, temperature scaling): the T > 0 minimising NLL(softmax(logits / T)) on
+    held-out data. In beta = 1/T the NLL, mean(logsumexp(beta z) - beta z_y), is convex (a
+    log-sum-exp of functions linear in beta), and its derivative mean(E_p[z] - z_y) increases with
+    beta, so bisecting the derivative's sign in log beta finds the minimum; T is clipped to [lo, hi]
+    (a separable set drives T -> 0). Float64, deterministic."""
+    z, y = logits.double(), labels
+    zy = z.gather(1, y[:, None])[:, 0]
+    slope = lambda b: float(((b * z).softmax(-1) * z).sum(-1).sub(zy).mean())  # d NLL / d beta  # noqa: E731
+    a, b = math.log(1 / hi), math.log(1 / lo)   # log beta bracket
+    if slope(math.exp(a)) >= 0:
+        return hi
+    if slope(math.exp(b)) <= 0:
+        return lo
+    for _ in range(iters):
+        m = (a + b) / 2
+        a, b = (m, b) if slope(math.exp(m)) < 0 else (a, m)
+    return 1 / math.exp((a + b) / 2)
+
+
+def type_temperatures(logits, labels, pred_types, num_types, global_t, min_count=50):
+    """One temperature per *predicted* corruption type (CdeiT's corruption-token argmax, so no label
+    is needed at test time): fit_temperature on the held-out images the token assigns to type t,
+    the global temperature for types with fewer than min_count of them.
+    -> (temperatures (num_types,) float64, counts (num_types,), fitted (num_types,) bool)."""
+    counts = torch.bincount(pred_types, minlength=num_types)
+    fitted = counts >= min_count
+    temps = torch.full((num_types,), float(global_t), dtype=torch.float64)
+    for t in torch.nonzero(fitted).flatten().tolist():
+        m = pred_types == t
+        temps[t] = fit_temperature(logits[m], labels[m])
+    return temps, counts, fitted
+
+
+def scale_logits(logits, temperature, pred_types=None):
+    """logits / T: one global T (a number), or T[pred_types] per image for per-type temperatures."""
+    if pred_types is None:
+        return logits / float(temperature)
+    return logits / torch.as_tensor(temperature, dtype=logits.dtype)[pred_types][:, None]

@@ -39,9 +39,9 @@ import losses
 import teacher  # the teacher stage (seed 4.1): cached features, fitted head, logits
 from augment import Augment, teacher_view
 from download import DataError, download, teacher_path
-from eval import STUDENT_KIND, run_student, summarize  # val metrics computed exactly as eval.py reports them
+from eval import run_student, summarize  # val metrics computed exactly as eval.py reports them
 from heartbeat import PeerWatch
-from model import ModelFileError, count_params, create_model, param_groups
+from model import STUDENT_KIND, ModelFileError, count_params, create_model, param_groups
 
 # --dataset synthetic: what changes when the user did not set it (about 2,000 training images, so
 # the whole pipeline runs in a couple of minutes on a laptop CPU). Data and teacher are fake.
