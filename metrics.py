@@ -142,17 +142,22 @@ def fit_temperature(logits, labels, lo=1e-2, hi=1e2, iters=100):
     return 1 / math.exp((a + b) / 2)
 
 
-def type_temperatures(logits, labels, pred_types, num_types, global_t, min_count=50):
+def type_temperatures(logits, labels, pred_types, num_types, global_t, min_count=50, lo=1e-2, hi=1e2):
     """One temperature per *predicted* corruption type (CdeiT's corruption-token argmax, so no label
     is needed at test time): fit_temperature on the held-out images the token assigns to type t,
-    the global temperature for types with fewer than min_count of them.
+    the global temperature for types with fewer than min_count of them, and for types whose fit
+    hits a bound of fit_temperature's range (e.g. every image right: NLL falls as T -> 0).
     -> (temperatures (num_types,) float64, counts (num_types,), fitted (num_types,) bool)."""
     counts = torch.bincount(pred_types, minlength=num_types)
     fitted = counts >= min_count
     temps = torch.full((num_types,), float(global_t), dtype=torch.float64)
     for t in torch.nonzero(fitted).flatten().tolist():
         m = pred_types == t
-        temps[t] = fit_temperature(logits[m], labels[m])
+        T = fit_temperature(logits[m], labels[m], lo, hi)
+        if lo < T < hi:
+            temps[t] = T
+        else:
+            fitted[t] = False
     return temps, counts, fitted
 
 
