@@ -15,8 +15,10 @@ STD). .npy and CIFAR inputs must already be 32 x 32 x 3 uint8.
 
 Per image: the top-k classes with probabilities; for CdeiT the corruption token's most likely type
 (data.TYPES: clean + the 10 training corruptions) with its probability and p(clean), and a shift
-warning when 1 - p(clean) >= --shift-threshold (the token says the image is likely corrupted; how
-well it detects each type: eval.py's confusion matrix). Class probabilities use the temperatures
+warning when the token is confident the image is corrupted: its most likely type is a corruption
+with probability >= --shift-threshold (how well it detects each type: eval.py's confusion matrix).
+A token unsure between types (a flat distribution) warns of nothing, even though 1 - p(clean) is
+then large; p(clean) is in the JSON / CSV for a rule of your own. Class probabilities use the temperatures
 eval.py --calibrate stored beside the checkpoint (CKPT.temperatures.json) when there are any: CdeiT
 per predicted corruption type, other students one global temperature.
 
@@ -172,9 +174,8 @@ def record(name, label, probs, tprobs, temp, pred, top_k, threshold):
         r["label"] = int(label)
     if tprobs is not None:
         t = int(tprobs.argmax())
-        corrupted = 1.0 - float(tprobs[0])  # type 0 = clean
         r["corruption"] = {"type": pred.types[t], "index": t, "p": float(tprobs[t]), "p_clean": float(tprobs[0]),
-                           "shift_warning": corrupted >= threshold}
+                           "shift_warning": t != 0 and float(tprobs[t]) >= threshold}  # type 0 = clean
     return r
 
 
@@ -182,9 +183,9 @@ def screen_line(r):
     s = f"{r['input']}  " + "  ".join(f"{c['class']} {c['p']:.3f}" for c in r["top"])
     if "corruption" in r:
         c = r["corruption"]
-        s += f"  | corruption: {c['type']} {c['p']:.3f} (clean {c['p_clean']:.3f})"
+        s += f"  | corruption: {c['type']} {c['p']:.3f}" + (f" (clean {c['p_clean']:.3f})" if c["index"] else "")
         if c["shift_warning"]:
-            s += "  SHIFT: likely corrupted, class probabilities less reliable"
+            s += f"  SHIFT: likely {c['type']}, class probabilities less reliable"
     return s
 
 
@@ -270,7 +271,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--shift-threshold", type=float, default=0.5,
-                   help="warn when the corruption token's 1 - p(clean) is at least this (CdeiT; default 0.5)")
+                   help="CdeiT: warn when the corruption token's most likely type is a corruption with at least "
+                        "this probability (default 0.5)")
     p.add_argument("--no-calibration", action="store_true", help="ignore CKPT.temperatures.json (temperature 1)")
     args = p.parse_args(argv)
     try:
