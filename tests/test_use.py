@@ -176,8 +176,13 @@ def test_calibrate_on_real_digits(digits, tmp_path, capsys):
     assert predict.main([str(ckpt), str(tmp_path / "x.npy"), "--json", str(tmp_path / "p.json"), "--device", "cpu"]) == 0
     p = json.loads((tmp_path / "p.json").read_text())
     assert p["calibration"] == "per-type"
-    for rec in p["predictions"]:
-        assert rec["temperature"] == pytest.approx(t["per_type"][rec["corruption"]["index"]])
+    net, _ = model_lib.load_student(str(ckpt))
+    with torch.no_grad():
+        z = net(augment.normalize(test["images"][:64])).double()
+    for rec, zi in zip(p["predictions"], z):
+        T = t["per_type"][rec["corruption"]["index"]]
+        assert rec["temperature"] == pytest.approx(T)
+        assert rec["top"][0]["p"] == pytest.approx(float((zi / T).softmax(-1).max()), abs=1e-6)
     # other weights beside the old sidecar: refused, naming it
     other = tmp_path / "other.pt"
     _, ck = model_lib.load_student(str(ckpt))
