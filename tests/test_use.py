@@ -223,6 +223,12 @@ def test_export_onnx_matches_pytorch(name, digits, tmp_path, capsys):
         assert g.shape == tuple(w.shape)
         np.testing.assert_allclose(g, w.numpy(), atol=1e-4, rtol=0)
         np.testing.assert_allclose(t.numpy(), w.numpy(), atol=1e-4, rtol=0)
+    if name == "deit":  # predict.py on a student without the corruption token: classes only
+        np.save(tmp_path / "x.npy", x[:5].permute(0, 2, 3, 1).numpy())
+        assert predict.main([str(ckpt), str(tmp_path / "x.npy"), "--json", str(tmp_path / "p.json"), "--device", "cpu"]) == 0
+        p = json.loads((tmp_path / "p.json").read_text())
+        assert p["calibration"] == "none" and not any("corruption" in r for r in p["predictions"])
+        assert [r["top"][0]["index"] for r in p["predictions"]] == want[0][:5].argmax(-1).tolist()
 
 
 def test_export_refuses_bad_input(digits, tmp_path, capsys):
