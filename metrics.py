@@ -1,7 +1,7 @@
 """Metrics of the seed's 3.5 (torch only: copy this file into another project).
 
-Accuracy, NLL, ECE (Guo et al. 2017, seed Eq. 8-9) and mCE (Hendrycks & Dietterich 2019, seed
-Eq. 10), each a pure function over whole-split tensors, each tested on hand-computed values in
+Accuracy, NLL, ECE (Guo et al. 2017, seed Eq. 8-9), mCE (Hendrycks & Dietterich 2019, seed
+Eq. 10) and temperature scaling (Guo et al. 2017, 4.2), each a pure function over whole-split tensors, each tested on hand-computed values in
 tests/test_eval.py. `names` lists the image types in index order (type 0 = clean), e.g. data.TYPES
 for the seed's 11-type mix or corruptions.TYPE_NAMES for the 16 types of CIFAR-10-C.
 

@@ -143,6 +143,26 @@ def test_predict_refuses_bad_options_and_checkpoints(digits, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- calibration
 
+def test_fit_temperature_and_per_type_fallback():
+    """metrics.fit_temperature finds scipy's minimum of the NLL over T; type_temperatures fits the
+    types with enough images and falls back to the global T for the others and for a separable type."""
+    from scipy.optimize import minimize_scalar
+    import metrics
+    g = torch.Generator().manual_seed(0)
+    z = 3 * torch.randn(3000, 10, generator=g, dtype=torch.float64)
+    y = torch.multinomial((z / 2.5).softmax(-1), 1, generator=g)[:, 0]  # drawn from T = 2.5
+    T = metrics.fit_temperature(z, y)
+    ref = minimize_scalar(lambda t: metrics.nll(z / t, y), bounds=(0.1, 10), method="bounded", options={"xatol": 1e-8}).x
+    assert T == pytest.approx(ref, rel=1e-5) and T == pytest.approx(2.5, rel=0.1)
+    types = torch.tensor([0] * 1000 + [1] * 1990 + [2] * 10)
+    z[1000:1100] = 20 * F.one_hot(y[1000:1100], 10)  # type 1: 100 images ...
+    temps, counts, fitted = metrics.type_temperatures(z[:1100], y[:1100], types[:1100], 3, T, min_count=50)
+    assert counts.tolist() == [1000, 100, 0] and fitted.tolist() == [True, False, False]  # ... all right: separable
+    assert temps[0] == pytest.approx(metrics.fit_temperature(z[:1000], y[:1000])) and temps[1] == temps[2] == T
+    scaled = metrics.scale_logits(z[:4], temps, torch.tensor([0, 1, 2, 0]))
+    assert torch.equal(scaled[1], z[1] / T) and torch.equal(scaled[0], z[0] / temps[0])
+
+
 def test_calibrate_on_real_digits(digits, tmp_path, capsys):
     """eval.py --calibrate: temperatures fitted on val, reported on test, stored beside the checkpoint
     (whose bytes do not change); the val-fitted temperatures lower the test NLL; predict.py then uses
