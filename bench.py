@@ -1,4 +1,4 @@
-"""Benchmarks outside the test suite: `python bench.py data|train|corruptions`.
+"""Benchmarks outside the test suite: `python bench.py data|train|corruptions|predict`.
 
 Each section is one function, owned by the file it measures; imports happen inside them so one
 section's dependencies never slow down or break another.
@@ -311,9 +311,70 @@ def bench_corruptions(args):
     print(f"cpu ratio: geometric mean {gm:.1f}x, min {min(ratios):.1f}x ({names[int(np.argmin(ratios))]})")
 
 
+def bench_predict(args):
+    """Images/s of predict.py on a folder of PNGs (real 32x32 photographs, tests/test_corruptions.py's
+    PHOTOS, shifted per file so no two are equal) with a full-size CdeiT (untrained: speed does not
+    depend on the weights): reading + decoding alone, the model alone (model.Deployed on uint8
+    batches) and the whole of predict.predict (read, batch, predict, one record per image)."""
+    import importlib.util
+    import os
+    import tempfile
+    import numpy as np
+    import torch
+    from PIL import Image
+    import model as model_lib
+    import predict
+
+    ap = argparse.ArgumentParser(prog="bench.py predict")
+    ap.add_argument("--n", type=int, default=3000, help="PNG files in the folder")
+    ap.add_argument("--png-size", type=int, default=32, help="side of the PNGs (32: no resize)")
+    ap.add_argument("--batch", type=int, default=256, help="predict.py --batch-size")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    opts, _ = ap.parse_known_args(sys.argv[2:])
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "test_corruptions.py")
+    spec = importlib.util.spec_from_file_location("test_corruptions", path)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    photos = ref.PHOTOS  # (P, 32, 32, 3) uint8
+    with tempfile.TemporaryDirectory() as d:
+        folder = os.path.join(d, "images")
+        os.makedirs(folder)
+        for i in range(opts.n):
+            img = Image.fromarray(np.roll(photos[i % len(photos)], i // len(photos), axis=1))
+            if opts.png_size != 32:
+                img = img.resize((opts.png_size, opts.png_size), Image.BICUBIC)
+            img.save(os.path.join(folder, f"{i:05d}.png"))
+        ckpt = os.path.join(d, "cdeit.pt")
+        torch.save({"kind": model_lib.STUDENT_KIND, "version": 1, "model_name": "cdeit", "model_args": {},
+                    "model": model_lib.create_model("cdeit").state_dict(), "data_args": {}}, ckpt)
+        pred = predict.Predictor(ckpt, torch.device(opts.device))
+        files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+        t0 = time.perf_counter()
+        x = torch.stack([predict.read_image(f) for f in files])
+        t_read = time.perf_counter() - t0
+        pred(x[:opts.batch])  # warm-up
+        t0 = time.perf_counter()
+        for i in range(0, len(x), opts.batch):
+            pred(x[i:i + opts.batch])
+        t_model = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        records, errors = predict.predict(pred, [folder], opts.batch, 3, 0.5, emit=lambda line: None)
+        t_all = time.perf_counter() - t0
+    assert len(records) == opts.n and not errors
+    print(f"predict.py: {opts.n} PNGs {opts.png_size}x{opts.png_size}, cdeit (5.4M params), batch {opts.batch}, "
+          f"{opts.device}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores")
+    print(f"  read + decode{' + resize' if opts.png_size != 32 else ''}: {opts.n / t_read:8,.0f} img/s")
+    print(f"  model (Deployed + softmax): {opts.n / t_model:8,.0f} img/s")
+    print(f"  predict.predict, end to end: {opts.n / t_all:8,.0f} img/s ({t_all:.1f} s)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("what", choices=["data", "train", "corruptions"])
+    ap.add_argument("what", choices=["data", "train", "corruptions", "predict"])
     ap.add_argument("--images", type=int, default=20480, help="data: images per timed epoch")
     ap.add_argument("--batch-size", type=int, default=512, help="data: batch size")
     args, _ = ap.parse_known_args()

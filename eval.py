@@ -4,15 +4,18 @@
     python eval.py vit.pt deit.pt cdeit.pt --baseline vit.json   # side by side, like seed Table 3
     python eval.py --teacher data/cache/teacher_head.pt    # the fitted teacher head (seed 4.1: 87.4%)
     python eval.py best.pt --benchmark cifar10c [--extra]  # the standard 15 x 5 CIFAR-10-C protocol
+    python eval.py best.pt --calibrate                     # temperature scaling fitted on val, stored beside it
+    python eval.py best.pt --benchmark cifar10c --robustbench Ours.json   # RobustBench's model-info layout
 
 A checkpoint trained with --split standard (CIFAR-10 train images, corrupted on the fly) is
 tested on that protocol by default: clean CIFAR-10 test + the real CIFAR-10-C files, with the errors
 on the seed's 10 training corruptions (seen) and on the 5 others (unseen) reported separately.
 
 The metric functions themselves live in metrics.py (seed 3.5; each tested on hand-computed values).
-Top to bottom: 1. loading checkpoints, teacher heads and baseline JSONs (one clear line on any bad
-file), 2. running a model over a split, batched on the device (bf16 autocast on CUDA), 3. the
-metrics of one run, 4. the CIFAR-10-C benchmark, 5. tables, plot, command line.
+Top to bottom: 1. loading teacher heads and baseline JSONs (students: model.load_student; one clear
+line on any bad file), 2. running a model over a split, batched on the device (bf16 autocast on
+CUDA), 3. the metrics of one run, 4. the CIFAR-10-C benchmark, 5. tables, plot, 6. after training:
+temperature scaling, student-teacher agreement, RobustBench files, then the command line.
 
 ECE is Guo et al.'s standard definition over the whole split at once (seed Eq. 8-9). The seed's
 ECEs (~0.0002) are far smaller because one public implementation sums per-batch ECEs and divides by
@@ -43,13 +46,18 @@ import model as model_lib
 import teacher as teacher_lib
 from cli import (FlagError, Parser, check_device, check_existing_dir, check_existing_file, check_writable_file, fail,
                  positive_int)
-from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_from_bins, mce,
-                     mean_corruption_error, mean_or_none, nll, per_severity_accuracy, per_type_accuracy,
-                     relative_mce, relative_mce_undefined, topk_accuracy)
+from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_from_bins, expected_calibration_error,
+                     fit_temperature, mce, mean_corruption_error, mean_or_none, nll, per_severity_accuracy,
+                     per_type_accuracy, relative_mce, relative_mce_undefined, scale_logits, topk_accuracy,
+                     type_temperatures)
 
-STUDENT_KIND, EVAL_KIND = "cdeit-kit/student", "cdeit-kit/eval"
+EVAL_KIND = "cdeit-kit/eval"
 EXTRA = download.CORRUPTION_FILES[15:]  # the release's 4 extra corruptions
 ROBUSTBENCH_WRN28_10 = 73.46  # RobustBench CIFAR-10-C, Standard WRN-28-10, mean accuracy over 15 x 5
+# the column order of RobustBench's model_info/cifar10/corruptions/unaggregated_results.csv
+ROBUSTBENCH_ORDER = ["shot_noise", "motion_blur", "snow", "pixelate", "gaussian_noise", "defocus_blur", "brightness",
+                     "fog", "zoom_blur", "frost", "glass_blur", "impulse_noise", "contrast", "jpeg_compression",
+                     "elastic_transform"]
 
 
 class EvalError(RuntimeError):
@@ -58,82 +66,9 @@ class EvalError(RuntimeError):
 
 # ----------------------------------------------------------------------------- 1. input files
 
-def _first_line(e):
-    s = str(e).strip()
-    return f"{type(e).__name__}: {s.splitlines()[0] if s else ''}"
-
-
-def _load(path, what, kind, fields):
-    """torch.load(weights_only=True), then kind, version and fields checked: one clear line for each
-    way a file can be bad (missing, truncated, tampered, another kind)."""
-    expects = {"checkpoint": "a student checkpoint written by train.py (<out-dir>/best.pt or ckpt.pt)",
-               "teacher head": "a teacher head written by train.py (data/cache/teacher-.../teacher_head.pt)"}[what]
-    if os.path.isdir(path):
-        inside = [n for n in ("best.pt", "ckpt.pt", "teacher_head.pt") if os.path.isfile(os.path.join(path, n))]
-        raise EvalError(f"{path}: a folder; eval.py expects {expects}"
-                        + (f", e.g. {os.path.join(path, inside[0])}" if inside else ""))
-    if not os.path.isfile(path):
-        raise EvalError(f"{path}: {what} not found (eval.py expects {expects})")
-    with open(path, "rb") as f:
-        head = f.read(64).lstrip()
-    if head[:1] in (b"{", b"["):
-        raise EvalError(f"{path}: a JSON file (eval.py --json writes these; pass one as --baseline); eval.py "
-                        f"expects {expects}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):  # a pickle that asks for code: never run it
-            m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            raise EvalError(f"{path}: refused by the weights_only loader{m and f' (it asks for {m.group(1)})' or ''}"
-                            f": a pickle from another program or a tampered file; eval.py expects {expects}") from None
-        raise EvalError(f"{path}: not a torch {what} ({_first_line(e)})") from None
-    except Exception as e:  # truncated zip, not a zip, bad records, ...
-        raise EvalError(f"{path}: unreadable {what}, truncated or not a torch file ({_first_line(e)}); eval.py "
-                        f"expects {expects}") from None
-    if not isinstance(ck, dict) or "kind" not in ck:
-        raise EvalError(f"{path}: no 'kind' field, not a cdeit-kit file (expected kind {kind!r})")
-    if ck["kind"] != kind:
-        hint = {teacher_lib.HEAD_KIND: "; pass a teacher head with --teacher",
-                STUDENT_KIND: "; pass a student checkpoint positionally"}.get(ck["kind"], "")
-        raise EvalError(f"{path}: kind {ck['kind']!r}, expected {kind!r}{hint}")
-    if ck.get("version") != 1:
-        raise EvalError(f"{path}: unsupported {kind} version {ck.get('version')!r} (this eval.py reads 1)")
-    missing = [k for k in fields if k not in ck]
-    if missing:
-        raise EvalError(f"{path}: {what} lacks the field(s) {', '.join(missing)}")
-    return ck
-
-
-def _load_weights(net, sd, path):
-    """load_state_dict with every key and shape checked first, reported on one line."""
-    want = net.state_dict()
-    if not isinstance(sd, dict):
-        raise EvalError(f"{path}: 'model' is not a state dict")
-    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    shaped = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != tuple(want[k].shape))
-    if missing or unexpected or shaped:
-        parts = [f"{n}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
-                 for n, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if v]
-        raise EvalError(f"{path}: weights do not fit the model ({'; '.join(parts)})")
-    net.load_state_dict(sd)
-
-
-def load_student(path):
-    """-> (model on CPU in eval mode, checkpoint dict without the optimizer)."""
-    ck = _load(path, "checkpoint", STUDENT_KIND, ("model_name", "model_args", "model", "data_args"))
-    if ck["model_name"] not in ("vit", "deit", "cdeit"):
-        raise EvalError(f"{path}: model_name {ck['model_name']!r} is not a student (vit, deit, cdeit)")
-    try:
-        net = model_lib.create_model(ck["model_name"], **ck["model_args"])
-    except (TypeError, ValueError) as e:
-        raise EvalError(f"{path}: model_args do not build a {ck['model_name']}: {e}") from None
-    _load_weights(net, ck["model"], path)
-    ck.pop("optimizer", None)
-    return net.eval(), ck
-
-
 def load_head(path):
-    ck = _load(path, "teacher head", teacher_lib.HEAD_KIND, ("weight", "bias", "teacher_path", "data_args"))
+    ck = model_lib.load_checked(path, "teacher head", teacher_lib.HEAD_KIND, ("weight", "bias", "teacher_path", "data_args"),
+                                {model_lib.STUDENT_KIND: "; pass a student checkpoint positionally"})
     w, b = ck["weight"], ck["bias"]
     if not (torch.is_tensor(w) and torch.is_tensor(b) and w.ndim == 2 and b.shape == (w.shape[0],)):
         raise EvalError(f"{path}: weight/bias must be (C, D) and (C,) tensors")
@@ -166,7 +101,7 @@ def load_baseline(path):
         with open(path) as f:
             base = json.load(f)
     except (OSError, ValueError) as e:
-        raise EvalError(f"{path}: not a readable JSON file ({_first_line(e)})") from None
+        raise EvalError(f"{path}: not a readable JSON file ({model_lib.first_line(e)})") from None
     if isinstance(base, list):
         if len(base) != 1:
             raise EvalError(f"{path}: holds {len(base)} results; a baseline must be one eval (one checkpoint)")
@@ -331,7 +266,7 @@ def add_mce(res, base, base_path):
 
 # ----------------------------------------------------------------------------- 4. CIFAR-10-C benchmark
 
-def run_benchmark(net, root, device, batch_size, extra=False):
+def run_benchmark(net, root, device, batch_size, extra=False, temps=None):
     """Hendrycks & Dietterich's protocol: clean CIFAR-10 test + every row of the real files (5
     severities x the test set) of the 15 benchmark corruptions, through run_student file by file,
     then summarize() over clean + 15 x 5 pooled. The 4 extra corruptions are reported on their own.
@@ -363,6 +298,9 @@ def run_benchmark(net, root, device, batch_size, extra=False):
              mean_accuracy_unseen=cells(corruptions.UNSEEN), robustbench_reference=ROBUSTBENCH_WRN28_10)
     if extra:
         r["mean_accuracy_extra"] = cells(EXTRA)
+    if temps:  # calibration under the benchmark's shift, unseen corruptions included
+        r["calibration_scaling"] = calibration_report({k: torch.cat(v) for k, v in outs.items()},
+                                                      {k: torch.cat(v) for k, v in book.items()}, names, temps)
     return r, ips
 
 
@@ -552,6 +490,134 @@ def _jsonable(v):
     return v
 
 
+# ----------------------------------------------------------------------------- 6. after training
+
+# Temperature scaling (Guo et al. 2017; metrics.fit_temperature): fitted on the val split by NLL,
+# one global T for every student, and for CdeiT one per *predicted* corruption type (the token's
+# argmax, so no label is needed at test time) with the global T for types the token assigns fewer
+# than --min-type-images val images. Stored beside the checkpoint (model.temperature_path).
+
+def fit_temperatures(net, r, args, device):
+    """-> the temperatures sidecar dict for r's checkpoint, fitted on its mix's val split."""
+    try:
+        val = data.build_mix(**r["data_args"])["val"]
+    except (TypeError, ValueError) as e:
+        raise EvalError(f"{r['checkpoint']}: data_args {r['data_args']} do not build a mix ({e})") from None
+    outs, _ = run_student(net, val["images"], device, args.batch_size)
+    z, y = outs["combined"].double(), val["labels"]
+    T = fit_temperature(z, y)
+    t = {"kind": model_lib.TEMPERATURE_KIND, "version": 1, "checkpoint": os.path.basename(r["checkpoint"]),
+         "checkpoint_sha256": model_lib.file_sha256(r["checkpoint"]), "fitted_on": "val", "n": len(y),
+         "global": T, "per_type": None, "val_nll": {"none": nll(z, y), "global": nll(scale_logits(z, T), y)}}
+    if "corr" in outs:
+        pred_t = outs["corr"].argmax(-1)
+        temps, counts, fitted = type_temperatures(z, y, pred_t, outs["corr"].shape[1], T, args.min_type_images)
+        t.update(per_type=temps.tolist(), types=list(data.TYPES), val_counts=counts.tolist(), fitted=fitted.tolist(),
+                 min_type_images=args.min_type_images)
+        t["val_nll"]["per_type"] = nll(scale_logits(z, temps, pred_t), y)
+    return t
+
+
+def calibration_report(outs, split, names, temps):
+    """NLL and ECE of the class logits unscaled, with the global T and (CdeiT) the per-type T:
+    overall, on the corrupted images (type > 0), per true type and per (type, severity) cell.
+    -> {"overall", "corrupted", "per_type", "cells"}."""
+    z, y = outs["combined"].double(), split["labels"]
+    variants = {"none": z, "global": scale_logits(z, temps["global"])}
+    if temps.get("per_type") and "corr" in outs:
+        variants["per_type"] = scale_logits(z, temps["per_type"], outs["corr"].argmax(-1))
+    score = lambda m: {v: {"nll": nll(x[m], y[m]), "ece": expected_calibration_error(x[m], y[m])}  # noqa: E731
+                       for v, x in variants.items()}
+    types, sev = split["types"], split["severities"]
+    rep = {"overall": score(torch.ones_like(y, dtype=torch.bool)), "corrupted": score(types > 0),
+           "per_type": {}, "cells": []}
+    for t, name in enumerate(names):
+        if (types == t).any():
+            rep["per_type"][name] = score(types == t)
+        for s in sorted(set(sev[types == t].tolist())):
+            m = (types == t) & (sev == s)
+            rep["cells"].append({"type": name, "severity": s, "n": int(m.sum()), **score(m)})
+    return rep
+
+
+def print_calibration(r):
+    rep, t = r["calibration_scaling"], r["temperatures"]
+    vs = list(rep["overall"])
+    per = "" if t.get("per_type") is None else "; per predicted type " + " ".join(
+        f"{n} {v:.2f}{'' if f else '*'}" for n, v, f in zip(t["types"], t["per_type"], t["fitted"]))
+    print(f"\n{r['checkpoint']}: temperature scaling fitted on val ({t['n']:,} images): global T {t['global']:.3f}{per}"
+          + (" (* = global T: too few val images of that type, or a fit at the range's edge)" if t.get("per_type") else ""))
+    print(f"  {'type':<18}{'sev':>4}{'n':>7}  " + "".join(f"{'NLL ' + v:>15}" for v in vs) +
+          "".join(f"{'ECE ' + v:>15}" for v in vs))
+    n = {k: sum(c["n"] for c in rep["cells"] if k == "all" or c["severity"]) for k in ("all", "corrupted")}
+    rows = [("all", "", n["all"], rep["overall"]), ("all corrupted", "", n["corrupted"], rep["corrupted"])]
+    for c in rep["cells"]:
+        rows.append((c["type"], c["severity"] or "", c["n"], c))
+    for name, s, n, sc in rows:
+        print(f"  {name:<18}{s:>4}{n:>7}  " + "".join(f"{sc[v]['nll']:>15.4f}" for v in vs) +
+              "".join(f"{sc[v]['ece']:>15.4f}" for v in vs))
+
+
+def add_agreement(results, mixes):
+    """Student vs teacher head on the same images (the teacher result is last): how often their
+    predictions agree, per type and per (type, severity), and how the errors split: both right,
+    only the student right, only the teacher right, both wrong with the same class (an error the
+    student shares with its teacher), both wrong differently."""
+    teacher = results[-1]
+    same = lambda r: {k: v for k, v in r["data_args"].items() if k != "root"}  # noqa: E731
+    for r in results[:-1]:
+        if "_pred" not in r or same(r) != same(teacher):
+            continue
+        split = mixes[json.dumps(r["data_args"], sort_keys=True)]
+        s, t, y = r["_pred"], teacher["_pred"], split["labels"]
+        types, sev = split["types"], split["severities"]
+
+        def cell(m):
+            n = int(m.sum())
+            f = lambda c: float(c[m].double().mean()) if n else None  # noqa: E731
+            return {"n": n, "agreement": f(s == t), "both_right": f((s == y) & (t == y)),
+                    "student_only": f((s == y) & (t != y)), "teacher_only": f((s != y) & (t == y)),
+                    "same_error": f((s != y) & (s == t)), "different_errors": f((s != y) & (t != y) & (s != t))}
+        rep = {"teacher": teacher["checkpoint"], "overall": cell(torch.ones_like(y, dtype=torch.bool)),
+               "per_type": {}, "cells": []}
+        for k, name in enumerate(data.TYPES):
+            if (types == k).any():
+                rep["per_type"][name] = cell(types == k)
+            for v in sorted(set(sev[types == k].tolist())):
+                rep["cells"].append({"type": name, "severity": v, **cell((types == k) & (sev == v))})
+        r["teacher_agreement"] = rep
+
+
+def print_agreement(r):
+    rep = r["teacher_agreement"]
+    keys = ("agreement", "both_right", "student_only", "teacher_only", "same_error", "different_errors")
+    print(f"\n{r['checkpoint']} vs the teacher head {rep['teacher']}: % of images (same_error: both wrong with "
+          "the same class, an error the student shares)")
+    print(f"  {'type':<18}{'sev':>4}{'n':>7}" + "".join(f"{k:>17}" for k in keys))
+    for name, s, c in [("all", "", rep["overall"])] + [(c["type"], c["severity"] or "", c) for c in rep["cells"]]:
+        print(f"  {name:<18}{s:>4}{c['n']:>7}" + "".join(f"{_pct(c[k]):>17}" for k in keys))
+
+
+def robustbench_files(r, path):
+    """RobustBench's model-info layout (their model_info/cifar10/corruptions/<name>.json: accuracies
+    as percent strings with 2 decimals) at path, and the per corruption x severity accuracies in their
+    unaggregated_results.csv layout (a header row of corruption names, one of severities 1..5, then
+    one row: the model name and fractions) beside it. -> [(path, text, what)]."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    info = {"link": None, "name": None, "authors": None,
+            "additional_data": bool(r["distill"]),  # the distilled students learn from an ImageNet-22k teacher
+            "number_forward_passes": 1, "dataset": "cifar10", "venue": None,
+            "architecture": f"{r['model_name']} (DeiT-Tiny sizes, patch 4; cdeit-kit)", "eps": None,
+            "clean_acc": f"{100 * r['clean_accuracy']:.2f}", "reported": None,
+            "corruptions_acc": f"{100 * r['robustbench_accuracy']:.2f}"}
+    cs = [c for c in ROBUSTBENCH_ORDER if c in r["per_corruption"]]
+    rows = ["," + ",".join(c for c in cs for _ in range(5)), "," + ",".join(str(s) for _ in cs for s in range(1, 6)),
+            name + "," + ",".join(f"{a:.4f}" for c in cs for a in r["per_corruption"][c])]
+    csv_path = os.path.join(os.path.dirname(path), f"{name}_unaggregated_results.csv")
+    return [(path, json.dumps(info, indent=2) + "\n", "RobustBench model info"),
+            (csv_path, "\n".join(rows) + "\n", "RobustBench per corruption x severity accuracies")]
+
+
 # ----------------------------------------------------------------------------- command line
 
 def _device(name):
@@ -575,6 +641,14 @@ def check_options(args):
         fail("--teacher", args.teacher, "--benchmark evaluates students; the teacher head is evaluated on the mix only")
     if args.benchmark and args.split != "test":
         fail("--split", args.split, "--benchmark cifar10c is a test set; leave --split at test")
+    if args.calibrate and args.split == "val":
+        fail("--calibrate", "", "fits the temperatures on val; evaluate them on --split test (the default)")
+    if args.calibrate and not args.checkpoints:
+        fail("--calibrate", "", "needs a student checkpoint (the teacher head is not calibrated)")
+    if args.robustbench and (not args.benchmark or len(args.checkpoints) != 1):
+        fail("--robustbench", args.robustbench, "needs --benchmark cifar10c and exactly one checkpoint")
+    if args.robustbench and not args.robustbench.endswith(".json"):
+        fail("--robustbench", args.robustbench, "give a .json path (RobustBench's model-info file)")
     check_device("--device", args.device)
     check_existing_dir("--data-dir", args.data_dir)
     check_existing_file("--baseline", args.baseline)
@@ -584,8 +658,8 @@ def check_options(args):
             import matplotlib  # noqa: F401  (optional dependency, checked before any work)
         except ImportError:
             fail("--plot", args.plot, "needs matplotlib, not installed (pip install -r requirements-plot.txt)")
-    for flag, out in (("--json", args.json), ("--plot", args.plot)):  # fail before the work, not after it
-        if out:
+    for flag, out in (("--json", args.json), ("--plot", args.plot), ("--robustbench", args.robustbench)):
+        if out:  # fail before the work, not after it
             check_writable_file(flag, out)
 
 
@@ -594,7 +668,7 @@ def load_jobs(args, device):
     Returns ([(result skeleton, model or head)] in command-line order, the teacher last; baseline)."""
     jobs = []
     for path in args.checkpoints:
-        net, ck = load_student(path)
+        net, ck = model_lib.load_student(path, {teacher_lib.HEAD_KIND: "; pass a teacher head with --teacher"})
         cfg = ck.get("config") if isinstance(ck.get("config"), dict) else {}
         jobs.append(({"checkpoint": path, "model_name": ck["model_name"], "model_args": ck["model_args"],
                       "distill": cfg.get("distill"), "dataset": ck.get("dataset"), "epoch": ck.get("epoch"),
@@ -607,6 +681,9 @@ def load_jobs(args, device):
                       "distill": None, "dataset": None, "epoch": None, "data_args": dict(head["data_args"])}, head))
     base = load_baseline(args.baseline) if args.baseline else None
     for r, obj in jobs:
+        if not isinstance(obj, dict) and not args.calibrate:  # temperatures stored by an earlier --calibrate
+            types = obj.cfg.num_types if obj.head_corr is not None else None
+            r["temperatures"] = model_lib.load_temperatures(r["checkpoint"], types)
         if args.data_dir:
             r["data_args"]["root"] = args.data_dir
         root = r["data_args"].get("root")
@@ -632,7 +709,7 @@ def evaluate_one(r, obj, args, device, mixes):
                   "corrupted images come from CIFAR-10-C itself: these benchmark images are NOT held out",
                   file=sys.stderr)
         print(f"{r['checkpoint']}: CIFAR-10-C accuracy % per severity 1..5")
-        return run_benchmark(obj, r["data_args"]["root"], device, args.batch_size, args.extra)
+        return run_benchmark(obj, r["data_args"]["root"], device, args.batch_size, args.extra, r.get("temperatures"))
     key = json.dumps(r["data_args"], sort_keys=True)
     if key not in mixes:
         try:  # keep only the split evaluated (the real mix's train split is 1.5 GB)
@@ -649,7 +726,11 @@ def evaluate_one(r, obj, args, device, mixes):
         r["teacher_source"] = src
     else:
         outs, ips = run_student(obj, split["images"], device, args.batch_size)
-    return summarize(outs, split), ips
+    m = summarize(outs, split)
+    if r.get("temperatures"):
+        m["calibration_scaling"] = calibration_report(outs, split, data.TYPES, r["temperatures"])
+    r["_pred"] = outs["combined"].argmax(-1)  # for add_agreement, dropped before output
+    return m, ips
 
 
 def evaluate(args):
@@ -657,13 +738,18 @@ def evaluate(args):
     jobs, base = load_jobs(args, device)
     results, mixes = [], {}
     for r, obj in jobs:
+        if args.calibrate and not isinstance(obj, dict):
+            r["temperatures"], r["_fitted"] = fit_temperatures(obj, r, args, device), True
         m, ips = evaluate_one(r, obj, args, device, mixes)
         r.update(m, images_per_s=ips)
         if base is not None:
             add_mce(r, base, args.baseline)
         results.append(r)
+    if args.teacher:
+        add_agreement(results, mixes)
     for r, label in zip(results, run_labels(results)):
         r["label"] = label
+        r.pop("_pred", None)
     return results
 
 
@@ -680,6 +766,14 @@ def main(argv=None):
     p.add_argument("--extra", action="store_true", help="with --benchmark: also the 4 extra corruptions")
     p.add_argument("--teacher", help="a fitted teacher head file (teacher_head.pt), evaluated on the same split")
     p.add_argument("--data-dir", help="data folder, if not where the checkpoint was trained")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit temperature scaling on val (global; CdeiT also per predicted corruption type), report "
+                        "NLL / ECE before and after, store it beside each checkpoint as CKPT.temperatures.json")
+    p.add_argument("--min-type-images", type=positive_int, default=50,
+                   help="with --calibrate: fewest val images of a predicted type to fit its own temperature (else global)")
+    p.add_argument("--robustbench", metavar="FILE.json",
+                   help="with --benchmark cifar10c: write RobustBench's model-info JSON here and the per corruption x "
+                        "severity accuracies beside it (FILE_unaggregated_results.csv)")
     args = p.parse_args(argv)  # a bad value: one line from cli.Parser, exit 2
     try:
         check_options(args)
@@ -692,9 +786,13 @@ def main(argv=None):
         except torch.OutOfMemoryError:
             raise EvalError(f"out of GPU memory at --batch-size {args.batch_size} (images per step): use a smaller "
                             f"--batch-size, e.g. --batch-size {max(1, args.batch_size // 2)}") from None
+        fitted = [r for r in results if r.pop("_fitted", False)]  # --calibrate: sidecars to write
         print_one(results[0]) if len(results) == 1 else print_table(results)  # several: side by side
         if args.benchmark:
             print(f"\nreference: RobustBench CIFAR-10-C, Standard WRN-28-10, mean accuracy {ROBUSTBENCH_WRN28_10}%")
+        for r in results:
+            print_calibration(r) if r.get("calibration_scaling") else None
+            print_agreement(r) if r.get("teacher_agreement") else None
         # outputs only now that everything succeeded: both rendered in memory first, then each written atomically
         outputs = []
         if args.plot:
@@ -704,6 +802,11 @@ def main(argv=None):
         if args.json:
             blob = _jsonable(results[0] if len(results) == 1 else results)
             outputs.append((args.json, json.dumps(blob, indent=1, allow_nan=False), "results JSON"))
+        if args.robustbench:
+            outputs += robustbench_files(results[0], args.robustbench)
+        for r in fitted:  # beside the checkpoint; the weights file itself is never rewritten
+            outputs.append((model_lib.temperature_path(r["checkpoint"]), json.dumps(r["temperatures"], indent=1),
+                            "temperatures"))
         for path, content, what in outputs:
             fileio.atomic_write(path, content, what)
             print(f"wrote {path}")

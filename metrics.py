@@ -1,7 +1,7 @@
 """Metrics of the seed's 3.5 (torch only: copy this file into another project).
 
-Accuracy, NLL, ECE (Guo et al. 2017, seed Eq. 8-9) and mCE (Hendrycks & Dietterich 2019, seed
-Eq. 10), each a pure function over whole-split tensors, each tested on hand-computed values in
+Accuracy, NLL, ECE (Guo et al. 2017, seed Eq. 8-9), mCE (Hendrycks & Dietterich 2019, seed
+Eq. 10) and temperature scaling (Guo et al. 2017, 4.2), each a pure function over whole-split tensors, each tested on hand-computed values in
 tests/test_eval.py. `names` lists the image types in index order (type 0 = clean), e.g. data.TYPES
 for the seed's 11-type mix or corruptions.TYPE_NAMES for the 16 types of CIFAR-10-C.
 
@@ -118,3 +118,51 @@ def relative_mce_undefined(baseline_errors, baseline_clean_error):
 def confusion_matrix(pred, target, n):
     """(n, n) counts, rows = true index, columns = predicted index."""
     return torch.bincount(target * n + pred, minlength=n * n).reshape(n, n)
+
+
+# ----------------------------------------------------------------------------- temperature scaling
+
+def fit_temperature(logits, labels, lo=1e-2, hi=1e2, iters=100):
+    """Guo et al. 2017 (4.2, temperature scaling): the T > 0 minimising NLL(softmax(logits / T)) on
+    held-out data. In beta = 1/T the NLL, mean(logsumexp(beta z) - beta z_y), is convex (a
+    log-sum-exp of functions linear in beta), and its derivative mean(E_p[z] - z_y) increases with
+    beta, so bisecting the derivative's sign in log beta finds the minimum; T is clipped to [lo, hi]
+    (a separable set drives T -> 0). Float64, deterministic."""
+    z, y = logits.double(), labels
+    zy = z.gather(1, y[:, None])[:, 0]
+    slope = lambda b: float(((b * z).softmax(-1) * z).sum(-1).sub(zy).mean())  # d NLL / d beta  # noqa: E731
+    a, b = math.log(1 / hi), math.log(1 / lo)   # log beta bracket
+    if slope(math.exp(a)) >= 0:
+        return hi
+    if slope(math.exp(b)) <= 0:
+        return lo
+    for _ in range(iters):
+        m = (a + b) / 2
+        a, b = (m, b) if slope(math.exp(m)) < 0 else (a, m)
+    return 1 / math.exp((a + b) / 2)
+
+
+def type_temperatures(logits, labels, pred_types, num_types, global_t, min_count=50, lo=1e-2, hi=1e2):
+    """One temperature per *predicted* corruption type (CdeiT's corruption-token argmax, so no label
+    is needed at test time): fit_temperature on the held-out images the token assigns to type t,
+    the global temperature for types with fewer than min_count of them, and for types whose fit
+    hits a bound of fit_temperature's range (e.g. every image right: NLL falls as T -> 0).
+    -> (temperatures (num_types,) float64, counts (num_types,), fitted (num_types,) bool)."""
+    counts = torch.bincount(pred_types, minlength=num_types)
+    fitted = counts >= min_count
+    temps = torch.full((num_types,), float(global_t), dtype=torch.float64)
+    for t in torch.nonzero(fitted).flatten().tolist():
+        m = pred_types == t
+        T = fit_temperature(logits[m], labels[m], lo, hi)
+        if lo < T < hi:
+            temps[t] = T
+        else:
+            fitted[t] = False
+    return temps, counts, fitted
+
+
+def scale_logits(logits, temperature, pred_types=None):
+    """logits / T: one global T (a number), or T[pred_types] per image for per-type temperatures."""
+    if pred_types is None:
+        return logits / float(temperature)
+    return logits / torch.as_tensor(temperature, dtype=logits.dtype)[pred_types][:, None]

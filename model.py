@@ -234,19 +234,27 @@ class VisionTransformer(nn.Module):
         names = ["cls"] + ["dist"] * self.cfg.distilled + ["corr"] * self.cfg.corruption_token
         return {n: f[:, i] for i, n in enumerate(names)}
 
-    def forward(self, x):
+    def forward_heads(self, x):
+        """Every head's logits, in either mode: Logits(cls, dist, corr, corr_cls)."""
         f = self.forward_features(x)
         cls = self.head(f[:, 0])
         dist = self.head_dist(f[:, 1]) if self.head_dist is not None else None
         corr = self.head_corr(f[:, 2]) if self.head_corr is not None else None
         corr_cls = self.corr_proj(corr) if self.corr_proj is not None else None
-        if self.training:
-            return Logits(cls, dist, corr, corr_cls)
-        if dist is None:
-            return cls
-        if corr_cls is None:
-            return (cls + dist) / 2  # DeiT and CdeiT strategy 1
-        return (cls + dist + corr_cls) / 3  # CdeiT strategies 2/3 (seed 3.3)
+        return Logits(cls, dist, corr, corr_cls)
+
+    @staticmethod
+    def average_heads(out):
+        """The eval-mode class logits (B, num_classes) from Logits (seed 3.3)."""
+        if out.dist is None:
+            return out.cls
+        if out.corr_cls is None:
+            return (out.cls + out.dist) / 2  # DeiT and CdeiT strategy 1
+        return (out.cls + out.dist + out.corr_cls) / 3  # CdeiT strategies 2/3
+
+    def forward(self, x):
+        out = self.forward_heads(x)
+        return out if self.training else self.average_heads(out)
 
 
 def create_model(name, **overrides):
@@ -331,3 +339,151 @@ def flops_per_image(cfg: ViTConfig, train=True):
     per_block = 2 * t * D * (3 * D + D + 2 * int(D * cfg.mlp_ratio)) + 2 * 2 * t * t * D
     total = L * per_block + 2 * n * D * cfg.in_chans * cfg.patch_size ** 2
     return total * (3 if train else 1)
+
+
+# ----------------------------------------------------------------------------- trained students
+
+STUDENT_KIND = "cdeit-kit/student"  # train.py's checkpoints
+TEMPERATURE_KIND = "cdeit-kit/temperatures"  # eval.py --calibrate's sidecar beside a checkpoint
+
+
+def first_line(e):
+    s = str(e).strip()
+    return f"{type(e).__name__}: {s.splitlines()[0] if s else ''}"
+
+
+# what each kind of file is, for the line that refuses a wrong one
+EXPECTS = {"checkpoint": "a student checkpoint written by train.py (<out-dir>/best.pt or ckpt.pt)",
+           "teacher head": "a teacher head written by train.py (data/cache/teacher-.../teacher_head.pt)"}
+
+
+def load_checked(path, what, kind, fields, hints=None):
+    """torch.load(weights_only=True), then kind, version and fields checked: one clear line for each
+    way a file can be bad (missing, truncated, tampered, another kind). hints: {other kind: advice}."""
+    import os
+    import pickle
+    import re
+    expects = EXPECTS.get(what, f"a {what}")
+    if os.path.isdir(path):
+        inside = [n for n in ("best.pt", "ckpt.pt", "teacher_head.pt") if os.path.isfile(os.path.join(path, n))]
+        raise ModelFileError(f"{path}: a folder; expected {expects}"
+                             + (f", e.g. {os.path.join(path, inside[0])}" if inside else ""))
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{path}: {what} not found (expected {expects})")
+    with open(path, "rb") as f:
+        start = f.read(64).lstrip()
+    if start[:1] in (b"{", b"["):  # eval.py --json output passed where a checkpoint belongs
+        raise ModelFileError(f"{path}: a JSON file (eval.py --json writes these; eval.py takes one as --baseline); "
+                             f"expected {expects}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):  # a pickle that asks for code: never run it
+            m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            raise ModelFileError(f"{path}: refused by the weights_only loader{m and f' (it asks for {m.group(1)})' or ''}"
+                                 f": a pickle from another program or a tampered file; expected {expects}") from None
+        raise ModelFileError(f"{path}: not a torch {what} ({first_line(e)})") from None
+    except Exception as e:  # truncated zip, not a zip, bad records, ...
+        raise ModelFileError(f"{path}: unreadable {what}, truncated or not a torch file ({first_line(e)}); "
+                             f"expected {expects}") from None
+    if not isinstance(ck, dict) or "kind" not in ck:
+        raise ModelFileError(f"{path}: no 'kind' field, not a cdeit-kit file (expected kind {kind!r})")
+    if ck["kind"] != kind:
+        raise ModelFileError(f"{path}: kind {ck['kind']!r}, expected {kind!r}{(hints or {}).get(ck['kind'], '')}")
+    if ck.get("version") != 1:
+        raise ModelFileError(f"{path}: unsupported {kind} version {ck.get('version')!r} (this kit reads 1)")
+    missing = [k for k in fields if k not in ck]
+    if missing:
+        raise ModelFileError(f"{path}: {what} lacks the field(s) {', '.join(missing)}")
+    return ck
+
+
+def _load_weights(net, sd, path):
+    """load_state_dict with every key and shape checked first, reported on one line."""
+    want = net.state_dict()
+    if not isinstance(sd, dict):
+        raise ModelFileError(f"{path}: 'model' is not a state dict")
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    shaped = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != tuple(want[k].shape))
+    if missing or unexpected or shaped:
+        parts = [f"{n}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
+                 for n, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if v]
+        raise ModelFileError(f"{path}: weights do not fit the model ({'; '.join(parts)})")
+    net.load_state_dict(sd)
+
+
+def load_student(path, hints=None):
+    """A train.py checkpoint -> (model on CPU in eval mode, checkpoint dict without the optimizer).
+    The one loader of a student: eval.py, predict.py and export.py all read checkpoints here."""
+    ck = load_checked(path, "checkpoint", STUDENT_KIND, ("model_name", "model_args", "model", "data_args"), hints)
+    if ck["model_name"] not in ("vit", "deit", "cdeit"):
+        raise ModelFileError(f"{path}: model_name {ck['model_name']!r} is not a student (vit, deit, cdeit)")
+    try:
+        net = create_model(ck["model_name"], **ck["model_args"])
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"{path}: model_args do not build a {ck['model_name']}: {e}") from None
+    _load_weights(net, ck["model"], path)
+    ck.pop("optimizer", None)
+    return net.eval(), ck
+
+
+def file_sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def temperature_path(ckpt_path):
+    """The calibration sidecar of a checkpoint: best.pt -> best.pt.temperatures.json (the weights
+    file itself is never rewritten)."""
+    return f"{ckpt_path}.temperatures.json"
+
+
+def load_temperatures(ckpt_path, num_types=None):
+    """The temperatures eval.py --calibrate stored beside ckpt_path, or None when there are none.
+    -> {"global": T, "per_type": [T per corruption type] or None, ...}. A sidecar that is damaged
+    or was fitted on another checkpoint (its sha256 differs) is refused, never silently used."""
+    import json
+    import os
+    path = temperature_path(ckpt_path)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            t = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{path}: not a readable temperatures file ({first_line(e)})") from None
+    if not isinstance(t, dict) or t.get("kind") != TEMPERATURE_KIND or t.get("version") != 1:
+        raise ModelFileError(f"{path}: not a temperatures file written by eval.py --calibrate (kind {TEMPERATURE_KIND!r})")
+    pos = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf  # noqa: E731
+    per = t.get("per_type")
+    if not pos(t.get("global")) or not (per is None or (isinstance(per, list) and all(map(pos, per))
+                                                        and (num_types is None or len(per) == num_types))):
+        raise ModelFileError(f"{path}: 'global' must be a positive number and 'per_type' None or "
+                             f"{num_types or 'one'} positive numbers per corruption type")
+    if t.get("checkpoint_sha256") != file_sha256(ckpt_path):
+        raise ModelFileError(f"{path}: fitted on another version of {ckpt_path} (sha256 differs); rerun "
+                             f"eval.py {ckpt_path} --calibrate, or delete it")
+    return t
+
+
+class Deployed(nn.Module):
+    """A student as a user runs it: uint8 RGB images (B, 3, H, W) in, normalisation and the eval-mode
+    head averaging (seed 3.3) built in. -> class logits (B, num_classes), and for CdeiT also the
+    corruption logits (B, num_types). mean / std: the training normalisation (augment.MEAN / STD)."""
+
+    def __init__(self, net, mean, std):
+        super().__init__()
+        self.net = net.eval()
+        std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        # x * 1/(255 std) - mean/std: augment.normalize's arithmetic, so the logits match it exactly
+        self.register_buffer("scale", 1 / (255 * std))
+        self.register_buffer("shift", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std)
+
+    def forward(self, images):
+        out = self.net.forward_heads(images.float() * self.scale - self.shift)
+        logits = self.net.average_heads(out)
+        return logits if out.corr is None else (logits, out.corr)

@@ -41,9 +41,9 @@ from augment import Augment, teacher_view
 from cli import (FlagError, Parser, bounded, check_device, check_existing_file, check_writable_dir, fail, non_negative,
                  positive, positive_int, probability, rate, seed_int, url)
 from download import DataError, download, teacher_path
-from eval import STUDENT_KIND, run_student, summarize  # val metrics computed exactly as eval.py reports them
+from eval import run_student, summarize  # val metrics computed exactly as eval.py reports them
 from heartbeat import PeerWatch
-from model import ModelFileError, ViTConfig, count_params, create_model, param_groups
+from model import STUDENT_KIND, ModelFileError, ViTConfig, count_params, create_model, param_groups
 
 # --dataset synthetic: what changes when the user did not set it (about 2,000 training images, so
 # the whole pipeline runs in a couple of minutes on a laptop CPU). Data and teacher are fake.

@@ -7,7 +7,9 @@ through the interpreter; on a GPU the same tests run the compiled kernels on CUD
 model.py only calls the kernels on CUDA tensors, so other CPU tests are unaffected.
 
 `smoke_run`: the README's offline command, run once per test session and shared by
-tests/test_train.py (checks the run) and tests/test_eval.py (evaluates its checkpoint).
+tests/test_train.py (checks the run), tests/test_eval.py (evaluates its checkpoint) and
+tests/test_use.py. `digits_files`: real images as CIFAR files, shared by tests/test_learning.py and
+tests/test_use.py.
 """
 import os
 import subprocess
@@ -43,6 +45,19 @@ def smoke_run(tmp_path_factory):
     if r.returncode != 0:
         pytest.fail("smoke run failed:\n" + r.stdout[-3000:] + r.stderr[-3000:])
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_files(tmp_path_factory):
+    """scikit-learn's real handwritten digits as CIFAR-10 / CIFAR-10-C files (15 corruptions) and a
+    tiny random teacher (tests/test_learning.write_digits), written once per session and shared by
+    tests/test_learning.py and tests/test_use.py. Returns the data folder (a str)."""
+    from test_learning import write_digits
+    import teacher
+    root = str(tmp_path_factory.mktemp("digits"))
+    write_digits(root)
+    teacher.write_synthetic_teacher(os.path.join(root, "teacher.safetensors"))
+    return root
 
 
 @pytest.fixture(scope="module")

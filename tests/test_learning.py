@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 
 import data
-import teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_PER_CLASS = 40  # CIFAR-format test images per class; the rest (~140 per class) is the training set
@@ -46,8 +45,9 @@ TEST_PER_CLASS = 40  # CIFAR-format test images per class; the rest (~140 per cl
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py (the files are written in this process)
 
 
-def write_digits(root, seed=0):
-    """scikit-learn's digits as CIFAR-10 + CIFAR-10-C files under root (the layouts train.py reads)."""
+def write_digits(root, seed=0, names=None):
+    """scikit-learn's digits as CIFAR-10 + CIFAR-10-C files under root (the layouts train.py reads);
+    names: the CIFAR-10-C corruptions to render (default the 15 of the benchmark)."""
     from sklearn.datasets import load_digits
     d = load_digits()
     x = torch.from_numpy(d.images).float()[:, None] * (255 / 16)  # (N, 1, 8, 8), ink 0..16 -> 0..255
@@ -59,7 +59,7 @@ def write_digits(root, seed=0):
     train = rng.permutation(np.setdiff1d(np.arange(len(y)), test))
     test = rng.permutation(test)
     data.write_cifar(root, x[train], y[train], x[test], y[test], filename="digit_{}.png")
-    data.write_cifar10c(root, seed=seed)
+    data.write_cifar10c(root, names=names, seed=seed)
 
 
 # Small and short: the regularisers that slow a 2-block model are off, and so are crop and flip (a
@@ -78,11 +78,8 @@ TYPE_ACCURACY_MIN = 0.20  # measured 0.342-0.383; chance 1/11 = 0.091
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("digits"))
-    write_digits(root)
-    teacher.write_synthetic_teacher(os.path.join(root, "teacher.safetensors"))
-    return root
+def digits(digits_files):
+    return digits_files  # tests/conftest.py: written once per session (write_digits + a random teacher)
 
 
 def train_and_eval(root, out, seed=0, extra=()):
