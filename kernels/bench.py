@@ -156,11 +156,12 @@ def _signature(fn, consts, tname):
     for arg in fn.arg_names:
         if arg in consts:
             sig[arg] = "constexpr"
-        elif arg in ("LSE", "STATS", "G_LABEL", "G_DIST", "G_CORR"):
+        elif arg in ("LSE", "STATS", "ROW_LOSS", "GO"):
             sig[arg] = "*fp32"
         elif arg in ("LABELS", "TYPES"):
             sig[arg] = "*i64"
-        elif arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "CLS", "CORR_CLS", "DIST", "TEACHER", "CORR"):
+        elif arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "CLS", "CORR_CLS", "DIST", "TEACHER", "CORR",
+                     "G_CLS", "G_CC", "G_DIST", "G_CORR"):
             sig[arg] = f"*{tname}"
         elif "scale" in arg or arg in ("smoothing", "inv_tau") or arg.startswith("w_"):
             sig[arg] = "fp32"
@@ -211,11 +212,15 @@ def compile_check(arch=90):
                         if name == "fwd_long":
                             consts["N_BUCKET"] = ntile
                         report(name, tname, D, ntile, c.kwargs["BLOCK_M"], bn, c.num_warps, fn, consts)
-    for mode in (0, 1, 2):  # the loss kernel as launched for vit / deit hard / cdeit soft with mixup
-        consts = {"HAS_CORR_CLS": mode == 2, "TEACHER_MODE": mode, "HAS_CORR": mode == 2,
-                  "SOFT_LABELS": mode == 2, "SOFT_TYPES": False, "BLOCK_B": L._block_rows(10, 11),
-                  "BLOCK_C": 16, "BLOCK_T": 16}
-        report(f"loss m{mode}", "bf16", 0, 0, consts["BLOCK_B"], 16, 4, L._distill_loss_kernel, consts)
+    for mode in (0, 1, 2):  # the loss kernels as launched for vit / deit hard / cdeit soft with mixup
+        for backward in (False, True):
+            consts = {"HAS_CORR_CLS": mode == 2, "TEACHER_MODE": mode, "HAS_CORR": mode == 2,
+                      "SOFT_LABELS": mode == 2, "SOFT_TYPES": False, "BACKWARD": backward,
+                      "BLOCK_B": L._block_rows(10, 11), "BLOCK_C": 16, "BLOCK_T": 16}
+            report(f"loss {'bwd' if backward else 'fwd'}{mode}", "bf16", 0, 0, consts["BLOCK_B"], 16, 4,
+                   L._rows_kernel, consts)
+    report("loss sum", "bf16", 0, 0, L.SUM_BLOCK, 0, 4, L._sum_kernel,
+           {"HAS_TEACHER": True, "HAS_CORR": True, "SUM_BLOCK": L.SUM_BLOCK})
     print("no spills, shared memory within sm_90's 227 KB" if not spills else
           f"{spills} configs spill or exceed shared memory: remove them from kernels/attention.py's FITS")
     return int(spills > 0)

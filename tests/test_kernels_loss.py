@@ -1,7 +1,7 @@
 """kernels/distill_loss.py against the oracle, losses.distillation_loss (seed Eq. 4-7).
 
 Every model kind x distill mode x hard/soft targets x CdeiT strategy, odd batch sizes (1, 37, and
-300: the one program's row loop ends on a ragged block), fp32/fp16 logits, grad_output != 1,
+300: the last program's rows end on a ragged block), fp32/fp16 logits, grad_output != 1,
 per-dtype tolerances, NaN-poisoned outputs, and fp16 gradients under a GradScaler-sized loss scale
 against float64 math. Runs through Triton's interpreter without CUDA
 (tests/conftest.py). bf16 is checked in tests/test_kernels_gpu.py: triton 3.8's interpreter
@@ -162,11 +162,59 @@ def test_bad_combinations_raise_like_losses_py(bad):
     assert str(ours.value) == str(theirs.value)
 
 
+def _run(out, labels, teacher, types, distill):
+    loss, parts = kernels.distillation_loss(out, labels, teacher, types, distill=distill)
+    grads = torch.autograd.grad(loss, [x for x in out if x is not None], torch.tensor(0.7, device=DEVICE))
+    return [loss, *parts.values(), *grads]
+
+
+def test_bit_identical_across_runs_and_row_blocks(monkeypatch):
+    """No atomics, fixed-order sums: the same bits on every run; and the second stage adds per-row
+    terms, so the rows per program (BLOCK_B) change neither the loss nor the gradients."""
+    out, labels, teacher, types = _batch("cdeit", 70, True, 2, torch.float16, seed=15)
+    first = _run(out, labels, teacher, types, "soft")
+    for block_b in (None, 4, 64):
+        if block_b is not None:
+            monkeypatch.setattr(K, "_block_rows", lambda C, T, b=block_b: b)
+        again = _run(out, labels, teacher, types, "soft")
+        for a, e in zip(again, first):
+            assert torch.equal(a, e), f"BLOCK_B {block_b}: results differ in bits"
+
+
+def test_grid_has_many_programs_at_the_global_batch(monkeypatch):
+    """B = 1024: the row stage runs as many programs (not one walking every row)."""
+    grids = {}
+    real = K.launcher
+
+    def recording(kernel):
+        class Launch:
+            def __getitem__(self, grid):
+                grids[kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__] = grid
+                return real(kernel)[grid]
+        return Launch()
+
+    monkeypatch.setattr(K, "launcher", recording)
+    out, labels, teacher, types = _batch("deit", 1024, False, seed=16)
+    _run(out, labels, teacher, types, "hard")
+    assert grids == {"_rows_kernel": (1024 // K._block_rows(C, T),), "_sum_kernel": (1,)}
+    assert grids["_rows_kernel"][0] >= 32
+
+
+def test_second_stage_over_several_chunks(monkeypatch, poisoned):
+    """B past SUM_BLOCK: the sums walk several chunks, the last one ragged."""
+    monkeypatch.setattr(K, "SUM_BLOCK", 64)
+    out, labels, teacher, types = _batch("cdeit", 300, False, 2, seed=17)
+    _compare(kernels.distillation_loss, losses.distillation_loss, out, labels, teacher, types,
+             torch.float32, distill="soft")
+
+
 def test_custom_op_registration():
     out, labels, teacher, types = _batch("cdeit", 5, False, seed=12)
     cls, dist, corr, corr_cls = out
     args = (cls, corr_cls, dist, teacher, corr, labels, types, 2, 3.0, 0.1, 0.25, 0.5, 0.25)
     torch.library.opcheck(K._distill_loss_fwd, args)
+    torch.library.opcheck(K._distill_loss_bwd, (torch.ones(4, device=DEVICE), *[x.detach() for x in args[:7]],
+                                                *args[7:]))
 
 
 def test_compile_traces_without_graph_break():
