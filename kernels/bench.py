@@ -226,6 +226,106 @@ def compile_check(arch=90):
     return int(spills > 0)
 
 
+# ---------------------------------------------------------------------------------------------- overhead
+
+def _per_call_us(fn, calls=200, repeats=7):
+    """(best, median) over `repeats` of the mean CPU microseconds per fn() call, after a warm-up."""
+    import statistics
+    import time
+    for _ in range(20):
+        fn()
+    per = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per.append((time.perf_counter() - t0) / calls * 1e6)
+    return min(per), statistics.median(per)
+
+
+def overhead_rows():
+    """CPU microseconds per forward + backward call (torch.autograd.grad), Triton launches stubbed.
+
+    Ours: the public functions on CPU tensors under the interpreter, with every Triton launch
+    (`kernel[grid](...)`) replaced by a counter, so all of our Python runs (argument checks,
+    custom-op dispatch, autograd, output allocation) but no kernel and none of Triton's own launcher
+    (argument binding, cache lookup, cuLaunchKernel: not measurable without a GPU driver). SDPA and
+    eager losses.py: the same calls on CPU tensors too small to compute anything (N = 1, B = 1),
+    so what remains is PyTorch's dispatch, autograd and allocation (CPU kernels instead of CUDA
+    launches). fp16 inputs (the interpreter does not run bf16)."""
+    import triton.runtime.interpreter as I
+    import kernels
+    import losses
+    from model import Logits
+    torch.set_num_threads(1)
+    launches = {"n": 0}
+    real_run = I.InterpretedFunction.run
+
+    def stub(self, *args, **kwargs):
+        launches["n"] += 1
+    half = torch.float16
+
+    def fwd_bwd(f, xs):
+        def call():
+            out = f(*xs)
+            out = out[0] if isinstance(out, tuple) else out
+            torch.autograd.grad(out, xs, torch.ones_like(out))
+        return call
+
+    def packed(N):
+        return [torch.randn(1, N, 3, 3, 64, dtype=half, requires_grad=True)]
+
+    def qkv(N):
+        return [torch.randn(1, 3, N, 64, dtype=half, requires_grad=True) for _ in range(3)]
+
+    def loss_inputs(B):
+        g = lambda n: torch.randn(B, n, requires_grad=True)  # noqa: E731
+        return [g(10), g(10), g(11), g(10)]
+
+    labels, teacher, types = torch.zeros(1, dtype=torch.long), torch.randn(1, 10), torch.zeros(1, dtype=torch.long)
+
+    def loss_call(fn):
+        return lambda *xs: fn(Logits(*xs), labels, teacher, types, distill="soft")[0]
+
+    cases = [  # (what, impl, fn, inputs, uses Triton)
+        ("attention packed layer (model.py)", "ours", kernels.attention_packed, packed(67), True),
+        ("attention packed layer (model.py)", "SDPA layer, N=1", kernels.sdpa_packed, packed(1), False),
+        ("attention (q, k, v)", "ours", kernels.attention, qkv(67), True),
+        ("attention (q, k, v)", "SDPA, N=1", torch.nn.functional.scaled_dot_product_attention, qkv(1), False),
+        ("loss cdeit soft", "ours", loss_call(kernels.distillation_loss), loss_inputs(1), True),
+        ("loss cdeit soft", "eager losses.py, B=1", loss_call(losses.distillation_loss), loss_inputs(1), False),
+    ]
+    rows = []
+    for what, impl, fn, xs, triton_ in cases:
+        call = fwd_bwd(fn, xs)
+        I.InterpretedFunction.run = stub
+        try:
+            launches["n"] = 0
+            call()
+            n = launches["n"]
+            if triton_ and n == 0:
+                raise RuntimeError(f"{what}: no Triton launch: the call fell back to PyTorch")
+            best, median = _per_call_us(call)
+        finally:
+            I.InterpretedFunction.run = real_run
+        rows.append({"what": what, "impl": impl, "best_us": best, "median_us": median, "launches": n})
+    return rows
+
+
+def print_overhead():
+    load = os.getloadavg()
+    rows = overhead_rows()
+    print("CPU-side cost per forward + backward call, microseconds (best / median of 7 x 200 calls), 1 thread")
+    print("ours: Triton launches stubbed (our Python, dispatch, autograd, allocation; not Triton's launcher);")
+    print("PyTorch rows: CPU tensors too small to compute (dispatch, autograd, allocation)")
+    print(f"{'call':<36} {'impl':<22} {'best us':>8} {'median us':>10} {'launches':>9}")
+    for r in rows:
+        print(f"{r['what']:<36} {r['impl']:<22} {r['best_us']:>8.1f} {r['median_us']:>10.1f} "
+              f"{r['launches'] if r['launches'] else '-':>9}")
+    print(f"load average {load[0]:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- GPU timing
 
 def _bench(fn, params=None):
@@ -379,6 +479,8 @@ def main():
     ap.add_argument("--bytes", action="store_true", help="no GPU needed: the bytes-moved table")
     ap.add_argument("--compile-check", action="store_true",
                     help="no GPU needed: compile every shipped config for sm_90, print registers/spills/smem")
+    ap.add_argument("--overhead", action="store_true",
+                    help="no GPU needed: CPU microseconds per fwd+bwd call, ours (launches stubbed) vs SDPA / eager")
     ap.add_argument("--summarize", metavar="OUTDIR",
                     help="no GPU needed: PASS/FAIL lines and OUTDIR/results.json from a bench/gpu.sh run")
     args = ap.parse_args()
@@ -386,6 +488,11 @@ def main():
         return summarize(args.summarize)
     if args.compile_check:
         return compile_check()
+    if args.overhead:  # runs our kernels' Python on CPU tensors: needs the interpreter's CPU path
+        if not importlib.import_module("kernels.distill_loss").INTERPRETED:
+            env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+            return subprocess.run([sys.executable, "-m", "kernels.bench", "--overhead"], env=env).returncode
+        return print_overhead()
     if args.bytes:
         if not importlib.import_module("kernels.attention").INTERPRETED:  # counting needs the interpreter
             env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")

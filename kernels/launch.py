@@ -5,6 +5,9 @@ Triton launches themselves (Inductor schedules them in its own graph, and CUDA g
 and eager calls launch straight from the body. Kernels inside the body are launched through
 `launcher(kernel)`, torch.library.wrap_triton.
 
+Eager calls from an autograd.Function skip the registered op and run its body (`via_op`): the
+dispatcher's round trip into a Python op costs about as much CPU as everything else in a call.
+
 Under Triton's interpreter (CPU tests) the same body is registered with torch.library.custom_op and
 `fake` gives the output shapes: triton_op would trace the body with fake tensors and the
 interpreter cannot run on those (torch 2.11's wrap_triton also refuses interpreted kernels).
@@ -37,3 +40,9 @@ def triton_op(name, fake):
         op.register_fake(fake)
         return op
     return register
+
+
+def via_op(op, body):
+    """What an autograd.Function calls: `body` in eager mode (the op's own implementation, minus
+    the dispatcher's round trip), `op` while torch.compile traces (so it sees the registered op)."""
+    return op if torch.compiler.is_compiling() else body
