@@ -476,12 +476,23 @@ def print_goals(measured):
 
 
 def summarize(outdir):
-    """bench/gpu.sh's last step: one `PASS|FAIL|SKIP name measured goal` line per test step (its
-    JUnit XML, OUTDIR/tests_*.xml) and per goal (OUTDIR/kernels_bench.json), all of it in
-    OUTDIR/results.json. Returns 0 only if every line is PASS (or INFO)."""
+    """bench/gpu.sh's last step: one `PASS|FAIL|SKIP name measured goal` line per step (OUTDIR/steps.tsv:
+    did it finish in its limit), per test step (its JUnit XML, OUTDIR/tests_*.xml) and per goal
+    (OUTDIR/kernels_bench.json), all of it in OUTDIR/results.json. Returns 0 only if every line is
+    PASS (or INFO)."""
     import glob
     import xml.etree.ElementTree as ET
     lines = []
+    try:
+        with open(os.path.join(outdir, "steps.tsv")) as f:  # name, exit status, seconds, limit
+            steps = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    except OSError:
+        steps = []
+    for name, rc, secs, limit in steps:
+        measured = ("finished" if rc == "0" else f"timed out after {limit} s" if rc in ("124", "137")
+                    else f"exit {rc}") + f" in {secs} s"
+        lines.append({"name": f"step {name}", "measured": measured, "goal": f"finishes within {limit} s",
+                      "status": "PASS" if rc == "0" else "FAIL"})
     for path in sorted(glob.glob(os.path.join(outdir, "tests_*.xml"))):
         name = os.path.basename(path)[len("tests_"):-len(".xml")]
         try:

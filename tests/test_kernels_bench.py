@@ -49,13 +49,16 @@ def test_gpu_summary_lines_and_json(tmp_path, capsys):
     (tmp_path / "tests_compiled_step.xml").write_text(
         '<testsuites><testsuite name="pytest" tests="1" failures="1" errors="0" skipped="0"/></testsuites>')
     (tmp_path / "kernels_bench.json").write_text(json.dumps({"rows": [], "goals": _goals(loss=0.5)}))
+    (tmp_path / "steps.tsv").write_text("tests_kernels\t0\t12\t70\nbench_train\t124\t40\t40\n")
     assert bench.summarize(str(tmp_path)) == 1
+    assert "FAIL step_bench_train timed out after 40 s in 40 s finishes within 40 s" in capsys.readouterr().out
     got = {g["name"]: g["status"] for g in json.loads((tmp_path / "results.json").read_text())["goals"]}
     assert got["tests kernels"] == "PASS" and got["tests compiled_step"] == "FAIL"
     assert got["attention kernel vs fastest SDPA B1024 graph"] == "PASS"
     assert got["loss vs eager B1024 eager"] == "FAIL"
-    assert len(got) == 2 + 2 * len(bench.GOALS)
+    assert len(got) == 2 + 2 + 2 * len(bench.GOALS) and got["step tests_kernels"] == "PASS"
     (tmp_path / "tests_compiled_step.xml").unlink()
+    (tmp_path / "steps.tsv").unlink()
     (tmp_path / "kernels_bench.json").write_text(json.dumps({"rows": [], "goals": _goals()}))
     assert bench.summarize(str(tmp_path)) == 0  # everything passed
     (tmp_path / "kernels_bench.json").write_text(json.dumps({"rows": [], "goals": _goals()[1:]}))
@@ -86,3 +89,19 @@ def test_overhead_rows(monkeypatch):
     assert launches[("loss cdeit soft", "ours")] == 3  # rows forward, sum, rows backward
     assert all(v > 0 for (what, impl), v in launches.items() if impl == "ours")
     assert all(v == 0 for (what, impl), v in launches.items() if impl != "ours")
+
+
+def test_per_test_timeout_option(tmp_path):
+    """tests/conftest.py's --test-timeout (bench/gpu.sh's per-test limit without pytest-timeout):
+    the slow test fails with a TimeoutError, the next test still runs and passes."""
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "test_probe.py").write_text("import time\n\ndef test_slow():\n    time.sleep(30)\n\n"
+                                            "def test_next():\n    pass\n")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=tests + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+                        "--test-timeout", "1", str(tmp_path / "test_probe.py")],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert "1 failed, 1 passed" in r.stdout and "ran past --test-timeout 1 s" in r.stdout, r.stdout[-2000:]
