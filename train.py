@@ -124,7 +124,7 @@ def get_args(argv=None):
     a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast; default bf16 on CUDA, off on CPU")
     a("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
       help="torch.compile the student and the loss: default (bare --compile), or reduce-overhead "
-           "(CUDA graphs: each step replays the forward, loss and backward launches as one graph)")
+           "(CUDA graphs: each step replays the recorded forward, loss and backward launches)")
     a("--fused", action=argparse.BooleanOptionalAction, default=True, help="Triton kernels on CUDA")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
     a("--log-interval", type=int, default=20)

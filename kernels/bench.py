@@ -1,15 +1,17 @@
-"""Benchmarks of the Triton kernels: `python -m kernels.bench [--json PATH] | --bytes | --compile-check`.
+"""Benchmarks of the Triton kernels: `python -m kernels.bench [--json PATH] | --bytes | --compile-check | --overhead`.
 
-GPU (the default): median ms from triton.testing.do_bench at the students' training shape
-(B=1024, H=3, N=67, D=64, forward + backward) and the teacher's (B=1024, H=6, N=197, D=64, forward
-only, no_grad):
+GPU (the default): median ms of each implementation launched from Python each call (eager,
+triton.testing.do_bench) and replayed from a CUDA graph (do_bench_cudagraph: GPU time alone), at
+the students' training shape (H=3, N=67, D=64, forward + backward) at 1024 and 128 images per GPU,
+and the teacher's (B=1024, H=6, N=197, D=64, forward only, no_grad):
   - kernel vs SDPA: `attention(q, k, v)` against each SDPA backend on (B, H, N, D) tensors;
   - packed layer vs SDPA layer: `attention_packed(qkv)` against `sdpa_packed(qkv)`, what model.py
     runs with the kernels off (permute/unbind into SDPA, and a stack of dq/dk/dv in backward);
   - the fused loss forward + backward against eager `losses.distillation_loss` and torch.compile
     of it, at B=1024 and B=128 (one GPU's share of the batch).
-Each goal prints as `PASS|FAIL name measured goal`. Goals: attention >= 1.3x the fastest SDPA
-(kernel and packed layer, fwd+bwd, training shape); loss >= 5x eager and >= 1x compiled (B=1024).
+Each measurement prints as `PASS|FAIL|INFO name measured goal`. Goals (B=1024, eager and graph
+each): attention fwd+bwd >= 1.3x the fastest SDPA backend; the packed layer >= 1x the SDPA layer;
+loss >= 5x eager and >= 1x torch.compile.
 
 No GPU needed:
   --bytes          bytes each kernel moves at those shapes, in u (one B*H*N*D bf16 tensor) and MB:
@@ -17,6 +19,9 @@ No GPU needed:
                    the Triton interpreter, every masked-in element), the previous kernels' and
                    FlashAttention-2's from their launch schemes (`traffic_model`).
   --compile-check  every shipped config compiled for sm_90: ptxas registers, spills, shared memory.
+  --overhead       CPU microseconds per forward + backward call: ours with the Triton launches
+                   stubbed, SDPA / eager losses.py on CPU tensors too small to compute
+                   (`overhead_rows` says exactly what is in and out).
 """
 import argparse
 import importlib
