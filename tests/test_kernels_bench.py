@@ -23,9 +23,12 @@ def test_gpu_benchmark_code_runs_at_toy_sizes(monkeypatch):
     monkeypatch.setattr(bench, "BATCHES", (2, 1))
     monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), (1.0, 1.0))[1])
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # inductor on CPU is minutes
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)  # restored after
-    rows, goals = bench.bench_attention(torch.float16)
-    loss_rows, loss_goals = bench.bench_loss(torch.float32)
+    limit = torch._dynamo.config.recompile_limit  # bench_loss raises it; not monkeypatch: pytest 9.2's
+    try:  # undo deletes a torch config entry (it looks unset), which breaks later torch.compile calls
+        rows, goals = bench.bench_attention(torch.float16)
+        loss_rows, loss_goals = bench.bench_loss(torch.float32)
+    finally:
+        torch._dynamo.config.recompile_limit = limit
     bench.print_table(rows + loss_rows)
     names = set(goals) | set(loss_goals)
     assert {f"{g} {mode}".replace("B1024", "B2")
