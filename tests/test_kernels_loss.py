@@ -267,6 +267,15 @@ def test_fp16_gradients_survive_a_gradscaler_scale(poisoned):
     assert lost > 0  # the check above can fail: this batch has gradients that fp16 alone loses
 
 
+def test_eager_calls_launch_without_the_traceable_wrapper():
+    """via_op's eager path runs the op body with wrap_triton off, as triton_op's own eager path
+    does: wrap_triton's higher-order op is for tracing, and slow in eager mode."""
+    from torch._library.triton import is_wrap_triton_enabled
+    seen = []
+    K.via_op(K._distill_loss_fwd, lambda: seen.append(is_wrap_triton_enabled()))()
+    assert seen == [False] and is_wrap_triton_enabled()
+
+
 GPU_TRACE = """
 import torch
 from torch._functorch.aot_autograd import aot_function
