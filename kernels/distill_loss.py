@@ -265,7 +265,7 @@ _distill_loss_bwd = triton_op("triton_kit::distill_loss_bwd", _bwd_fake)(_bwd)
 
 class _DistillLoss(torch.autograd.Function):
     """Autograd around the two operators. Eager calls run their bodies directly, without the
-    dispatcher's round trip through the registered op (about a quarter of a call's CPU time);
+    dispatcher's round trip through the registered op (a fifth or more of a call's CPU time);
     torch.compile traces the registered ops (`via_op`), which it sees through to the launches."""
 
     @staticmethod

@@ -6,7 +6,7 @@ and eager calls launch straight from the body. Kernels inside the body are launc
 `launcher(kernel)`, torch.library.wrap_triton.
 
 Eager calls from an autograd.Function skip the registered op and run its body (`via_op`): the
-dispatcher's round trip into a Python op is about a quarter of a call's CPU time.
+dispatcher's round trip into a Python op is a fifth or more of a call's CPU time.
 
 Under Triton's interpreter (CPU tests) the same body is registered with torch.library.custom_op and
 `fake` gives the output shapes: triton_op would trace the body with fake tensors and the
