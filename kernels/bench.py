@@ -483,7 +483,7 @@ def print_goals(measured):
 def summarize(outdir):
     """bench/gpu.sh's last step: one `PASS|FAIL|SKIP name measured goal` line per step (OUTDIR/steps.tsv:
     did it finish in its limit), per test step (its JUnit XML, OUTDIR/tests_*.xml) and per goal
-    (OUTDIR/kernels_bench.json), all of it in OUTDIR/results.json. Returns 0 only if every line is
+    (OUTDIR/kernels_bench*.json), all of it in OUTDIR/results.json. Returns 0 only if every line is
     PASS (or INFO)."""
     import glob
     import xml.etree.ElementTree as ET
@@ -511,11 +511,20 @@ def summarize(outdir):
         except (OSError, ET.ParseError, AttributeError) as e:
             lines.append({"name": f"tests {name}", "measured": f"no result ({e})", "goal": "all", "status": "FAIL"})
     expected = [f"{g} {mode}" for g in GOALS for mode in ("eager", "graph")]
-    try:
-        with open(os.path.join(outdir, "kernels_bench.json")) as f:
-            bench = json.load(f)
-    except (OSError, ValueError) as e:
-        bench = {"goals": [], "rows": [], "error": f"no result ({type(e).__name__})"}
+    bench = {"goals": [], "rows": []}  # the benchmark's JSON files (one per --only part) merged
+    paths = sorted(glob.glob(os.path.join(outdir, "kernels_bench*.json")))
+    for path in paths:
+        try:
+            with open(path) as f:
+                part = json.load(f)
+            bench["goals"] += part["goals"]
+            bench["rows"] += part["rows"]
+            if part.get("skipped"):
+                bench["skipped"] = part["skipped"]
+        except (OSError, ValueError, KeyError) as e:
+            bench["error"] = f"{os.path.basename(path)}: no result ({type(e).__name__})"
+    if not paths:
+        bench["error"] = "no result (no kernels_bench*.json)"
     measured = {g["name"]: g for g in bench.get("goals", [])}
     for g in measured.values():
         lines.append({**g, "measured": f"{g['measured']:.2f}x"})

@@ -69,7 +69,11 @@ def test_gpu_summary_lines_and_json(tmp_path, capsys):
     (tmp_path / "kernels_bench.json").unlink()
     assert bench.summarize(str(tmp_path)) == 1
     out = capsys.readouterr().out
-    assert "FAIL attention_kernel_vs_fastest_SDPA_B1024_eager no result (FileNotFoundError)" in out
+    assert "FAIL attention_kernel_vs_fastest_SDPA_B1024_eager no result (no kernels_bench*.json)" in out
+    parts = _goals()  # the two halves of a `--only attention` / `--only loss` pair of runs
+    (tmp_path / "kernels_bench_attention.json").write_text(json.dumps({"rows": [], "goals": parts[:4]}))
+    (tmp_path / "kernels_bench_loss.json").write_text(json.dumps({"rows": [], "goals": parts[4:]}))
+    assert bench.summarize(str(tmp_path)) == 0
 
 
 def test_summary_without_a_gpu_says_skip(tmp_path, capsys):
