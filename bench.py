@@ -126,7 +126,8 @@ def bench_train(args):
     ap.add_argument("--batch", type=int, default=1024 if cuda else 32, help="global batch")
     ap.add_argument("--steps", type=int, default=20 if cuda else 3, help="timed steps (after 2 warm-up)")
     ap.add_argument("--model", default="deit", choices=["deit", "cdeit"])
-    ap.add_argument("--compile", action="store_true", help="torch.compile our student")
+    ap.add_argument("--compile", nargs="?", const="default", default="off", choices=["off", "default", "reduce-overhead"],
+                    help="torch.compile our student and loss as train.py --compile does (reduce-overhead: CUDA graphs)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     opts, _ = ap.parse_known_args(sys.argv[2:])
     if opts.threads:
@@ -173,8 +174,8 @@ def _train_ours(opts, split, dev, amp):
     ours = create_model(opts.model, drop_path=0.1).to(dev)
     opt = torch.optim.AdamW(param_groups(ours, 0.05), lr=1e-3, fused=True if dev.type == "cuda" else None)
     scaler = torch.amp.GradScaler(dev.type, enabled=False)
-    loss_fn = train.pick_loss(targs, dev)
-    model = torch.compile(ours) if opts.compile else ours
+    targs.compile = opts.compile
+    model, loss_fn = train.compile_step(ours, train.pick_loss(targs, dev), opts.compile)
     cached = torch.randn(len(split["labels"]), 10, device=dev)  # (n, 10) stand-in teacher logits
     return _timed_steps(opts, split, dev, lambda b, x, y, t: train.train_step(
         model, opt, scaler, loss_fn, x, y, t, cached[b["index"]], targs, amp))
@@ -238,7 +239,7 @@ def _print_train(opts, dev, ours_ips, timm_ips):
         mfu = f"MFU {100 * achieved / peak:5.1f}%" if peak else f"{achieved / 1e9:8.1f} GFLOP/s"
         print(f"  {label:62s} {ips:10.0f} img/s  {mfu}")
     line(f"ours: {opts.model} ({count_params(create_model(opts.model)):,} params), cached teacher"
-         + (", compiled" if opts.compile else ""), ours_ips, f_student)
+         + (f", compile {opts.compile}" if opts.compile != "off" else ""), ours_ips, f_student)
     line("timm deit_tiny_distilled + eager loss + live deit3_small teacher", timm_ips, f_student)
     print(f"  (timm row counting the teacher's forward too: {timm_ips * (f_student + f_teacher) / 1e9:.1f} GFLOP/s"
           + (f", MFU {100 * timm_ips * (f_student + f_teacher) / peak:.1f}%" if peak else "") + ")")

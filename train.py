@@ -144,7 +144,9 @@ def parser():
     a("--resume", action="store_true", help="continue <out-dir>/ckpt.pt; every recipe flag must be as it was")
     a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     a("--amp", default=None, choices=["bf16", "fp16", "off"], help="autocast (default: bf16 on CUDA, off on CPU)")
-    a("--compile", action="store_true", help="torch.compile the student")
+    a("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
+      help="torch.compile the student and the loss: default (bare --compile), or reduce-overhead "
+           "(CUDA graphs: each step replays the recorded forward, loss and backward launches)")
     a("--fused", action=argparse.BooleanOptionalAction, default=True, help="Triton kernels on CUDA")
     a("--log-interval", type=positive_int, default=20, help="steps per log line")
     return p
@@ -491,8 +493,21 @@ def write_summary(history, path):
     fileio.atomic_write(path, w.getvalue(), "summary")
 
 
+COMPILE_MODES = ("off", "default", "reduce-overhead")
+
+
+def compile_step(model, loss_fn, mode):
+    """The student and the loss under torch.compile's `mode` (COMPILE_MODES); unchanged for "off"."""
+    if mode == "off":
+        return model, loss_fn
+    kw = {} if mode == "default" else {"mode": mode}
+    return torch.compile(model, **kw), torch.compile(loss_fn, fullgraph=True, **kw)
+
+
 def train_step(model, optimizer, scaler, loss_fn, x, y, t, teacher_logits, args, amp_dtype):
     """One optimisation step on an augmented batch; returns (loss, parts) undetached from the device."""
+    if args.compile == "reduce-overhead":  # a new step: last step's graph outputs may be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(x)
     loss, parts = loss_fn(out, y, teacher_logits, t if args.model == "cdeit" else None, distill=args.distill,
@@ -767,7 +782,7 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
     run = Run(args, ctx, raw_model, model_args, optimizer, scaler, data_args, teacher_info, gen, cgen, cols)
     if args.resume:
         run.resume(spe)
-    model = torch.compile(raw_model) if args.compile else raw_model
+    model, loss_fn = compile_step(raw_model, loss_fn, args.compile)
     if ctx["ddp"]:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 

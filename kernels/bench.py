@@ -1,15 +1,17 @@
-"""Benchmarks of the Triton kernels: `python -m kernels.bench [--json PATH] | --bytes | --compile-check`.
+"""Benchmarks of the Triton kernels: `python -m kernels.bench [--json PATH] | --bytes | --compile-check | --overhead`.
 
-GPU (the default): median ms from triton.testing.do_bench at the students' training shape
-(B=1024, H=3, N=67, D=64, forward + backward) and the teacher's (B=1024, H=6, N=197, D=64, forward
-only, no_grad):
+GPU (the default): median ms of each implementation launched from Python each call (eager,
+triton.testing.do_bench) and replayed from a CUDA graph (do_bench_cudagraph: GPU time alone), at
+the students' training shape (H=3, N=67, D=64, forward + backward) at 1024 and 128 images per GPU,
+and the teacher's (B=1024, H=6, N=197, D=64, forward only, no_grad):
   - kernel vs SDPA: `attention(q, k, v)` against each SDPA backend on (B, H, N, D) tensors;
   - packed layer vs SDPA layer: `attention_packed(qkv)` against `sdpa_packed(qkv)`, what model.py
     runs with the kernels off (permute/unbind into SDPA, and a stack of dq/dk/dv in backward);
   - the fused loss forward + backward against eager `losses.distillation_loss` and torch.compile
     of it, at B=1024 and B=128 (one GPU's share of the batch).
-Each goal prints as `PASS|FAIL name measured goal`. Goals: attention >= 1.3x the fastest SDPA
-(kernel and packed layer, fwd+bwd, training shape); loss >= 5x eager and >= 1x compiled (B=1024).
+Each measurement prints as `PASS|FAIL|INFO name measured goal`. Goals (B=1024, eager and graph
+each): attention fwd+bwd >= 1.3x the fastest SDPA backend; the packed layer >= 1x the SDPA layer;
+loss >= 5x eager and >= 1x torch.compile.
 
 No GPU needed (counted and compiled, not measured):
   --bytes          per kernel at those shapes, with its pinned config: bytes moved (u = one B*H*N*D
@@ -21,6 +23,9 @@ No GPU needed (counted and compiled, not measured):
                    config the pinned choice was made from.
   --compile-check  every shipped config at every tile class, compiled for sm_90: ptxas registers,
                    spills, shared memory, CTAs per SM; exits 1 on any spill.
+  --overhead       CPU microseconds per forward + backward call: ours with the Triton launches
+                   stubbed, SDPA / eager losses.py on CPU tensors too small to compute
+                   (`overhead_rows` says exactly what is in and out).
 """
 import argparse
 import importlib
@@ -33,10 +38,11 @@ import torch
 
 TRAIN = (1024, 3, 67, 64)     # (B, H, N, D): DeiT-Tiny students at 32px, patch 4, 3 special tokens
 TEACHER = (1024, 6, 197, 64)  # DeiT-III Small at 224px, patch 16, class token
-LOSS_BATCHES = (1024, 128)    # the global batch and one GPU's share of it
+BATCHES = (1024, 128)         # the global batch and one GPU's share of it (8 GPUs)
 DEVICE = "cuda"
-GOALS = {"attention kernel fwd+bwd vs fastest SDPA": 1.3, "attention packed layer fwd+bwd vs SDPA layer": 1.3,
-         "loss fwd+bwd vs eager B1024": 5.0, "loss fwd+bwd vs torch.compile B1024": 1.0}
+# Goals by name prefix (each measured eager and from a CUDA graph); other measurements print as INFO.
+GOALS = {"attention kernel vs fastest SDPA B1024": 1.3, "attention packed layer vs SDPA layer B1024": 1.0,
+         "loss vs eager B1024": 5.0, "loss vs torch.compile B1024": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------- counting
@@ -287,11 +293,12 @@ def _signature(fn, consts, tname):
     for arg in fn.arg_names:
         if arg in consts:
             sig[arg] = "constexpr"
-        elif arg in ("LSE", "STATS", "G_LABEL", "G_DIST", "G_CORR"):
+        elif arg in ("LSE", "STATS", "ROW_LOSS", "GO"):
             sig[arg] = "*fp32"
         elif arg in ("LABELS", "TYPES"):
             sig[arg] = "*i64"
-        elif arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "CLS", "CORR_CLS", "DIST", "TEACHER", "CORR"):
+        elif arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "CLS", "CORR_CLS", "DIST", "TEACHER", "CORR",
+                     "G_CLS", "G_CC", "G_DIST", "G_CORR"):
             sig[arg] = f"*{tname}"
         elif "scale" in arg or arg in ("smoothing", "inv_tau") or arg.startswith("w_"):
             sig[arg] = "fp32"
@@ -358,70 +365,204 @@ def compile_check():
                 consts, _ = A.choose(kernel, None, N, BLOCK_D, dtype)
                 report(kernel, TNAME[dtype], BLOCK_D, N, entry, tiles_str(kernel, consts),
                        compile_stats(kernel, dtype, N, BLOCK_D))
-    for mode in (0, 1, 2):  # the loss kernel as launched for vit / deit hard / cdeit soft with mixup
-        consts = {"HAS_CORR_CLS": mode == 2, "TEACHER_MODE": mode, "HAS_CORR": mode == 2,
-                  "SOFT_LABELS": mode == 2, "SOFT_TYPES": False, "BLOCK_B": L._block_rows(10, 11),
-                  "BLOCK_C": 16, "BLOCK_T": 16}
-        report(f"loss m{mode}", "bf16", 0, 0, (consts["BLOCK_B"], 16, 4, 0), "",
-               compile_kernel(L._distill_loss_kernel, consts, {"num_warps": 4, "num_stages": 2}, "bf16"))
+    for mode in (0, 1, 2):  # the loss kernels as launched for vit / deit hard / cdeit soft with mixup
+        for backward in (False, True):
+            consts = {"HAS_CORR_CLS": mode == 2, "TEACHER_MODE": mode, "HAS_CORR": mode == 2,
+                      "SOFT_LABELS": mode == 2, "SOFT_TYPES": False, "BACKWARD": backward,
+                      "BLOCK_B": L._block_rows(10, 11), "BLOCK_C": 16, "BLOCK_T": 16}
+            report(f"loss {'bwd' if backward else 'fwd'}{mode}", "bf16", 0, 0, (consts["BLOCK_B"], 16, 4, 0), "",
+                   compile_kernel(L._rows_kernel, consts, {"num_warps": 4, "num_stages": 2}, "bf16"))
+    report("loss sum", "bf16", 0, 0, (L.SUM_BLOCK, 0, 4, 0), "",
+           compile_kernel(L._sum_kernel, {"HAS_TEACHER": True, "HAS_CORR": True, "SUM_BLOCK": L.SUM_BLOCK},
+                          {"num_warps": 4, "num_stages": 2}, "bf16"))
     print("no spills, shared memory within sm_90's 227 KB" if not bad else
           f"{bad} configs spill or exceed shared memory: change them in kernels/attention.py's CONFIGS")
     return int(bad > 0)
 
 
+# ---------------------------------------------------------------------------------------------- overhead
+
+def _per_call_us(fn, calls=200, repeats=7):
+    """(best, median) over `repeats` of the mean CPU microseconds per fn() call, after a warm-up."""
+    import statistics
+    import time
+    for _ in range(20):
+        fn()
+    per = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per.append((time.perf_counter() - t0) / calls * 1e6)
+    return min(per), statistics.median(per)
+
+
+def overhead_rows():
+    """CPU microseconds per forward + backward call (torch.autograd.grad), Triton launches stubbed.
+
+    Ours: the public functions on CPU tensors under the interpreter, with every Triton launch
+    (`kernel[grid](...)`) replaced by a counter, so all of our Python runs (argument checks,
+    custom-op dispatch, autograd, output allocation) but no kernel and none of Triton's own launcher
+    (argument binding, cache lookup, cuLaunchKernel: not measurable without a GPU driver). SDPA and
+    eager losses.py: the same calls on CPU tensors too small to compute anything (N = 1, B = 1),
+    so what remains is PyTorch's dispatch, autograd and allocation (CPU kernels instead of CUDA
+    launches). fp16 inputs (the interpreter does not run bf16)."""
+    import triton.runtime.interpreter as I
+    import kernels
+    import losses
+    from model import Logits
+    torch.set_num_threads(1)
+    launches = {"n": 0}
+    real_run = I.InterpretedFunction.run
+
+    def stub(self, *args, **kwargs):
+        launches["n"] += 1
+    half = torch.float16
+
+    def fwd_bwd(f, xs):
+        def call():
+            out = f(*xs)
+            out = out[0] if isinstance(out, tuple) else out
+            torch.autograd.grad(out, xs, torch.ones_like(out))
+        return call
+
+    def packed(N):
+        return [torch.randn(1, N, 3, 3, 64, dtype=half, requires_grad=True)]
+
+    def qkv(N):
+        return [torch.randn(1, 3, N, 64, dtype=half, requires_grad=True) for _ in range(3)]
+
+    def loss_inputs(B):
+        g = lambda n: torch.randn(B, n, requires_grad=True)  # noqa: E731
+        return [g(10), g(10), g(11), g(10)]
+
+    labels, teacher, types = torch.zeros(1, dtype=torch.long), torch.randn(1, 10), torch.zeros(1, dtype=torch.long)
+
+    def loss_call(fn):
+        return lambda *xs: fn(Logits(*xs), labels, teacher, types, distill="soft")[0]
+
+    cases = [  # (what, impl, fn, inputs, uses Triton)
+        ("attention packed layer (model.py)", "ours", kernels.attention_packed, packed(67), True),
+        ("attention packed layer (model.py)", "SDPA layer, N=1", kernels.sdpa_packed, packed(1), False),
+        ("attention (q, k, v)", "ours", kernels.attention, qkv(67), True),
+        ("attention (q, k, v)", "SDPA, N=1", torch.nn.functional.scaled_dot_product_attention, qkv(1), False),
+        ("loss cdeit soft", "ours", loss_call(kernels.distillation_loss), loss_inputs(1), True),
+        ("loss cdeit soft", "eager losses.py, B=1", loss_call(losses.distillation_loss), loss_inputs(1), False),
+    ]
+    rows = []
+    for what, impl, fn, xs, triton_ in cases:
+        call = fwd_bwd(fn, xs)
+        I.InterpretedFunction.run = stub
+        try:
+            launches["n"] = 0
+            call()
+            n = launches["n"]
+            if triton_ and n == 0:
+                raise RuntimeError(f"{what}: no Triton launch: the call fell back to PyTorch")
+            best, median = _per_call_us(call)
+        finally:
+            I.InterpretedFunction.run = real_run
+        rows.append({"what": what, "impl": impl, "best_us": best, "median_us": median, "launches": n})
+    return rows
+
+
+def print_overhead():
+    load = os.getloadavg()
+    rows = overhead_rows()
+    print("CPU-side cost per forward + backward call, microseconds (best / median of 7 x 200 calls), 1 thread")
+    print("ours: Triton launches stubbed (our Python, dispatch, autograd, allocation; not Triton's launcher);")
+    print("PyTorch rows: CPU tensors too small to compute (dispatch, autograd, allocation)")
+    print(f"{'call':<36} {'impl':<22} {'best us':>8} {'median us':>10} {'launches':>9}")
+    for r in rows:
+        print(f"{r['what']:<36} {r['impl']:<22} {r['best_us']:>8.1f} {r['median_us']:>10.1f} "
+              f"{r['launches'] if r['launches'] else '-':>9}")
+    print(f"load average {load[0]:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- GPU timing
 
-def _bench(fn, params=None):
+def _bench(fn):
+    """(eager, graph) median ms of fn(): launched from Python each call (triton.testing.do_bench),
+    and replayed from one CUDA graph (do_bench_cudagraph: GPU time without the CPU's launch cost);
+    graph is None where capture fails."""
     import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=params, return_mode="median")
+    eager = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    try:
+        graph = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    except RuntimeError as e:  # a backend that cannot be captured
+        print(f"  CUDA graph capture failed: {str(e).splitlines()[0][:100]}")
+        graph = None
+    return eager, graph
+
+
+def _fwd_bwd(fn, inputs, grad):
+    """fwd + bwd through torch.autograd.grad (no .grad accumulation), or fwd under no_grad."""
+    if grad is None:
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+    return lambda: torch.autograd.grad(fn(), inputs, grad)
+
+
+def _rows_of(bench, shape, results, ref_of, rate=None):
+    """Table rows: each impl's (eager, graph) ms and its speed-up over its reference per mode."""
+    rows = []
+    for name, (eager, graph) in results.items():
+        ref = results[ref_of(name)]
+        rows.append({"bench": bench, "shape": shape, "impl": name, "eager_ms": eager, "graph_ms": graph,
+                     "rate": rate / graph / 1e9 if rate and graph else None,
+                     "vs_ref_eager": ref[0] / eager,
+                     "vs_ref_graph": ref[1] / graph if ref[1] and graph else None})
+    return rows
+
+
+def _fastest_sdpa(results):
+    """The fastest SDPA backend per mode, as a pseudo-impl (eager, graph) in ms."""
+    sdpa = [v for n, v in results.items() if n.startswith("sdpa[")]
+    return (min(e for e, _ in sdpa), min((g for _, g in sdpa if g is not None), default=None))
 
 
 def bench_attention(dtype):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import kernels
     rows, goals = [], {}
-    for shape, train in ((TRAIN, True), (TEACHER, False)):
+    shapes = [((B,) + TRAIN[1:], True) for B in BATCHES] + [(TEACHER, False)]
+    for shape, train in shapes:
         B, H, N, D = shape
         q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype, requires_grad=train) for _ in range(3))
-        go = torch.randn(B, H, N, D, device=DEVICE, dtype=dtype)
+        go = torch.randn(B, H, N, D, device=DEVICE, dtype=dtype) if train else None
         qkv = torch.randn(B, N, 3, H, D, device=DEVICE, dtype=dtype, requires_grad=train)
-        go_packed = go.transpose(1, 2).reshape(B, N, H * D)
+        go_packed = go.transpose(1, 2).reshape(B, N, H * D) if train else None
         flops = (12 if train else 4) * B * H * N * N * D  # 2 matmuls forward, 4 backward
-        what = "fwd+bwd" if train else "fwd"
-
-        def timed(fn, params, grad):
-            if train:
-                return _bench(lambda: fn().backward(grad), params)
-            with torch.no_grad():
-                return _bench(fn)
-
         shape_s, results = f"B{B} H{H} N{N} D{D}", {}
         for name, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
                               ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)]:
-            try:
+            def sdpa(backend=backend):
                 with sdpa_kernel(backend):
-                    def sdpa():
-                        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-                    sdpa()
-                    results[f"sdpa[{name}]"] = timed(sdpa, [q, k, v], go)
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            try:
+                sdpa()
+                results[f"sdpa[{name}]"] = _bench(_fwd_bwd(sdpa, [q, k, v], go))
             except RuntimeError as e:  # backend not available for this shape/dtype/GPU
                 print(f"  sdpa[{name}] unavailable at {shape_s}: {str(e).splitlines()[0][:100]}")
-
-        results["triton"] = timed(lambda: kernels.attention(q, k, v), [q, k, v], go)
-        results["triton packed layer"] = timed(lambda: kernels.attention_packed(qkv), [qkv], go_packed)
-        results["sdpa packed layer (model, kernels off)"] = timed(lambda: kernels.sdpa_packed(qkv), [qkv], go_packed)
-        fastest = min(ms for n, ms in results.items() if n.startswith("sdpa["))
-        for name, ms in results.items():
-            ref = results["sdpa packed layer (model, kernels off)"] if "layer" in name else fastest
-            rows.append({"bench": f"attention {what}", "shape": shape_s, "impl": name, "ms": ms,
-                         "rate": flops / ms / 1e9, "unit": "TFLOP/s", "speedup": ref / ms})
-        if train:
-            goals["attention kernel fwd+bwd vs fastest SDPA"] = fastest / results["triton"]
-            goals["attention packed layer fwd+bwd vs SDPA layer"] = (
-                results["sdpa packed layer (model, kernels off)"] / results["triton packed layer"])
-        else:
-            goals["attention teacher fwd, packed layer vs SDPA layer"] = (
-                results["sdpa packed layer (model, kernels off)"] / results["triton packed layer"])
+        results["fastest sdpa"] = _fastest_sdpa(results)
+        results["triton"] = _bench(_fwd_bwd(lambda: kernels.attention(q, k, v), [q, k, v], go))
+        results["triton packed layer"] = _bench(_fwd_bwd(lambda: kernels.attention_packed(qkv), [qkv], go_packed))
+        results["sdpa packed layer (model, kernels off)"] = _bench(
+            _fwd_bwd(lambda: kernels.sdpa_packed(qkv), [qkv], go_packed))
+        rows += _rows_of(f"attention {'fwd+bwd' if train else 'fwd'}", shape_s, results,
+                         lambda n: "sdpa packed layer (model, kernels off)" if "layer" in n else "fastest sdpa",
+                         flops)
+        fastest, ours = results["fastest sdpa"], results["triton"]
+        layer, sdpa_layer = results["triton packed layer"], results["sdpa packed layer (model, kernels off)"]
+        tag = f"B{B}" if train else f"teacher fwd B{B}"
+        for i, mode in ((0, "eager"), (1, "graph")):
+            if fastest[i] and ours[i]:
+                goals[f"attention kernel vs fastest SDPA {tag} {mode}"] = fastest[i] / ours[i]
+            if sdpa_layer[i] and layer[i]:
+                goals[f"attention packed layer vs SDPA layer {tag} {mode}"] = sdpa_layer[i] / layer[i]
     return rows, goals
 
 
@@ -434,8 +575,8 @@ def bench_loss(dtype):
     torch._dynamo.config.recompile_limit = 64  # one graph per (model kind, batch): 6, near the default 8
     compiled = torch.compile(losses.distillation_loss, dynamic=False)
     kinds = [("vit", "none"), ("deit", "hard"), ("deit", "soft"), ("cdeit", "hard"), ("cdeit", "soft")]
-    for B in LOSS_BATCHES:  # every kind at the global batch; one GPU's share for CdeiT soft only
-        for kind, distill in (kinds if B == LOSS_BATCHES[0] else kinds[-1:]):
+    for B in BATCHES:  # every kind at the global batch; one GPU's share for CdeiT soft only
+        for kind, distill in (kinds if B == BATCHES[0] else kinds[-1:]):
             def logits(n):
                 return torch.randn(B, n, device=DEVICE, dtype=dtype, requires_grad=True)
 
@@ -445,37 +586,42 @@ def bench_loss(dtype):
             labels = torch.randint(0, C, (B,), device=DEVICE)
             teacher = torch.randn(B, C, device=DEVICE) if kind != "vit" else None
             types = torch.randint(0, T, (B,), device=DEVICE) if kind == "cdeit" else None
+            one = torch.ones((), device=DEVICE)
             results = {}
             for name, fn in [("eager", losses.distillation_loss), ("torch.compile", compiled),
                              ("triton fused", kernels.distillation_loss)]:
-                def step(fn=fn):
-                    fn(out, labels, teacher, types, distill=distill)[0].backward()
-                step()
-                results[name] = _bench(step, params)
-            for name, ms in results.items():
-                rows.append({"bench": "loss fwd+bwd", "shape": f"{kind} {distill} B{B}", "impl": name, "ms": ms,
-                             "rate": None, "unit": "", "speedup": results["eager"] / ms})
-            if B == LOSS_BATCHES[0]:  # the goal holds for every model kind: report the worst
-                for ref, goal in (("eager", "loss fwd+bwd vs eager B1024"),
-                                  ("torch.compile", "loss fwd+bwd vs torch.compile B1024")):
-                    goals[goal] = min(goals.get(goal, float("inf")), results[ref] / results["triton fused"])
+                loss = lambda fn=fn: fn(out, labels, teacher, types, distill=distill)[0]  # noqa: E731
+                results[name] = _bench(_fwd_bwd(loss, params, one))
+            rows += _rows_of("loss fwd+bwd", f"{kind} {distill} B{B}", results, lambda n: "eager")
+            if B == BATCHES[0]:  # the goal holds for every model kind: report the worst
+                for i, mode in ((0, "eager"), (1, "graph")):
+                    for ref in ("eager", "torch.compile"):
+                        if results[ref][i] and results["triton fused"][i]:
+                            goal = f"loss vs {ref} B{B} {mode}"
+                            goals[goal] = min(goals.get(goal, float("inf")),
+                                              results[ref][i] / results["triton fused"][i])
     return rows, goals
 
 
 def print_table(rows):
-    print(f"{'bench':<18} {'shape':<22} {'impl':<40} {'median ms':>10} {'rate':>14} {'vs ref':>7}")
+    print(f"{'bench':<16} {'shape':<20} {'impl':<38} {'eager ms':>9} {'graph ms':>9} {'graph rate':>14} "
+          f"{'vs ref':>7} {'(graph)':>7}")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
-        rate = "" if r["rate"] is None else f"{r['rate']:.1f} {r['unit']}"
-        print(f"{r['bench']:<18} {r['shape']:<22} {r['impl']:<40} {r['ms']:>10.4f} {rate:>14} {r['speedup']:>6.2f}x")
-    print("vs ref: layer rows against the SDPA layer, other attention rows against the fastest SDPA "
-          "backend; loss rows against eager.")
+        rate = "" if r["rate"] is None else f"{r['rate']:.1f} TFLOP/s"
+        print(f"{r['bench']:<16} {r['shape']:<20} {r['impl']:<38} {r['eager_ms']:>9.4f} "
+              f"{fmt(r['graph_ms'], '9.4f'):>9} {rate:>14} {r['vs_ref_eager']:>6.2f}x "
+              f"{fmt(r['vs_ref_graph'], '6.2f'):>6}x")
+    print("eager: launched from Python each call; graph: replayed from a CUDA graph (GPU time alone). "
+          "vs ref: layer rows against the SDPA layer, other attention rows against the fastest SDPA "
+          "backend, loss rows against eager losses.py.")
 
 
 def print_goals(measured):
-    """One `PASS|FAIL name measured goal` line per goal (INFO without one); returns them for JSON."""
+    """One `PASS|FAIL|INFO name measured goal` line per measurement; returns them for JSON."""
     out = []
     for name, value in measured.items():
-        goal = GOALS.get(name)
+        goal = next((v for k, v in GOALS.items() if name.startswith(k)), None)
         status = "INFO" if goal is None else "PASS" if value >= goal else "FAIL"
         print(f"{status} {name.replace(' ', '_')} {value:.2f}x {'-' if goal is None else f'{goal:.2f}x'}")
         out.append({"name": name, "measured": value, "goal": goal, "status": status})
@@ -483,34 +629,65 @@ def print_goals(measured):
 
 
 def summarize(outdir):
-    """bench/gpu.sh's last step: one `PASS|FAIL name measured goal` line per goal from the GPU
-    tests' JUnit XML and the benchmark's JSON, and all of it in OUTDIR/results.json."""
+    """bench/gpu.sh's last step: one `PASS|FAIL|SKIP name measured goal` line per step (OUTDIR/steps.tsv:
+    did it finish in its limit), per test step (its JUnit XML, OUTDIR/tests_*.xml) and per goal
+    (OUTDIR/kernels_bench*.json), all of it in OUTDIR/results.json. Returns 0 only if every line is
+    PASS (or INFO)."""
+    import glob
     import xml.etree.ElementTree as ET
-    goals = []
+    lines = []
     try:
-        suite = ET.parse(os.path.join(outdir, "gpu_tests.xml")).getroot()
-        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-        n, bad, skipped = (int(suite.get(k, 0)) for k in ("tests", "failures", "skipped"))
-        bad += int(suite.get("errors", 0))
-        goals.append({"name": "gpu tests passed", "measured": f"{n - bad - skipped}/{n - skipped}",
-                      "goal": "all", "status": "PASS" if n > skipped and not bad else "FAIL"})
-    except (OSError, ET.ParseError, AttributeError) as e:
-        goals.append({"name": "gpu tests passed", "measured": f"no result ({e})", "goal": "all", "status": "FAIL"})
-    try:
-        with open(os.path.join(outdir, "kernels_bench.json")) as f:
-            bench = json.load(f)
-    except (OSError, ValueError) as e:
-        bench = {"goals": [], "rows": []}
-        goals += [{"name": g, "measured": f"no result ({type(e).__name__})", "goal": v, "status": "FAIL"}
-                  for g, v in GOALS.items()]
-    goals += [{**g, "measured": f"{g['measured']:.2f}x"} for g in bench["goals"]]
-    for g in goals:
+        with open(os.path.join(outdir, "steps.tsv")) as f:  # name, exit status, seconds, limit
+            steps = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    except OSError:
+        steps = []
+    for name, rc, secs, limit in steps:
+        measured = ("finished" if rc == "0" else f"timed out after {limit} s" if rc in ("124", "137")
+                    else f"exit {rc}") + f" in {secs} s"
+        lines.append({"name": f"step {name}", "measured": measured, "goal": f"finishes within {limit} s",
+                      "status": "PASS" if rc == "0" else "FAIL"})
+    for path in sorted(glob.glob(os.path.join(outdir, "tests_*.xml"))):
+        name = os.path.basename(path)[len("tests_"):-len(".xml")]
+        try:
+            suite = ET.parse(path).getroot()
+            suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+            n, bad, skipped = (int(suite.get(k, 0)) for k in ("tests", "failures", "skipped"))
+            bad += int(suite.get("errors", 0))
+            status = "FAIL" if bad else "SKIP" if n == skipped else "PASS"
+            lines.append({"name": f"tests {name}", "measured": f"{n - bad - skipped}/{n - skipped} passed, "
+                          f"{skipped} skipped", "goal": "all", "status": status})
+        except (OSError, ET.ParseError, AttributeError) as e:
+            lines.append({"name": f"tests {name}", "measured": f"no result ({e})", "goal": "all", "status": "FAIL"})
+    expected = [f"{g} {mode}" for g in GOALS for mode in ("eager", "graph")]
+    bench = {"goals": [], "rows": []}  # the benchmark's JSON files (one per --only part) merged
+    paths = sorted(glob.glob(os.path.join(outdir, "kernels_bench*.json")))
+    for path in paths:
+        try:
+            with open(path) as f:
+                part = json.load(f)
+            bench["goals"] += part["goals"]
+            bench["rows"] += part["rows"]
+            if part.get("skipped"):
+                bench["skipped"] = part["skipped"]
+        except (OSError, ValueError, KeyError) as e:
+            bench["error"] = f"{os.path.basename(path)}: no result ({type(e).__name__})"
+    if not paths:
+        bench["error"] = "no result (no kernels_bench*.json)"
+    measured = {g["name"]: g for g in bench.get("goals", [])}
+    for g in measured.values():
+        lines.append({**g, "measured": f"{g['measured']:.2f}x"})
+    for name in expected:
+        if name not in measured:
+            status = "SKIP" if bench.get("skipped") else "FAIL"
+            lines.append({"name": name, "measured": bench.get("skipped") or bench.get("error", "not measured"),
+                          "goal": next(v for k, v in GOALS.items() if name.startswith(k)), "status": status})
+    for g in lines:
         goal = "-" if g["goal"] is None else f"{g['goal']}x" if isinstance(g["goal"], float) else g["goal"]
         print(f"{g['status']} {g['name'].replace(' ', '_')} {g['measured']} {goal}")
     from fileio import atomic_write
-    atomic_write(os.path.join(outdir, "results.json"), json.dumps({"goals": goals, "bench": bench}, indent=1),
+    atomic_write(os.path.join(outdir, "results.json"), json.dumps({"goals": lines, "bench": bench}, indent=1),
                  what="GPU results")
-    return int(any(g["status"] == "FAIL" for g in goals))
+    return int(any(g["status"] not in ("PASS", "INFO") for g in lines))
 
 
 def main():
@@ -524,11 +701,18 @@ def main():
     ap.add_argument("--candidates", action="store_true", help="with --bytes: every candidate config, not the shipped")
     ap.add_argument("--compile-check", action="store_true",
                     help="no GPU needed: compile every shipped config for sm_90, print registers/spills/smem")
+    ap.add_argument("--overhead", action="store_true",
+                    help="no GPU needed: CPU microseconds per fwd+bwd call, ours (launches stubbed) vs SDPA / eager")
     ap.add_argument("--summarize", metavar="OUTDIR",
                     help="no GPU needed: PASS/FAIL lines and OUTDIR/results.json from a bench/gpu.sh run")
     args = ap.parse_args()
     if args.summarize:
         return summarize(args.summarize)
+    if args.overhead:  # runs our kernels' Python on CPU tensors: needs the interpreter's CPU path
+        if not importlib.import_module("kernels.distill_loss").INTERPRETED:
+            env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+            return subprocess.run([sys.executable, "-m", "kernels.bench", "--overhead"], env=env).returncode
+        return print_overhead()
     if args.compile_check or args.bytes:
         if importlib.import_module("kernels.attention").INTERPRETED:
             print("--bytes / --compile-check compile for sm_90: unset TRITON_INTERPRET first")
@@ -536,7 +720,11 @@ def main():
         return compile_check() if args.compile_check else counts_main(args.candidates)
     if not torch.cuda.is_available():
         print("kernels.bench needs a CUDA GPU and this machine has none: nothing measured. "
-              "(--bytes and --compile-check run without one.)")
+              "(--bytes, --compile-check and --overhead run without one.)")
+        if args.json:  # what --summarize reads: goals SKIP, not FAIL
+            from fileio import atomic_write
+            atomic_write(args.json, json.dumps({"skipped": "no CUDA GPU", "rows": [], "goals": []}),
+                         what="benchmark results")
         return 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {args.dtype}")

@@ -1,4 +1,4 @@
-"""The seed's distillation objectives (Eq. 4-7) as one fused Triton kernel, forward and gradients.
+"""The seed's distillation objectives (Eq. 4-7) as fused Triton kernels, forward and gradients.
 
 Imports torch, triton and kernels/reference.py, whose eager version of the same objective
 (`reference_distillation_loss` here) is the fallback; the tests check both against the kit's
@@ -19,16 +19,25 @@ The terms of one batch (B, C) and their weights:
 (strategy 1 has no corr_cls: cls alone in the label term). CE terms are batch means; teacher
 targets are never smoothed.
 
-One program walks all rows in blocks and in the same pass writes d loss / d logits for every
-logit input (already weighted, fp32) and the loss and its three parts. The backward is one
-multiply by grad_output, in fp32, then a cast to each logit's dtype. The teacher logits and soft
-targets get no gradient (the teacher is frozen; targets are data).
+Launches, all deterministic (no atomics: the same inputs give the same bits on every run and rank):
+  forward   _rows_kernel, grid (cdiv(B, BLOCK_B),): each program loads its BLOCK_B rows of every
+            input, then writes each row's three terms to a (3, B) fp32 buffer; _sum_kernel, one
+            program, adds that buffer up in a fixed order (chunks of SUM_BLOCK rows) into
+            [loss, label, teacher, type]. The sums do not depend on BLOCK_B.
+  backward  _rows_kernel again (BACKWARD=True): recomputes each row's gradients in fp32, multiplies
+            by grad_output (under fp16 GradScaler the loss scale) and rounds once to each logit's
+            dtype. Many entries are ~1e-6 / B, below fp16's normal range: rounded before the scale
+            they would become subnormal or zero.
+The teacher logits and soft targets get no gradient (the teacher is frozen; targets are data).
 """
 import torch
 import triton
 import triton.language as tl
 
+from .launch import INTERPRETED, launcher, triton_op, via_op
 from .reference import distillation_loss as reference_distillation_loss, loss_weights
+
+SUM_BLOCK = 1024  # rows per step of the second stage: B = 1024 in one step
 
 
 @triton.jit
@@ -53,85 +62,117 @@ def _log_softmax(z):
 
 
 @triton.jit
-def _distill_loss_kernel(
+def _rows_kernel(
     CLS, CORR_CLS, DIST, TEACHER,   # (B, C) logits, any float dtype, unit column stride
     CORR,                           # (B, T) corruption-token logits
     LABELS, TYPES,                  # (B,) int64 indices, or (B, C) / (B, T) float soft targets
-    G_LABEL, G_DIST, G_CORR,        # (B, C), (B, C), (B, T) fp32 weighted gradients, contiguous
-    STATS,                          # (4,) fp32: [loss, label, teacher, type]
+    ROW_LOSS,                       # forward: (3, B) fp32 per-row [label | teacher | type] terms
+    GO,                             # backward: fp32, GO[0] = d output / d loss
+    G_CLS, G_CC, G_DIST, G_CORR,    # backward: contiguous gradients, each in its logit's dtype
     stride_cls, stride_cc, stride_dist, stride_t, stride_corr, stride_lab, stride_typ,
     B, C, T, smoothing, inv_tau, kl_scale, w_label, w_teacher, w_type,
     HAS_CORR_CLS: tl.constexpr, TEACHER_MODE: tl.constexpr,  # 0 none, 1 hard (Eq. 5/6), 2 soft (Eq. 4/7)
     HAS_CORR: tl.constexpr, SOFT_LABELS: tl.constexpr, SOFT_TYPES: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    BACKWARD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    # One program walks every row: at B ~ 1024 x 10 classes the launch, not the bytes, is the cost,
-    # and one program finishes the sums itself (no partial sums, no second reduction).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     tcols = tl.arange(0, BLOCK_T)
     tmask = tcols < T
-    label_acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    teacher_acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    type_acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    for start in range(0, B, BLOCK_B):
-        rows = start + tl.arange(0, BLOCK_B).to(tl.int64)
-        rmask = rows < B
-        m2 = rmask[:, None] & cmask[None, :]
-        # Rows past B load zeros (finite); their losses are masked out of the sums.
-        z = tl.load(CLS + rows[:, None] * stride_cls + cols[None, :], mask=m2, other=0.0)
-        if HAS_CORR_CLS:  # seed Eq. 6-7: the label term sees cls + FFN(corr), rounded to the
-            # logits' dtype like the eager `cls + corr_cls` (PyTorch also adds in fp32 and rounds)
-            zc = tl.load(CORR_CLS + rows[:, None] * stride_cc + cols[None, :], mask=m2, other=0.0)
-            z = (z.to(tl.float32) + zc.to(tl.float32)).to(CLS.dtype.element_ty)
-        z = tl.where(cmask[None, :], z.to(tl.float32), float("-inf"))
-        if SOFT_LABELS:
-            y = tl.load(LABELS + rows[:, None] * stride_lab + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        else:
-            lab = tl.load(LABELS + rows * stride_lab, mask=rmask, other=0)
-            y = (cols[None, :] == lab[:, None]).to(tl.float32)
-        loss, g = _smoothed_ce(z, y, cmask[None, :], C, smoothing)
-        label_acc += tl.where(rmask, loss, 0.0)
-        tl.store(G_LABEL + rows[:, None] * C + cols[None, :], g * (w_label / B), mask=m2)
+    m2 = rmask[:, None] & cmask[None, :]
+    m3 = rmask[:, None] & tmask[None, :]
 
-        if TEACHER_MODE != 0:
-            d = tl.load(DIST + rows[:, None] * stride_dist + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            d = tl.where(cmask[None, :], d, float("-inf"))
-            t = tl.load(TEACHER + rows[:, None] * stride_t + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            t = tl.where(cmask[None, :], t, float("-inf"))
-            if TEACHER_MODE == 1:  # hard: CE(dist, argmax teacher), no smoothing (Eq. 5)
-                a = tl.argmax(t, 1, tie_break_left=True)  # first maximum, like torch.argmax
-                loss, g = _smoothed_ce(d, (cols[None, :] == a[:, None]).to(tl.float32), cmask[None, :], C, 0.0)
-                teacher_acc += tl.where(rmask, loss, 0.0)
-                g = g * (w_teacher / B)
-            else:  # soft: tau^2 KL / (B C) (Eq. 4); kl_scale = tau^2 / (B C)
-                log_ps = _log_softmax(d * inv_tau)
-                log_pt = _log_softmax(t * inv_tau)
-                pt = tl.exp(log_pt)  # 0 in padded columns, where both logs are -inf (no -inf - -inf)
-                kl = tl.sum(pt * (tl.where(cmask[None, :], log_pt, 0.0) - tl.where(cmask[None, :], log_ps, 0.0)), 1)
-                teacher_acc += tl.where(rmask, kl, 0.0)
-                g = (tl.exp(log_ps) - pt) * (inv_tau * kl_scale * w_teacher)
-            tl.store(G_DIST + rows[:, None] * C + cols[None, :], g, mask=m2)
-
-        if HAS_CORR:  # CE(corr, type) with smoothing (Eq. 6-7)
-            m3 = rmask[:, None] & tmask[None, :]
-            zc = tl.load(CORR + rows[:, None] * stride_corr + tcols[None, :], mask=m3, other=0.0).to(tl.float32)
-            zc = tl.where(tmask[None, :], zc, float("-inf"))
-            if SOFT_TYPES:
-                yc = tl.load(TYPES + rows[:, None] * stride_typ + tcols[None, :], mask=m3, other=0.0).to(tl.float32)
-            else:
-                typ = tl.load(TYPES + rows * stride_typ, mask=rmask, other=0)
-                yc = (tcols[None, :] == typ[:, None]).to(tl.float32)
-            loss, g = _smoothed_ce(zc, yc, tmask[None, :], T, smoothing)
-            type_acc += tl.where(rmask, loss, 0.0)
-            tl.store(G_CORR + rows[:, None] * T + tcols[None, :], g * (w_type / B), mask=m3)
-
-    # The terms (each normalised as in losses.py) and the weighted loss.
-    label = tl.sum(label_acc, 0) / B
-    if TEACHER_MODE == 2:
-        teacher = tl.sum(teacher_acc, 0) * kl_scale
+    # Every load first, so the program waits on memory once. Rows past B load zeros (finite).
+    z = tl.load(CLS + rows[:, None] * stride_cls + cols[None, :], mask=m2, other=0.0)
+    if HAS_CORR_CLS:
+        zcc = tl.load(CORR_CLS + rows[:, None] * stride_cc + cols[None, :], mask=m2, other=0.0)
+    if SOFT_LABELS:
+        y = tl.load(LABELS + rows[:, None] * stride_lab + cols[None, :], mask=m2, other=0.0).to(tl.float32)
     else:
-        teacher = tl.sum(teacher_acc, 0) / B
+        lab = tl.load(LABELS + rows * stride_lab, mask=rmask, other=0)
+    if TEACHER_MODE != 0:
+        d = tl.load(DIST + rows[:, None] * stride_dist + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        t = tl.load(TEACHER + rows[:, None] * stride_t + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+    if HAS_CORR:
+        zc = tl.load(CORR + rows[:, None] * stride_corr + tcols[None, :], mask=m3, other=0.0).to(tl.float32)
+        if SOFT_TYPES:
+            yc = tl.load(TYPES + rows[:, None] * stride_typ + tcols[None, :], mask=m3, other=0.0).to(tl.float32)
+        else:
+            typ = tl.load(TYPES + rows * stride_typ, mask=rmask, other=0)
+    if BACKWARD:
+        go = tl.load(GO)
+
+    # Label term. Seed Eq. 6-7: the label term sees cls + FFN(corr), rounded to the logits' dtype
+    # like the eager `cls + corr_cls` (PyTorch also adds in fp32 and rounds).
+    if HAS_CORR_CLS:
+        z = (z.to(tl.float32) + zcc.to(tl.float32)).to(CLS.dtype.element_ty)
+    z = tl.where(cmask[None, :], z.to(tl.float32), float("-inf"))
+    if not SOFT_LABELS:
+        y = (cols[None, :] == lab[:, None]).to(tl.float32)
+    label, g_label = _smoothed_ce(z, y, cmask[None, :], C, smoothing)
+
+    if TEACHER_MODE != 0:
+        d = tl.where(cmask[None, :], d, float("-inf"))
+        t = tl.where(cmask[None, :], t, float("-inf"))
+        if TEACHER_MODE == 1:  # hard: CE(dist, argmax teacher), no smoothing (Eq. 5)
+            a = tl.argmax(t, 1, tie_break_left=True)  # first maximum, like torch.argmax
+            teacher, g_dist = _smoothed_ce(d, (cols[None, :] == a[:, None]).to(tl.float32), cmask[None, :], C, 0.0)
+            g_dist = g_dist * (w_teacher / B)
+        else:  # soft: tau^2 KL / (B C) (Eq. 4); kl_scale = tau^2 / (B C)
+            log_ps = _log_softmax(d * inv_tau)
+            log_pt = _log_softmax(t * inv_tau)
+            pt = tl.exp(log_pt)  # 0 in padded columns, where both logs are -inf (no -inf - -inf)
+            teacher = tl.sum(pt * (tl.where(cmask[None, :], log_pt, 0.0) - tl.where(cmask[None, :], log_ps, 0.0)), 1)
+            g_dist = (tl.exp(log_ps) - pt) * (inv_tau * kl_scale * w_teacher)
+
+    if HAS_CORR:  # CE(corr, type) with smoothing (Eq. 6-7)
+        zc = tl.where(tmask[None, :], zc, float("-inf"))
+        if not SOFT_TYPES:
+            yc = (tcols[None, :] == typ[:, None]).to(tl.float32)
+        type_, g_corr = _smoothed_ce(zc, yc, tmask[None, :], T, smoothing)
+
+    if BACKWARD:  # fp32 until grad_output is applied, then one rounding to each logit's dtype
+        g = (g_label * (w_label / B)) * go
+        tl.store(G_CLS + rows[:, None] * C + cols[None, :], g.to(G_CLS.dtype.element_ty), mask=m2)
+        if HAS_CORR_CLS:
+            tl.store(G_CC + rows[:, None] * C + cols[None, :], g.to(G_CC.dtype.element_ty), mask=m2)
+        if TEACHER_MODE != 0:
+            tl.store(G_DIST + rows[:, None] * C + cols[None, :], (g_dist * go).to(G_DIST.dtype.element_ty), mask=m2)
+        if HAS_CORR:
+            g_corr = (g_corr * (w_type / B)) * go
+            tl.store(G_CORR + rows[:, None] * T + tcols[None, :], g_corr.to(G_CORR.dtype.element_ty), mask=m3)
+    else:
+        tl.store(ROW_LOSS + rows, label, mask=rmask)
+        if TEACHER_MODE != 0:
+            tl.store(ROW_LOSS + B + rows, teacher, mask=rmask)
+        if HAS_CORR:
+            tl.store(ROW_LOSS + 2 * B + rows, type_, mask=rmask)
+
+
+@triton.jit
+def _sum_kernel(ROW_LOSS, STATS, B, teacher_scale, w_label, w_teacher, w_type,
+                HAS_TEACHER: tl.constexpr, HAS_CORR: tl.constexpr, SUM_BLOCK: tl.constexpr):
+    """STATS = [loss, label, teacher, type] from the (3, B) per-row terms, one program: chunk by
+    chunk into SUM_BLOCK lanes, then one tree over the lanes. Fixed order for a given B."""
+    offs = tl.arange(0, SUM_BLOCK)
+    label_acc = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
+    teacher_acc = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
+    type_acc = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
+    start = 0
+    while start < B:  # not range(0, B, ...): triton 3.6's interpreter cannot index with a runtime int under numpy >= 2.4
+        rows = start + offs
+        mask = rows < B
+        label_acc += tl.load(ROW_LOSS + rows, mask=mask, other=0.0)
+        if HAS_TEACHER:
+            teacher_acc += tl.load(ROW_LOSS + B + rows, mask=mask, other=0.0)
+        if HAS_CORR:
+            type_acc += tl.load(ROW_LOSS + 2 * B + rows, mask=mask, other=0.0)
+        start += SUM_BLOCK
+    # The terms, each normalised as in losses.py (teacher_scale: 1/B for CE, tau^2/(B C) for KL).
+    label = tl.sum(label_acc, 0) / B
+    teacher = tl.sum(teacher_acc, 0) * teacher_scale
     type_ = tl.sum(type_acc, 0) / B
     tl.store(STATS + 0, w_label * label + w_teacher * teacher + w_type * type_)
     tl.store(STATS + 1, label)
@@ -140,32 +181,24 @@ def _distill_loss_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# The custom op: (stats, grads). stats = [loss, label, teacher, type]; grads is one flat fp32
-# buffer [label | dist | corr] of d loss / d logits. It stays fp32 until the backward has applied
-# grad_output (under fp16 GradScaler, the loss scale): many entries are ~1e-6 / B, below fp16's
-# normal range, and would round to subnormals or zero if stored in fp16 before scaling.
+# The operators: forward -> stats [loss, label, teacher, type] (fp32); backward -> the logits'
+# gradients [cls, corr_cls?, dist?, corr?] (the ones that exist), each in its logit's dtype.
 
 def _rows(x):  # unit column stride, any row stride
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _block_rows(C, T):
-    # 32 rows x 16 columns a step: ~4 fp32 values a thread per tile at 4 warps, no register spills
-    # (ptxas, sm_90). Wider heads get fewer rows.
+    """Rows per program: 32 at 16 columns (~4 fp32 values a thread per tile at 4 warps, no spills
+    on sm_90; 32 programs at B = 1024, 4 at 128). Wider heads get fewer rows."""
     return max(1, min(32, 512 // max(triton.next_power_of_2(C), triton.next_power_of_2(T))))
 
 
-@torch.library.custom_op("triton_kit::distill_loss_fwd", mutates_args=())
-def _distill_loss_fwd(cls: torch.Tensor, corr_cls: torch.Tensor | None, dist: torch.Tensor | None,
-                      teacher: torch.Tensor | None, corr: torch.Tensor | None, labels: torch.Tensor,
-                      types: torch.Tensor | None, teacher_mode: int, tau: float, smoothing: float,
-                      w_label: float, w_teacher: float, w_type: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_rows(go, row_loss, grads, cls, corr_cls, dist, teacher, corr, labels, types,
+                 teacher_mode, tau, smoothing, w_label, w_teacher, w_type):
+    """One _rows_kernel launch: forward (row_loss given) or backward (go and grads given)."""
     B, C = cls.shape
     T = corr.shape[1] if corr is not None else 1
-    n_dist = B * C if teacher_mode else 0
-    grads = cls.new_empty(B * C + n_dist + (B * T if corr is not None else 0), dtype=torch.float32)
-    g_label, g_dist, g_corr = grads[:B * C], grads[B * C:B * C + n_dist], grads[B * C + n_dist:]
     cls = _rows(cls)
     corr_cls = _rows(corr_cls) if corr_cls is not None else cls
     dist = _rows(dist) if teacher_mode else cls
@@ -173,60 +206,85 @@ def _distill_loss_fwd(cls: torch.Tensor, corr_cls: torch.Tensor | None, dist: to
     corr_ = _rows(corr) if corr is not None else cls
     labels = _rows(labels) if labels.dim() == 2 else labels
     types_ = (_rows(types) if types.dim() == 2 else types) if types is not None else labels
-    stats = cls.new_empty(4, dtype=torch.float32)
-    _distill_loss_kernel[(1,)](
-        cls, corr_cls, dist, teacher, corr_, labels, types_, g_label, g_dist, g_corr, stats,
+    g_cls, g_cc, g_dist, g_corr = grads if grads is not None else (cls,) * 4
+    block_b = _block_rows(C, T)
+    launcher(_rows_kernel)[(triton.cdiv(B, block_b),)](
+        cls, corr_cls, dist, teacher, corr_, labels, types_,
+        row_loss if row_loss is not None else cls, go if go is not None else cls,
+        g_cls, g_cc if g_cc is not None else cls, g_dist if g_dist is not None else cls,
+        g_corr if g_corr is not None else cls,
         cls.stride(0), corr_cls.stride(0), dist.stride(0), teacher.stride(0), corr_.stride(0),
         labels.stride(0), types_.stride(0),
         B, C, T, float(smoothing), 1.0 / tau, tau * tau / (B * C), float(w_label), float(w_teacher),
         float(w_type),
         HAS_CORR_CLS=corr_cls is not cls, TEACHER_MODE=teacher_mode, HAS_CORR=corr is not None,
         SOFT_LABELS=labels.is_floating_point(), SOFT_TYPES=types_.is_floating_point(),
-        BLOCK_B=_block_rows(C, T), BLOCK_C=max(16, triton.next_power_of_2(C)),
+        BACKWARD=go is not None, BLOCK_B=block_b, BLOCK_C=max(16, triton.next_power_of_2(C)),
         BLOCK_T=max(16, triton.next_power_of_2(T)), num_warps=4)
-    return stats, grads
 
 
-@_distill_loss_fwd.register_fake
-def _(cls, corr_cls, dist, teacher, corr, labels, types, teacher_mode, tau, smoothing,
-      w_label, w_teacher, w_type):
+def _fwd_fake(cls, corr_cls, dist, teacher, corr, labels, types, teacher_mode, tau, smoothing,
+              w_label, w_teacher, w_type):
+    return cls.new_empty(4, dtype=torch.float32)
+
+
+def _fwd(cls: torch.Tensor, corr_cls: torch.Tensor | None, dist: torch.Tensor | None,
+         teacher: torch.Tensor | None, corr: torch.Tensor | None, labels: torch.Tensor,
+         types: torch.Tensor | None, teacher_mode: int, tau: float, smoothing: float,
+         w_label: float, w_teacher: float, w_type: float) -> torch.Tensor:
     B, C = cls.shape
-    n = B * C * (2 if teacher_mode else 1) + (corr.numel() if corr is not None else 0)
-    return cls.new_empty(4, dtype=torch.float32), cls.new_empty(n, dtype=torch.float32)
+    row_loss = cls.new_empty(3 * B, dtype=torch.float32)  # (3, B): [label | teacher | type]
+    stats = cls.new_empty(4, dtype=torch.float32)
+    _launch_rows(None, row_loss, None, cls, corr_cls, dist, teacher, corr, labels, types,
+                 teacher_mode, tau, smoothing, w_label, w_teacher, w_type)
+    teacher_scale = tau * tau / (B * C) if teacher_mode == 2 else 1.0 / B
+    launcher(_sum_kernel)[(1,)](row_loss, stats, B, teacher_scale, float(w_label), float(w_teacher),
+                                float(w_type), HAS_TEACHER=teacher_mode != 0, HAS_CORR=corr is not None,
+                                SUM_BLOCK=SUM_BLOCK, num_warps=4)
+    return stats
 
 
-def _distill_setup(ctx, inputs, output):
-    cls, corr_cls, dist, _, corr = inputs[:5]
-    ctx.meta = [(x.shape, x.dtype) if x is not None else None for x in (cls, corr_cls, dist, corr)]
-    ctx.save_for_backward(output[1])
-    ctx.set_materialize_grads(False)  # grads gets no gradient: no zero tensor for it
+def _bwd_fake(go, cls, corr_cls, dist, teacher, corr, labels, types, teacher_mode, tau, smoothing,
+              w_label, w_teacher, w_type):
+    return [x.new_empty(x.shape) for x in (cls, corr_cls, dist, corr) if x is not None]
 
 
-def _distill_backward(ctx, g_stats, g_grads):  # only stats[0], the loss, is differentiated
-    if g_stats is None:
-        return (None,) * 13
-    (grads,) = ctx.saved_tensors
-    (cls_shape, cls_dtype), cc, dist, corr = ctx.meta
-    B, C = cls_shape
-    dtypes = {m[1] for m in ctx.meta if m is not None}
-    scaled = grads * g_stats[0]  # the whole backward: one fp32 multiply, then the logits' dtype
-    scaled = scaled.to(dtypes.pop()) if len(dtypes) == 1 else scaled  # one cast, not one per input
-    g_label = scaled[:B * C].view(B, C)
-    g_cls = g_label.to(cls_dtype)
-    g_cc = g_label.to(cc[1]) if cc is not None else None
-    g_dist = scaled[B * C:2 * B * C].view(B, C).to(dist[1]) if dist is not None else None
-    g_corr = scaled[-corr[0].numel():].view(corr[0]).to(corr[1]) if corr is not None else None
-    return g_cls, g_cc, g_dist, None, g_corr, None, None, None, None, None, None, None, None
+def _bwd(go: torch.Tensor, cls: torch.Tensor, corr_cls: torch.Tensor | None,
+         dist: torch.Tensor | None, teacher: torch.Tensor | None, corr: torch.Tensor | None,
+         labels: torch.Tensor, types: torch.Tensor | None, teacher_mode: int, tau: float,
+         smoothing: float, w_label: float, w_teacher: float, w_type: float) -> list[torch.Tensor]:
+    grads = [x.new_empty(x.shape) if x is not None else None for x in (cls, corr_cls, dist, corr)]
+    _launch_rows(go, None, grads, cls, corr_cls, dist, teacher, corr, labels, types,
+                 teacher_mode, tau, smoothing, w_label, w_teacher, w_type)
+    return [g for g in grads if g is not None]
 
 
-_distill_loss_fwd.register_autograd(_distill_backward, setup_context=_distill_setup)
+_distill_loss_fwd = triton_op("triton_kit::distill_loss_fwd", _fwd_fake)(_fwd)
+_distill_loss_bwd = triton_op("triton_kit::distill_loss_bwd", _bwd_fake)(_bwd)
+
+
+class _DistillLoss(torch.autograd.Function):
+    """Autograd around the two operators. Eager calls run their bodies directly, without the
+    dispatcher's round trip through the registered op (a fifth or more of a call's CPU time);
+    torch.compile traces the registered ops (`via_op`), which it sees through to the launches."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # the 13 arguments of _fwd
+        ctx.save_for_backward(*inputs[:7])
+        ctx.args = inputs[7:]
+        return via_op(_distill_loss_fwd, _fwd)(*inputs)
+
+    @staticmethod
+    def backward(ctx, g_stats):  # only stats[0], the loss, is differentiated
+        cls, corr_cls, dist, teacher, corr, labels, types = ctx.saved_tensors
+        grads = iter(via_op(_distill_loss_bwd, _bwd)(g_stats.float().contiguous(), cls, corr_cls, dist,
+                                                    teacher, corr, labels, types, *ctx.args))
+        g_cls, g_cc, g_dist, g_corr = (next(grads) if x is not None else None for x in (cls, corr_cls, dist, corr))
+        return g_cls, g_cc, g_dist, None, g_corr, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
 # Public API.
-
-INTERPRETED = type(_distill_loss_kernel).__name__ == "InterpretedFunction"
-
 
 def use_triton(t):
     """CUDA tensors run the kernel; CPU tensors only under the Triton interpreter, and not bf16
@@ -244,9 +302,9 @@ def distillation_loss(out, labels, teacher_logits=None, types=None, *, distill,
         return reference_distillation_loss(out, labels, teacher_logits, types, distill=distill,
                                            tau=tau, alpha=alpha, smoothing=smoothing)
     teacher_mode = 0 if dist is None else (1 if distill == "hard" else 2)
-    stats, _ = _distill_loss_fwd(cls, corr_cls, dist, teacher_logits if teacher_mode else None,
-                                 corr, labels, types if corr is not None else None,
-                                 teacher_mode, float(tau), float(smoothing), w_label, w_teacher, w_type)
+    stats = _DistillLoss.apply(cls, corr_cls, dist, teacher_logits if teacher_mode else None,
+                               corr, labels, types if corr is not None else None,
+                               teacher_mode, float(tau), float(smoothing), w_label, w_teacher, w_type)
     parts = stats.detach()
     names = ["label"] + (["teacher"] if dist is not None else []) + (["type"] if corr is not None else [])
     return stats[0], {name: parts[1 + i] for i, name in enumerate(("label", "teacher", "type")) if name in names}

@@ -24,8 +24,37 @@ if not torch.cuda.is_available():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--test-timeout", type=float, default=0, metavar="SECONDS",
+                     help="fail any one test that runs longer (SIGALRM; for machines without pytest-timeout, "
+                          "e.g. bench/gpu.sh on a GPU image with no internet)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one); bench/gpu.sh runs these")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """--test-timeout: the test fails with a TimeoutError when the alarm fires and the next one runs.
+    (A call stuck inside C code is only interrupted when it returns to Python; bench/gpu.sh's
+    per-step `timeout` is the backstop.)"""
+    limit = item.config.getoption("--test-timeout")
+    if not limit:
+        yield
+        return
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError(f"{item.nodeid} ran past --test-timeout {limit:g} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="session")

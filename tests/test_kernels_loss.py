@@ -1,7 +1,7 @@
 """kernels/distill_loss.py against the oracle, losses.distillation_loss (seed Eq. 4-7).
 
 Every model kind x distill mode x hard/soft targets x CdeiT strategy, odd batch sizes (1, 37, and
-300: the one program's row loop ends on a ragged block), fp32/fp16 logits, grad_output != 1,
+300: the last program's rows end on a ragged block), fp32/fp16 logits, grad_output != 1,
 per-dtype tolerances, NaN-poisoned outputs, and fp16 gradients under a GradScaler-sized loss scale
 against float64 math. Runs through Triton's interpreter without CUDA
 (tests/conftest.py). bf16 is checked in tests/test_kernels_gpu.py: triton 3.8's interpreter
@@ -162,11 +162,59 @@ def test_bad_combinations_raise_like_losses_py(bad):
     assert str(ours.value) == str(theirs.value)
 
 
+def _run(out, labels, teacher, types, distill):
+    loss, parts = kernels.distillation_loss(out, labels, teacher, types, distill=distill)
+    grads = torch.autograd.grad(loss, [x for x in out if x is not None], torch.tensor(0.7, device=DEVICE))
+    return [loss, *parts.values(), *grads]
+
+
+def test_bit_identical_across_runs_and_row_blocks(monkeypatch):
+    """No atomics, fixed-order sums: the same bits on every run; and the second stage adds per-row
+    terms, so the rows per program (BLOCK_B) change neither the loss nor the gradients."""
+    out, labels, teacher, types = _batch("cdeit", 70, True, 2, torch.float16, seed=15)
+    first = _run(out, labels, teacher, types, "soft")
+    for block_b in (None, 4, 64):
+        if block_b is not None:
+            monkeypatch.setattr(K, "_block_rows", lambda C, T, b=block_b: b)
+        again = _run(out, labels, teacher, types, "soft")
+        for a, e in zip(again, first):
+            assert torch.equal(a, e), f"BLOCK_B {block_b}: results differ in bits"
+
+
+def test_grid_has_many_programs_at_the_global_batch(monkeypatch):
+    """B = 1024: the row stage runs as many programs (not one walking every row)."""
+    grids = {}
+    real = K.launcher
+
+    def recording(kernel):
+        class Launch:
+            def __getitem__(self, grid):
+                grids[kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__] = grid
+                return real(kernel)[grid]
+        return Launch()
+
+    monkeypatch.setattr(K, "launcher", recording)
+    out, labels, teacher, types = _batch("deit", 1024, False, seed=16)
+    _run(out, labels, teacher, types, "hard")
+    assert grids == {"_rows_kernel": (1024 // K._block_rows(C, T),), "_sum_kernel": (1,)}
+    assert grids["_rows_kernel"][0] >= 32
+
+
+def test_second_stage_over_several_chunks(monkeypatch, poisoned):
+    """B past SUM_BLOCK: the sums walk several chunks, the last one ragged."""
+    monkeypatch.setattr(K, "SUM_BLOCK", 64)
+    out, labels, teacher, types = _batch("cdeit", 300, False, 2, seed=17)
+    _compare(kernels.distillation_loss, losses.distillation_loss, out, labels, teacher, types,
+             torch.float32, distill="soft")
+
+
 def test_custom_op_registration():
+    """The two operators torch.compile traces (autograd is _DistillLoss's, around them)."""
     out, labels, teacher, types = _batch("cdeit", 5, False, seed=12)
-    cls, dist, corr, corr_cls = out
+    cls, dist, corr, corr_cls = (x.detach() for x in out)
     args = (cls, corr_cls, dist, teacher, corr, labels, types, 2, 3.0, 0.1, 0.25, 0.5, 0.25)
     torch.library.opcheck(K._distill_loss_fwd, args)
+    torch.library.opcheck(K._distill_loss_bwd, (torch.ones(4, device=DEVICE), *args))
 
 
 def test_compile_traces_without_graph_break():
@@ -217,3 +265,45 @@ def test_fp16_gradients_survive_a_gradscaler_scale(poisoned):
         rounded_first = (e / scale).half().double() * scale  # fp16 gradient first, then the scale
         lost += int(((rounded_first == 0) & (e != 0)).sum())
     assert lost > 0  # the check above can fail: this batch has gradients that fp16 alone loses
+
+
+def test_eager_calls_launch_without_the_traceable_wrapper():
+    """via_op's eager path runs the op body with wrap_triton off, as triton_op's own eager path
+    does: wrap_triton's higher-order op is for tracing, and slow in eager mode."""
+    from torch._library.triton import is_wrap_triton_enabled
+    seen = []
+    K.via_op(K._distill_loss_fwd, lambda: seen.append(is_wrap_triton_enabled()))()
+    assert seen == [False] and is_wrap_triton_enabled()
+
+
+GPU_TRACE = """
+import torch
+from torch._functorch.aot_autograd import aot_function
+from torch._subclasses.fake_tensor import FakeTensorMode
+from kernels import distill_loss as K
+assert not K.INTERPRETED
+graphs = []
+with FakeTensorMode():  # fake CUDA tensors: shapes only, no device needed
+    B, C, T = 64, 10, 11
+    a, b, d = (torch.randn(B, C, device="cuda") for _ in range(3))
+    c, teacher = torch.randn(B, T, device="cuda"), torch.randn(B, C, device="cuda")
+    labels, types = torch.randint(0, C, (B,), device="cuda"), torch.randint(0, T, (B,), device="cuda")
+    def f(a, b, c, d, teacher, labels, types):
+        s = K._distill_loss_fwd(a, d, b, teacher, c, labels, types, 2, 3.0, 0.1, 0.25, 0.5, 0.25)
+        return [s] + K._distill_loss_bwd(s, a, d, b, teacher, c, labels, types, 2, 3.0, 0.1, 0.25, 0.5, 0.25)
+    aot_function(f, fw_compiler=lambda gm, _: graphs.append(gm.code) or gm)(a, b, c, d, teacher, labels, types)
+print(graphs[0].count("triton_kernel_wrapper_functional("), "triton_kit" in graphs[0])
+"""
+
+
+def test_gpu_path_is_traceable_into_the_kernels():
+    """Compiled, the operators are Triton launches in the graph (torch.library.triton_op +
+    wrap_triton), not opaque calls: traced here with fake CUDA tensors, no GPU and no interpreter."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", GPU_TRACE], cwd=os.path.dirname(os.path.dirname(__file__)),
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["3", "False"]  # rows forward, sum, rows backward; no opaque op left

@@ -244,3 +244,27 @@ def test_standard_split_default_val_per_class():
     assert train.get_args(["--split", "standard"]).val_per_class == 500  # 45,000 / 5,000 of CIFAR-10 train
     assert train.get_args(["--split", "standard", "--val-per-class", "100"]).val_per_class == 100
     assert train.get_args([]).val_per_class == 200  # the seed's mix
+
+
+def test_compile_modes(monkeypatch):
+    """--compile keeps its bare form (torch.compile's default mode); reduce-overhead passes its mode
+    (CUDA graphs) to the student and the loss and marks each step's start for the graph replays."""
+    assert train.get_args([]).compile == "off"
+    assert train.get_args(["--compile"]).compile == "default"
+    assert train.get_args(["--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    calls, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model, loss = object(), train.losses.distillation_loss
+    assert train.compile_step(model, loss, "off") == (model, loss) and calls == []
+    train.compile_step(model, loss, "default")
+    train.compile_step(model, loss, "reduce-overhead")
+    assert calls == [{}, {"fullgraph": True}, {"mode": "reduce-overhead"},
+                     {"fullgraph": True, "mode": "reduce-overhead"}]
+    args = train.get_args(["--model", "vit", "--distill", "none", "--compile", "reduce-overhead"])
+    student = create_model("vit", depth=1, embed_dim=32, num_heads=2)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    train.train_step(student, opt, torch.amp.GradScaler("cpu", enabled=False), train.losses.distillation_loss,
+                     x, y, None, None, args, None)
+    assert marks == [1]
