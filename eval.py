@@ -111,6 +111,7 @@ def load_student(path):
     if ck["model_name"] not in ("vit", "deit", "cdeit"):
         raise EvalError(f"{path}: model_name {ck['model_name']!r} is not a student (vit, deit, cdeit)")
     try:
+        ck["model_args"] = model_lib.saved_model_args(ck["model_args"])  # an older file: the timm layout
         net = model_lib.create_model(ck["model_name"], **ck["model_args"])
     except (TypeError, ValueError) as e:
         raise EvalError(f"{path}: model_args do not build a {ck['model_name']}: {e}") from None

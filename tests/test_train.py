@@ -91,6 +91,13 @@ def test_resume_is_bit_identical(tmp_path, data_dir, stop_at, capsys):
     other = [f if f != "2" or base[i - 1] != "--depth" else "3" for i, f in enumerate(base)]
     assert train.main(other + ["--out-dir", str(tmp_path / "b"), "--resume"]) == 1
     assert "depth 2 -> 3" in capsys.readouterr().err  # the refusal names what differs
+    # a checkpoint written before model_args had `layout` was built in timm's layout: a resume with
+    # today's default (thesis) is refused, not rebuilt differently
+    ck = torch.load(tmp_path / "b" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ck["model_args"].pop("layout") == "thesis"
+    torch.save(ck, tmp_path / "b" / "ckpt.pt")
+    assert train.main(base + ["--out-dir", str(tmp_path / "b"), "--resume"]) == 1
+    assert "layout timm -> thesis" in capsys.readouterr().err
 
 
 def test_random_streams_never_share_a_seed():
