@@ -373,9 +373,9 @@ def test_bad_inputs(files, tmp_path, capsys):
     other = tmp_path / "other.pt"
     make_ckpt(other, "vit", d / "data")
     ck = torch.load(other, weights_only=True)
-    ck["model"].pop("norm.bias")
+    ck["model"].pop("blocks.1.norm2.bias")
     torch.save(ck, other)
-    assert "norm.bias" in _bad([other, "--json", out], capsys, other)
+    assert "blocks.1.norm2.bias" in _bad([other, "--json", out], capsys, other)
     assert not out.exists()
 
     # a baseline from another split: refused before anything is evaluated; an existing output survives
