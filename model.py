@@ -195,7 +195,7 @@ class VisionTransformer(nn.Module):
         self.num_prefix = 1 + int(cfg.distilled) + int(cfg.corruption_token)  # [cls, dist, corr]
         # the seed's code (PatchEmbedding): cls_token and pos_embedding = nn.Parameter(torch.randn(...));
         # its dist / corr tokens live in a class no revision shows, drawn the same way here
-        token = (lambda *shape: torch.zeros(*shape)) if timm_layout else torch.randn
+        token = torch.zeros if timm_layout else torch.randn  # timm: trunc-normal(0.02) below
         self.cls_token = nn.Parameter(token(1, 1, D))
         self.dist_token = nn.Parameter(token(1, 1, D)) if cfg.distilled else None
         self.corr_token = nn.Parameter(token(1, 1, D)) if cfg.corruption_token else None
