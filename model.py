@@ -2,22 +2,34 @@
 
 One transformer serves four architectures, picked by name in `create_model`:
   vit          the seed's baseline student: DeiT-Tiny sizes, one class token, a two-layer MLP head
-               (seed 2.1, 3.2; head="linear" for timm's layout)
+               (seed 2.1, 3.2)
   deit         vit + a distillation token and its head (seed 2.3, Touvron et al. 2020)
   cdeit        deit + a corruption token predicting the image type, strategies 1/2/3 (seed 3.3)
   deit3_small  the teacher: DeiT-III Small, LayerScale, patch 16 at 224px (seed 3.2, 4.1)
 
-State-dict keys and layouts follow timm's VisionTransformer, so timm's published DeiT-III file
-loads here unchanged and a trained vit/deit loads into timm's deit_tiny(_distilled)_patch16_224
-built with img_size=32, patch_size=4, num_classes=10 (vit with head="linear": timm's DeiT has
-one Linear head where the seed's ViT baseline has an MLP). CdeiT's extras (`corr_token`, `head_corr`,
-`corr_proj`) have names timm does not use.
+Two layouts (ViTConfig.layout), identical in shapes and keys except the final norm:
+  "thesis" (the students' default) where the seed's text is silent, its public code decides (the
+           models module: `VisionTransformer`, `DistillVisionTransformer`,
+           `CorruptDistillVisionTransformer`; the modules file: `PatchEmbedding`,
+           `VisionTransformerEncoder`): pre-norm blocks and NO final LayerNorm (the heads read the
+           last block's tokens), no init code (every Linear keeps PyTorch's default init), the
+           tokens and position embedding drawn with torch.randn (std 1), the same stochastic-depth
+           rate in every block, dropout only after each residual branch.
+  "timm"   timm's / DeiT's VisionTransformer: a final LayerNorm, trunc-normal(0.02) Linears and
+           tokens, zero biases, stochastic depth ramped linearly 0 -> drop_path over depth, a single
+           Linear class head for vit. The teacher (it loads timm's DeiT-III file) always uses it.
+
+State-dict keys follow timm's, so timm's published DeiT-III file loads here unchanged, and a vit /
+deit built with layout="timm" loads into timm's deit_tiny(_distilled)_patch16_224 built with
+img_size=32, patch_size=4, num_classes=10, giving the same logits. CdeiT's extras (`corr_token`,
+`head_corr`, `corr_proj`) have names timm does not use.
 
 Forward contract:
   eval mode  -> (B, num_classes) class logits; deit averages cls and dist, cdeit strategies 2/3
                 also average in corr_proj(corruption logits) (seed 3.3).
   train mode -> Logits(cls, dist, corr, corr_cls), None where the model lacks the head.
-  forward_tokens(x) -> the final-norm special tokens, for the seed's 4.4 cosine analysis.
+  forward_tokens(x) -> the special tokens the heads read (after the final norm in the timm layout),
+                for the seed's 4.4 cosine analysis.
 """
 import math
 from dataclasses import dataclass, replace
@@ -61,15 +73,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim, hidden, drop=0.0):
+    def __init__(self, dim, hidden, drop=0.0, drop_hidden=0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()  # exact (erf) GELU, as timm and the DeiT-III weights use
+        self.drop_hidden = nn.Dropout(drop_hidden)  # timm drops after the GELU too; the seed's code does not
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(self.fc2(self.drop_hidden(self.act(self.fc1(x)))))
 
 
 class LayerScale(nn.Module):
@@ -98,13 +111,13 @@ class DropPath(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm encoder block: x + ls1(attn(norm1(x))), x + ls2(mlp(norm2(x))) (seed 2.1)."""
-    def __init__(self, dim, num_heads, mlp_ratio, init_values, drop, drop_path, fused_attn):
+    def __init__(self, dim, num_heads, mlp_ratio, init_values, drop, drop_path, fused_attn, drop_hidden):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, drop, fused_attn)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), drop)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), drop, drop_hidden)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
@@ -114,6 +127,9 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """A p x p, stride-p Conv2d (timm's key names). The seed's code applies nn.Linear(C*p*p, D) to the
+    flattened patches: the same map, and PyTorch's default init draws both from the same
+    distribution (kaiming-uniform a=sqrt(5), fan_in = C*p*p, bias bound 1/sqrt(fan_in))."""
     def __init__(self, img_size, patch_size, in_chans, dim):
         super().__init__()
         if img_size % patch_size:
@@ -130,9 +146,10 @@ class PatchEmbed(nn.Module):
 @dataclass
 class ViTConfig:
     img_size: int = 32            # CIFAR-10 resolution
-    patch_size: int = 4           # 32/4 -> 64 patches for the students
+    patch_size: int = 4           # 32/4 -> 64 patches for the students (the seed never states P: ours)
     in_chans: int = 3
     num_classes: int = 10
+    layout: str = "thesis"        # "thesis": the seed's code's layout and init; "timm" (module docstring)
     head: str = "linear"          # class head: "linear" (DeiT, timm) or "mlp": Linear(D, D), GELU, Linear
     embed_dim: int = 192          # DeiT-Tiny D (seed 3.2)
     depth: int = 12
@@ -145,8 +162,8 @@ class ViTConfig:
     corr_hidden: int = 0          # strategy 3 FFN width; 0 -> num_types
     no_embed_class: bool = False  # DeiT-III: pos_embed covers patches only, tokens get none
     init_values: float = 0.0      # LayerScale init (DeiT-III); 0 -> no LayerScale
-    drop_path: float = 0.0        # stochastic depth at the last block, linear from 0 (DeiT)
-    drop: float = 0.0             # dropout after position embedding, attention proj and MLP
+    drop_path: float = 0.0        # stochastic depth: every block (thesis), the last one of a ramp (timm)
+    drop: float = 0.0             # dropout after each residual branch (timm: also after pos_embed and the GELU)
     fused_attn: bool = True       # use kernels.attention_packed on CUDA
 
 
@@ -154,9 +171,10 @@ MODELS = {
     "vit": ViTConfig(head="mlp"),   # seed 2.1: the ViT baseline's two-layer MLP head
     "deit": ViTConfig(distilled=True),
     "cdeit": ViTConfig(distilled=True, corruption_token=True),
-    "deit3_small": ViTConfig(img_size=224, patch_size=16, num_classes=1000, embed_dim=384,
-                             num_heads=6, no_embed_class=True, init_values=1e-6),
+    "deit3_small": ViTConfig(img_size=224, patch_size=16, num_classes=1000, embed_dim=384, num_heads=6,
+                             no_embed_class=True, init_values=1e-6, layout="timm"),
 }
+LAYOUTS = ("thesis", "timm")
 
 
 class VisionTransformer(nn.Module):
@@ -166,23 +184,33 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"strategy must be 1, 2 or 3, got {cfg.strategy}")
         if cfg.head not in ("linear", "mlp"):
             raise ValueError(f"head must be 'linear' or 'mlp', got {cfg.head!r}")
+        if cfg.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {cfg.layout!r}")
         if cfg.corruption_token and not cfg.distilled:
             raise ValueError("the corruption token needs the distillation token (CdeiT extends DeiT)")
         self.cfg = cfg
+        timm_layout = cfg.layout == "timm"
         D = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
         self.num_prefix = 1 + int(cfg.distilled) + int(cfg.corruption_token)  # [cls, dist, corr]
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.distilled else None
-        self.corr_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.corruption_token else None
+        # the seed's code (PatchEmbedding): cls_token and pos_embedding = nn.Parameter(torch.randn(...));
+        # its dist / corr tokens live in a class no revision shows, drawn the same way here
+        token = torch.zeros if timm_layout else torch.randn  # timm: trunc-normal(0.02) below
+        self.cls_token = nn.Parameter(token(1, 1, D))
+        self.dist_token = nn.Parameter(token(1, 1, D)) if cfg.distilled else None
+        self.corr_token = nn.Parameter(token(1, 1, D)) if cfg.corruption_token else None
         n_pos = self.patch_embed.num_patches + (0 if cfg.no_embed_class else self.num_prefix)
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, D))
-        self.pos_drop = nn.Dropout(cfg.drop)
-        dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()  # linear over depth, as DeiT
+        self.pos_embed = nn.Parameter(token(1, n_pos, D))
+        self.pos_drop = nn.Dropout(cfg.drop if timm_layout else 0.0)
+        # DeiT ramps stochastic depth linearly over depth; the seed's code passes one drop_path to
+        # every VisionTransformerEncoder
+        dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist() if timm_layout else [cfg.drop_path] * cfg.depth
         self.blocks = nn.Sequential(*[
-            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.init_values, cfg.drop, dpr[i], cfg.fused_attn)
+            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.init_values, cfg.drop, dpr[i], cfg.fused_attn,
+                  drop_hidden=cfg.drop if timm_layout else 0.0)
             for i in range(cfg.depth)])
-        self.norm = nn.LayerNorm(D, eps=1e-6)
+        # the seed's code: the heads read batch[:, 0] straight from the last encoder (no final norm)
+        self.norm = nn.LayerNorm(D, eps=1e-6) if timm_layout else nn.Identity()
         # seed 2.1: ViT's class token feeds a two-layer MLP with a GELU between (hidden width D, as
         # the seed's code, which used Tanh); DeiT's tokens feed single Linear heads (seed 2.3).
         self.head = nn.Linear(D, cfg.num_classes) if cfg.head == "linear" else \
@@ -198,13 +226,15 @@ class VisionTransformer(nn.Module):
             hidden = cfg.corr_hidden or cfg.num_types
             self.corr_proj = nn.Sequential(nn.Linear(cfg.num_types, hidden), nn.GELU(),
                                            nn.Linear(hidden, cfg.num_classes))
-        self.apply(self._init_weights)
-        for p in (self.pos_embed, self.cls_token, self.dist_token, self.corr_token):
-            if p is not None:
-                nn.init.trunc_normal_(p, std=0.02)
+        if timm_layout:  # the seed's code has no init code: PyTorch's defaults stand
+            self.apply(self._init_weights)
+            for p in (self.pos_embed, self.cls_token, self.dist_token, self.corr_token):
+                if p is not None:
+                    nn.init.trunc_normal_(p, std=0.02)
 
     @staticmethod
     def _init_weights(m):
+        """timm's init: trunc-normal(0.02) Linear weights, zero biases (the patch Conv2d keeps PyTorch's)."""
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
@@ -217,7 +247,8 @@ class VisionTransformer(nn.Module):
         return {"pos_embed", "cls_token", "dist_token", "corr_token"}
 
     def forward_features(self, x):
-        """(B, C, H, W) normalised images -> (B, num_prefix + num_patches, D) after the final norm."""
+        """(B, C, H, W) normalised images -> (B, num_prefix + num_patches, D): the last block's tokens,
+        after the final norm in the timm layout."""
         x = self.patch_embed(x)  # (B, P, D)
         prefix = [t.expand(x.shape[0], -1, -1)
                   for t in (self.cls_token, self.dist_token, self.corr_token) if t is not None]
@@ -229,7 +260,7 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward_tokens(self, x):
-        """Final-layer special tokens {cls, dist, corr} (B, D) each; the seed's 4.4 compares them."""
+        """The special tokens the heads read, {cls, dist, corr} (B, D) each; the seed's 4.4 compares them."""
         f = self.forward_features(x)
         names = ["cls"] + ["dist"] * self.cfg.distilled + ["corr"] * self.cfg.corruption_token
         return {n: f[:, i] for i, n in enumerate(names)}
@@ -258,13 +289,23 @@ class VisionTransformer(nn.Module):
 
 
 def create_model(name, **overrides):
-    """Build one of MODELS by name; keyword overrides replace ViTConfig fields."""
+    """Build one of MODELS by name; keyword overrides replace ViTConfig fields. vit with
+    layout="timm" gets timm's single Linear head unless `head` is given."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     unknown = set(overrides) - set(ViTConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown model option(s) {sorted(unknown)}")
-    return VisionTransformer(replace(MODELS[name], **overrides))
+    cfg = replace(MODELS[name], **overrides)
+    if cfg.layout == "timm" and "head" not in overrides:
+        cfg = replace(cfg, head="linear")  # the layout that loads into timm's DeiT
+    return VisionTransformer(cfg)
+
+
+def saved_model_args(model_args):
+    """A checkpoint's model_args -> create_model's overrides. Files written before `layout` existed
+    were built in the timm layout, and load as they were built."""
+    return {"layout": "timm", **model_args}
 
 
 def param_groups(model, weight_decay):
@@ -419,6 +460,7 @@ def load_student(path, hints=None):
     if ck["model_name"] not in ("vit", "deit", "cdeit"):
         raise ModelFileError(f"{path}: model_name {ck['model_name']!r} is not a student (vit, deit, cdeit)")
     try:
+        ck["model_args"] = saved_model_args(ck["model_args"])  # an older file: the timm layout, as it was built
         net = create_model(ck["model_name"], **ck["model_args"])
     except (TypeError, ValueError) as e:
         raise ModelFileError(f"{path}: model_args do not build a {ck['model_name']}: {e}") from None

@@ -8,8 +8,10 @@
 
 Top to bottom: the cache's identity, folder and checked readers; (1) features: the frozen backbone's
 final-norm class token on the 224px teacher view, once per split, fp16 on disk; (2) the head: a
-linear layer fitted on those cached features with AdamW (seed 4.1: lr 5e-5, wd 0.05, no
-augmentation), the epoch picked by val accuracy, never test; (3) logits of every training row,
+linear layer (PyTorch's default init) fitted on those cached features with AdamW (seed 4.1: lr 5e-5,
+wd 0.05) and label smoothing 0.1 (the seed's code), the epoch picked by val accuracy, never test
+(the seed's code augments each batch and stops early on test loss: cached features cannot be
+augmented, and test data selects nothing here); (3) logits of every training row,
 cached, so the student loop reads a table instead of running a 22M-parameter model at 224px every
 step; (4) the live teacher, for the two cases where a table cannot serve: `--teacher-view augmented`
 (the teacher sees the student's augmented batch) and `--split standard` (fresh corruptions every
@@ -43,12 +45,13 @@ from download import DataError
 from fileio import atomic_write, locked
 from model import create_model, load_teacher
 
-HEAD_LR, HEAD_WD, HEAD_BATCH = 5e-5, 0.05, 256  # seed 4.1: AdamW 5e-5, wd 0.05, no augmentation
+HEAD_LR, HEAD_WD, HEAD_BATCH = 5e-5, 0.05, 256  # seed 4.1: AdamW 5e-5, wd 0.05; the batch is ours
+HEAD_SMOOTHING = 0.1  # the seed's code (FineTuningModule.train): cross entropy with label_smoothing=0.1
 SYNTHETIC_TEACHER = dict(depth=1, embed_dim=96, num_heads=2)  # deit3_small-shaped, random weights
 # --split standard: the head is fitted on one fixed corrupted draw of the training rows (see build)
 STANDARD_DRAW_SEED, DRAW_CHUNK = 7_919, 1024
 # changes whenever features, head or logits are computed differently: old folders are not reused
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 HEAD_KIND = "cdeit-kit/teacher-head"  # the head file's kind, checked by eval.py
 
 
@@ -81,7 +84,7 @@ def identity(sha, teacher_args, splits, data_args, resize, head_epochs, seed, am
     ident = {"kind": "cdeit-kit/teacher-cache", "version": CACHE_VERSION, "teacher_sha256": sha,
             "teacher_args": {k: teacher_args[k] for k in sorted(teacher_args)}, "resize": resize,
             "head": {"epochs": int(head_epochs), "lr": HEAD_LR, "weight_decay": HEAD_WD, "batch": HEAD_BATCH,
-                     "seed": int(seed)},
+                     "smoothing": HEAD_SMOOTHING, "seed": int(seed)},
             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "off",
             "mix": dict(data.mix_identity(**data_args), content=data.mix_digest(splits))}
     return json.loads(json.dumps(ident))  # tuples -> lists: equal to what a cache file gives back
@@ -151,8 +154,9 @@ def fit_head(feats, device, epochs, seed):
     g = torch.Generator().manual_seed(seed)
     X = {s: feats[s]["features"].to(device).float() for s in feats}
     y = {s: feats[s]["labels"].to(device) for s in feats}
-    head = nn.Linear(X["train"].shape[1], 10).to(device)
-    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+    with torch.random.fork_rng(devices=[]):  # PyTorch's default init, drawn from the fit's seed
+        torch.manual_seed(seed)
+        head = nn.Linear(X["train"].shape[1], 10).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=HEAD_LR, weight_decay=HEAD_WD)
     acc = lambda s: (head(X[s]).argmax(1) == y[s]).float().mean().item()  # noqa: E731
     best = (-1.0, None)
@@ -160,7 +164,7 @@ def fit_head(feats, device, epochs, seed):
         perm = torch.randperm(len(y["train"]), generator=g).to(device)
         for i in range(0, len(perm), HEAD_BATCH):
             idx = perm[i:i + HEAD_BATCH]
-            loss = F.cross_entropy(head(X["train"][idx]), y["train"][idx])
+            loss = F.cross_entropy(head(X["train"][idx]), y["train"][idx], label_smoothing=HEAD_SMOOTHING)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -272,7 +276,8 @@ def build(path, teacher_args, splits, data_args, ident, device, amp_dtype, log=p
                 f"({len(f) / max(1e-9, time.time() - t0):.0f} img/s)"
                 + (" (one fixed corrupted draw of the training rows)" if cs is not None else ""))
         head, val_acc, test_acc = fit_head(feats, device, head_epochs, seed)
-        log(f"teacher: head fitted ({head_epochs} epochs, AdamW lr {HEAD_LR}, wd {HEAD_WD}): "
+        log(f"teacher: head fitted ({head_epochs} epochs, AdamW lr {HEAD_LR}, wd {HEAD_WD}, smoothing "
+            f"{HEAD_SMOOTHING}): "
             f"val {val_acc:.2%}, test {test_acc:.2%} (seed 4.1 reports 87.4%)")
         if not standard:
             with torch.no_grad():

@@ -9,8 +9,8 @@ Top to bottom: flags (defaults = the seed's Table 1 / Table 4 best row), distrib
 (1) data: download or synthesise, build the mix; (2) the teacher, once per dataset (teacher.py:
 DeiT-III Small features cached fp16, a fresh 10-way head fitted on them (seed 4.1), logits for
 every training row cached); (3) the student loop: device-resident loader, with --split standard
-fresh corruptions per batch on the device, batched augmentation, bf16 autocast, AdamW, per-step
-warmup + cosine, DDP; atomic checkpoints, exact resume, clean stop on SIGTERM / Ctrl-C.
+fresh corruptions per batch on the device, batched augmentation, bf16 autocast, AdamW, warmup +
+cosine stepped per epoch (--lr-per), DDP; atomic checkpoints, exact resume, clean stop on SIGTERM / Ctrl-C.
 Only rank 0 prints and writes. Checkpoint format: what eval.py reads (see `Run.save` below).
 """
 import argparse
@@ -43,7 +43,8 @@ from cli import (FlagError, Parser, bounded, check_device, check_existing_file, 
 from download import DataError, download, teacher_path
 from eval import run_student, summarize  # val metrics computed exactly as eval.py reports them
 from heartbeat import PeerWatch
-from model import STUDENT_KIND, ModelFileError, ViTConfig, count_params, create_model, param_groups
+from model import (LAYOUTS, STUDENT_KIND, ModelFileError, ViTConfig, count_params, create_model, param_groups,
+                   saved_model_args)
 
 # --dataset synthetic: what changes when the user did not set it (about 2,000 training images, so
 # the whole pipeline runs in a couple of minutes on a laptop CPU). Data and teacher are fake.
@@ -73,9 +74,10 @@ def parser():
     a("--distill", default="hard", choices=["none", "hard", "soft"],
       help="distillation loss (seed Eq. 4-7); vit needs none, deit / cdeit hard or soft")
     a("--strategy", type=int, default=2, choices=[1, 2, 3], help="CdeiT inference strategy (seed 3.3; cdeit only)")
-    a("--vit-head", default="mlp", choices=["mlp", "linear"],
-      help="the vit baseline's head: mlp (seed 2.1) or linear (loads into timm's DeiT); deit / cdeit "
-           "always use linear heads (seed 2.3)")
+    a("--layout", default="thesis", choices=list(LAYOUTS),
+      help="the students' layout and init: thesis (the seed's code: no final norm, PyTorch's default init, "
+           "randn tokens, one drop-path rate, MLP vit head) or timm (final norm, trunc-normal 0.02, DeiT's "
+           "drop-path ramp, linear vit head; loads into timm's DeiT)")
     a("--depth", type=positive_int, default=None, help="transformer blocks (default 12, DeiT-Tiny; fewer: quick runs)")
     a("--embed-dim", type=positive_int, default=None, help="token width (default 192); divisible by --num-heads")
     a("--num-heads", type=positive_int, default=None, help="attention heads (default 3)")
@@ -101,6 +103,9 @@ def parser():
     a("--batch-size", type=positive_int, default=None, help="global batch, split across ranks: 1024 (synthetic: 64)")
     a("--lr", type=positive, default=5e-4, help="base learning rate, scaled by global batch / 512 (DeiT)")
     a("--min-lr", type=non_negative, default=1e-5, help="cosine floor (DeiT)")
+    a("--lr-per", default="epoch", choices=["epoch", "step"],
+      help="the warmup + cosine schedule stepped once per epoch (the seed's trainers call scheduler.step() "
+           "after each epoch; warmup in whole epochs) or every step (DeiT / timm)")
     a("--weight-decay", type=non_negative, default=0.05, help="AdamW / SGD weight decay")
     a("--opt", default="adamw", choices=["adamw", "sgd"], help="sgd: momentum 0.9 (seed Table 4 ablation)")
     a("--warmup-epochs", type=non_negative, default=None, help="linear warmup, then cosine: 3 (synthetic: 0.25)")
@@ -208,7 +213,7 @@ def check_flags(args, world_size=1):
     if dim % heads:
         fail("--embed-dim", dim, f"not divisible by --num-heads {heads} (each head takes embed-dim / num-heads)")
     default = get_args([])  # the parser's defaults, to tell a flag the user set from one left alone
-    only = {"strategy": "cdeit", "mix_types": "cdeit", "vit_head": "vit", "tau": "deit/cdeit", "alpha": "deit/cdeit",
+    only = {"strategy": "cdeit", "mix_types": "cdeit", "tau": "deit/cdeit", "alpha": "deit/cdeit",
             "teacher_view": "deit/cdeit", "teacher_resize": "deit/cdeit", "teacher": "deit/cdeit"}
     return [f"--{k.replace('_', '-')} {getattr(args, k)} applies to --model {m} only; ignored for --model {args.model}"
             for k, m in only.items() if getattr(args, k) != getattr(default, k) and args.model not in m.split("/")]
@@ -252,7 +257,8 @@ def setup(args):
             raise TrainError("--device cuda: no CUDA device is available (use --device cpu)")
         device = torch.device("cuda", local_rank if ddp else torch.device(dev).index or 0)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # TF32 matmuls unless --amp off, which runs fp32 throughout as the seed's code does
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.amp != "off"
     else:
         device = torch.device("cpu")
     watch = None
@@ -403,11 +409,20 @@ def prepare_teacher(args, ctx, splits, data_args, path, teacher_args, amp_dtype)
 # ----------------------------------------------------------------------------- (3) the student
 
 def lr_at(step, total, warmup, peak, floor):
-    """Per-step linear warmup then cosine decay to floor (seed Table 1: cosine, 3 warmup epochs)."""
+    """Linear warmup then cosine decay to floor (seed Table 1: cosine, 3 warmup epochs), in steps or epochs."""
     if step < warmup:
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
+
+
+def lr_schedule(args, spe, peak):
+    """step -> lr. --lr-per epoch: the curve in epochs, constant within each (the seed's trainers call
+    scheduler.step() once per epoch; warmup rounded down to whole epochs); --lr-per step: per step."""
+    floor = min(args.min_lr, peak)
+    if args.lr_per == "epoch":
+        return lambda step: lr_at(step // spe, args.epochs, int(args.warmup_epochs), peak, floor)
+    return lambda step: lr_at(step, args.epochs * spe, int(args.warmup_epochs * spe), peak, floor)
 
 
 def stream_seed(seed, epoch, rank, stream):
@@ -565,11 +580,14 @@ def stop_requests():
 
 def build_student(args, device):
     model_args = dict(num_classes=10, num_types=len(data.TYPES), drop_path=args.drop_path, drop=args.drop,
-                      fused_attn=args.fused, **({"strategy": args.strategy} if args.model == "cdeit" else {}),
-                      **({"head": args.vit_head} if args.model == "vit" else {}))
+                      fused_attn=args.fused, layout=args.layout,
+                      **({"strategy": args.strategy} if args.model == "cdeit" else {}))
     model_args.update({k: getattr(args, k) for k in ("depth", "embed_dim", "num_heads") if getattr(args, k)})
     torch.manual_seed(args.seed)  # same initial weights on every rank
-    return create_model(args.model, **model_args).to(device), model_args
+    model = create_model(args.model, **model_args)
+    if args.model == "vit":  # the head the layout gave it, recorded: the file rebuilds without the rule
+        model_args["head"] = model.cfg.head
+    return model.to(device), model_args
 
 
 def build_optimizer(args, raw_model, device):
@@ -635,9 +653,10 @@ class Run:
         args, ctx, path = self.args, self.ctx, self.ckpt_path
         ck = torch.load(path, map_location="cpu", weights_only=True)
         same = lambda d: {k: v for k, v in d.items() if k != "fused_attn"}  # noqa: E731  (a kernel choice, not weights)
-        if ck.get("kind") != STUDENT_KIND or (ck["model_name"], same(ck["model_args"]), ck["data_args"]) \
+        saved = saved_model_args(ck.get("model_args", {}))  # an older file: the timm layout, as it was built
+        if ck.get("kind") != STUDENT_KIND or (ck["model_name"], same(saved), ck["data_args"]) \
                 != (args.model, same(self.model_args), self.data_args):
-            was, now = dict(model=ck.get("model_name"), **ck.get("model_args", {}), **ck.get("data_args", {})), \
+            was, now = dict(model=ck.get("model_name"), **saved, **ck.get("data_args", {})), \
                 dict(model=args.model, **self.model_args, **self.data_args)
             diff = ", ".join(f"{k} {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now))
                              if k != "fused_attn" and was.get(k) != now.get(k))
@@ -777,7 +796,7 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
     spe = len(loader)  # steps per epoch
     if spe == 0:
         raise TrainError(f"--batch-size {args.batch_size} exceeds the {loader.n} training images")
-    total, warmup, floor = args.epochs * spe, int(args.warmup_epochs * spe), min(args.min_lr, peak)
+    total, lr_of = args.epochs * spe, lr_schedule(args, spe, peak)
     cols = loss_columns(args)  # the loss parts logged per step and per epoch
     run = Run(args, ctx, raw_model, model_args, optimizer, scaler, data_args, teacher_info, gen, cgen, cols)
     if args.resume:
@@ -805,11 +824,11 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
             run.seed_epoch()
             loader.set_epoch(run.epoch)
             meter.start_epoch()
-            t_epoch, lr = time.time(), lr_at(run.step, total, warmup, peak, floor)
+            t_epoch, lr = time.time(), lr_of(run.step)
             for i, batch in enumerate(loader):
                 if i < run.step - run.epoch * spe:
                     continue  # mid-epoch resume: these batches were trained before the stop
-                lr = lr_at(run.step, total, warmup, peak, floor)
+                lr = lr_of(run.step)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 images, types = batch["images"], batch["types"]

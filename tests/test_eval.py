@@ -144,7 +144,7 @@ def make_ckpt(path, name, root, data_args=DATA_ARGS, seed=0, train_on=None, **ex
         (torch.nn.functional.cross_entropy(out.cls, y[i:i + 50]) if train_on else out.cls.sum()).backward()
         opt.step()
         opt.zero_grad()
-    ck = {"kind": "cdeit-kit/student", "version": 1, "model_name": name, "model_args": dict(TINY),
+    ck = {"kind": "cdeit-kit/student", "version": 1, "model_name": name, "model_args": dict(TINY, layout="thesis"),
           "model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": 1, "step": 1,
           "rng": {"torch": torch.get_rng_state()}, "config": {"model": name, "distill": "hard" if name != "vit" else "none"},
           "data_args": dict(root=str(root), **data_args), "dataset": "synthetic", "best_val_accuracy": 0.0,
@@ -377,9 +377,9 @@ def test_bad_inputs(files, tmp_path, capsys):
     other = tmp_path / "other.pt"
     make_ckpt(other, "vit", d / "data")
     ck = torch.load(other, weights_only=True)
-    ck["model"].pop("norm.bias")
+    ck["model"].pop("blocks.1.norm2.bias")
     torch.save(ck, other)
-    assert "norm.bias" in _bad([other, "--json", out], capsys, other)
+    assert "blocks.1.norm2.bias" in _bad([other, "--json", out], capsys, other)
     assert not out.exists()
 
     # a baseline from another split: refused before anything is evaluated; an existing output survives
@@ -440,3 +440,17 @@ def test_plot_png(files, tmp_path):
     png = tmp_path / "p.png"
     assert ev.main([str(paths["vit"]), str(paths["cdeit"]), "--split", "val", "--plot", str(png), "--device", "cpu"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_checkpoint_without_layout_loads_as_built(tmp_path):
+    """A checkpoint whose model_args predate `layout` was built in timm's layout (final norm; vit with
+    the MLP head it recorded): eval.py rebuilds exactly that, same logits."""
+    torch.manual_seed(0)
+    net = create_model("vit", layout="timm", head="mlp", **TINY).eval()
+    torch.save({"kind": "cdeit-kit/student", "version": 1, "model_name": "vit", "model_args": dict(TINY, head="mlp"),
+                "model": net.state_dict(), "data_args": {}}, tmp_path / "old.pt")
+    got, ck = ev.load_student(str(tmp_path / "old.pt"))
+    assert got.cfg.layout == "timm" and ck["model_args"]["layout"] == "timm" and "norm.weight" in got.state_dict()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(got(x), net(x))

@@ -34,12 +34,15 @@ def test_parameter_counts():
     assert counts["deit3_small"] == 22_059_496  # timm's published DeiT-III Small, 1000-way head
     timm_vit = sum(p.numel() for p in timm.create_model(
         "deit_tiny_patch16_224", pretrained=False, **STUDENT_KW).parameters())
-    assert model.count_params(create_model("vit", head="linear")) == timm_vit
-    assert counts["vit"] == 5_399_818   # README's table
-    # seed 2.1's MLP head: Linear(192, 192) + GELU + Linear(192, 10) in place of Linear(192, 10)
-    assert counts["vit"] - timm_vit == 192 * 192 + 192
-    assert counts["deit"] == sum(p.numel() for p in timm.create_model(
+    timm_deit = sum(p.numel() for p in timm.create_model(
         "deit_tiny_distilled_patch16_224", pretrained=False, **STUDENT_KW).parameters())
+    assert model.count_params(create_model("vit", layout="timm")) == timm_vit == 5_362_762  # README
+    assert model.count_params(create_model("deit", layout="timm")) == timm_deit
+    assert (counts["vit"], counts["deit"], counts["cdeit"]) == (5_399_434, 5_364_692, 5_367_319)  # README
+    # the thesis layout has no final LayerNorm (192 weights + 192 biases)
+    assert counts["deit"] == timm_deit - 2 * 192
+    # seed 2.1's MLP head: Linear(192, 192) + GELU + Linear(192, 10) in place of Linear(192, 10)
+    assert counts["vit"] - (timm_vit - 2 * 192) == 192 * 192 + 192
     # cdeit = deit + corr_token (192) + its pos_embed row (192) + head_corr (192*11+11)
     #         + the strategy-2 Linear(11 -> 10)
     assert counts["cdeit"] - counts["deit"] == 192 + 192 + 192 * 11 + 11 + 11 * 10 + 10
@@ -69,8 +72,8 @@ def test_teacher_new_head_keeps_backbone(timm_teacher_file):
 @pytest.mark.parametrize("name,timm_name", [("vit", "deit_tiny_patch16_224"),
                                             ("deit", "deit_tiny_distilled_patch16_224")])
 def test_student_loads_into_timm(name, timm_name):
-    # vit: the linear-head variant is timm's layout; the default MLP head is not (next test)
-    ours = _randomize(create_model(name, **({"head": "linear"} if name == "vit" else {})), seed=2).eval()
+    # layout="timm" (vit: with its single Linear head) is timm's; the default thesis layout is not
+    ours = _randomize(create_model(name, layout="timm"), seed=2).eval()
     ref = timm.create_model(timm_name, pretrained=False, **STUDENT_KW).eval()
     ref.load_state_dict(ours.state_dict())  # strict: same keys, same shapes
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -92,9 +95,58 @@ def test_vit_mlp_head():
     assert isinstance(create_model("cdeit").head, torch.nn.Linear)
     ref = timm.create_model("deit_tiny_patch16_224", pretrained=False, **STUDENT_KW)
     with pytest.raises(RuntimeError, match="head"):
-        ref.load_state_dict(m.state_dict())       # the README: only head="linear" loads into timm
+        ref.load_state_dict(m.state_dict())       # the README: only layout="timm" loads into timm
     with pytest.raises(ValueError, match="head"):
         create_model("vit", head="tanh")
+
+
+@pytest.mark.parametrize("name", ["vit", "deit", "cdeit"])
+def test_thesis_layout(name):
+    """The seed's code where its text is silent: no final norm (the heads read the last block's
+    tokens), PyTorch's default Linear init, randn tokens, one drop-path rate in every block."""
+    torch.manual_seed(0)
+    m = create_model(name, drop_path=0.1)
+    assert m.cfg.layout == "thesis" and isinstance(m.norm, torch.nn.Identity)
+    assert not any(k.startswith("norm.") for k in m.state_dict())
+    assert [b.drop_path.p for b in m.blocks] == [0.1] * 12
+    # PyTorch's default: kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)), biases alike (not zero)
+    for lin in (m.blocks[0].attn.qkv, m.blocks[5].mlp.fc2, m.head_dist or m.head[0]):
+        bound = 1 / lin.in_features ** 0.5
+        w, b = lin.weight, lin.bias
+        assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound
+        assert w.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+        assert b.abs().max() <= bound and b.abs().min() > 0
+    # the patch Conv2d: the same distribution as the code's nn.Linear(C*p*p, D)
+    assert m.patch_embed.proj.weight.abs().max() <= 1 / (3 * 4 * 4) ** 0.5
+    for t in (m.cls_token, m.pos_embed, m.dist_token, m.corr_token):
+        if t is not None:
+            assert t.abs().max() > 2 and t.std().item() == pytest.approx(1.0, rel=0.3)  # randn, not 0.02
+    x = torch.randn(2, 3, 32, 32)
+    m.eval()
+    with torch.no_grad():  # the heads read the last block's output itself
+        f = m.blocks(torch.cat([t.expand(2, -1, -1) for t in (m.cls_token, m.dist_token, m.corr_token)
+                                if t is not None] + [m.patch_embed(x)], 1) + m.pos_embed)
+        assert torch.allclose(m.forward_features(x), f, atol=1e-6)
+        assert torch.allclose(m.forward_tokens(x)["cls"], f[:, 0], atol=1e-6)
+
+
+def test_timm_layout_and_old_checkpoints():
+    """layout="timm" is today's timm model; a checkpoint's model_args without `layout` (written
+    before it existed) rebuild that layout, head included."""
+    torch.manual_seed(0)
+    m = create_model("deit", layout="timm", drop_path=0.1)
+    assert isinstance(m.norm, torch.nn.LayerNorm) and m.cfg.head == "linear"
+    rates = [b.drop_path.p for b in m.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)
+    assert m.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert not m.blocks[0].attn.qkv.bias.any() and m.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)
+    assert create_model("vit", layout="timm").cfg.head == "linear"
+    assert create_model("vit", layout="timm", head="mlp").cfg.head == "mlp"
+    old = create_model("vit", **model.saved_model_args({"head": "mlp", "depth": 1}))  # an old vit file
+    assert old.cfg.layout == "timm" and old.cfg.head == "mlp" and isinstance(old.norm, torch.nn.LayerNorm)
+    assert model.saved_model_args({"layout": "thesis"}) == {"layout": "thesis"}
+    with pytest.raises(ValueError, match="layout"):
+        create_model("deit", layout="jax")
 
 
 def test_forward_contract():
@@ -126,13 +178,10 @@ def test_forward_contract():
         assert torch.allclose(toks["cls"], f[:, 0])
 
 
-def test_strategy3_shapes_and_drop_path():
-    m = create_model("cdeit", strategy=3, drop_path=0.1)
+def test_strategy3_shapes():
+    m = create_model("cdeit", strategy=3)
     lin = [l for l in m.corr_proj if isinstance(l, torch.nn.Linear)]
     assert lin[0].in_features == 11 and lin[-1].out_features == 10
-    rates = [b.drop_path.p for b in m.blocks]
-    assert rates[0] == 0.0 and abs(rates[-1] - 0.1) < 1e-7
-    assert all(b > a for a, b in zip(rates, rates[1:]))  # linear increase over depth (DeiT)
 
 
 def test_bad_options():

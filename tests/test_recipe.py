@@ -1,5 +1,6 @@
 """The README's recipe table against train.py's parser: every default in the table is the one
-`train.py` uses, and every recipe flag has a row, so the two cannot drift apart. No torch work."""
+`train.py` uses, and every recipe flag (and every fixed deviation) has a row, so the two cannot
+drift apart; and the schedule the table names. No torch work."""
 import os
 import re
 
@@ -13,12 +14,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # flags whose defaults make the seed's recipe; each needs a row in the table
 RECIPE_FLAGS = {"mixup", "mixup_prob", "cutmix", "cutmix_prob", "mix_types", "randaug", "randaug_prob",
                 "erase_prob", "erase_mode", "draw_per", "crop_padding", "hflip", "teacher_view",
-                "teacher_resize", "vit_head", "smoothing", "drop_path", "drop", "epochs", "batch_size",
-                "lr", "weight_decay", "warmup_epochs", "opt", "tau", "alpha", "strategy"}
+                "teacher_resize", "layout", "smoothing", "drop_path", "drop", "epochs", "batch_size",
+                "lr", "weight_decay", "warmup_epochs", "lr_per", "min_lr", "amp", "opt", "tau", "alpha",
+                "strategy"}
+# deviations without a flag (flag cell "none: why"); each needs a row too
+FIXED_ROWS = {"vit baseline head", "checkpoint selection", "teacher head fit", "teacher precision", "patch size",
+              "`PatchEmbedding` erase_prob"}
 
 
-def _recipe_table():
-    """{dest: default cell} from the README's "## Recipe" section's table."""
+def _recipe_table(fixed=None):
+    """{dest: default cell} from the README's "## Recipe" section's table; rows whose flag cell
+    starts with "none" go to `fixed` ({setting: default cell}) instead."""
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     m = re.search(r"^## Recipe.*?\n(\|.*?)(?:\n\n|\Z)", text, flags=re.S | re.M)
     assert m, "README.md has no '## Recipe' section with a table"
@@ -29,6 +35,10 @@ def _recipe_table():
     for line in lines[2:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         assert len(cells) == 5, line
+        if cells[4].startswith("none"):
+            assert cells[4].startswith("none: ") and fixed is not None, f"a fixed row says why: {line}"
+            fixed[cells[0]] = cells[1]
+            continue
         flag = re.search(r"--([a-z][a-z-]*)", cells[4])
         assert flag, f"recipe row without a flag: {line}"
         dest = flag.group(1).replace("-", "_")
@@ -38,10 +48,13 @@ def _recipe_table():
 
 
 def _value(cell):
-    """The default cell's first word: on / off, a number, or a choice."""
-    word = cell.split()[0].strip("`")
+    """The default cell's first word: on / off, a number, a choice, or auto (decided at run time:
+    None in the parser)."""
+    word = cell.split()[0].strip("`:")
     if word in ("on", "off"):
         return word == "on"
+    if word == "auto":
+        return None
     for cast in (int, float):
         try:
             return cast(word)
@@ -51,8 +64,10 @@ def _value(cell):
 
 
 def test_readme_recipe_table_matches_train_defaults():
-    rows, args = _recipe_table(), train.get_args([])
+    fixed = {}
+    rows, args = _recipe_table(fixed), train.get_args([])
     assert RECIPE_FLAGS <= set(rows), f"flags missing from the README recipe table: {RECIPE_FLAGS - set(rows)}"
+    assert FIXED_ROWS <= set(fixed), f"rows missing from the README recipe table: {FIXED_ROWS - set(fixed)}"
     for dest, cell in rows.items():
         assert hasattr(args, dest), f"README recipe row for --{dest}, which train.py does not have"
         want, got = _value(cell), getattr(args, dest)
@@ -77,3 +92,17 @@ def test_table_parser_catches_a_drift(monkeypatch):
     monkeypatch.setattr(train, "get_args", lambda argv=None: real(["--mixup-prob", "0.5"]))
     with pytest.raises(AssertionError, match="mixup_prob"):
         test_readme_recipe_table_matches_train_defaults()
+
+
+def test_schedule_steps_per_epoch_by_default():
+    """--lr-per epoch (the seed's trainers: scheduler.step() after each epoch): one lr per epoch,
+    linear warmup over whole epochs, then cosine; --lr-per step moves every step."""
+    args = train.get_args(["--epochs", "5", "--warmup-epochs", "2", "--min-lr", "0"])
+    assert args.lr_per == "epoch"
+    lr = train.lr_schedule(args, spe=10, peak=1.0)
+    per_epoch = [[lr(e * 10 + i) for i in range(10)] for e in range(5)]
+    assert all(len(set(e)) == 1 for e in per_epoch)  # constant within each epoch
+    assert [e[0] for e in per_epoch] == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.25])  # cos over epochs 2..4
+    args.lr_per = "step"
+    lr = train.lr_schedule(args, spe=10, peak=1.0)
+    assert lr(0) == pytest.approx(1 / 20) and lr(1) > lr(0) and lr(25) > lr(26) > lr(49) >= 0

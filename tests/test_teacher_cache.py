@@ -219,3 +219,19 @@ def test_head_fit_without_an_epoch_is_one_line():
     feats["val"] = feats["train"]
     with pytest.raises(teacher.CacheError, match="--head-epochs >= 1"):
         teacher.fit_head(feats, CPU, 0, 0)
+
+
+def test_head_fit_settings_key_the_cache(root, base, monkeypatch):
+    """The head fit's label smoothing (the seed's code: 0.1) reaches both the fit and the cache key:
+    another value fits another head and names another cache folder."""
+    feats = {s: {"features": torch.randn(40, 8, generator=torch.Generator().manual_seed(i)),
+                 "labels": torch.arange(40) % 10} for i, s in enumerate(("train", "val", "test"))}
+    a = _run(root, str(base / "teacher.safetensors"))
+    head = teacher.fit_head(feats, CPU, 3, 0)[0].weight.detach().clone()
+    assert torch.equal(teacher.fit_head(feats, CPU, 3, 0)[0].weight, head)  # seeded: the same head again
+    assert a["ident"]["head"]["smoothing"] == 0.1
+    monkeypatch.setattr(teacher, "HEAD_SMOOTHING", 0.0)
+    ident = teacher.identity(a["ident"]["teacher_sha256"], teacher.SYNTHETIC_TEACHER, a["mix"], a["da"],
+                             "bicubic", 2, 0, None)
+    assert teacher.cache_dir(root, ident) != a["cache"]
+    assert not torch.allclose(teacher.fit_head(feats, CPU, 3, 0)[0].weight, head)

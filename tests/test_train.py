@@ -91,6 +91,13 @@ def test_resume_is_bit_identical(tmp_path, data_dir, stop_at, capsys):
     other = [f if f != "2" or base[i - 1] != "--depth" else "3" for i, f in enumerate(base)]
     assert train.main(other + ["--out-dir", str(tmp_path / "b"), "--resume"]) == 2
     assert "--depth 2 -> 3" in capsys.readouterr().err  # the refusal names what differs
+    # a checkpoint written before model_args had `layout` was built in timm's layout: a resume with
+    # today's default (thesis) is refused, not rebuilt differently
+    ck = torch.load(tmp_path / "b" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ck["model_args"].pop("layout") == "thesis"
+    torch.save(ck, tmp_path / "b" / "ckpt.pt")
+    assert train.main(base + ["--out-dir", str(tmp_path / "b"), "--resume"]) == 1
+    assert "layout timm -> thesis" in capsys.readouterr().err
 
 
 def test_random_streams_never_share_a_seed():
@@ -151,7 +158,12 @@ def test_ddp_two_processes_match_one(tmp_path, data_dir):
     moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
     assert moved > 1e-3  # ten real steps happened, so agreement below is not agreement at init
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+        a, b = w1[k], w2[k]
+        if k.endswith("attn.qkv.bias"):  # the key bias: softmax ignores it, so its gradient is 0 up to
+            D = len(a) // 3              # rounding, which AdamW scales up into steps whose sign depends on
+            torch.testing.assert_close(b[D:2 * D], a[D:2 * D], rtol=0, atol=1e-3, msg=k)  # summation order
+            a, b = torch.cat([a[:D], a[2 * D:]]), torch.cat([b[:D], b[2 * D:]])
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, data_dir, capsys, monkeypatch):
