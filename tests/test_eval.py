@@ -16,7 +16,7 @@ import data
 import eval as ev
 import metrics
 import teacher as teacher_lib
-from model import create_model
+from model import create_model, load_student
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(depth=2, embed_dim=48, num_heads=2)
@@ -449,7 +449,7 @@ def test_checkpoint_without_layout_loads_as_built(tmp_path):
     net = create_model("vit", layout="timm", head="mlp", **TINY).eval()
     torch.save({"kind": "cdeit-kit/student", "version": 1, "model_name": "vit", "model_args": dict(TINY, head="mlp"),
                 "model": net.state_dict(), "data_args": {}}, tmp_path / "old.pt")
-    got, ck = ev.load_student(str(tmp_path / "old.pt"))
+    got, ck = load_student(str(tmp_path / "old.pt"))  # the one student loader eval.py uses
     assert got.cfg.layout == "timm" and ck["model_args"]["layout"] == "timm" and "norm.weight" in got.state_dict()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
