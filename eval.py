@@ -507,7 +507,7 @@ def fit_temperatures(net, r, args, device):
     z, y = outs["combined"].double(), val["labels"]
     T = fit_temperature(z, y)
     t = {"kind": model_lib.TEMPERATURE_KIND, "version": 1, "checkpoint": os.path.basename(r["checkpoint"]),
-         "checkpoint_sha256": model_lib.file_sha256(r["checkpoint"]), "fitted_on": "val", "n": len(y),
+         "checkpoint_sha256": fileio.sha256_file(r["checkpoint"]), "fitted_on": "val", "n": len(y),
          "global": T, "per_type": None, "val_nll": {"none": nll(z, y), "global": nll(scale_logits(z, T), y)}}
     if "corr" in outs:
         pred_t = outs["corr"].argmax(-1)

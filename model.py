@@ -469,15 +469,6 @@ def load_student(path, hints=None):
     return net.eval(), ck
 
 
-def file_sha256(path):
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def temperature_path(ckpt_path):
     """The calibration sidecar of a checkpoint: best.pt -> best.pt.temperatures.json (the weights
     file itself is never rewritten)."""
@@ -490,6 +481,8 @@ def load_temperatures(ckpt_path, num_types=None):
     or was fitted on another checkpoint (its sha256 differs) is refused, never silently used."""
     import json
     import os
+
+    import fileio  # the kit's one sha256 of a file
     path = temperature_path(ckpt_path)
     if not os.path.exists(path):
         return None
@@ -506,7 +499,7 @@ def load_temperatures(ckpt_path, num_types=None):
                                                         and (num_types is None or len(per) == num_types))):
         raise ModelFileError(f"{path}: 'global' must be a positive number and 'per_type' None or "
                              f"{num_types or 'one'} positive numbers per corruption type")
-    if t.get("checkpoint_sha256") != file_sha256(ckpt_path):
+    if t.get("checkpoint_sha256") != fileio.sha256_file(ckpt_path):
         raise ModelFileError(f"{path}: fitted on another version of {ckpt_path} (sha256 differs); rerun "
                              f"eval.py {ckpt_path} --calibrate, or delete it")
     return t

@@ -141,7 +141,7 @@ def test_eval_bad_options_and_inputs(empty, capsys):
     ck = d / "moved.pt"  # a real student checkpoint whose data folder is gone
     net = create_model("vit", depth=1, embed_dim=32, num_heads=2)
     torch.save({"kind": "cdeit-kit/student", "version": 1, "model_name": "vit",
-                "model_args": dict(depth=1, embed_dim=32, num_heads=2), "model": net.state_dict(),
+                "model_args": dict(depth=1, embed_dim=32, num_heads=2, layout="thesis"), "model": net.state_dict(),
                 "config": {"model": "vit", "distill": "none"},
                 "data_args": dict(root=str(d / "gone"), split="paper")}, ck)
     (d / "run").mkdir()

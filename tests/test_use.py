@@ -22,6 +22,7 @@ import augment
 import data
 import eval as ev
 import export
+import fileio
 import losses
 import model as model_lib
 import predict
@@ -53,7 +54,7 @@ def train_digits_cdeit(root, seed=0, epochs=15):
 
 def save_ckpt(path, net, name, root):
     """train.py's checkpoint fields (what model.load_student reads)."""
-    torch.save({"kind": model_lib.STUDENT_KIND, "version": 1, "model_name": name, "model_args": dict(ARGS),
+    torch.save({"kind": model_lib.STUDENT_KIND, "version": 1, "model_name": name, "model_args": dict(ARGS, layout="thesis"),
                 "model": net.state_dict(), "config": {"model": name, "distill": "hard"}, "epoch": 1,
                 "data_args": dict(root=str(root), **MIX), "dataset": "cifar"}, path)
 
@@ -178,11 +179,11 @@ def test_calibrate_on_real_digits(digits, tmp_path, capsys):
     (+0.002 / +0.004 / -0.001), a little better in ECE; the token names only ~28% of these digits'
     types, so its groups are mixtures. Asserted: both lower the test NLL below the uncalibrated one."""
     root, ckpt = digits
-    before = model_lib.file_sha256(ckpt)
+    before = fileio.sha256_file(ckpt)
     out = tmp_path / "e.json"
     assert ev.main([str(ckpt), "--calibrate", "--json", str(out), "--device", "cpu"]) == 0
     assert "temperature scaling fitted on val" in capsys.readouterr().out
-    assert model_lib.file_sha256(ckpt) == before
+    assert fileio.sha256_file(ckpt) == before
     t = model_lib.load_temperatures(str(ckpt), 11)
     r = json.loads(out.read_text())
     rep = r["calibration_scaling"]
