@@ -44,12 +44,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import INTERPRETED
 from .reference import sdpa, sdpa_packed
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels use exp2
 LN2 = tl.constexpr(0.6931471805599453)    # ln(x) = log2(x) * LN2
 SHORT_N = 80  # sequences up to this many tokens take the one-program-per-head kernels (64 + 16 keys)
+# A loop with a runtime bound is a while loop under the interpreter (triton 3.6's calls int() on a
+# one-element array for a range bound, which numpy >= 2.4 refuses) and a for loop when compiled
+# (its dots become async wgmma that overlap the next step; a while loop compiles to synchronous ones).
+WHILE_LOOPS = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
@@ -165,9 +170,16 @@ def _fwd_long_rows(Q, K, V, O, LSE, stride_qn, stride_on, row0, N, D, qk_scale,
     l_i = tl.zeros((ROWS,), dtype=tl.float32)                # running row sum of exp2
     acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        m_i, l_i, acc = _online_step(q, K, V, stride_qn, start_n + tl.arange(0, BLOCK_N), offs_d, mask_d,
-                                     N, qk_scale, m_i, l_i, acc, False, DOT_PREC)
+    if WHILE_LOOPS:  # the interpreter: the same steps, see WHILE_LOOPS
+        start_n = 0
+        while start_n < n_full:
+            m_i, l_i, acc = _online_step(q, K, V, stride_qn, start_n + tl.arange(0, BLOCK_N), offs_d, mask_d,
+                                         N, qk_scale, m_i, l_i, acc, False, DOT_PREC)
+            start_n += BLOCK_N
+    else:
+        for start_n in range(0, n_full, BLOCK_N):
+            m_i, l_i, acc = _online_step(q, K, V, stride_qn, start_n + tl.arange(0, BLOCK_N), offs_d, mask_d,
+                                         N, qk_scale, m_i, l_i, acc, False, DOT_PREC)
     if KEY_TAIL > 0:
         m_i, l_i, acc = _online_step(q, K, V, stride_qn, n_full + tl.arange(0, KEY_TAIL), offs_d, mask_d,
                                      N, qk_scale, m_i, l_i, acc, True, DOT_PREC)
@@ -553,11 +565,6 @@ _attention_packed_fwd.register_autograd(_attention_packed_backward, setup_contex
 
 # ----------------------------------------------------------------------------------------------
 # Public API and dispatch.
-
-# The interpreter replaces @triton.jit functions at decoration time, so this is the real test of
-# "TRITON_INTERPRET=1 was set before triton was imported".
-INTERPRETED = type(_attn_fwd_short_kernel).__name__ == "InterpretedFunction"
-
 
 def use_triton(t):
     """Run the kernels on this tensor? CUDA: yes. CPU: only under the interpreter, and not for
