@@ -36,8 +36,9 @@ Public API:
                            in either direction.
 Both run autograd Functions around operators registered with kernels/launch.py's `triton_op`:
 eager calls launch straight from the operators' bodies, torch.compile(fullgraph=True) traces the
-operators and sees the Triton launches. CUDA tensors run the kernels; CPU tensors run them only under the Triton interpreter
-(TRITON_INTERPRET=1 set before triton is imported), else fall back to SDPA.
+operators and sees the Triton launches. CUDA tensors run the kernels; CPU tensors run them only
+under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported), else fall back
+to SDPA.
 """
 import functools
 
