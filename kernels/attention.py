@@ -34,9 +34,11 @@ Public API:
     attention_packed(qkv)  qkv: (B, N, 3, H, D), the qkv Linear's output reshaped; returns
                            (B, N, H*D) for the output projection, with no transposes or copies
                            in either direction.
-Both are torch.library custom ops (fake + autograd registered), so torch.compile(fullgraph=True)
-traces them. CUDA tensors run the kernels; CPU tensors run them only under the Triton interpreter
-(TRITON_INTERPRET=1 set before triton is imported), else fall back to SDPA.
+Both run autograd Functions around operators registered with kernels/launch.py's `triton_op`:
+eager calls launch straight from the operators' bodies, torch.compile(fullgraph=True) traces the
+operators and sees the Triton launches. CUDA tensors run the kernels; CPU tensors run them only
+under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported), else fall back
+to SDPA.
 """
 import functools
 
@@ -44,12 +46,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import INTERPRETED, launcher, triton_op, via_op
 from .reference import sdpa, sdpa_packed
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels use exp2
 LN2 = tl.constexpr(0.6931471805599453)    # ln(x) = log2(x) * LN2
 SHORT_N = 80  # sequences up to this many tokens take the one-program-per-head kernels (64 + 16 keys)
+# A loop with a runtime bound is a while loop under the interpreter (triton 3.6's calls int() on a
+# one-element array for a range bound, which numpy >= 2.4 refuses) and a for loop when compiled
+# (its dots become async wgmma that overlap the next step; a while loop compiles to synchronous ones).
+WHILE_LOOPS = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
@@ -165,9 +172,16 @@ def _fwd_long_rows(Q, K, V, O, LSE, stride_qn, stride_on, row0, N, D, qk_scale,
     l_i = tl.zeros((ROWS,), dtype=tl.float32)                # running row sum of exp2
     acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        m_i, l_i, acc = _online_step(q, K, V, stride_qn, start_n + tl.arange(0, BLOCK_N), offs_d, mask_d,
-                                     N, qk_scale, m_i, l_i, acc, False, DOT_PREC)
+    if WHILE_LOOPS:  # the interpreter: the same steps, see WHILE_LOOPS
+        start_n = 0
+        while start_n < n_full:
+            m_i, l_i, acc = _online_step(q, K, V, stride_qn, start_n + tl.arange(0, BLOCK_N), offs_d, mask_d,
+                                         N, qk_scale, m_i, l_i, acc, False, DOT_PREC)
+            start_n += BLOCK_N
+    else:
+        for start_n in range(0, n_full, BLOCK_N):
+            m_i, l_i, acc = _online_step(q, K, V, stride_qn, start_n + tl.arange(0, BLOCK_N), offs_d, mask_d,
+                                         N, qk_scale, m_i, l_i, acc, False, DOT_PREC)
     if KEY_TAIL > 0:
         m_i, l_i, acc = _online_step(q, K, V, stride_qn, n_full + tl.arange(0, KEY_TAIL), offs_d, mask_d,
                                      N, qk_scale, m_i, l_i, acc, True, DOT_PREC)
@@ -420,19 +434,19 @@ def _fwd(q, k, v, o, lse, B, H, N, D, qs, os_):
     kernel = forward_kernel(N)
     consts, opts = choose(kernel, capability(q), N, D, q.dtype)
     fn = _attn_fwd_short_kernel if kernel == "fwd_short" else _attn_fwd_long_kernel
-    fn[fwd_grid(B, H, N, consts["BLOCK_M"])](q, k, v, o, lse, *qs, *os_, H, N, D, D ** -0.5 * LOG2E.value,
-                                             **consts, **opts)
+    launcher(fn)[fwd_grid(B, H, N, consts["BLOCK_M"])](q, k, v, o, lse, *qs, *os_, H, N, D,
+                                                       D ** -0.5 * LOG2E.value, **consts, **opts)
 
 
 def _bwd(q, k, v, o, do, lse, dq, dk, dv, B, H, N, D, qs, os_):
     consts, opts = choose("bwd_short", capability(q), N, D, q.dtype)
-    _attn_bwd_short_kernel[(B * H,)](q, k, v, dq, dk, dv, o, do, lse, *qs, *os_, H, N, D, D ** -0.5,
-                                     **consts, **opts)
+    launcher(_attn_bwd_short_kernel)[(B * H,)](q, k, v, dq, dk, dv, o, do, lse, *qs, *os_, H, N, D, D ** -0.5,
+                                               **consts, **opts)
 
 
 def _sdpa_grads(fn, inputs, do):
     """Gradients of fn(*inputs) by SDPA's own backward (fused: no N x N tensor on a GPU), for the
-    custom ops called directly at a shape whose backward has no kernel (`attention` and
+    autograd Functions called directly at a shape whose backward has no kernel (`attention` and
     `attention_packed` send such calls to SDPA from the start, without this recomputation)."""
     with torch.enable_grad():
         xs = [x.detach().requires_grad_() for x in inputs]
@@ -440,10 +454,15 @@ def _sdpa_grads(fn, inputs, do):
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops. (B, H, N, D) form: q, k, v are made contiguous so they share strides with dq/dk/dv.
+# Operators (`triton_op`, kernels/launch.py) and the autograd Functions around them. (B, H, N, D)
+# form: q, k, v are made contiguous so they share strides with dq/dk/dv.
 
-@torch.library.custom_op("triton_kit::attention_fwd", mutates_args=())
-def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd_fake(q, k, v):
+    B, H, N, D = q.shape
+    return q.new_empty(q.shape), q.new_empty((B * H, N), dtype=torch.float32)
+
+
+def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = q.new_empty(q.shape)
@@ -453,15 +472,12 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[t
     return o, lse
 
 
-@_attention_fwd.register_fake
-def _(q, k, v):
-    B, H, N, D = q.shape
-    return q.new_empty(q.shape), q.new_empty((B * H, N), dtype=torch.float32)
+def _attention_bwd_fake(do, q, k, v, o, lse):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
-@torch.library.custom_op("triton_kit::attention_bwd", mutates_args=())
-def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     dq, dk, dv = q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
@@ -470,26 +486,26 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     return dq, dk, dv
 
 
-@_attention_bwd.register_fake
-def _(do, q, k, v, o, lse):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+_attention_fwd = triton_op("triton_kit::attention_fwd", _attention_fwd_fake)(_attention_fwd_impl)
+_attention_bwd = triton_op("triton_kit::attention_bwd", _attention_bwd_fake)(_attention_bwd_impl)
 
 
-def _attention_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output)
-    ctx.set_materialize_grads(False)  # lse gets no gradient: no zero tensor for it
+class _Attention(torch.autograd.Function):
+    """Autograd around the two operators; eager calls run their bodies (`via_op`). lse is saved,
+    not returned: it gets no gradient."""
 
+    @staticmethod
+    def forward(ctx, q, k, v):
+        o, lse = via_op(_attention_fwd, _attention_fwd_impl)(q, k, v)
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o
 
-def _attention_backward(ctx, do, dlse):  # lse is a by-product, not differentiated
-    if do is None:
-        return None, None, None
-    q, k, v, o, lse = ctx.saved_tensors
-    if choose("bwd_short", capability(q), q.shape[2], q.shape[3], q.dtype) is None:
-        return tuple(_sdpa_grads(reference_attention, (q, k, v), do))
-    return _attention_bwd(do.to(q.dtype), q, k, v, o, lse)
-
-
-_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        if choose("bwd_short", capability(q), q.shape[2], q.shape[3], q.dtype) is None:
+            return tuple(_sdpa_grads(reference_attention, (q, k, v), do))
+        return via_op(_attention_bwd, _attention_bwd_impl)(do.to(q.dtype), q, k, v, o, lse)
 
 
 # Packed form: qkv (B, N, 3, H, D) is read in place; q = qkv[:, :, 0] as a (B, H, N, D) view has
@@ -502,8 +518,12 @@ def _packed_views(qkv):
     return B, N, H, D, qs, os_
 
 
-@torch.library.custom_op("triton_kit::attention_packed_fwd", mutates_args=())
-def _attention_packed_fwd(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _packed_fwd_fake(qkv):
+    B, N, _, H, D = qkv.shape
+    return qkv.new_empty((B, N, H * D)), qkv.new_empty((B * H, N), dtype=torch.float32)
+
+
+def _packed_fwd_impl(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     qkv = qkv.contiguous()  # a no-op for the reshaped Linear output
     B, N, H, D, qs, os_ = _packed_views(qkv)
     o = qkv.new_empty((B, N, H * D))
@@ -512,15 +532,11 @@ def _attention_packed_fwd(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return o, lse
 
 
-@_attention_packed_fwd.register_fake
-def _(qkv):
-    B, N, _, H, D = qkv.shape
-    return qkv.new_empty((B, N, H * D)), qkv.new_empty((B * H, N), dtype=torch.float32)
+def _packed_bwd_fake(do, qkv, o, lse):
+    return qkv.new_empty(qkv.shape)
 
 
-@torch.library.custom_op("triton_kit::attention_packed_bwd", mutates_args=())
-def _attention_packed_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor,
-                          lse: torch.Tensor) -> torch.Tensor:
+def _packed_bwd_impl(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     qkv, do = qkv.contiguous(), do.contiguous()
     B, N, H, D, qs, os_ = _packed_views(qkv)
     dqkv = qkv.new_empty(qkv.shape)  # the three slices below cover every element
@@ -529,35 +545,27 @@ def _attention_packed_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor,
     return dqkv
 
 
-@_attention_packed_bwd.register_fake
-def _(do, qkv, o, lse):
-    return qkv.new_empty(qkv.shape)
+_attention_packed_fwd = triton_op("triton_kit::attention_packed_fwd", _packed_fwd_fake)(_packed_fwd_impl)
+_attention_packed_bwd = triton_op("triton_kit::attention_packed_bwd", _packed_bwd_fake)(_packed_bwd_impl)
 
 
-def _attention_packed_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], *output)
-    ctx.set_materialize_grads(False)
+class _AttentionPacked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv):
+        o, lse = via_op(_attention_packed_fwd, _packed_fwd_impl)(qkv)
+        ctx.save_for_backward(qkv, o, lse)
+        return o
 
-
-def _attention_packed_backward(ctx, do, dlse):
-    if do is None:
-        return None
-    qkv, o, lse = ctx.saved_tensors
-    if choose("bwd_short", capability(qkv), qkv.shape[1], qkv.shape[4], qkv.dtype) is None:
-        return _sdpa_grads(reference_packed, (qkv,), do)[0]
-    return _attention_packed_bwd(do.to(qkv.dtype), qkv, o, lse)
-
-
-_attention_packed_fwd.register_autograd(_attention_packed_backward, setup_context=_attention_packed_setup)
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse = ctx.saved_tensors
+        if choose("bwd_short", capability(qkv), qkv.shape[1], qkv.shape[4], qkv.dtype) is None:
+            return _sdpa_grads(reference_packed, (qkv,), do)[0]
+        return via_op(_attention_packed_bwd, _packed_bwd_impl)(do.to(qkv.dtype), qkv, o, lse)
 
 
 # ----------------------------------------------------------------------------------------------
 # Public API and dispatch.
-
-# The interpreter replaces @triton.jit functions at decoration time, so this is the real test of
-# "TRITON_INTERPRET=1 was set before triton was imported".
-INTERPRETED = type(_attn_fwd_short_kernel).__name__ == "InterpretedFunction"
-
 
 def use_triton(t):
     """Run the kernels on this tensor? CUDA: yes. CPU: only under the interpreter, and not for
@@ -582,7 +590,7 @@ def attention(q, k, v):
     if (q.dim() == 4 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
             and q.dtype in DTYPES and use_triton(q) and q.numel() > 0
             and fits(q, q.shape[2], q.shape[3], _needs_grad(q, k, v))):
-        return _attention_fwd(q, k, v)[0]
+        return _Attention.apply(q, k, v)
     return reference_attention(q, k, v)
 
 
@@ -592,5 +600,5 @@ def attention_packed(qkv):
         raise ValueError(f"attention_packed wants qkv of shape (B, N, 3, H, D), got {tuple(qkv.shape)}")
     B, N, _, H, D = qkv.shape
     if qkv.dtype in DTYPES and use_triton(qkv) and qkv.numel() > 0 and fits(qkv, N, D, _needs_grad(qkv)):
-        return _attention_packed_fwd(qkv)[0]
+        return _AttentionPacked.apply(qkv)
     return reference_packed(qkv)

@@ -402,7 +402,7 @@ def overhead_rows():
 
     Ours: the public functions on CPU tensors under the interpreter, with every Triton launch
     (`kernel[grid](...)`) replaced by a counter, so all of our Python runs (argument checks,
-    custom-op dispatch, autograd, output allocation) but no kernel and none of Triton's own launcher
+    autograd, the operators' bodies, output allocation) but no kernel and none of Triton's own launcher
     (argument binding, cache lookup, cuLaunchKernel: not measurable without a GPU driver). SDPA and
     eager losses.py: the same calls on CPU tensors too small to compute anything (N = 1, B = 1),
     so what remains is PyTorch's dispatch, autograd and allocation (CPU kernels instead of CUDA

@@ -152,7 +152,7 @@ def test_config_choice_is_pinned_and_pure():
 def test_no_backward_kernel_means_sdpa_forward_and_backward(monkeypatch, poisoned):
     """Where no backward kernel serves (N > 80, D = 128, fp32), a call that needs a
     gradient runs SDPA for both passes (its fused backward: no N x N tensor on a GPU); without a
-    gradient the forward kernel still runs. A private op called directly gets SDPA's gradients."""
+    gradient the forward kernel still runs. The private Function called directly gets SDPA's gradients."""
     calls = []
 
     def spy(*args):
@@ -176,7 +176,7 @@ def test_no_backward_kernel_means_sdpa_forward_and_backward(monkeypatch, poisone
         kernels.attention_packed(qkv)
         assert len(calls) == 2
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
-        o, _ = A._attention_fwd(*xs)  # the op directly, then its backward: SDPA's gradients
+        o = A._Attention.apply(*xs)  # the kernel's forward directly, then its backward: SDPA's gradients
         for name, a, e in zip(("dq", "dk", "dv"), torch.autograd.grad(o, xs, go), ref[1:]):
             _close(name, a, e, dtype)
         assert len(calls) == 3
@@ -242,12 +242,16 @@ def test_triton_path_really_runs(monkeypatch):
 
 
 def test_custom_ops_registration():
-    """Schema, fake (meta) functions and autograd registration agree with the real kernels."""
-    q, k, v, _ = _inputs(1, 2, 17, 32, torch.float32, seed=4)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    """Schema and fake (meta) functions of the four operators agree with the real kernels (their
+    autograd is the Functions', checked by the gradient tests)."""
+    q, k, v, do = _inputs(1, 2, 17, 32, torch.float16, seed=4)  # fp16: the backward kernel has no fp32 config
+    o, lse = A._attention_fwd(q, k, v)
     torch.library.opcheck(A._attention_fwd, (q, k, v))
-    qkv = torch.stack([q, k, v], 2).transpose(1, 3).detach().contiguous().requires_grad_()
+    torch.library.opcheck(A._attention_bwd, (do, q, k, v, o, lse))
+    qkv = torch.stack([q, k, v], 2).transpose(1, 3).contiguous()
+    o, lse = A._attention_packed_fwd(qkv)
     torch.library.opcheck(A._attention_packed_fwd, (qkv,))
+    torch.library.opcheck(A._attention_packed_bwd, (torch.randn_like(o), qkv, o, lse))
 
 
 def test_compile_traces_without_graph_break():
