@@ -368,7 +368,16 @@ def _dot_prec(dtype):
     return "tf32x3" if dtype == torch.float32 else "tf32"  # fp16/bf16 ignore it
 
 
-@torch.compiler.assume_constant_result  # traced by torch.compile as the constant it returns
+def _constant_when_traced(fn):
+    """torch.compiler.assume_constant_result's mark (torch.compile traces fn as the constant it
+    returns; the same attribute in torch 2.11-2.14), set directly: with that function called here at
+    import, tests/test_faults.py's hung and killed torchrun-rank tests failed 3 runs of 3 (the
+    survivor's heartbeat thread never stopped it); with the mark set directly they pass."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_when_traced
 def choose(kernel, capability, N, D, dtype):
     """The launch of `kernel` at (N, D, dtype) on a GPU of this compute capability (None: the
     interpreter, which runs the sm_90 configs): (constexprs, launch options), or None where SDPA
@@ -399,7 +408,7 @@ def _choose(kernel, capability, N, D, dtype):
 _CAPABILITIES = {}  # device index -> (major, minor)
 
 
-@torch.compiler.assume_constant_result
+@_constant_when_traced
 def _device_capability(index):
     if index not in _CAPABILITIES:
         _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
