@@ -21,8 +21,9 @@ No GPU needed (counted and compiled, not measured):
                    CTAs per SM they allow; then bytes against the previous kernels and
                    FlashAttention-2 (their launch schemes, `traffic_model`). --candidates: every
                    config the pinned choice was made from.
-  --compile-check  every shipped config at every tile class, compiled for sm_90: ptxas registers,
-                   spills, shared memory, CTAs per SM; exits 1 on any spill.
+  --compile-check  every shipped config at every tile class (the students' N = 65-67 each),
+                   compiled for sm_90: ptxas registers, spills, shared memory, CTAs per SM; exits 1
+                   on any spill. Run it with each triton the kit supports (3.6 and 3.8).
   --overhead       CPU microseconds per forward + backward call: ours with the Triton launches
                    stubbed, SDPA / eager losses.py on CPU tensors too small to compute
                    (`overhead_rows` says exactly what is in and out).
@@ -53,12 +54,15 @@ def traffic_model(scheme, kernel, N, D, elem=2):
     t = one N x D tensor of the head, r = one fp32 row statistic (LSE or delta)."""
     t, r, cdiv = N * D * elem, N * 4, lambda a, b: -(-a // b)
     if scheme == "ours":
+        A = importlib.import_module("kernels.attention")
+        consts, _ = A.choose(A.forward_kernel(N) if kernel == "fwd" else "bwd_short", None, N, D, torch.float16)
+        # The CUDA-core tail keys (k and v rows) are read again by every query chunk after the first.
+        chunks = cdiv(consts["BLOCK_N"], consts["BLOCK_M"]) + (consts["BLOCK_T"] > 0) if N <= A.SHORT_N else 1
+        rereads = (chunks - 1) * consts.get("FMA_KEYS", 0) * 2 * D * elem
         if kernel == "fwd":  # short: Q, K, V once, O and LSE out; long: K, V once per query block
-            A = importlib.import_module("kernels.attention")
-            consts, _ = A.choose(A.forward_kernel(N), None, N, D, torch.float16)
             blocks = 1 if N <= A.SHORT_N else cdiv(N, consts["BLOCK_M"])
-            return 2 * t * blocks + 2 * t + r
-        return 5 * t + r + 3 * t  # bwd: Q K V O dO + LSE in, dQ dK dV out (one program a head)
+            return 2 * t * blocks + 2 * t + r + rereads
+        return 5 * t + r + 3 * t + rereads  # bwd: Q K V O dO + LSE in, dQ dK dV out (one program a head)
     if scheme == "previous":  # 64-row query blocks; dq (64, 32) and dk/dv (16 rows, 64-key blocks)
         nq, nk = cdiv(N, 64), cdiv(N, 64)
         if kernel == "fwd":
@@ -81,9 +85,10 @@ def traffic_model(scheme, kernel, N, D, elem=2):
 def count_work(fn):
     """What every Triton program `fn()` launches does, counted in the interpreter: bytes loaded +
     stored (masked-in elements), multiply-adds of its tl.dot tiles (M*N*K, padding included) and
-    exp2 evaluations (every lane of the tile, masked or not)."""
+    exp2 evaluations (every lane of the tile, masked or not; `columns`: those of 1-D exp2 calls,
+    in the short kernels the (rows,) columns of P computed on CUDA cores)."""
     from triton.runtime import interpreter as I
-    n = {"bytes": 0, "macs": 0, "exps": 0}
+    n = {"bytes": 0, "macs": 0, "exps": 0, "columns": 0}
     B = I.InterpreterBuilder
     load, store, dot, exp2 = B.create_masked_load, B.create_masked_store, B.create_dot, B.create_exp2
 
@@ -102,6 +107,7 @@ def count_work(fn):
 
     def counted_exp2(self, arg):
         n["exps"] += arg.data.size
+        n["columns"] += arg.data.size if arg.data.ndim == 1 else 0
         return exp2(self, arg)
 
     B.create_masked_load, B.create_masked_store, B.create_dot, B.create_exp2 = (
@@ -119,7 +125,8 @@ def count_bytes(fn):
 
 def counted_attention(N, D):
     """Per-head work of our packed forward and backward (None where SDPA runs the backward),
-    counted; fp16 stands in for bf16 (same sizes; the interpreter's bf16 dot is wrong)."""
+    counted; fp16 stands in for bf16 (same sizes; the interpreter's bf16 dot is wrong). `macs`
+    adds the CUDA-core tail's: BLOCK_D per product (2 forward, 5 backward) per column of P."""
     A = importlib.import_module("kernels.attention")
     qkv = torch.randn(1, N, 3, 1, D, dtype=torch.float16)
     out = {}
@@ -128,6 +135,11 @@ def counted_attention(N, D):
     bwd = None
     if A.choose("bwd_short", None, N, D, torch.float16) is not None:
         bwd = count_work(lambda: A._attention_packed_bwd(torch.randn_like(o), qkv, o, lse))
+    if N <= A.SHORT_N:  # (the long kernel's 1-D exp2 calls are its online rescales, no products)
+        for c, products in ((fwd, 2), (bwd, 5)):
+            if c is not None:
+                c["fma_macs"] = c["columns"] * A._pow2(D) * products
+                c["macs"] += c["fma_macs"]
     return fwd, bwd
 
 
@@ -150,10 +162,10 @@ def occupancy(regs, smem, warps):
     return min(65536 // (per_warp * warps), (228 * 1024) // (smem + 1024), 2048 // (32 * warps), 32)
 
 
-def _with_config(kernel, bits, D, entry, fn):
-    """fn() with CONFIGS[(kernel, bits, BLOCK_D)] set to `entry` (a candidate), restored after."""
+def _with_config(kernel, bits, D, N, entry, fn):
+    """fn() with CONFIGS[(kernel, bits, BLOCK_D, N)] set to `entry` (a candidate), restored after."""
     A = importlib.import_module("kernels.attention")
-    key, saved = (kernel, bits, A._pow2(D)), dict(A.CONFIGS)
+    key, saved = (kernel, bits, A._pow2(D), N), dict(A.CONFIGS)
     A.CONFIGS[key] = entry
     A._choose.cache_clear()
     try:
@@ -177,12 +189,12 @@ def work_rows(candidates=False):
     A = importlib.import_module("kernels.attention")
     rows = []
     for kernel, (B, H, N, D) in SHAPES.items():
-        shipped = A.CONFIGS[(kernel, 16, A._pow2(D))]
+        shipped = A.config_entry(kernel, 16, D, N)
         for entry in (CANDIDATES[kernel] if candidates else [shipped]):
-            fwd, bwd = _with_config(kernel, 16, D, entry, lambda: counted_attention(N, D))
+            fwd, bwd = _with_config(kernel, 16, D, N, entry, lambda: counted_attention(N, D))
             c = fwd if kernel.startswith("fwd") else bwd
             macs, exps = useful_work(kernel, N, D)
-            consts, _ = _with_config(kernel, 16, D, entry, lambda: A.choose(kernel, None, N, D, torch.float16))
+            consts, _ = _with_config(kernel, 16, D, N, entry, lambda: A.choose(kernel, None, N, D, torch.float16))
             rows.append({"kernel": kernel, "shape": f"B{B} H{H} N{N} D{D}", "config": list(entry),
                          "shipped": entry == shipped, "tiles": consts,
                          "u": c["bytes"] * B * H / (B * H * N * D * 2), "MB": c["bytes"] * B * H / 1e6,
@@ -193,6 +205,8 @@ def work_rows(candidates=False):
 def tiles_str(kernel, c):
     if kernel == "fwd_long":
         return f"rows {c['BLOCK_M']}+{c['ROW_TAIL']} keys {c['BLOCK_N']}+{c['KEY_TAIL']}"
+    if c.get("FMA_KEYS"):
+        return f"rows {c['BLOCK_M']}x keys {c['BLOCK_N']}+{c['FMA_KEYS']} fma"
     return f"rows {c['BLOCK_M']}x keys {c['BLOCK_N']}+{c['BLOCK_T']}"
 
 
@@ -262,7 +276,7 @@ def counts_main(candidates):
     for r in work:  # compiled as trained: bf16
         D, N = int(r["shape"].split("D")[1]), int(r["shape"].split("N")[1].split()[0])
         try:
-            r.update(_with_config(r["kernel"], 16, D, tuple(r["config"]),
+            r.update(_with_config(r["kernel"], 16, D, N, tuple(r["config"]),
                                   lambda: compile_stats(r["kernel"], torch.bfloat16, N, D)))
         except Exception as e:  # no ptxas here, or a config that does not compile: counts still print
             print(f"compile {r['kernel']} {r['config']}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
@@ -335,7 +349,8 @@ def compile_stats(kernel, dtype, N, D):
 
 
 TILE_CLASSES = {  # one N per distinct tile set the chooser can return
-    "fwd_short": (16, 32, 48, 64, 67), "bwd_short": (16, 32, 48, 64, 67),
+    "fwd_short": (16, 32, 48, 64, 65, 66, 67, 68, 80),  # 65-68: 1-4 keys on CUDA cores
+    "bwd_short": (16, 32, 48, 64, 65, 66, 67, 68, 80),
     "fwd_long": (197, 224, 256, 300),  # the long kernel's row and key tails: 16, 32, none, a masked block
 }
 
@@ -359,12 +374,12 @@ def compile_check():
         print(f"{name:<10} {tname:<5} {D:>4} {N:>4} {','.join(map(str, entry)):<16} {tiles:<26} {_fmt(s['regs']):>5} "
               f"{_fmt(s['spill']):>7} {s['smem']:>7} {_fmt(s['ctas']):>6} {s['mma']}", flush=True)
 
-    for (kernel, bits, BLOCK_D), entry in A.CONFIGS.items():
+    for kernel, bits, BLOCK_D in dict.fromkeys(key[:3] for key in A.CONFIGS):  # each N's entry, default or its own
         for dtype in ([torch.bfloat16, torch.float16] if bits == 16 else [torch.float32]):
             for N in TILE_CLASSES[kernel]:
                 consts, _ = A.choose(kernel, None, N, BLOCK_D, dtype)
-                report(kernel, TNAME[dtype], BLOCK_D, N, entry, tiles_str(kernel, consts),
-                       compile_stats(kernel, dtype, N, BLOCK_D))
+                report(kernel, TNAME[dtype], BLOCK_D, N, A.config_entry(kernel, bits, BLOCK_D, N),
+                       tiles_str(kernel, consts), compile_stats(kernel, dtype, N, BLOCK_D))
     for mode in (0, 1, 2):  # the loss kernels as launched for vit / deit hard / cdeit soft with mixup
         for backward in (False, True):
             consts = {"HAS_CORR_CLS": mode == 2, "TEACHER_MODE": mode, "HAS_CORR": mode == 2,
@@ -518,6 +533,18 @@ def _rows_of(bench, shape, results, ref_of, rate=None):
     return rows
 
 
+def _without_fma_tail(fn):
+    """fn() with the short kernels' last keys on a 16-key dot tile, as before `fma_keys`."""
+    A = importlib.import_module("kernels.attention")
+    saved, A.fma_keys = A.fma_keys, lambda N: 0
+    A._choose.cache_clear()
+    try:
+        return fn()
+    finally:
+        A.fma_keys = saved
+        A._choose.cache_clear()
+
+
 def _fastest_sdpa(results):
     """The fastest SDPA backend per mode, as a pseudo-impl (eager, graph) in ms."""
     sdpa = [v for n, v in results.items() if n.startswith("sdpa[")]
@@ -549,6 +576,9 @@ def bench_attention(dtype):
                 print(f"  sdpa[{name}] unavailable at {shape_s}: {str(e).splitlines()[0][:100]}")
         results["fastest sdpa"] = _fastest_sdpa(results)
         results["triton"] = _bench(_fwd_bwd(lambda: kernels.attention(q, k, v), [q, k, v], go))
+        if train:  # the design the CUDA-core tail replaced, for the GPU to decide between them
+            results["triton, 16-key dot tail"] = _without_fma_tail(
+                lambda: _bench(_fwd_bwd(lambda: kernels.attention(q, k, v), [q, k, v], go)))
         results["triton packed layer"] = _bench(_fwd_bwd(lambda: kernels.attention_packed(qkv), [qkv], go_packed))
         results["sdpa packed layer (model, kernels off)"] = _bench(
             _fwd_bwd(lambda: kernels.sdpa_packed(qkv), [qkv], go_packed))
@@ -561,6 +591,9 @@ def bench_attention(dtype):
         for i, mode in ((0, "eager"), (1, "graph")):
             if fastest[i] and ours[i]:
                 goals[f"attention kernel vs fastest SDPA {tag} {mode}"] = fastest[i] / ours[i]
+            if train and ours[i] and results["triton, 16-key dot tail"][i]:  # no goal: printed as INFO
+                goals[f"attention fma tail vs 16-key dot tail {tag} {mode}"] = \
+                    results["triton, 16-key dot tail"][i] / ours[i]
             if sdpa_layer[i] and layer[i]:
                 goals[f"attention packed layer vs SDPA layer {tag} {mode}"] = sdpa_layer[i] / layer[i]
     return rows, goals

@@ -27,8 +27,9 @@ if DEVICE == "cpu" and not A.INTERPRETED:
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (5e-3, 5e-3)}
 
 # Every sequence length around the kernels' edges (1, 2, a block of 16 and 64 either side, the
-# students' 65-67, 127-129 around the long kernel's 64-row blocks, the teacher's 197), each head size, both CPU dtypes.
-NS = [1, 2, 17, 63, 64, 65, 67, 127, 128, 129, 197]
+# students' 65-67 and 68: 1-4 keys on CUDA cores, 75: a 16-key dot tail, 127-129 around the long
+# kernel's 64-row blocks, the teacher's 197), each head size, both CPU dtypes.
+NS = [1, 2, 17, 63, 64, 65, 66, 67, 68, 75, 127, 128, 129, 197]
 DS = [32, 64, 128]
 DTYPES = [torch.float32, torch.float16]
 
@@ -142,6 +143,9 @@ def test_config_choice_is_pinned_and_pure():
     import json
     assert json.loads(r.stdout) == json.loads(json.dumps(here))
     assert A.short_tiles(67) == (64, 16) and A.short_tiles(80) == (64, 16) and A.short_tiles(17) == (32, 0)
+    assert [A.fma_keys(n) for n in (64, 65, 66, 67, 68, 69, 80, 17)] == [0, 1, 2, 3, 4, 0, 0, 0]
+    for n in A.STUDENT_N:  # the students' backward has its own entry (2 CTAs per SM), the rest the default
+        assert A.config_entry("bwd_short", 16, 64, n) != A.config_entry("bwd_short", 16, 64, 68)
     for dtype in (torch.bfloat16, torch.float16):  # the students train with a kernel forward and backward
         assert A.choose("fwd_short", (9, 0), 67, 64, dtype) and A.choose("bwd_short", (9, 0), 67, 64, dtype)
         assert A.choose("fwd_long", (9, 0), 197, 64, dtype)
@@ -298,8 +302,9 @@ def test_kernels_folder_alone_without_triton(tmp_path):
 
 def test_work_counted_from_the_kernels_matches_their_tiles():
     """`kernels.bench --bytes` counts our kernels' loads, stores, dot tiles and exps in the
-    interpreter; they match the traffic model and the tiles the chooser picks (N = 67: 80 x 80 of
-    a 128 x 128 padding, N = 197: 208 x 208), so the useful/padded ratios it prints are the kernels'."""
+    interpreter; they match the traffic model and the tiles the chooser picks (N = 67: 80 rows by
+    64 keys on tensor cores and 3 on CUDA cores, not the first kernels' 128 x 128; N = 197: 208 x
+    208), so the useful/padded ratios it prints are the kernels'."""
     bench = importlib.import_module("kernels.bench")
     for N, D in [(67, 64), (197, 64), (17, 32)]:
         fwd, bwd = bench.counted_attention(N, D)
@@ -309,8 +314,14 @@ def test_work_counted_from_the_kernels_matches_their_tiles():
         else:
             assert bwd is None  # SDPA's backward
     fwd, bwd = bench.counted_attention(67, 64)
-    assert fwd["macs"] == 2 * 80 * 80 * 64 and fwd["exps"] == 80 * 80
-    assert bwd["macs"] == 5 * 80 * 80 * 64 and bwd["exps"] == 80 * 80
+    assert fwd["columns"] == bwd["columns"] == 80 * 3  # the 3 tail keys' P columns, 80 rows each
+    assert fwd["macs"] == 2 * 80 * 67 * 64 and fwd["exps"] == 80 * 67
+    assert bwd["macs"] == 5 * 80 * 67 * 64 and bwd["exps"] == 80 * 67
+    assert min(useful / padded for useful, padded in zip(bench.useful_work("bwd_short", 67, 64),
+                                                         (bwd["macs"], bwd["exps"]))) >= 0.8
+    fwd, bwd = bench._without_fma_tail(lambda: bench.counted_attention(67, 64))  # the design it replaced
+    assert fwd["macs"] == 2 * 80 * 80 * 64 and bwd["macs"] == 5 * 80 * 80 * 64 and bwd["columns"] == 0
+    assert A.choose("bwd_short", None, 67, 64, torch.float16)[0]["FMA_KEYS"] == 3  # and it is restored
     fwd, _ = bench.counted_attention(197, 64)
     consts, _ = A.choose("fwd_long", None, 197, 64, torch.float16)
     chunks = 197 // consts["BLOCK_N"] + (consts["KEY_TAIL"] > 0)
