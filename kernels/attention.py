@@ -11,23 +11,21 @@ Math, for one (batch, head), non-causal, scale = D**-0.5:
 Built for the shapes that run: N = 65-67 for the 32px students (trained), N = 197 for the 224px
 teacher (forward only, under no_grad).
 - N <= 80: one program per (batch, head) holds every key, loaded once, as a main block of a
-  power of two and a tail block of 16 (`short_tiles`: N = 80 is 64 + 16 keys, not 128); query
-  rows use the same split, the main block in chunks of BLOCK_M. Where only 1-4 keys pass the
-  main block (`fma_keys`; the students' N = 65-67) those keys run on CUDA cores, one (rows,)
-  column at a time, instead of a 16-key dot tile (N = 67: 64 + 3 keys by 80 rows, 84 % of the
-  work useful, not 80 x 80 = 70 %). The forward needs no online softmax (every key is here) and
-  writes O and LSE. The backward is one kernel: per query chunk delta, P, dV += P^T dO, dS, dQ
-  (stored, complete) and dK += dS^T Q, for both key blocks; dK and dV stay in registers until the
-  end. No atomics; every input is read once, but the 1-4 tail keys once per chunk (from L1).
+  power of two and a tail block of 16 (`short_tiles`: N = 67 is 64 + 16 = 80 keys, not 128);
+  query rows use the same split, the main block in chunks of BLOCK_M. The forward needs
+  no online softmax (every key is here) and writes O and LSE. The backward is one kernel: per
+  query chunk delta, P, dV += P^T dO, dS, dQ (stored, complete) and dK += dS^T Q, for both key
+  blocks; dK and dV stay in registers until the end. No atomics, every input read once.
 - N > 80 (forward only): a head's query rows in blocks of BLOCK_M, the last block only as tall
   as its rows need (N = 197: 3 x 64 + 16 rows); each sweeps the keys in chunks with an online
   softmax, the last chunk as narrow as its keys need (3 x 64 + 16 keys). A 1-D grid with the
   block index varying fastest, so a head's blocks run side by side and share K/V through L2 (and
   the grid is not bound by the 65,535 limit of axes 1-2). Its backward is SDPA's.
 Offsets are int64 (B*H*N*D passes 2**31 at large batches). No autotuning: one pinned config per
-(kernel, dtype, head size; N for the students) for sm_90 (CONFIGS below, `choose`), so every rank
-and restart runs the same code. Where no config serves (an fp32 forward at D >= 64; a backward at N > 80, at
-D = 128 or in fp32; a GPU other than sm_90) a call goes to SDPA, forward and fused backward.
+(kernel, dtype, head size; N for the students) for sm_90 (CONFIGS below, `choose`), so every
+rank and restart runs the same code. Where no config serves (an fp32 forward at D >= 64; a
+backward at N > 80, at D = 128 or in fp32; a GPU other than sm_90) a call goes to SDPA, forward
+and fused backward.
 
 Dtypes: fp16 / bf16 in, fp32 accumulation, output in the input dtype; fp32 is accepted (its dots
 run as 3xTF32, about fp32 accuracy). Any N >= 1 (ragged sizes are masked), head dim up to 128.
@@ -56,9 +54,6 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels use exp2
 LN2 = tl.constexpr(0.6931471805599453)    # ln(x) = log2(x) * LN2
 SHORT_N = 80  # sequences up to this many tokens take the one-program-per-head kernels (64 + 16 keys)
-# Up to this many keys past the main block run on CUDA cores, one multiply-add per real (row, key,
-# d): a dot would pad them to a 16-key tile, at most 25 % useful (N = 65-67: the students' 1-3).
-FMA_MAX = tl.constexpr(4)
 # A loop with a runtime bound is a while loop under the interpreter (triton 3.6's calls int() on a
 # one-element array for a range bound, which numpy >= 2.4 refuses) and a for loop when compiled
 # (its dots become async wgmma that overlap the next step; a while loop compiles to synchronous ones).
@@ -66,45 +61,25 @@ WHILE_LOOPS = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
-def _tail_key(KT, j, stride_qn, offs_d, mask_d):
-    """Key (or value) row j past the main block as a (BLOCK_D,) fp32 vector, read where it is
-    used (an L1 hit after the first chunk): kept in registers, ptxas spills the backward."""
-    return tl.load(KT + j * stride_qn + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _fwd_rows(Q, O, LSE, stride_qn, stride_on, offs_m, offs_d, mask_d, N, qk_scale,
-              k, v, mask_n, kt, vt, mask_t, HAS_TAIL: tl.constexpr, FMA_KEYS: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              k, v, mask_n, kt, vt, mask_t, HAS_TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
     """One chunk of query rows (offs_m) against every key of the head: the main key block (k, v),
-    then the tail block (kt, vt) if any (HAS_TAIL): its FMA_KEYS keys on CUDA cores, or (0) a dot
-    tile. All keys are here, so no online softmax. Q, O, LSE point at the head."""
+    then the tail block (kt, vt) if any. All keys are here, so no online softmax. Q, O, LSE
+    point at the head."""
     mask_m = offs_m < N
     row_mask = mask_m[:, None] & mask_d[None, :]
     q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (rows, BLOCK_N), log2 units
     s = tl.where(mask_n[None, :], s, float("-inf"))  # padded keys get no weight
     m = tl.max(s, 1)
-    if FMA_KEYS > 0:  # each tail key's scores, (rows,) multiply-adds, kept as columns of st
-        cols = tl.arange(0, FMA_MAX)
-        st = tl.full((offs_m.shape[0], FMA_MAX), float("-inf"), tl.float32)  # (rows, FMA_MAX)
-        for j in tl.static_range(FMA_KEYS):
-            sj = tl.sum(q * _tail_key(kt, j, stride_qn, offs_d, mask_d)[None, :], 1) * qk_scale
-            st = tl.where(cols[None, :] == j, sj[:, None], st)
-        m = tl.maximum(m, tl.max(st, 1))
-    elif HAS_TAIL:
+    if HAS_TAIL:
         st = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale  # (rows, BLOCK_T)
         st = tl.where(mask_t[None, :], st, float("-inf"))
         m = tl.maximum(m, tl.max(st, 1))
     p = tl.exp2(s - m[:, None])
     l = tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)  # (rows, BLOCK_D)
-    if FMA_KEYS > 0:
-        for j in tl.static_range(FMA_KEYS):  # one exp per real (row, key): no padded lanes
-            pj = tl.exp2(tl.sum(tl.where(cols[None, :] == j, st, 0.0), 1) - m)
-            l += pj
-            acc += pj[:, None] * _tail_key(vt, j, stride_qn, offs_d, mask_d)[None, :]
-    elif HAS_TAIL:
+    if HAS_TAIL:
         pt = tl.exp2(st - m[:, None])
         l += tl.sum(pt, 1)
         acc = tl.dot(pt.to(vt.dtype), vt, acc, input_precision=DOT_PREC)
@@ -124,7 +99,6 @@ def _attn_fwd_short_kernel(
     BLOCK_M: tl.constexpr,  # query rows per chunk of the main block
     BLOCK_N: tl.constexpr,  # the main block: keys (and rows) 0 .. BLOCK_N-1
     BLOCK_T: tl.constexpr,  # the tail block: keys (and rows) BLOCK_N .. BLOCK_N+BLOCK_T-1; 0 for none
-    FMA_KEYS: tl.constexpr,  # > 0: the tail keys are these few, on CUDA cores (rows keep BLOCK_T)
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)  # one program per (batch, head)
@@ -142,9 +116,7 @@ def _attn_fwd_short_kernel(
     kv_offs = offs_n[:, None] * stride_qn + offs_d[None, :]
     k = tl.load(K + kv_offs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D), read once
     v = tl.load(V + kv_offs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    if FMA_KEYS > 0:  # pointers to the few tail keys (_tail_key)
-        kt, vt, mask_t = K + BLOCK_N * stride_qn, V + BLOCK_N * stride_qn, mask_n
-    elif BLOCK_T > 0:
+    if BLOCK_T > 0:
         offs_t = BLOCK_N + tl.arange(0, BLOCK_T)
         mask_t = offs_t < N
         kt_offs = offs_t[:, None] * stride_qn + offs_d[None, :]
@@ -154,11 +126,11 @@ def _attn_fwd_short_kernel(
         kt, vt, mask_t = k, v, mask_n  # unused
 
     for start_m in range(0, BLOCK_N, BLOCK_M):
-        _fwd_rows(Q, O, LSE, stride_qn, stride_on, start_m + tl.arange(0, BLOCK_M), offs_d, mask_d, N,
-                  qk_scale, k, v, mask_n, kt, vt, mask_t, BLOCK_T > 0, FMA_KEYS, DOT_PREC)
+        _fwd_rows(Q, O, LSE, stride_qn, stride_on, start_m + tl.arange(0, BLOCK_M),
+                  offs_d, mask_d, N, qk_scale, k, v, mask_n, kt, vt, mask_t, BLOCK_T > 0, DOT_PREC)
     if BLOCK_T > 0:  # the tail rows, one chunk of BLOCK_T
-        _fwd_rows(Q, O, LSE, stride_qn, stride_on, BLOCK_N + tl.arange(0, BLOCK_T), offs_d, mask_d, N,
-                  qk_scale, k, v, mask_n, kt, vt, mask_t, BLOCK_T > 0, FMA_KEYS, DOT_PREC)
+        _fwd_rows(Q, O, LSE, stride_qn, stride_on, BLOCK_N + tl.arange(0, BLOCK_T),
+                  offs_d, mask_d, N, qk_scale, k, v, mask_n, kt, vt, mask_t, True, DOT_PREC)
 
 
 @triton.jit
@@ -264,29 +236,11 @@ def _bwd_keys(q, do, delta, lse2, k, v, mask_n, dk, dv, qk_scale, DOT_PREC: tl.c
 
 
 @triton.jit
-def _bwd_fma_keys(q, do, delta, lse2, KT, VT, stride_qn, offs_d, mask_d, dkt, dvt, dq, qk_scale,
-                  FMA_KEYS: tl.constexpr):
-    """One query chunk against the FMA_KEYS tail keys (KT, VT point at the first), one at a time
-    on CUDA cores: adds to their rows of dK, dV (FMA_MAX, BLOCK_D) and to dQ (unscaled);
-    _bwd_keys's math with (rows,) columns."""
-    idx = tl.arange(0, FMA_MAX)
-    for j in tl.static_range(FMA_KEYS):
-        kj = _tail_key(KT, j, stride_qn, offs_d, mask_d)  # (BLOCK_D,)
-        vj = _tail_key(VT, j, stride_qn, offs_d, mask_d)
-        pj = tl.exp2(tl.sum(q * kj[None, :], 1) * qk_scale - lse2)  # (rows,) column j of P
-        dsj = pj * (tl.sum(do * vj[None, :], 1) - delta)
-        dvt = tl.where(idx[:, None] == j, dvt + tl.sum(pj[:, None] * do, 0)[None, :], dvt)
-        dkt = tl.where(idx[:, None] == j, dkt + tl.sum(dsj[:, None] * q, 0)[None, :], dkt)
-        dq += dsj[:, None] * kj[None, :]
-    return dq, dkt, dvt
-
-
-@triton.jit
 def _bwd_rows(Q, DQ, O, DO, LSE, stride_qn, stride_on, offs_m, offs_d, mask_d, N,
               sm_scale, k, v, mask_n, dk, dv, kt, vt, mask_t, dkt, dvt, HAS_TAIL: tl.constexpr,
-              FMA_KEYS: tl.constexpr, DOT_PREC: tl.constexpr):
+              DOT_PREC: tl.constexpr):
     """One chunk of query rows (offs_m): dQ of the chunk, complete, stored; dK, dV of the main and
-    the tail key block (FMA_KEYS > 0: on CUDA cores, as in _fwd_rows) accumulated and returned."""
+    the tail key block accumulated and returned."""
     mask_m = offs_m < N
     row_mask = mask_m[:, None] & mask_d[None, :]
     q_offs = offs_m[:, None] * stride_qn + offs_d[None, :]  # Q, O, ... point at the head
@@ -299,10 +253,7 @@ def _bwd_rows(Q, DQ, O, DO, LSE, stride_qn, stride_on, offs_m, offs_d, mask_d, N
     lse2 = tl.load(LSE + offs_m, mask=mask_m, other=float("inf")) * LOG2E
     qk_scale = sm_scale * LOG2E
     dq, dk, dv = _bwd_keys(q, do, delta, lse2, k, v, mask_n, dk, dv, qk_scale, DOT_PREC)
-    if FMA_KEYS > 0:
-        dq, dkt, dvt = _bwd_fma_keys(q, do, delta, lse2, kt, vt, stride_qn, offs_d, mask_d, dkt, dvt, dq,
-                                     qk_scale, FMA_KEYS)
-    elif HAS_TAIL:
+    if HAS_TAIL:
         dqt, dkt, dvt = _bwd_keys(q, do, delta, lse2, kt, vt, mask_t, dkt, dvt, qk_scale, DOT_PREC)
         dq += dqt
     tl.store(DQ + q_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
@@ -318,7 +269,7 @@ def _attn_bwd_short_kernel(
     stride_ob, stride_oh, stride_on,
     H, N, D, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,  # as in _attn_fwd_short_kernel
-    FMA_KEYS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)  # one program per (batch, head): dQ, dK, dV complete
     off_b = pid_bh // H
@@ -339,29 +290,26 @@ def _attn_bwd_short_kernel(
     v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    if BLOCK_T > 0:  # the tail keys: FMA_KEYS few on CUDA cores, by pointer (_tail_key), or a dot tile
-        offs_t = BLOCK_N + tl.arange(0, FMA_MAX if FMA_KEYS > 0 else BLOCK_T)
+    if BLOCK_T > 0:
+        offs_t = BLOCK_N + tl.arange(0, BLOCK_T)
         mask_t = offs_t < N
         kt_offs = offs_t[:, None] * stride_qn + offs_d[None, :]
         kt_mask = mask_t[:, None] & mask_d[None, :]
-        if FMA_KEYS > 0:
-            kt, vt = K + BLOCK_N * stride_qn, V + BLOCK_N * stride_qn
-        else:
-            kt = tl.load(K + kt_offs, mask=kt_mask, other=0.0)  # (BLOCK_T, BLOCK_D)
-            vt = tl.load(V + kt_offs, mask=kt_mask, other=0.0)
-        dkt = tl.zeros((offs_t.shape[0], BLOCK_D), dtype=tl.float32)
-        dvt = tl.zeros((offs_t.shape[0], BLOCK_D), dtype=tl.float32)
+        kt = tl.load(K + kt_offs, mask=kt_mask, other=0.0)  # (BLOCK_T, BLOCK_D)
+        vt = tl.load(V + kt_offs, mask=kt_mask, other=0.0)
+        dkt = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        dvt = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     else:
         kt, vt, mask_t, dkt, dvt = k, v, mask_n, dk, dv  # unused
 
     for start_m in range(0, BLOCK_N, BLOCK_M):  # each query row is visited once
         dk, dv, dkt, dvt = _bwd_rows(Q, DQ, O, DO, LSE, stride_qn, stride_on,
                                      start_m + tl.arange(0, BLOCK_M), offs_d, mask_d, N, sm_scale,
-                                     k, v, mask_n, dk, dv, kt, vt, mask_t, dkt, dvt, BLOCK_T > 0, FMA_KEYS, DOT_PREC)
+                                     k, v, mask_n, dk, dv, kt, vt, mask_t, dkt, dvt, BLOCK_T > 0, DOT_PREC)
     if BLOCK_T > 0:  # the tail rows, one chunk of BLOCK_T
         dk, dv, dkt, dvt = _bwd_rows(Q, DQ, O, DO, LSE, stride_qn, stride_on,
                                      BLOCK_N + tl.arange(0, BLOCK_T), offs_d, mask_d, N, sm_scale,
-                                     k, v, mask_n, dk, dv, kt, vt, mask_t, dkt, dvt, True, FMA_KEYS, DOT_PREC)
+                                     k, v, mask_n, dk, dv, kt, vt, mask_t, dkt, dvt, True, DOT_PREC)
         tl.store(DK + kt_offs, (dkt * sm_scale).to(DK.dtype.element_ty), mask=kt_mask)
         tl.store(DV + kt_offs, dvt.to(DV.dtype.element_ty), mask=kt_mask)
     tl.store(DK + kv_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -370,7 +318,7 @@ def _attn_bwd_short_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # Tiles and configs, pinned: no autotuning. The key and row tiles follow from N (`short_tiles`,
-# `_tail`, `fma_keys`); BLOCK_M, the long kernel's BLOCK_N and the warps come from CONFIGS, one
+# `_tail`); BLOCK_M, the long kernel's BLOCK_N and the warps come from CONFIGS, one
 # entry per (kernel, input bits, BLOCK_D) and, where the students' shapes need their own, per N
 # too; chosen for sm_90 by counting (`python -m kernels.bench --bytes`: padded vs useful work) and
 # by ptxas (`--compile-check`: no spills with triton 3.6 and 3.8, CTAs per SM). So the launch is
@@ -381,21 +329,25 @@ def _attn_bwd_short_kernel(
 KERNELS = ("fwd_short", "bwd_short", "fwd_long")
 CHECKED_MAJOR = 9  # sm_90 (H100 / H200): the compute capability CONFIGS was checked for
 STUDENT_N = (65, 66, 67)  # vit / deit / cdeit at 32 px, patch 4: 64 patches + 1-3 tokens
+TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
 CONFIGS = {  # (kernel, input bits, BLOCK_D, N or None for any other N) -> (BLOCK_M, BLOCK_N or 0 (the
     #            short kernels' key tile), warps, pipeline stages, register cap per thread or 0 for ptxas's)
     # Registers: ptxas's for sm_90 at the entry's worst N, triton 3.8 / 3.6; no entry spills in either.
-    ("fwd_short", 16, 32, None): (64, 0, 4, 2, 0),    # <= 202 / 199 regs: >= 2 CTAs per SM
-    ("fwd_short", 16, 64, None): (16, 0, 4, 2, 0),    # <= 184 / 196 regs: >= 2 CTAs (capped at 128: spills)
-    ("fwd_short", 16, 128, None): (16, 0, 8, 2, 0),   # <= 221 / 230 regs: 1 CTA; each 4-warp one spills at some N
-    ("fwd_short", 32, 32, None): (64, 0, 4, 2, 0),    # <= 255 regs: 2 CTAs; fp32 at D >= 64 spills in every candidate
-    ("bwd_short", 16, 32, None): (16, 0, 4, 1, 0),    # <= 255 / 242 regs: 2 CTAs
-    ("bwd_short", 16, 64, None): (16, 0, 8, 1, 0),    # <= 255 / 252 regs: 1 CTA; 4 warps spill at N = 48, 68, 80
-    **{("bwd_short", 16, 64, n): (16, 0, 4, 1, 0) for n in STUDENT_N},  # 255 regs: 2 CTAs (32 rows or 2 stages spill)
+    ("fwd_short", 16, 32, None): (64, 0, 4, 2, 0),    # <= 128 / 120 regs: >= 4 CTAs per SM
+    ("fwd_short", 16, 64, None): (16, 0, 4, 2, 128),  # 128 regs, no spill: 4 CTAs (uncapped 168 / 194: 3 / 2)
+    ("fwd_short", 16, 128, None): (16, 0, 8, 2, 0),   # <= 221 / 210 regs: >= 1 CTA; 4 warps spill on 3.6
+    ("fwd_short", 32, 32, None): (64, 0, 4, 2, 0),    # <= 237 / 234 regs: 2 CTAs; fp32 at D >= 64: every one spills
+    ("bwd_short", 16, 32, None): (16, 0, 4, 1, 0),    # <= 226 / 242 regs: 2 CTAs
+    ("bwd_short", 16, 64, None): (16, 0, 8, 1, 0),    # <= 230 / 252 regs: 1 CTA; 4 warps spill at N = 48 or 80
+    **{("bwd_short", 16, 64, n): (32, 0, 4, 1, 0) for n in STUDENT_N},  # 255 regs, no spill: 2 CTAs (3.8)
     ("fwd_long", 16, 32, None): (64, 32, 4, 2, 0),    # 96 regs: 5 CTAs
     ("fwd_long", 16, 64, None): (64, 32, 4, 2, 0),    # <= 168 / 190 regs: >= 2 CTAs; N = 197: 3 (64 keys: 240 regs)
     ("fwd_long", 16, 128, None): (64, 32, 4, 2, 0),   # <= 205 / 254 regs: 2 CTAs
     ("fwd_long", 32, 32, None): (64, 32, 4, 2, 0),    # <= 190 / 199 regs: 2 CTAs (capped at 168: spills)
 }
+if TRITON < (3, 7):  # triton 3.6 (the GPU image) spills every 4-warp students' backward (12-132 B at 255 regs):
+    # 8 warps, no spill, 1 CTA per SM (the same 8 warps per SM as 2 CTAs of 4)
+    CONFIGS.update({("bwd_short", 16, 64, n): (16, 0, 8, 1, 0) for n in STUDENT_N})
 
 
 def config_entry(kernel, bits, D, N):
@@ -417,11 +369,6 @@ def short_tiles(N):
     tail = _tail(N - main, main)
     return (main, tail) if tail or N <= main else (2 * main, 0)
 
-
-def fma_keys(N):
-    """How many keys past the main block run on CUDA cores (0: none, or a dot tile of BLOCK_T)."""
-    main, tail = short_tiles(N)
-    return N - main if tail and N - main <= FMA_MAX.value else 0
 
 
 def _tail(rem, block):
@@ -469,7 +416,7 @@ def _choose(kernel, capability, N, D, dtype):
         consts.update(BLOCK_M=block_m, ROW_TAIL=_tail(N % block_m, block_m), BLOCK_N=block_n, KEY_TAIL=tail)
     else:
         main, tail = short_tiles(N)
-        consts.update(BLOCK_M=min(block_m, main), BLOCK_N=main, BLOCK_T=tail, FMA_KEYS=fma_keys(N))
+        consts.update(BLOCK_M=min(block_m, main), BLOCK_N=main, BLOCK_T=tail)
     return consts, {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
 
 

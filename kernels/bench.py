@@ -18,12 +18,13 @@ No GPU needed (counted and compiled, not measured):
                    bf16 tensor), useful / padded multiply-adds and exps, counted from the kernels'
                    own loads, stores, dot tiles and exp2 calls (one head through the Triton
                    interpreter); registers, spills, shared memory from ptxas for sm_90 and the
-                   CTAs per SM they allow; then bytes against the previous kernels and
+                   CTAs per SM they allow; the instructions a warp issues, by class (tensor core,
+                   fp32, exp unit, shuffles) from the SASS; then bytes against the previous kernels and
                    FlashAttention-2 (their launch schemes, `traffic_model`). --candidates: every
                    config the pinned choice was made from.
-  --compile-check  every shipped config at every tile class (the students' N = 65-67 each),
-                   compiled for sm_90: ptxas registers, spills, shared memory, CTAs per SM; exits 1
-                   on any spill. Run it with each triton the kit supports (3.6 and 3.8).
+  --compile-check  every shipped config at every tile class, compiled for sm_90: ptxas registers,
+                   spills, shared memory, CTAs per SM; exits 1 on any spill. Run it with each
+                   triton the kit supports (3.6 and 3.8: CONFIGS differs between them).
   --overhead       CPU microseconds per forward + backward call: ours with the Triton launches
                    stubbed, SDPA / eager losses.py on CPU tensors too small to compute
                    (`overhead_rows` says exactly what is in and out).
@@ -54,15 +55,12 @@ def traffic_model(scheme, kernel, N, D, elem=2):
     t = one N x D tensor of the head, r = one fp32 row statistic (LSE or delta)."""
     t, r, cdiv = N * D * elem, N * 4, lambda a, b: -(-a // b)
     if scheme == "ours":
-        A = importlib.import_module("kernels.attention")
-        consts, _ = A.choose(A.forward_kernel(N) if kernel == "fwd" else "bwd_short", None, N, D, torch.float16)
-        # The CUDA-core tail keys (k and v rows) are read again by every query chunk after the first.
-        chunks = cdiv(consts["BLOCK_N"], consts["BLOCK_M"]) + (consts["BLOCK_T"] > 0) if N <= A.SHORT_N else 1
-        rereads = (chunks - 1) * consts.get("FMA_KEYS", 0) * 2 * D * elem
         if kernel == "fwd":  # short: Q, K, V once, O and LSE out; long: K, V once per query block
+            A = importlib.import_module("kernels.attention")
+            consts, _ = A.choose(A.forward_kernel(N), None, N, D, torch.float16)
             blocks = 1 if N <= A.SHORT_N else cdiv(N, consts["BLOCK_M"])
-            return 2 * t * blocks + 2 * t + r + rereads
-        return 5 * t + r + 3 * t + rereads  # bwd: Q K V O dO + LSE in, dQ dK dV out (one program a head)
+            return 2 * t * blocks + 2 * t + r
+        return 5 * t + r + 3 * t  # bwd: Q K V O dO + LSE in, dQ dK dV out (one program a head)
     if scheme == "previous":  # 64-row query blocks; dq (64, 32) and dk/dv (16 rows, 64-key blocks)
         nq, nk = cdiv(N, 64), cdiv(N, 64)
         if kernel == "fwd":
@@ -85,10 +83,9 @@ def traffic_model(scheme, kernel, N, D, elem=2):
 def count_work(fn):
     """What every Triton program `fn()` launches does, counted in the interpreter: bytes loaded +
     stored (masked-in elements), multiply-adds of its tl.dot tiles (M*N*K, padding included) and
-    exp2 evaluations (every lane of the tile, masked or not; `columns`: those of 1-D exp2 calls,
-    in the short kernels the (rows,) columns of P computed on CUDA cores)."""
+    exp2 evaluations (every lane of the tile, masked or not)."""
     from triton.runtime import interpreter as I
-    n = {"bytes": 0, "macs": 0, "exps": 0, "columns": 0}
+    n = {"bytes": 0, "macs": 0, "exps": 0}
     B = I.InterpreterBuilder
     load, store, dot, exp2 = B.create_masked_load, B.create_masked_store, B.create_dot, B.create_exp2
 
@@ -107,7 +104,6 @@ def count_work(fn):
 
     def counted_exp2(self, arg):
         n["exps"] += arg.data.size
-        n["columns"] += arg.data.size if arg.data.ndim == 1 else 0
         return exp2(self, arg)
 
     B.create_masked_load, B.create_masked_store, B.create_dot, B.create_exp2 = (
@@ -125,8 +121,7 @@ def count_bytes(fn):
 
 def counted_attention(N, D):
     """Per-head work of our packed forward and backward (None where SDPA runs the backward),
-    counted; fp16 stands in for bf16 (same sizes; the interpreter's bf16 dot is wrong). `macs`
-    adds the CUDA-core tail's: BLOCK_D per product (2 forward, 5 backward) per column of P."""
+    counted; fp16 stands in for bf16 (same sizes; the interpreter's bf16 dot is wrong)."""
     A = importlib.import_module("kernels.attention")
     qkv = torch.randn(1, N, 3, 1, D, dtype=torch.float16)
     out = {}
@@ -135,11 +130,6 @@ def counted_attention(N, D):
     bwd = None
     if A.choose("bwd_short", None, N, D, torch.float16) is not None:
         bwd = count_work(lambda: A._attention_packed_bwd(torch.randn_like(o), qkv, o, lse))
-    if N <= A.SHORT_N:  # (the long kernel's 1-D exp2 calls are its online rescales, no products)
-        for c, products in ((fwd, 2), (bwd, 5)):
-            if c is not None:
-                c["fma_macs"] = c["columns"] * A._pow2(D) * products
-                c["macs"] += c["fma_macs"]
     return fwd, bwd
 
 
@@ -205,8 +195,6 @@ def work_rows(candidates=False):
 def tiles_str(kernel, c):
     if kernel == "fwd_long":
         return f"rows {c['BLOCK_M']}+{c['ROW_TAIL']} keys {c['BLOCK_N']}+{c['KEY_TAIL']}"
-    if c.get("FMA_KEYS"):
-        return f"rows {c['BLOCK_M']}x keys {c['BLOCK_N']}+{c['FMA_KEYS']} fma"
     return f"rows {c['BLOCK_M']}x keys {c['BLOCK_N']}+{c['BLOCK_T']}"
 
 
@@ -214,15 +202,19 @@ def print_work(rows):
     print("counted per (batch, head) in the Triton interpreter, times B*H; registers / spills / shared memory from "
           "ptxas for sm_90; CTAs per SM from those (65,536 regs, 228 KB, 2,048 threads). Counted, not measured on a GPU.")
     print(f"{'kernel':<10} {'shape':<18} {'BLOCK_M,N,warps':<16} {'tiles':<26} {'u':>5} {'MB':>6} "
-          f"{'MACs use/pad':>12} {'exps use/pad':>12} {'regs':>4} {'spill':>5} {'smem KB':>7} {'CTA/SM':>6} mma")
+          f"{'MACs use/pad':>12} {'exps use/pad':>12} {'regs':>4} {'spill':>5} {'smem KB':>7} {'CTA/SM':>6} mma  "
+          f"SASS/warp: {' '.join(f'{c:>6}' for c in ('total', *SASS_CLASSES))}")
     for r in rows:
         star = "*" if r.get("shipped") else " "
+        sass = r.get("sass") or {}
         print(f"{r['kernel']:<10} {r['shape']:<18} {star}{','.join(map(str, r['config'])):<15} "
               f"{tiles_str(r['kernel'], r['tiles']):<26} {r['u']:>5.2f} {r['MB']:>6.1f} "
               f"{r['macs_useful'] / r['macs_padded']:>12.2f} {r['exps_useful'] / r['exps_padded']:>12.2f} "
               f"{_fmt(r.get('regs')):>4} {_fmt(r.get('spill')):>5} {_fmt(r.get('smem'), 1024):>7} "
-              f"{_fmt(r.get('ctas')):>6} {r.get('mma', '?')}")
-    print("* the shipped (pinned) config; u = one B*H*N*D bf16 tensor; use/pad = useful / executed work")
+              f"{_fmt(r.get('ctas')):>6} {r.get('mma', '?'):<5}           "
+              f"{' '.join(f'{_fmt(sass.get(c)):>6}' for c in ('total', *SASS_CLASSES))}")
+    print("* the shipped (pinned) config; u = one B*H*N*D bf16 tensor; use/pad = useful / executed work; SASS/warp: "
+          "instructions one warp issues (nvdisasm; loop bodies times their trips), all and by class")
 
 
 def _fmt(x, div=1):
@@ -302,6 +294,42 @@ def _ptxas_counts(ptx, arch):
     return (int(regs[1]) if regs else None), (int(spill[1]) if spill else None)
 
 
+SASS_CLASSES = {"tensor": "HMMA|HGMMA", "fp32": "FFMA|FMUL|FADD|FMNMX|FSEL|FSETP", "mufu": "MUFU", "shfl": "SHFL"}
+
+
+def _sass_counts(cubin, trips):
+    """Instructions one warp issues, by class (SASS_CLASSES, and the total), read from the cubin
+    with nvdisasm: straight-line code once, the body of a loop (a backward branch) `trips` times.
+    The short attention kernels have one loop level, the query chunks; its trip count is the
+    caller's."""
+    import re
+    import tempfile
+    import triton
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    labels, code, pending = {}, [], []
+    for line in text.splitlines():
+        if m := re.match(r"\s*(\.L_x_\d+):", line):
+            pending.append(m[1])
+        elif m := re.match(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line):
+            labels.update((label, int(m[1], 16)) for label in pending)
+            pending = []
+            code.append((int(m[1], 16), m[2], m[3]))
+    loops = [(labels[t[1]], at) for at, op, rest in code if op == "BRA"
+             and (t := re.search(r"\((\.L_x_\d+)\)", rest)) and labels[t[1]] < at]
+    n = dict.fromkeys([*SASS_CLASSES, "total"], 0)
+    for at, op, _ in code:
+        w = trips if any(lo <= at <= hi for lo, hi in loops) else 1
+        n["total"] += w
+        for name, ops in SASS_CLASSES.items():
+            if re.match(ops, op):
+                n[name] += w
+    return n
+
+
 def _signature(fn, consts, tname):
     sig = {}
     for arg in fn.arg_names:
@@ -324,9 +352,10 @@ def _signature(fn, consts, tname):
 TNAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def compile_kernel(fn, consts, opts, tname, arch=90):
+def compile_kernel(fn, consts, opts, tname, arch=90, trips=None):
     """ptxas's counts for one kernel compiled for sm_`arch` with launch options `opts` (num_warps,
-    num_stages, maxnreg): regs, spill (B), smem (B), mma kind, CTAs per SM."""
+    num_stages, maxnreg): regs, spill (B), smem (B), mma kind, CTAs per SM; with `trips` (its loop's
+    trip count) also `sass`, the instructions per warp by class (_sass_counts)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -336,7 +365,8 @@ def compile_kernel(fn, consts, opts, tname, arch=90):
     ptx = k.asm["ptx"]
     mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma"
     smem = k.metadata.shared
-    return {"regs": regs, "spill": spill, "smem": smem, "mma": mma, "ctas": occupancy(regs, smem, opts["num_warps"])}
+    return {"regs": regs, "spill": spill, "smem": smem, "mma": mma, "ctas": occupancy(regs, smem, opts["num_warps"]),
+            **({"sass": _sass_counts(k.asm["cubin"], trips)} if trips else {})}
 
 
 def compile_stats(kernel, dtype, N, D):
@@ -345,12 +375,14 @@ def compile_stats(kernel, dtype, N, D):
     consts, opts = A.choose(kernel, None, N, D, dtype)
     fn = {"fwd_short": A._attn_fwd_short_kernel, "bwd_short": A._attn_bwd_short_kernel,
           "fwd_long": A._attn_fwd_long_kernel}[kernel]
-    return compile_kernel(fn, dict(consts), opts, TNAME[dtype])
+    # The short kernels' loop: the query chunks of the main block. (The long kernel has two code paths,
+    # a head's last row block and the others: no one count per warp.)
+    trips = None if kernel == "fwd_long" else consts["BLOCK_N"] // consts["BLOCK_M"]
+    return compile_kernel(fn, dict(consts), opts, TNAME[dtype], trips=trips)
 
 
 TILE_CLASSES = {  # one N per distinct tile set the chooser can return
-    "fwd_short": (16, 32, 48, 64, 65, 66, 67, 68, 80),  # 65-68: 1-4 keys on CUDA cores
-    "bwd_short": (16, 32, 48, 64, 65, 66, 67, 68, 80),
+    "fwd_short": (16, 32, 48, 64, 67, 80), "bwd_short": (16, 32, 48, 64, 67, 80),  # 67: the students' entries
     "fwd_long": (197, 224, 256, 300),  # the long kernel's row and key tails: 16, 32, none, a masked block
 }
 
@@ -533,18 +565,6 @@ def _rows_of(bench, shape, results, ref_of, rate=None):
     return rows
 
 
-def _without_fma_tail(fn):
-    """fn() with the short kernels' last keys on a 16-key dot tile, as before `fma_keys`."""
-    A = importlib.import_module("kernels.attention")
-    saved, A.fma_keys = A.fma_keys, lambda N: 0
-    A._choose.cache_clear()
-    try:
-        return fn()
-    finally:
-        A.fma_keys = saved
-        A._choose.cache_clear()
-
-
 def _fastest_sdpa(results):
     """The fastest SDPA backend per mode, as a pseudo-impl (eager, graph) in ms."""
     sdpa = [v for n, v in results.items() if n.startswith("sdpa[")]
@@ -576,9 +596,6 @@ def bench_attention(dtype):
                 print(f"  sdpa[{name}] unavailable at {shape_s}: {str(e).splitlines()[0][:100]}")
         results["fastest sdpa"] = _fastest_sdpa(results)
         results["triton"] = _bench(_fwd_bwd(lambda: kernels.attention(q, k, v), [q, k, v], go))
-        if train:  # the design the CUDA-core tail replaced, for the GPU to decide between them
-            results["triton, 16-key dot tail"] = _without_fma_tail(
-                lambda: _bench(_fwd_bwd(lambda: kernels.attention(q, k, v), [q, k, v], go)))
         results["triton packed layer"] = _bench(_fwd_bwd(lambda: kernels.attention_packed(qkv), [qkv], go_packed))
         results["sdpa packed layer (model, kernels off)"] = _bench(
             _fwd_bwd(lambda: kernels.sdpa_packed(qkv), [qkv], go_packed))
@@ -591,9 +608,6 @@ def bench_attention(dtype):
         for i, mode in ((0, "eager"), (1, "graph")):
             if fastest[i] and ours[i]:
                 goals[f"attention kernel vs fastest SDPA {tag} {mode}"] = fastest[i] / ours[i]
-            if train and ours[i] and results["triton, 16-key dot tail"][i]:  # no goal: printed as INFO
-                goals[f"attention fma tail vs 16-key dot tail {tag} {mode}"] = \
-                    results["triton, 16-key dot tail"][i] / ours[i]
             if sdpa_layer[i] and layer[i]:
                 goals[f"attention packed layer vs SDPA layer {tag} {mode}"] = sdpa_layer[i] / layer[i]
     return rows, goals
