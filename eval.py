@@ -497,12 +497,9 @@ def _jsonable(v):
 # argmax, so no label is needed at test time) with the global T for types the token assigns fewer
 # than --min-type-images val images. Stored beside the checkpoint (model.temperature_path).
 
-def fit_temperatures(net, r, args, device):
+def fit_temperatures(net, r, args, device, mixes):
     """-> the temperatures sidecar dict for r's checkpoint, fitted on its mix's val split."""
-    try:
-        val = data.build_mix(**r["data_args"])["val"]
-    except (TypeError, ValueError) as e:
-        raise EvalError(f"{r['checkpoint']}: data_args {r['data_args']} do not build a mix ({e})") from None
+    val = split_of(r, "val", args, mixes)
     outs, _ = run_student(net, val["images"], device, args.batch_size)
     z, y = outs["combined"].double(), val["labels"]
     T = fit_temperature(z, y)
@@ -558,7 +555,7 @@ def print_calibration(r):
               "".join(f"{sc[v]['ece']:>15.4f}" for v in vs))
 
 
-def add_agreement(results, mixes):
+def add_agreement(results, mixes, split_name):
     """Student vs teacher head on the same images (the teacher result is last): how often their
     predictions agree, per type and per (type, severity), and how the errors split: both right,
     only the student right, only the teacher right, both wrong with the same class (an error the
@@ -568,7 +565,7 @@ def add_agreement(results, mixes):
     for r in results[:-1]:
         if "_pred" not in r or same(r) != same(teacher):
             continue
-        split = mixes[json.dumps(r["data_args"], sort_keys=True)]
+        split = mixes[(json.dumps(r["data_args"], sort_keys=True), split_name)]
         s, t, y = r["_pred"], teacher["_pred"], split["labels"]
         types, sev = split["types"], split["severities"]
 
@@ -700,9 +697,27 @@ def load_jobs(args, device):
     return jobs, base
 
 
+def split_of(r, name, args, mixes):
+    """Split `name` of r's mix. mixes caches, per data_args, the splits eval.py reads (the one
+    evaluated, and val with --calibrate; not the real mix's 1.5 GB train split), so jobs on the
+    same mix build it once."""
+    key = json.dumps(r["data_args"], sort_keys=True)
+    if (key, name) not in mixes:
+        try:
+            mix = data.build_mix(**r["data_args"])
+        except download.DataError as e:
+            where = "--data-dir" if args.data_dir else "the one train.py recorded; --data-dir sets another"
+            raise EvalError(f"{e} (eval.py read the data folder {r['data_args']['root']}: {where})") from None
+        except (TypeError, ValueError) as e:
+            raise EvalError(f"{r['checkpoint']}: data_args {r['data_args']} do not build a mix ({e})") from None
+        for kept in {name, args.split} | ({"val"} if args.calibrate else set()):
+            mixes[(key, kept)] = mix[kept]
+    return mixes[(key, name)]
+
+
 def evaluate_one(r, obj, args, device, mixes):
-    """The metrics of one student (or the teacher head) and its images/s; mixes caches the split
-    evaluated per data_args, shared by the jobs that read the same mix."""
+    """The metrics of one student (or the teacher head) and its images/s; the split evaluated
+    comes from mixes (split_of)."""
     if r["benchmark"]:
         if r["data_args"].get("split") in ("paper", "grouped"):  # "standard" trains on CIFAR-10 train only
             print(f"eval.py: warning: {r['checkpoint']} was trained on the {r['data_args']['split']!r} mix, whose "
@@ -710,16 +725,7 @@ def evaluate_one(r, obj, args, device, mixes):
                   file=sys.stderr)
         print(f"{r['checkpoint']}: CIFAR-10-C accuracy % per severity 1..5")
         return run_benchmark(obj, r["data_args"]["root"], device, args.batch_size, args.extra, r.get("temperatures"))
-    key = json.dumps(r["data_args"], sort_keys=True)
-    if key not in mixes:
-        try:  # keep only the split evaluated (the real mix's train split is 1.5 GB)
-            mixes[key] = data.build_mix(**r["data_args"])[args.split]
-        except download.DataError as e:
-            where = "--data-dir" if args.data_dir else "the one train.py recorded; --data-dir sets another"
-            raise EvalError(f"{e} (eval.py read the data folder {r['data_args']['root']}: {where})") from None
-        except (TypeError, ValueError) as e:
-            raise EvalError(f"{r['checkpoint']}: data_args {r['data_args']} do not build a mix ({e})") from None
-    split = mixes[key]
+    split = split_of(r, args.split, args, mixes)
     if isinstance(obj, dict):
         check_head_mix(obj, r["data_args"], args.split, split)
         outs, ips, src = run_teacher(obj, args.split, split, device, args.batch_size)
@@ -739,14 +745,14 @@ def evaluate(args):
     results, mixes = [], {}
     for r, obj in jobs:
         if args.calibrate and not isinstance(obj, dict):
-            r["temperatures"], r["_fitted"] = fit_temperatures(obj, r, args, device), True
+            r["temperatures"], r["_fitted"] = fit_temperatures(obj, r, args, device, mixes), True
         m, ips = evaluate_one(r, obj, args, device, mixes)
         r.update(m, images_per_s=ips)
         if base is not None:
             add_mce(r, base, args.baseline)
         results.append(r)
     if args.teacher:
-        add_agreement(results, mixes)
+        add_agreement(results, mixes, args.split)
     for r, label in zip(results, run_labels(results)):
         r["label"] = label
         r.pop("_pred", None)

@@ -165,7 +165,7 @@ def test_fit_temperature_and_per_type_fallback():
     assert torch.equal(scaled[1], z[1] / T) and torch.equal(scaled[0], z[0] / temps[0])
 
 
-def test_calibrate_on_real_digits(digits, tmp_path, capsys):
+def test_calibrate_on_real_digits(digits, tmp_path, capsys, monkeypatch):
     """eval.py --calibrate: temperatures fitted on val, reported on test, stored beside the checkpoint
     (whose bytes do not change); the val-fitted temperatures lower the test NLL; predict.py then uses
     the per-type temperatures; a sidecar for other weights is refused.
@@ -176,11 +176,15 @@ def test_calibrate_on_real_digits(digits, tmp_path, capsys):
       global T           0.122 (0.113) / 0.133 (0.127) / 0.145 (0.136)   T = 0.50 / 0.54 / 0.55
       per predicted type 0.119 (0.109) / 0.133 (0.123) / 0.140 (0.129)   9 / 9 / 7 of 11 types fitted
     So per-type temperatures beat the global one on the corrupted images for every seed (by 0.004
-    to 0.007), margins too small to assert on one seed. Asserted: both lower the test NLL below the uncalibrated one."""
+    to 0.007), margins too small to assert on one seed. Asserted: both lower the test NLL below the
+    uncalibrated one. The mix is built once for both splits."""
     root, ckpt = digits
     before = fileio.sha256_file(ckpt)
     out = tmp_path / "e.json"
+    builds, build_mix = [], data.build_mix
+    monkeypatch.setattr(data, "build_mix", lambda *a, **k: builds.append(a) or build_mix(*a, **k))
     assert ev.main([str(ckpt), "--calibrate", "--json", str(out), "--device", "cpu"]) == 0
+    assert len(builds) == 1
     assert "temperature scaling fitted on val" in capsys.readouterr().out
     assert fileio.sha256_file(ckpt) == before
     t = model_lib.load_temperatures(str(ckpt), 11)
@@ -301,7 +305,7 @@ def test_teacher_agreement(capsys):
     student = {"checkpoint": "s.pt", "data_args": args, "_pred": torch.tensor([0, 1, 9, 9, 8, 5])}
     teacher = {"checkpoint": "h.pt", "data_args": dict(args, root="/b"), "_pred": torch.tensor([0, 7, 9, 3, 7, 5])}
     other = {"checkpoint": "o.pt", "data_args": dict(args, split="grouped"), "_pred": y}  # another mix: left out
-    ev.add_agreement([student, other, teacher], {json.dumps(args, sort_keys=True): split})
+    ev.add_agreement([student, other, teacher], {(json.dumps(args, sort_keys=True), "test"): split}, "test")
     rep = student["teacher_agreement"]
     assert "teacher_agreement" not in other
     # image: 0 both right, 1 student only, 2 same error (9), 3 teacher only, 4 different errors, 5 both right
