@@ -20,8 +20,8 @@ No GPU needed (counted and compiled, not measured):
                    bf16 tensor), useful / padded multiply-adds and exps, counted from the kernels'
                    own loads, stores, dot tiles and exp2 calls (one head through the Triton
                    interpreter); registers, spills, shared memory from ptxas for sm_90 and the
-                   CTAs per SM they allow; the instructions a warp issues, by class (tensor core,
-                   fp32, exp unit, shuffles) from the SASS; then bytes against the previous kernels and
+                   CTAs per SM they allow; the instructions a program issues, by class (tensor
+                   core, fp32, exp unit, shuffles) from the SASS; then bytes against the previous kernels and
                    FlashAttention-2 (their launch schemes, `traffic_model`). --candidates: every
                    config the pinned choice was made from.
   --compile-check  every shipped config at every tile class, compiled for sm_90: ptxas registers,
@@ -205,18 +205,19 @@ def print_work(rows):
           "ptxas for sm_90; CTAs per SM from those (65,536 regs, 228 KB, 2,048 threads). Counted, not measured on a GPU.")
     print(f"{'kernel':<10} {'shape':<18} {'BLOCK_M,N,warps':<16} {'tiles':<26} {'u':>5} {'MB':>6} "
           f"{'MACs use/pad':>12} {'exps use/pad':>12} {'regs':>4} {'spill':>5} {'smem KB':>7} {'CTA/SM':>6} mma  "
-          f"SASS/warp: {' '.join(f'{c:>6}' for c in ('total', *SASS_CLASSES))}")
+          f"SASS/program: {' '.join(f'{c:>6}' for c in ('total', *SASS_CLASSES))}")
     for r in rows:
         star = "*" if r.get("shipped") else " "
-        sass = r.get("sass") or {}
+        sass = {c: n * r["config"][2] for c, n in (r.get("sass") or {}).items()}  # per warp x warps
         print(f"{r['kernel']:<10} {r['shape']:<18} {star}{','.join(map(str, r['config'])):<15} "
               f"{tiles_str(r['kernel'], r['tiles']):<26} {r['u']:>5.2f} {r['MB']:>6.1f} "
               f"{r['macs_useful'] / r['macs_padded']:>12.2f} {r['exps_useful'] / r['exps_padded']:>12.2f} "
               f"{_fmt(r.get('regs')):>4} {_fmt(r.get('spill')):>5} {_fmt(r.get('smem'), 1024):>7} "
-              f"{_fmt(r.get('ctas')):>6} {r.get('mma', '?'):<5}           "
+              f"{_fmt(r.get('ctas')):>6} {r.get('mma', '?'):<5}              "
               f"{' '.join(f'{_fmt(sass.get(c)):>6}' for c in ('total', *SASS_CLASSES))}")
-    print("* the shipped (pinned) config; u = one B*H*N*D bf16 tensor; use/pad = useful / executed work; SASS/warp: "
-          "instructions one warp issues (nvdisasm; loop bodies times their trips), all and by class")
+    print("* the shipped (pinned) config; u = one B*H*N*D bf16 tensor; use/pad = useful / executed work; SASS/program: "
+          "instructions one (batch, head) issues, its warps together (nvdisasm; loop bodies times their trips), "
+          "all and by class")
 
 
 def _fmt(x, div=1):
