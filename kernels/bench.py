@@ -21,9 +21,9 @@ No GPU needed (counted and compiled, not measured):
                    own loads, stores, dot tiles and exp2 calls (one head through the Triton
                    interpreter); registers, spills, shared memory from ptxas for sm_90 and the
                    CTAs per SM they allow; the instructions a program issues, by class (tensor
-                   core, fp32, exp unit, shuffles) from the SASS; then bytes against the previous kernels and
-                   FlashAttention-2 (their launch schemes, `traffic_model`). --candidates: every
-                   config the pinned choice was made from.
+                   core, fp32, exp unit, shuffles) from the SASS; then bytes against the previous
+                   kernels and FlashAttention-2 (their launch schemes, `traffic_model`).
+                   --candidates: every config the pinned choice was made from.
   --compile-check  every shipped config at every tile class, compiled for sm_90: ptxas registers,
                    spills, shared memory, CTAs per SM; exits 1 on any spill. Run it with each
                    triton the kit supports (3.6 and 3.8: CONFIGS differs between them).
@@ -283,16 +283,21 @@ def counts_main(candidates):
 
 # ---------------------------------------------------------------------------------------------- compile check
 
-def _ptxas_counts(ptx, arch):
-    import re
+def _nvidia_tool(tool, data, suffix, *args):
+    """Run one of the CUDA tools triton ships (ptxas, nvdisasm) on `data` written to a temporary
+    file: tool [args...] FILE. -> the finished process (text stdout / stderr)."""
     import tempfile
     import triton
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+    with tempfile.NamedTemporaryFile("wb", suffix=suffix) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
-        log = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
-                             capture_output=True, text=True).stderr
+        return subprocess.run([path, *args, f.name], capture_output=True, text=True)
+
+
+def _ptxas_counts(ptx, arch):
+    import re
+    log = _nvidia_tool("ptxas", ptx, ".ptx", "-v", f"--gpu-name=sm_{arch}a", "-o", os.devnull).stderr
     regs, spill = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
     return (int(regs[1]) if regs else None), (int(spill[1]) if spill else None)
 
@@ -306,15 +311,10 @@ def _sass_counts(cubin, trips):
     The short attention kernels have one loop level, the query chunks; its trip count is the
     caller's."""
     import re
-    import tempfile
-    import triton
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    done = _nvidia_tool("nvdisasm", cubin, ".cubin", "-c")
+    done.check_returncode()
     labels, code, pending = {}, [], []
-    for line in text.splitlines():
+    for line in done.stdout.splitlines():
         if m := re.match(r"\s*(\.L_x_\d+):", line):
             pending.append(m[1])
         elif m := re.match(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line):
