@@ -129,3 +129,13 @@ def test_needs_markers():
     assert script == "" and [s[0] for s in skipped] == ["# needs: slurm", "sbatch x", "y"]
     with pytest.raises(AssertionError, match="gpuz"):
         runnable(["a  # needs: gpuz"])
+
+
+def test_front_page_links_resolve():
+    """Every relative link on the front page names a file or folder of the repository."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", f.read())
+    local = [ln for ln in links if "://" not in ln]
+    assert "docs/recipe.md" in local
+    missing = [ln for ln in local if not os.path.exists(os.path.join(ROOT, ln))]
+    assert not missing, f"README.md links to files that do not exist: {missing}"
