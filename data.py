@@ -17,6 +17,7 @@ Facts (URLs, checksums, layouts): ../shared/reference/data-formats.md.
 Command line: `python data.py --data-dir ./data` downloads what is missing (as download.py does);
 `python data.py --data-dir ./data --synthetic` writes small synthetic files instead.
 """
+
 import hashlib
 import importlib
 import json
@@ -30,8 +31,8 @@ import torch
 
 import corruptions
 import download as _download
-from fileio import atomic_write, locked
 from download import CIFAR_DIR, CIFAR_FILES, CIFARC_DIR, CORRUPTION_FILES, DataError
+from fileio import atomic_write, locked
 
 # seed 3.4: clean + the 10 training corruptions; the index is the corruption-token target
 TYPES = ["clean"] + corruptions.SEEN
@@ -43,30 +44,41 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 # What a CIFAR-10 batch pickle may reference: numpy's array reconstruction, nothing else
 # (dicts, lists, bytes and str are pickle opcodes, not globals).
-_NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                  ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-                  ("numpy", "ndarray"), ("numpy", "dtype")}
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
 
 
 def _latin1_bytes(path):
     """Python 3 pickles bytes with protocol < 3 as _codecs.encode(str, "latin1") (b"" as bytes()):
     a file re-saved that way gets these stand-ins, which only turn a str into bytes and run nothing."""
+
     def encode(text, encoding=None):
         if not isinstance(text, str) or str(encoding).lower().replace("-", "") != "latin1":
-            raise DataError(f"refusing to unpickle _codecs.encode({type(text).__name__}, {encoding!r:.20}) in "
-                            f"{path}: only latin1 str -> bytes is allowed")
+            raise DataError(
+                f"refusing to unpickle _codecs.encode({type(text).__name__}, {encoding!r:.20}) in "
+                f"{path}: only latin1 str -> bytes is allowed"
+            )
         return text.encode("latin1")
 
     def empty(*args):
         if args:
-            raise DataError(f"refusing to unpickle bytes() with arguments in {path}: only b'' is allowed")
+            raise DataError(
+                f"refusing to unpickle bytes() with arguments in {path}: only b'' is allowed"
+            )
         return b""
+
     return encode, empty
 
 
 class _SafeUnpickler(pickle.Unpickler):
     def __init__(self, f, path):
-        super().__init__(f, encoding="bytes")   # Python 2 str -> bytes
+        super().__init__(f, encoding="bytes")  # Python 2 str -> bytes
         self.path = path
 
     def find_class(self, module, name):
@@ -77,7 +89,7 @@ class _SafeUnpickler(pickle.Unpickler):
         if (module, name) not in _NUMPY_GLOBALS:
             raise DataError(f"refusing to unpickle {module}.{name} in {self.path}")
         if module.startswith("numpy.core.") and hasattr(np, "_core"):
-            module = module.replace("numpy.core.", "numpy._core.")   # numpy 2 moved it
+            module = module.replace("numpy.core.", "numpy._core.")  # numpy 2 moved it
         return getattr(importlib.import_module(module), name)
 
 
@@ -90,7 +102,9 @@ def _unpickle(path):
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"{path}: not a readable CIFAR-10 pickle ({type(e).__name__}: {e})") from None
+        raise DataError(
+            f"{path}: not a readable CIFAR-10 pickle ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -102,10 +116,18 @@ def _read_batch(path):
         raise DataError(f"{path}: missing key 'data' or 'labels' (has {sorted(d)})")
     x, y = d["data"], np.asarray(d["labels"])
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
-        raise DataError(f"{path}: 'data' must be a uint8 array (N, 3072), got "
-                        f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
-    if y.shape != (len(x),) or y.dtype.kind not in "iu" or (len(y) and (y.min() < 0 or y.max() > 9)):
-        raise DataError(f"{path}: 'labels' must be {len(x)} integers in 0..9, got {y.dtype} {y.shape}")
+        raise DataError(
+            f"{path}: 'data' must be a uint8 array (N, 3072), got "
+            f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}"
+        )
+    if (
+        y.shape != (len(x),)
+        or y.dtype.kind not in "iu"
+        or (len(y) and (y.min() < 0 or y.max() > 9))
+    ):
+        raise DataError(
+            f"{path}: 'labels' must be {len(x)} integers in 0..9, got {y.dtype} {y.shape}"
+        )
     # rows are 1024 R, 1024 G, 1024 B, each 32x32 row-major -> HWC
     return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y.astype(np.int64)
 
@@ -119,9 +141,12 @@ def read_cifar10(root):
     d = _sub(root, CIFAR_DIR)
     parts = [_read_batch(os.path.join(d, f"data_batch_{i}")) for i in range(1, 6)]
     test_x, test_y = _read_batch(os.path.join(d, "test_batch"))
-    return {"train_images": np.ascontiguousarray(np.concatenate([p[0] for p in parts])),
-            "train_labels": np.concatenate([p[1] for p in parts]),
-            "test_images": np.ascontiguousarray(test_x), "test_labels": test_y}
+    return {
+        "train_images": np.ascontiguousarray(np.concatenate([p[0] for p in parts])),
+        "train_labels": np.concatenate([p[1] for p in parts]),
+        "test_images": np.ascontiguousarray(test_x),
+        "test_labels": test_y,
+    }
 
 
 def _load_npy(path, mmap):
@@ -155,6 +180,7 @@ def read_cifar10c(root, name, test_labels=None):
 # ----------------------------------------------------------------------------------------------
 # 2. Synthetic files in the exact on-disk formats
 
+
 def write_synthetic(root, train_per_class=250, test_per_class=60, seed=0):
     """Write cifar-10-batches-py/ and CIFAR-10-C/ (19 corruptions + labels.npy) in the real layout,
     small. Class c = a class colour + oriented stripes + noise (a tiny ViT learns it in a minute);
@@ -179,21 +205,29 @@ def write_synthetic(root, train_per_class=250, test_per_class=60, seed=0):
 
     dc = os.path.join(root, CIFARC_DIR)
     os.makedirs(dc, exist_ok=True)
-    bank = rng.integers(-12, 13, test_x.shape, dtype=np.int8).astype(np.int16)  # reused, rolled per severity
-    lut = {s: (np.arange(256) * (0.85 - 0.1 * s)).astype(np.int16) for s in range(1, 6)}  # x * (1 - a)
+    # noise bank: reused, rolled per severity
+    bank = rng.integers(-12, 13, test_x.shape, dtype=np.int8).astype(np.int16)
+    lut = {s: (np.arange(256) * (0.85 - 0.1 * s)).astype(np.int16) for s in range(1, 6)}  # x(1-a)
     for name in CORRUPTION_FILES:
         tex = np.kron(rng.uniform(-1, 1, (4, 4, 3)), np.ones((8, 8, 1)))
         out = np.empty((5 * len(test_x), 32, 32, 3), np.uint8)
         for s in range(1, 6):
-            a = 0.15 + 0.1 * s    # severity -> blend strength of the texture
+            a = 0.15 + 0.1 * s  # severity -> blend strength of the texture
             img = lut[s][test_x] + ((128 + 120 * tex) * a).astype(np.int16)
             if "noise" in name:
                 img += s * np.roll(bank, s, axis=0)
             np.clip(img, 0, 255, out=img)
-            out[(s - 1) * len(test_x):s * len(test_x)] = img
-        atomic_write(os.path.join(dc, f"{name}.npy"), lambda f: np.save(f, out), what="synthetic CIFAR-10-C file")
-    atomic_write(os.path.join(dc, "labels.npy"), lambda f: np.save(f, np.tile(test_y, 5).astype(np.uint8)),
-                 what="synthetic CIFAR-10-C labels")
+            out[(s - 1) * len(test_x) : s * len(test_x)] = img
+        atomic_write(
+            os.path.join(dc, f"{name}.npy"),
+            lambda f: np.save(f, out),
+            what="synthetic CIFAR-10-C file",
+        )
+    atomic_write(
+        os.path.join(dc, "labels.npy"),
+        lambda f: np.save(f, np.tile(test_y, 5).astype(np.uint8)),
+        what="synthetic CIFAR-10-C labels",
+    )
 
 
 def write_cifar(root, train_x, train_y, test_x, test_y, filename="image_{}.png"):
@@ -201,22 +235,35 @@ def write_cifar(root, train_x, train_y, test_x, test_y, filename="image_{}.png")
     0..9: data_batch_1..5 (the training images split in 5), test_batch and batches.meta."""
     for x, y in ((train_x, train_y), (test_x, test_y)):
         if x.dtype != np.uint8 or x.shape[1:] != (32, 32, 3) or len(y) != len(x):
-            raise ValueError(f"images must be uint8 (N, 32, 32, 3) with N labels, got {x.dtype} {x.shape}, {len(y)}")
+            raise ValueError(
+                f"images must be uint8 (N, 32, 32, 3) with N labels, got {x.dtype} {x.shape}, {len(y)}"
+            )
     d = os.path.join(root, CIFAR_DIR)
     os.makedirs(d, exist_ok=True)
 
     def batch(path, x, y, label):
         # CHW rows like the real files; bytes keys, as Python 2 pickles load with encoding='bytes'
-        obj = {b"batch_label": label.encode(), b"labels": [int(v) for v in y],
-               b"data": np.ascontiguousarray(x.transpose(0, 3, 1, 2).reshape(len(x), 3072)),
-               b"filenames": [filename.format(i).encode() for i in range(len(x))]}
+        obj = {
+            b"batch_label": label.encode(),
+            b"labels": [int(v) for v in y],
+            b"data": np.ascontiguousarray(x.transpose(0, 3, 1, 2).reshape(len(x), 3072)),
+            b"filenames": [filename.format(i).encode() for i in range(len(x))],
+        }
         atomic_write(path, lambda f: pickle.dump(obj, f, protocol=4), what="CIFAR-10 batch")
 
     for i, (xs, ys) in enumerate(zip(np.array_split(train_x, 5), np.array_split(train_y, 5))):
         batch(os.path.join(d, f"data_batch_{i + 1}"), xs, ys, f"training batch {i + 1} of 5")
     batch(os.path.join(d, "test_batch"), test_x, test_y, "testing batch 1 of 1")
-    meta = {b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": len(test_x), b"num_vis": 3072}
-    atomic_write(os.path.join(d, "batches.meta"), lambda f: pickle.dump(meta, f, protocol=4), what="CIFAR-10 meta")
+    meta = {
+        b"label_names": [c.encode() for c in CLASSES],
+        b"num_cases_per_batch": len(test_x),
+        b"num_vis": 3072,
+    }
+    atomic_write(
+        os.path.join(d, "batches.meta"),
+        lambda f: pickle.dump(meta, f, protocol=4),
+        what="CIFAR-10 meta",
+    )
 
 
 def write_cifar10c(root, names=None, seed=0):
@@ -229,9 +276,14 @@ def write_cifar10c(root, names=None, seed=0):
     os.makedirs(dc, exist_ok=True)
     for name in names or corruptions.CORRUPTIONS:
         out = torch.cat([corruptions.corrupt(x, name, s, generator=g) for s in range(1, 6)]).numpy()
-        atomic_write(os.path.join(dc, f"{name}.npy"), lambda f: np.save(f, out), what="CIFAR-10-C file")
-    atomic_write(os.path.join(dc, "labels.npy"), lambda f: np.save(f, np.tile(test_y, 5).astype(np.uint8)),
-                 what="CIFAR-10-C labels")
+        atomic_write(
+            os.path.join(dc, f"{name}.npy"), lambda f: np.save(f, out), what="CIFAR-10-C file"
+        )
+    atomic_write(
+        os.path.join(dc, "labels.npy"),
+        lambda f: np.save(f, np.tile(test_y, 5).astype(np.uint8)),
+        what="CIFAR-10-C labels",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +293,7 @@ def write_cifar10c(root, names=None, seed=0):
 # (v2: the paper split draws train/val/test from one permutation per (type, class); v3: files
 # identified by content, the identity stored in the cache and compared on read).
 MIX_VERSION = 3
-_BLOCKS, _BLOCK = 16, 1 << 16   # files_identity reads 16 blocks of 64 KiB per file
+_BLOCKS, _BLOCK = 16, 1 << 16  # files_identity reads 16 blocks of 64 KiB per file
 
 
 def files_identity(root, split):
@@ -276,18 +328,32 @@ def _counts(split, train_per_class, val_per_class, test_per_class):
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if val_per_class is None:
         val_per_class = 500 if split == "standard" else 200
-    counts = (int(train_per_class), int(val_per_class), 0 if split == "standard" else int(test_per_class))
+    counts = (
+        int(train_per_class),
+        int(val_per_class),
+        0 if split == "standard" else int(test_per_class),
+    )
     if min(counts) < 0 or (split == "grouped" and any(c % 5 for c in counts)):
-        raise ValueError(f"per-class counts {counts} must be >= 0 (and multiples of 5 for 'grouped')")
+        raise ValueError(
+            f"per-class counts {counts} must be >= 0 (and multiples of 5 for 'grouped')"
+        )
     return counts
 
 
-def mix_identity(root, split="paper", seed=0, train_per_class=4500, val_per_class=None, test_per_class=200):
+def mix_identity(
+    root, split="paper", seed=0, train_per_class=4500, val_per_class=None, test_per_class=200
+):
     """Everything a mix depends on (build_mix's arguments and defaults): stored in its cache and in
     the teacher cache's identity, and compared when either is read."""
     counts = _counts(split, train_per_class, val_per_class, test_per_class)
-    return {"kind": "cdeit-kit/mix", "version": MIX_VERSION, "split": split, "seed": int(seed),
-            "counts": list(counts), "files": files_identity(root, split)}
+    return {
+        "kind": "cdeit-kit/mix",
+        "version": MIX_VERSION,
+        "split": split,
+        "seed": int(seed),
+        "counts": list(counts),
+        "files": files_identity(root, split),
+    }
 
 
 def digest(obj):
@@ -305,7 +371,10 @@ def mix_digest(mix):
             h.update(k.encode() + str(tuple(d[k].shape)).encode())
             h.update(d[k].to(torch.int64).contiguous().numpy().tobytes())
         img = d["images"]
-        h.update(str(tuple(img.shape)).encode() + img[::max(1, len(img) // 4096)].contiguous().numpy().tobytes())
+        h.update(
+            str(tuple(img.shape)).encode()
+            + img[:: max(1, len(img) // 4096)].contiguous().numpy().tobytes()
+        )
         out[s] = h.hexdigest()
     return out
 
@@ -320,11 +389,17 @@ def _check_mix(mix):
             return f"split {s} lacks one of {keys}"
         n, img = len(d["labels"]), d["images"]
         if img.dtype != torch.uint8 or tuple(img.shape) != (n, 3, 32, 32):
-            return f"split {s}: images {img.dtype} {tuple(img.shape)}, expected uint8 ({n}, 3, 32, 32)"
+            return (
+                f"split {s}: images {img.dtype} {tuple(img.shape)}, expected uint8 ({n}, 3, 32, 32)"
+            )
         if any(d[k].dtype != torch.int64 or tuple(d[k].shape) != (n,) for k in keys[1:]):
             return f"split {s}: labels/types/severities/sources are not {n} int64 values each"
-        if n and (d["labels"].min() < 0 or d["labels"].max() > 9 or d["types"].min() < 0
-                  or d["types"].max() >= len(TYPES)):
+        if n and (
+            d["labels"].min() < 0
+            or d["labels"].max() > 9
+            or d["types"].min() < 0
+            or d["types"].max() >= len(TYPES)
+        ):
             return f"split {s}: labels or types out of range"
     return None
 
@@ -351,23 +426,32 @@ def _read_mix_cache(path, ident, quiet=False):
     return None
 
 
-TEST_SOURCE = 50000   # source id of CIFAR-10 test image j is 50000 + j, whatever the file sizes
+TEST_SOURCE = 50000  # source id of CIFAR-10 test image j is 50000 + j, whatever the file sizes
 
 
 def _take(pool, counts, rng, what):
     if len(pool) < sum(counts):
-        raise DataError(f"{what}: the pool has {len(pool)} images, the requested split counts "
-                        f"{counts} need {sum(counts)}; use smaller per-class counts")
+        raise DataError(
+            f"{what}: the pool has {len(pool)} images, the requested split counts "
+            f"{counts} need {sum(counts)}; use smaller per-class counts"
+        )
     pool = rng.permutation(pool)
     cuts = np.cumsum(counts)
-    return pool[:cuts[0]], pool[cuts[0]:cuts[1]], pool[cuts[1]:cuts[2]]
+    return pool[: cuts[0]], pool[cuts[0] : cuts[1]], pool[cuts[1] : cuts[2]]
 
 
 SPLITS = ("paper", "grouped", "standard")
 
 
-def build_mix(root, split="paper", seed=0, train_per_class=4500, val_per_class=None, test_per_class=200,
-              cache_dir=None):
+def build_mix(
+    root,
+    split="paper",
+    seed=0,
+    train_per_class=4500,
+    val_per_class=None,
+    test_per_class=200,
+    cache_dir=None,
+):
     """{"train", "val", "test"} -> {images (N,3,32,32) uint8, labels, types (index into TYPES),
     severities (0 clean, 1..5), sources (CIFAR-10 train image i -> i, test image j -> 50000 + j)}.
 
@@ -402,11 +486,11 @@ def build_mix(root, split="paper", seed=0, train_per_class=4500, val_per_class=N
     ident = mix_identity(root, split, seed, *counts)
     tag = "-".join(map(str, counts[:2] if split == "standard" else counts))
     path = os.path.join(cache_dir, f"mix-{split}-s{seed}-{tag}-{digest(ident)[:12]}.pt")
-    mix = _read_mix_cache(path, ident, quiet=True)   # no lock to read: a read-only data folder works
+    mix = _read_mix_cache(path, ident, quiet=True)  # no lock to read: a read-only data folder works
     if mix is not None:
         return mix
     with locked(cache_dir, log=lambda m: print(f"data: {m}", file=sys.stderr)):
-        mix = _read_mix_cache(path, ident)   # built by another process while this one waited?
+        mix = _read_mix_cache(path, ident)  # built by another process while this one waited?
         if mix is None:
             mix = _build(root, split, seed, counts)
             atomic_write(path, {"identity": ident, "mix": mix}, what="mix cache")
@@ -414,7 +498,11 @@ def build_mix(root, split="paper", seed=0, train_per_class=4500, val_per_class=N
 
 
 def _build(root, split, seed, counts):
-    return _standard_mix(root, seed, counts[:2]) if split == "standard" else _seed_mix(root, split, seed, counts)
+    return (
+        _standard_mix(root, seed, counts[:2])
+        if split == "standard"
+        else _seed_mix(root, split, seed, counts)
+    )
 
 
 def _seed_mix(root, split, seed, counts):
@@ -424,8 +512,13 @@ def _seed_mix(root, split, seed, counts):
     tr_y, te_y = cifar["train_labels"], cifar["test_labels"]
     n_te = len(te_y)
     if len(tr_y) > TEST_SOURCE:
-        raise DataError(f"{root}: {len(tr_y)} training images; source ids assume at most {TEST_SOURCE}")
-    out = {s: {k: [] for k in ("images", "labels", "types", "severities", "sources")} for s in ("train", "val", "test")}
+        raise DataError(
+            f"{root}: {len(tr_y)} training images; source ids assume at most {TEST_SOURCE}"
+        )
+    out = {
+        s: {k: [] for k in ("images", "labels", "types", "severities", "sources")}
+        for s in ("train", "val", "test")
+    }
 
     def add(split_name, images, labels, t, sev, src):
         d = out[split_name]
@@ -436,40 +529,71 @@ def _seed_mix(root, split, seed, counts):
         d["sources"].append(src)
 
     # clean (type 0): CIFAR-10 training images, per class
-    picks = [_take(np.flatnonzero(tr_y == c), counts, rng, f"clean class {c} (CIFAR-10 train)") for c in range(10)]
+    picks = [
+        _take(np.flatnonzero(tr_y == c), counts, rng, f"clean class {c} (CIFAR-10 train)")
+        for c in range(10)
+    ]
     for i, s in enumerate(("train", "val", "test")):
         idx = np.sort(np.concatenate([p[i] for p in picks]))
         add(s, cifar["train_images"][idx], tr_y[idx], 0, np.zeros(len(idx), np.int64), idx)
 
     # grouped: one partition of each class's test images, shared by every corruption
     if split == "grouped":
-        groups = [_take(np.flatnonzero(te_y == c), [k // 5 for k in counts], rng,
-                        f"class {c} test sources (CIFAR-10 test)") for c in range(10)]
+        groups = [
+            _take(
+                np.flatnonzero(te_y == c),
+                [k // 5 for k in counts],
+                rng,
+                f"class {c} test sources (CIFAR-10 test)",
+            )
+            for c in range(10)
+        ]
     tiled = np.tile(te_y, 5)
     for t, name in enumerate(TYPES[1:], start=1):
         x, _ = read_cifar10c(root, name, te_y)
-        if split == "paper":   # any rows (s-1)*n + j of class c: 5 severities x the class's test images
-            picks = [_take(np.flatnonzero(tiled == c), counts, rng, f"{name} class {c} (CIFAR-10-C)")
-                     for c in range(10)]
-        else:                  # every severity of the class's sources in that split
-            picks = [[(np.arange(5)[:, None] * n_te + g[i][None, :]).ravel() for i in range(3)] for g in groups]
+        if split == "paper":  # any rows (s-1)*n + j of class c: 5 severities x its test images
+            picks = [
+                _take(np.flatnonzero(tiled == c), counts, rng, f"{name} class {c} (CIFAR-10-C)")
+                for c in range(10)
+            ]
+        else:  # every severity of the class's sources in that split
+            picks = [
+                [(np.arange(5)[:, None] * n_te + g[i][None, :]).ravel() for i in range(3)]
+                for g in groups
+            ]
         for i, s in enumerate(("train", "val", "test")):
-            rows = np.sort(np.concatenate([p[i] for p in picks]))    # sorted reads from the memory map
-            add(s, np.asarray(x[rows]), te_y[rows % n_te], t, rows // n_te + 1, TEST_SOURCE + rows % n_te)
+            rows = np.sort(np.concatenate([p[i] for p in picks]))  # sorted reads of the memmap
+
+            add(
+                s,
+                np.asarray(x[rows]),
+                te_y[rows % n_te],
+                t,
+                rows // n_te + 1,
+                TEST_SOURCE + rows % n_te,
+            )
         del x
     mix = {}
-    for s, d in out.items():   # concatenate one field at a time, freeing the pieces as we go
-        mix[s] = {k: torch.from_numpy(np.concatenate(d.pop(k)).astype(np.int64, copy=False))
-                  for k in ("labels", "types", "severities", "sources")}
-        mix[s]["images"] = torch.from_numpy(np.concatenate(d.pop("images"))).permute(0, 3, 1, 2).contiguous()
+    for s, d in out.items():  # concatenate one field at a time, freeing the pieces as we go
+        mix[s] = {
+            k: torch.from_numpy(np.concatenate(d.pop(k)).astype(np.int64, copy=False))
+            for k in ("labels", "types", "severities", "sources")
+        }
+        mix[s]["images"] = (
+            torch.from_numpy(np.concatenate(d.pop("images"))).permute(0, 3, 1, 2).contiguous()
+        )
     return mix
 
 
 def _clean_split(images_hwc, labels, sources):
     n = len(labels)
-    return {"labels": torch.from_numpy(labels.astype(np.int64)), "types": torch.zeros(n, dtype=torch.int64),
-            "severities": torch.zeros(n, dtype=torch.int64), "sources": torch.from_numpy(sources.astype(np.int64)),
-            "images": torch.from_numpy(images_hwc).permute(0, 3, 1, 2).contiguous()}
+    return {
+        "labels": torch.from_numpy(labels.astype(np.int64)),
+        "types": torch.zeros(n, dtype=torch.int64),
+        "severities": torch.zeros(n, dtype=torch.int64),
+        "sources": torch.from_numpy(sources.astype(np.int64)),
+        "images": torch.from_numpy(images_hwc).permute(0, 3, 1, 2).contiguous(),
+    }
 
 
 def _val_generator(seed):
@@ -485,14 +609,21 @@ def _standard_mix(root, seed, counts):
     cifar = read_cifar10(root)
     tr_y, te_y = cifar["train_labels"], cifar["test_labels"]
     if len(tr_y) > TEST_SOURCE:
-        raise DataError(f"{root}: {len(tr_y)} training images; source ids assume at most {TEST_SOURCE}")
-    picks = [_take(np.flatnonzero(tr_y == c), (*counts, 0), rng, f"class {c} (CIFAR-10 train)") for c in range(10)]
+        raise DataError(
+            f"{root}: {len(tr_y)} training images; source ids assume at most {TEST_SOURCE}"
+        )
+    picks = [
+        _take(np.flatnonzero(tr_y == c), (*counts, 0), rng, f"class {c} (CIFAR-10 train)")
+        for c in range(10)
+    ]
     mix = {}
     for i, s in enumerate(("train", "val")):
         idx = np.sort(np.concatenate([p[i] for p in picks]))
         mix[s] = _clean_split(cifar["train_images"][idx], tr_y[idx], idx)
-    val = mix["val"]   # corrupted once, here, on the CPU: a fixed draw, the same every epoch
-    val["images"], val["types"], val["severities"] = draw_corruptions(val["images"], _val_generator(seed))
+    val = mix["val"]  # corrupted once, here, on the CPU: a fixed draw, the same every epoch
+    val["images"], val["types"], val["severities"] = draw_corruptions(
+        val["images"], _val_generator(seed)
+    )
     mix["test"] = _clean_split(cifar["test_images"], te_y, TEST_SOURCE + np.arange(len(te_y)))
     return mix
 
@@ -513,13 +644,14 @@ def draw_corruptions(images, generator=None):
     sev = torch.where(types == 0, torch.zeros_like(sev), sev)
     try:
         out = corruptions.corrupt_batch(images, types, sev, generator)
-    except corruptions.CorruptionError as e:   # e.g. frost without imagecorruptions: say what to do
+    except corruptions.CorruptionError as e:  # e.g. frost without imagecorruptions: say what to do
         raise DataError(f"draw_corruptions: {e}") from None
     return out, types, sev
 
 
 # ----------------------------------------------------------------------------------------------
 # 4. The loader: the split lives on the device, batches are slices of a permutation (airbench)
+
 
 class DeviceLoader:
     """Yields {images (b,3,32,32) uint8, labels, types, severities, sources, index} on `device`.
@@ -529,12 +661,14 @@ class DeviceLoader:
     numbers into the split (for cached teacher logits). Without drop_last the last, short global
     batch is split as evenly as tensor_split does (a rank may get fewer rows, even none)."""
 
-    def __init__(self, split, batch_size, device, shuffle=True, drop_last=True, seed=0, rank=0, world_size=1):
+    def __init__(
+        self, split, batch_size, device, shuffle=True, drop_last=True, seed=0, rank=0, world_size=1
+    ):
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
         self.device = torch.device(device)
         keys = ("images", "labels", "types", "severities", "sources")
-        self.data = {k: split[k].to(self.device) for k in keys if k in split}   # once, uint8 images
+        self.data = {k: split[k].to(self.device) for k in keys if k in split}  # once, uint8 images
         self.n = len(self.data["images"])
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
@@ -554,21 +688,31 @@ class DeviceLoader:
             perm = torch.arange(self.n, device=self.device)
         b = self.batch_size // self.world_size
         for step in range(len(self)):
-            glob = perm[step * self.batch_size:(step + 1) * self.batch_size]
-            idx = glob[self.rank * b:(self.rank + 1) * b] if len(glob) == self.batch_size \
+            glob = perm[step * self.batch_size : (step + 1) * self.batch_size]
+            idx = (
+                glob[self.rank * b : (self.rank + 1) * b]
+                if len(glob) == self.batch_size
                 else glob.tensor_split(self.world_size)[self.rank]
-            batch = {k: v.index_select(0, idx) for k, v in self.data.items()}   # row copies
+            )
+            batch = {k: v.index_select(0, idx) for k, v in self.data.items()}  # row copies
             batch["index"] = idx
             yield batch
 
 
 # ----------------------------------------------------------------------------------------------
 
+
 def main(argv=None):
     """download.py's command line, plus --synthetic."""
-    ap = _download.parser("Fetch CIFAR-10, CIFAR-10-C and the DeiT-III teacher into --data-dir "
-                          "(or, with --synthetic, write small synthetic files in the same formats).")
-    ap.add_argument("--synthetic", action="store_true", help="write small synthetic files instead (offline smoke runs)")
+    ap = _download.parser(
+        "Fetch CIFAR-10, CIFAR-10-C and the DeiT-III teacher into --data-dir "
+        "(or, with --synthetic, write small synthetic files in the same formats)."
+    )
+    ap.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="write small synthetic files instead (offline smoke runs)",
+    )
     args = ap.parse_args(argv)
     if not args.synthetic:
         return _download.run(args)

@@ -11,6 +11,7 @@ behind (temp file in the same folder, flush + fsync, then rename). An OSError wh
 written, where, the error and, for a full disk, the free space and the size needed. Needs torch
 only for torch.save of objects.
 """
+
 import contextlib
 import errno
 import fcntl
@@ -19,7 +20,6 @@ import io
 import os
 import tempfile
 import time
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: mkstemp makes 0600 files, a written file gets the usual 0666 & ~umask
@@ -49,6 +49,7 @@ def _payload(obj):
         obj(buf)
     else:
         import torch
+
         torch.save(obj, buf)
     return buf.getvalue()
 
@@ -62,7 +63,9 @@ def atomic_write(path, obj, what="file"):
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX)
+        fd, tmp = tempfile.mkstemp(
+            dir=folder, prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX
+        )
         with os.fdopen(fd, "wb") as f:
             os.fchmod(fd, 0o666 & ~_UMASK)
             f.write(data)
@@ -90,8 +93,11 @@ def _message(e, what, path, folder, size, existed):
 def temp_files(folder):
     """Temp files atomic_write left in folder: only a process killed mid-write leaves one."""
     with contextlib.suppress(OSError):
-        return sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                      if n.startswith(".") and n.endswith(TEMP_SUFFIX) and n.count(".") >= 3)
+        return sorted(
+            os.path.join(folder, n)
+            for n in os.listdir(folder)
+            if n.startswith(".") and n.endswith(TEMP_SUFFIX) and n.count(".") >= 3
+        )
     return []
 
 

@@ -11,6 +11,7 @@ tests/test_train.py (checks the run), tests/test_eval.py (evaluates its checkpoi
 tests/test_use.py. `digits_files`: real images as CIFAR files, shared by tests/test_learning.py and
 tests/test_use.py.
 """
+
 import os
 import subprocess
 import sys
@@ -25,13 +26,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_addoption(parser):
-    parser.addoption("--test-timeout", type=float, default=0, metavar="SECONDS",
-                     help="fail any one test that runs longer (SIGALRM; for machines without pytest-timeout, "
-                          "e.g. bench/gpu.sh on a GPU image with no internet)")
+    parser.addoption(
+        "--test-timeout",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="fail any one test that runs longer (SIGALRM; for machines without pytest-timeout, "
+        "e.g. bench/gpu.sh on a GPU image with no internet)",
+    )
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one); bench/gpu.sh runs these")
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA device (skipped without one); bench/gpu.sh runs these"
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -65,8 +73,11 @@ def smoke_run(tmp_path_factory):
     summary.csv); its stdout is saved beside it as ../stdout.txt."""
     base = tmp_path_factory.mktemp("smoke")
     out = base / "out"
-    cmd = [sys.executable, "train.py", "--model", "cdeit", "--distill", "hard", "--dataset", "synthetic",
-           "--device", "cpu", "--data-dir", str(base / "data"), "--out-dir", str(out)]
+    cmd = [
+        sys.executable, "train.py", "--model", "cdeit", "--distill", "hard", "--dataset",
+        "synthetic", "--device", "cpu", "--data-dir", str(base / "data"), "--out-dir", str(out)
+    ]
+
     # one thread: on a busy shared CI machine two OpenMP threads on two cores run several times slower
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -82,7 +93,9 @@ def digits_files(tmp_path_factory):
     tiny random teacher (tests/test_learning.write_digits), written once per session and shared by
     tests/test_learning.py and tests/test_use.py. Returns the data folder (a str)."""
     from test_learning import write_digits
+
     import teacher
+
     root = str(tmp_path_factory.mktemp("digits"))
     write_digits(root)
     teacher.write_synthetic_teacher(os.path.join(root, "teacher.safetensors"))

@@ -4,6 +4,7 @@ value or combination is refused right after parsing with one line that names the
 main, as the command line calls it); a few through real subprocesses prove the whole path. Also:
 train.py's grouped --help with defaults, eval.py's run labels, the offline download instructions.
 """
+
 import json
 import os
 import subprocess
@@ -32,7 +33,10 @@ def _refused(main, argv, capsys, flag, tmp_path, code=2):
         rc = e.code
     out, err = capsys.readouterr()
     assert rc == code, (argv, rc, err)
-    assert len(err.strip().splitlines()) == 1 and flag in err and "Traceback" not in err, (argv, err)
+    assert len(err.strip().splitlines()) == 1 and flag in err and "Traceback" not in err, (
+        argv,
+        err,
+    )
     assert out == "", (argv, out)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == [], (argv, left)
@@ -48,46 +52,73 @@ def empty(tmp_path, monkeypatch):
     monkeypatch.chdir(d)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr(train, "run", lambda args, *rest: pytest.fail(f"train.py went to work on {vars(args)}"))
+    monkeypatch.setattr(
+        train, "run", lambda args, *rest: pytest.fail(f"train.py went to work on {vars(args)}")
+    )
     return d
 
 
 # ----------------------------------------------------------------------------- train.py
 
 TRAIN_VALUES = [  # (flags, the flag the line must name): one bad value per kind of range
-    (["--batch-size", "0"], "--batch-size"), (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"),
-    (["--weight-decay", "inf"], "--weight-decay"), (["--seed", "-1"], "--seed"),
-    (["--mixup-prob", "2"], "--mixup-prob"), (["--warmup-epochs", "-1"], "--warmup-epochs"),
-    (["--epochs", "0"], "--epochs"), (["--log-interval", "0"], "--log-interval"),
-    (["--head-epochs", "0"], "--head-epochs"), (["--smoothing", "1"], "--smoothing"),
-    (["--drop-path", "-0.1"], "--drop-path"), (["--randaug", "31"], "--randaug"), (["--alpha", "1.5"], "--alpha"),
-    (["--tau", "0"], "--tau"), (["--crop-padding", "-1"], "--crop-padding"), (["--epochs", "two"], "--epochs"),
-    (["--model", "resnet"], "--model"), (["--mirror", "ftp://host"], "--mirror"), (["--num-heads", "0"], "--num-heads"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "-1"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--weight-decay", "inf"], "--weight-decay"),
+    (["--seed", "-1"], "--seed"),
+    (["--mixup-prob", "2"], "--mixup-prob"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs"),
+    (["--epochs", "0"], "--epochs"),
+    (["--log-interval", "0"], "--log-interval"),
+    (["--head-epochs", "0"], "--head-epochs"),
+    (["--smoothing", "1"], "--smoothing"),
+    (["--drop-path", "-0.1"], "--drop-path"),
+    (["--randaug", "31"], "--randaug"),
+    (["--alpha", "1.5"], "--alpha"),
+    (["--tau", "0"], "--tau"),
+    (["--crop-padding", "-1"], "--crop-padding"),
+    (["--epochs", "two"], "--epochs"),
+    (["--model", "resnet"], "--model"),
+    (["--mirror", "ftp://host"], "--mirror"),
+    (["--num-heads", "0"], "--num-heads"),
 ]
 TRAIN_COMBOS = [
-    (["--embed-dim", "50", "--num-heads", "3"], "--embed-dim"), (["--device", "tpu"], "--device"),
-    (["--device", "cuda:99"], "--device"), (["--amp", "fp16", "--device", "cpu"], "--amp"),
+    (["--embed-dim", "50", "--num-heads", "3"], "--embed-dim"),
+    (["--device", "tpu"], "--device"),
+    (["--device", "cuda:99"], "--device"),
+    (["--amp", "fp16", "--device", "cpu"], "--amp"),
     (["--warmup-epochs", "20", "--epochs", "15"], "--warmup-epochs"),
-    (["--model", "vit", "--distill", "hard"], "--distill"), (["--model", "deit", "--distill", "none"], "--distill"),
+    (["--model", "vit", "--distill", "hard"], "--distill"),
+    (["--model", "deit", "--distill", "none"], "--distill"),
     (["--batch-size", "5000"], "--batch-size"),
 ]
 
 
 def test_train_bad_values_and_combinations(empty, capsys):
     for flags, flag in TRAIN_VALUES + TRAIN_COMBOS:
-        err = _refused(train.main, SYN + flags if "--device" not in flags else ["--dataset", "synthetic"] + flags,
-                       capsys, flag, empty)
+        err = _refused(
+            train.main,
+            SYN + flags if "--device" not in flags else ["--dataset", "synthetic"] + flags,
+            capsys,
+            flag,
+            empty,
+        )
         assert err.startswith("train.py: error: "), err
-    assert "2.0 is not" not in _refused(train.main, ["--mixup-prob", "2"], capsys, "2 is not a probability", empty)
+    assert "2.0 is not" not in _refused(
+        train.main, ["--mixup-prob", "2"], capsys, "2 is not a probability", empty
+    )
 
 
 def test_train_paths_resume_and_ranks(empty, capsys, monkeypatch):
     blocker = empty.parent / "a-file"
     blocker.write_text("x")
-    for flags, flag in [(["--data-dir", blocker], "--data-dir"), (["--out-dir", blocker], "--out-dir"),
-                        (["--teacher", empty.parent / "none.st"], "--teacher"),
-                        (["--out-dir", blocker / "run"], "--out-dir"),
-                        (["--resume", "--out-dir", empty.parent / "o"], "--resume")]:
+    for flags, flag in [
+        (["--data-dir", blocker], "--data-dir"),
+        (["--out-dir", blocker], "--out-dir"),
+        (["--teacher", empty.parent / "none.st"], "--teacher"),
+        (["--out-dir", blocker / "run"], "--out-dir"),
+        (["--resume", "--out-dir", empty.parent / "o"], "--resume"),
+    ]:
         _refused(train.main, SYN + flags, capsys, flag, empty)
     # a finished 1-epoch run: --resume --epochs 2 would stretch its cosine schedule; refused, naming it
     out = empty.parent / "run"
@@ -95,9 +126,12 @@ def test_train_paths_resume_and_ranks(empty, capsys, monkeypatch):
     cfg = vars(train.get_args(SYN + ["--out-dir", str(out), "--epochs", "1"]))
     torch.save({"kind": "cdeit-kit/student", "config": cfg, "epoch": 1}, out / "ckpt.pt")
     before = sorted(os.listdir(out))
-    err = _refused(train.main, SYN + ["--out-dir", out, "--resume", "--epochs", "2"], capsys, "--resume", empty)
+    err = _refused(
+        train.main, SYN + ["--out-dir", out, "--resume", "--epochs", "2"], capsys, "--resume", empty
+    )
     assert "--epochs 1 -> 2" in err and sorted(os.listdir(out)) == before
-    err = _refused(train.main, SYN + ["--out-dir", out], capsys, "--out-dir", empty)  # no --resume: not overwritten
+    # no --resume: not overwritten
+    err = _refused(train.main, SYN + ["--out-dir", out], capsys, "--out-dir", empty)
     assert "pass --resume" in err
     # torchrun: the global batch must split evenly; only rank 0 prints, every rank exits 2
     monkeypatch.setenv("WORLD_SIZE", "3")
@@ -117,8 +151,16 @@ def test_train_help_is_grouped_with_defaults():
     for action in p._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, f"{action.option_strings[0]} has no help line"
-    for flag, default in [("--lr", "0.0005"), ("--weight-decay", "0.05"), ("--smoothing", "0.1"), ("--drop-path", "0.1"),
-                          ("--tau", "3.0"), ("--alpha", "0.5"), ("--seed", "0"), ("--data-dir", "./data")]:
+    for flag, default in [
+        ("--lr", "0.0005"),
+        ("--weight-decay", "0.05"),
+        ("--smoothing", "0.1"),
+        ("--drop-path", "0.1"),
+        ("--tau", "3.0"),
+        ("--alpha", "0.5"),
+        ("--seed", "0"),
+        ("--data-dir", "./data"),
+    ]:
         block = text.split(f"  {flag} ", 1)[1].split("\n  --", 1)[0]
         assert f"(default: {default})" in " ".join(block.split()), (flag, block)
 
@@ -126,32 +168,68 @@ def test_train_help_is_grouped_with_defaults():
 def test_offline_download_is_readable_and_leaves_nothing(empty):
     """The real download path with an unreachable mirror: the multi-line instructions (one block per
     file: URL, checksum, where to put it), no traceback, and neither the data folder nor the out dir."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--mirror", "file:///nonexistent-mirror",
-                        "--device", "cpu"], cwd=empty, capture_output=True, text=True, timeout=60, env=ENV)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            "--mirror",
+            "file:///nonexistent-mirror",
+            "--device",
+            "cpu",
+        ],
+        cwd=empty,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV,
+    )
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and lines[0].startswith("error: could not fetch 3 file(s)") and "details below" in lines[0]
-    assert sum("put it at" in ln for ln in lines) == 3 and sum("checksum:" in ln for ln in lines) == 3
+    assert (
+        r.returncode == 1
+        and lines[0].startswith("error: could not fetch 3 file(s)")
+        and "details below" in lines[0]
+    )
+    assert (
+        sum("put it at" in ln for ln in lines) == 3 and sum("checksum:" in ln for ln in lines) == 3
+    )
     assert "Traceback" not in r.stderr and os.listdir(empty) == [], os.listdir(empty)
 
 
 # ----------------------------------------------------------------------------- eval.py
 
+
 def test_eval_bad_options_and_inputs(empty, capsys):
     d = empty.parent
     ck = d / "moved.pt"  # a real student checkpoint whose data folder is gone
     net = create_model("vit", depth=1, embed_dim=32, num_heads=2)
-    torch.save({"kind": "cdeit-kit/student", "version": 1, "model_name": "vit",
-                "model_args": dict(depth=1, embed_dim=32, num_heads=2, layout="thesis"), "model": net.state_dict(),
-                "config": {"model": "vit", "distill": "none"},
-                "data_args": dict(root=str(d / "gone"), split="paper")}, ck)
+    torch.save(
+        {
+            "kind": "cdeit-kit/student",
+            "version": 1,
+            "model_name": "vit",
+            "model_args": dict(depth=1, embed_dim=32, num_heads=2, layout="thesis"),
+            "model": net.state_dict(),
+            "config": {"model": "vit", "distill": "none"},
+            "data_args": dict(root=str(d / "gone"), split="paper"),
+        },
+        ck,
+    )
     (d / "run").mkdir()
     (d / "run" / "best.pt").write_bytes(ck.read_bytes())
     (d / "res.json").write_text(json.dumps({"kind": "cdeit-kit/eval"}))
-    cases = [([ck, "--batch-size", "0"], "--batch-size"), ([ck, "--device", "tpu"], "--device"),
-             ([ck, "--json", d / "no" / "x.json"], "--json"), ([ck, "--plot", d], "--plot"),
-             ([ck, "--data-dir", d / "nope"], "--data-dir"), ([ck, "--extra"], "--extra"), ([], "checkpoint"),
-             ([ck, "--split", "train"], "--split"), ([d / "run"], "best.pt"), ([d / "res.json"], "--baseline"),
-             ([ck], "--data-dir")]
+    cases = [
+        ([ck, "--batch-size", "0"], "--batch-size"),
+        ([ck, "--device", "tpu"], "--device"),
+        ([ck, "--json", d / "no" / "x.json"], "--json"),
+        ([ck, "--plot", d], "--plot"),
+        ([ck, "--data-dir", d / "nope"], "--data-dir"),
+        ([ck, "--extra"], "--extra"),
+        ([], "checkpoint"),
+        ([ck, "--split", "train"], "--split"),
+        ([d / "run"], "best.pt"),
+        ([d / "res.json"], "--baseline"),
+        ([ck], "--data-dir"),
+    ]
     for argv, flag in cases:
         err = _refused(ev.main, argv, capsys, flag, empty)
         assert err.startswith("eval.py: error: "), err
@@ -160,32 +238,61 @@ def test_eval_bad_options_and_inputs(empty, capsys):
 
 def test_eval_labels_tell_runs_apart():
     def r(path, **cfg):
-        return {"checkpoint": path, "model_name": "deit", "distill": "hard",
-                "train_config": {"model": "deit", "distill": "hard", "out_dir": os.path.dirname(path), **cfg}}
-    seeds = ev.run_labels([r("out/a/best.pt", seed=0, lr=5e-4), r("out/b/best.pt", seed=1, lr=5e-4)])
+        return {
+            "checkpoint": path,
+            "model_name": "deit",
+            "distill": "hard",
+            "train_config": {
+                "model": "deit",
+                "distill": "hard",
+                "out_dir": os.path.dirname(path),
+                **cfg,
+            },
+        }
+
+    seeds = ev.run_labels(
+        [r("out/a/best.pt", seed=0, lr=5e-4), r("out/b/best.pt", seed=1, lr=5e-4)]
+    )
     assert seeds == ["deit/hard --seed 0", "deit/hard --seed 1"]
-    same = ev.run_labels([r("out/a/best.pt", seed=0), r("out/b/best.pt", seed=0)])  # copies: their folders
+    # copies: their folders
+    same = ev.run_labels([r("out/a/best.pt", seed=0), r("out/b/best.pt", seed=0)])
+
     assert same == ["deit/hard a", "deit/hard b"]
-    one = ev.run_labels([r("out/a/best.pt"), r("out/a/ckpt.pt"), {**r("out/v/best.pt"), "model_name": "vit"}])
+    one = ev.run_labels(
+        [r("out/a/best.pt"), r("out/a/ckpt.pt"), {**r("out/v/best.pt"), "model_name": "vit"}]
+    )
     assert one == ["deit/hard a (out/a/best.pt)", "deit/hard a (out/a/ckpt.pt)", "vit/hard"]
-    assert len(set(ev.run_labels([r(f"o/{i}/best.pt", seed=i, lr=i, drop=i, tau=i) for i in range(2)]))) == 2
+    assert (
+        len(
+            set(ev.run_labels([r(f"o/{i}/best.pt", seed=i, lr=i, drop=i, tau=i) for i in range(2)]))
+        )
+        == 2
+    )
 
 
 # ----------------------------------------------------------------------------- reproduce.py
+
 
 def test_reproduce_bad_options_and_passthrough(empty, capsys):
     blocker = empty.parent / "a-file"
     blocker.write_text("x")
     syn = ["--dataset", "synthetic", "--device", "cpu"]
-    cases = [(["table3", "--seeds", "0", "0"], "--seeds"), (["table3", "--seeds", "-1"], "--seeds"),
-             (["table3", "--gpus", "a"], "--gpus"), (["table3", "--nproc-per-node", "0"], "--nproc-per-node"),
-             (["table3", "--device", "tpu"], "--device"), (["table3", "--out", blocker], "--out"),
-             (["table3", "--data-dir", blocker], "--data-dir"), (["tableX"], "experiment"),
-             (["table3"] + syn + ["--", "--seed", "3"], "--seeds"), (["table2"] + syn + ["--", "--lr", "1"], "--lr"),
-             (["table3"] + syn + ["--", "--out-dir", "x"], "--out"),
-             (["table3"] + syn + ["--", "--epochs", "0"], "--epochs"),
-             (["table3"] + syn + ["--", "--embed-dim", "50", "--num-heads", "3"], "--embed-dim"),
-             (["table3"] + syn + ["--nproc-per-node", "3", "--", "--batch-size", "64"], "--batch-size")]
+    cases = [
+        (["table3", "--seeds", "0", "0"], "--seeds"),
+        (["table3", "--seeds", "-1"], "--seeds"),
+        (["table3", "--gpus", "a"], "--gpus"),
+        (["table3", "--nproc-per-node", "0"], "--nproc-per-node"),
+        (["table3", "--device", "tpu"], "--device"),
+        (["table3", "--out", blocker], "--out"),
+        (["table3", "--data-dir", blocker], "--data-dir"),
+        (["tableX"], "experiment"),
+        (["table3"] + syn + ["--", "--seed", "3"], "--seeds"),
+        (["table2"] + syn + ["--", "--lr", "1"], "--lr"),
+        (["table3"] + syn + ["--", "--out-dir", "x"], "--out"),
+        (["table3"] + syn + ["--", "--epochs", "0"], "--epochs"),
+        (["table3"] + syn + ["--", "--embed-dim", "50", "--num-heads", "3"], "--embed-dim"),
+        (["table3"] + syn + ["--nproc-per-node", "3", "--", "--batch-size", "64"], "--batch-size"),
+    ]
     if not torch.cuda.is_available():
         cases.append((["table3", "--gpus", "0,1"], "--gpus"))
     for argv, flag in cases:
@@ -194,8 +301,15 @@ def test_reproduce_bad_options_and_passthrough(empty, capsys):
 
 
 def test_reproduce_help_explains_experiments_seeds_and_passthrough():
-    text = " ".join(subprocess.run([sys.executable, os.path.join(ROOT, "reproduce.py"), "--help"], capture_output=True,
-                                   text=True, timeout=30, env=ENV).stdout.split())
+    text = " ".join(
+        subprocess.run(
+            [sys.executable, os.path.join(ROOT, "reproduce.py"), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=ENV,
+        ).stdout.split()
+    )
     for name, e in reproduce.EXPERIMENTS.items():
         assert f"{name} {e['title']}" in text, name
     assert "(default: [0, 1, 2])" in text and "after --: flags for every train.py run" in text
@@ -203,18 +317,33 @@ def test_reproduce_help_explains_experiments_seeds_and_passthrough():
 
 # ----------------------------------------------------------------------------- the real command lines
 
+
 def test_command_lines_one_line_no_traceback_fast(empty):
     """Through the real interpreter (imports included): one line on stderr, none on stdout, exit 2,
     in seconds, nothing written in the working folder."""
-    cases = [(["train.py", "--mixup-prob", "2"], "--mixup-prob"),
-             (["train.py", "--embed-dim", "50", "--num-heads", "3", "--device", "cpu"], "--embed-dim"),
-             (["eval.py", str(empty), "--device", "cpu"], "a folder"),
-             (["reproduce.py", "table3", "--dataset", "synthetic", "--device", "cpu", "--", "--lr", "nan"], "--lr")]
+    cases = [
+        (["train.py", "--mixup-prob", "2"], "--mixup-prob"),
+        (["train.py", "--embed-dim", "50", "--num-heads", "3", "--device", "cpu"], "--embed-dim"),
+        (["eval.py", str(empty), "--device", "cpu"], "a folder"),
+        (["reproduce.py", "table3", "--dataset", "synthetic", "--device", "cpu", "--", "--lr",
+          "nan"], "--lr"),
+
+    ]
     for argv, flag in cases:
         t0 = time.time()
-        r = subprocess.run([sys.executable, os.path.join(ROOT, argv[0])] + argv[1:], cwd=empty, capture_output=True,
-                           text=True, timeout=60, env=ENV)
+        r = subprocess.run(
+            [sys.executable, os.path.join(ROOT, argv[0])] + argv[1:],
+            cwd=empty,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=ENV,
+        )
         took = time.time() - t0
-        assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, (argv, r.stdout, r.stderr)
+        assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, (
+            argv,
+            r.stdout,
+            r.stderr,
+        )
         assert len(r.stderr.strip().splitlines()) == 1 and flag in r.stderr, (argv, r.stderr)
         assert os.listdir(empty) == [] and took < 20, (argv, took)
