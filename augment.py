@@ -257,7 +257,6 @@ RANDAUG_OPS = {  # name -> op(x, v), in torchvision's order
     "Contrast": lambda x, v: _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), 1.0 + v),
     "Sharpness": _sharpness,
     "Posterize": lambda x, v: x.div(_col(2.0 ** (8 - v))).floor_().mul_(_col(2.0 ** (8 - v))),
-
     "Solarize": lambda x, v: torch.where(x >= _col(v), 255 - x, x),
     "AutoContrast": lambda x, v: _autocontrast(x),
     "Equalize": lambda x, v: _equalize(x),

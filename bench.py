@@ -362,7 +362,6 @@ def bench_corruptions(args):
     if len(devices) > 1:
         head += "  {:>15s} {:>8s}".format("ours cuda img/s", "ratio")
     print(head)
-
     ratios = []
     for name in names:
         n = opts.ref_images if name != "glass_blur" else max(opts.ref_images // 4, 1)
@@ -438,7 +437,6 @@ def bench_predict(args):
         t_model = time.perf_counter() - t0
         t0 = time.perf_counter()
         records, errors = predict.predict(pred, [folder], opts.batch, 3, 0.5, emit=lambda _: None)
-
         t_all = time.perf_counter() - t0
     assert len(records) == opts.n and not errors
     print(

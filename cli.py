@@ -26,15 +26,14 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
-    raise_errors = (
-        False  # True: error() raises FlagError (reproduce.py checks train.py's flags this way)
-    )
+    # True: error() raises FlagError (reproduce.py checks train.py's flags this way)
+    raise_errors = False
 
     def error(self, message):
         if self.raise_errors:
             raise FlagError(message)
         # under torchrun every rank parses the same flags: one copy of the line is enough
-        if int(os.environ.get("RANK", 0)) == 0:
+        if int(os.environ.get("RANK", "0")) == 0:
             sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(2)
 
@@ -79,16 +78,13 @@ def _number(kind, text):
 def bounded(kind, lo=None, hi=None, lo_open=False, hi_open=False, what=None):
     """An argparse type: a finite int or float in [lo, hi] (open ends where asked)."""
     left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
-    desc = what or (
-        f"a {'number' if kind is float else 'whole number'} "
-        + (
-            f"in {left}{lo}, {hi}{right}"
-            if lo is not None and hi is not None
-            else f"{'>' if lo_open else '>='} {lo}"
-            if lo is not None
-            else f"{'<' if hi_open else '<='} {hi}"
-        )
-    )
+    if lo is not None and hi is not None:
+        span = f"in {left}{lo}, {hi}{right}"
+    elif lo is not None:
+        span = f"{'>' if lo_open else '>='} {lo}"
+    else:
+        span = f"{'<' if hi_open else '<='} {hi}"
+    desc = what or f"a {'number' if kind is float else 'whole number'} {span}"
 
     def parse(text):
         v = _number(kind, text)

@@ -479,9 +479,6 @@ def _elastic(x, alpha, sigma, shift, ux, uy):
     if alpha > 0:
         # skimage gaussian(mode='reflect', truncate=3)
         G = _gauss_matrix(sigma, 3.0, "reflect", dev)
-
-
-
         dx = _sep_filter(ux, G) * alpha
         dy = _sep_filter(uy, G) * alpha
         x = _bilinear(x, _reflect_half(yy + dy, SIZE), _reflect_half(xx + dx, SIZE))

@@ -1,10 +1,10 @@
-"""Data: files on disk -> the seed's 11-type mix -> device tensors -> augmented batches.
+"""Data: files on disk -> the thesis's 11-type mix -> device tensors -> augmented batches.
 
 Top to bottom:
   1. readers for the real formats (a restricted unpickler, memory-mapped .npy);
   2. writers of the same formats: synthetic images (tests and the offline smoke run), or any
      labelled 32x32 images, with their CIFAR-10-C files rendered by corruptions.py;
-  3. the mixes, cached on disk: the seed's 11-type mix (seed 3.4), a leak-free variant, and the
+  3. the mixes, cached on disk: the thesis's 11-type mix (thesis 3.4), a leak-free variant, and the
      standard robustness protocol (CIFAR-10 training images, corrupted on the device by
      corruptions.py, tested on the real CIFAR-10-C files);
   4. DeviceLoader: the whole split on the device as uint8, batches are slices of a randperm
@@ -34,7 +34,7 @@ import download as _download
 from download import CIFAR_DIR, CIFAR_FILES, CIFARC_DIR, CORRUPTION_FILES, DataError
 from fileio import atomic_write, locked
 
-# seed 3.4: clean + the 10 training corruptions; the index is the corruption-token target
+# thesis 3.4: clean + the 10 training corruptions; the index is the corruption-token target
 TYPES = ["clean"] + corruptions.SEEN
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -56,7 +56,8 @@ _NUMPY_GLOBALS = {
 
 def _latin1_bytes(path):
     """Python 3 pickles bytes with protocol < 3 as _codecs.encode(str, "latin1") (b"" as bytes()):
-    a file re-saved that way gets these stand-ins, which only turn a str into bytes and run nothing."""
+    a file re-saved that way gets these stand-ins, which only turn a str into bytes and run
+    nothing."""
 
     def encode(text, encoding=None):
         if not isinstance(text, str) or str(encoding).lower().replace("-", "") != "latin1":
@@ -101,7 +102,7 @@ def _unpickle(path):
             obj = _SafeUnpickler(f, path).load()
     except DataError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (a damaged pickle raises any type: one line instead)
         raise DataError(
             f"{path}: not a readable CIFAR-10 pickle ({type(e).__name__}: {e})"
         ) from None
@@ -154,7 +155,7 @@ def _load_npy(path, mmap):
         raise DataError(f"{path}: file not found")
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (a damaged .npy raises any type: one line instead)
         raise DataError(f"{path}: not a readable .npy file ({type(e).__name__}: {e})") from None
 
 
@@ -218,16 +219,13 @@ def write_synthetic(root, train_per_class=250, test_per_class=60, seed=0):
                 img += s * np.roll(bank, s, axis=0)
             np.clip(img, 0, 255, out=img)
             out[(s - 1) * len(test_x) : s * len(test_x)] = img
-        atomic_write(
-            os.path.join(dc, f"{name}.npy"),
-            lambda f: np.save(f, out),
-            what="synthetic CIFAR-10-C file",
-        )
-    atomic_write(
-        os.path.join(dc, "labels.npy"),
-        lambda f: np.save(f, np.tile(test_y, 5).astype(np.uint8)),
-        what="synthetic CIFAR-10-C labels",
-    )
+        _save_npy(os.path.join(dc, f"{name}.npy"), out, "synthetic CIFAR-10-C file")
+    labels = np.tile(test_y, 5).astype(np.uint8)
+    _save_npy(os.path.join(dc, "labels.npy"), labels, "synthetic CIFAR-10-C labels")
+
+
+def _save_npy(path, array, what):
+    atomic_write(path, lambda f: np.save(f, array), what=what)
 
 
 def write_cifar(root, train_x, train_y, test_x, test_y, filename="image_{}.png"):
@@ -236,7 +234,8 @@ def write_cifar(root, train_x, train_y, test_x, test_y, filename="image_{}.png")
     for x, y in ((train_x, train_y), (test_x, test_y)):
         if x.dtype != np.uint8 or x.shape[1:] != (32, 32, 3) or len(y) != len(x):
             raise ValueError(
-                f"images must be uint8 (N, 32, 32, 3) with N labels, got {x.dtype} {x.shape}, {len(y)}"
+                f"images must be uint8 (N, 32, 32, 3) with N labels, got {x.dtype} {x.shape}, "
+                f"{len(y)}"
             )
     d = os.path.join(root, CIFAR_DIR)
     os.makedirs(d, exist_ok=True)
@@ -259,11 +258,8 @@ def write_cifar(root, train_x, train_y, test_x, test_y, filename="image_{}.png")
         b"num_cases_per_batch": len(test_x),
         b"num_vis": 3072,
     }
-    atomic_write(
-        os.path.join(d, "batches.meta"),
-        lambda f: pickle.dump(meta, f, protocol=4),
-        what="CIFAR-10 meta",
-    )
+    path = os.path.join(d, "batches.meta")
+    atomic_write(path, lambda f: pickle.dump(meta, f, protocol=4), what="CIFAR-10 meta")
 
 
 def write_cifar10c(root, names=None, seed=0):
@@ -276,22 +272,15 @@ def write_cifar10c(root, names=None, seed=0):
     os.makedirs(dc, exist_ok=True)
     for name in names or corruptions.CORRUPTIONS:
         out = torch.cat([corruptions.corrupt(x, name, s, generator=g) for s in range(1, 6)]).numpy()
-        atomic_write(
-            os.path.join(dc, f"{name}.npy"), lambda f: np.save(f, out), what="CIFAR-10-C file"
-        )
-    atomic_write(
-        os.path.join(dc, "labels.npy"),
-        lambda f: np.save(f, np.tile(test_y, 5).astype(np.uint8)),
-        what="CIFAR-10-C labels",
-    )
+        _save_npy(os.path.join(dc, f"{name}.npy"), out, "CIFAR-10-C file")
+    labels = np.tile(test_y, 5).astype(np.uint8)
+    _save_npy(os.path.join(dc, "labels.npy"), labels, "CIFAR-10-C labels")
 
 
 # ----------------------------------------------------------------------------------------------
 # 3. The mixes
 
-# The mix version changes whenever the sampling does, so a stale cache is never reused
-# (v2: the paper split draws train/val/test from one permutation per (type, class); v3: files
-# identified by content, the identity stored in the cache and compared on read).
+# Changes whenever the sampling or the cache's identity does, so a stale cache is never reused.
 MIX_VERSION = 3
 _BLOCKS, _BLOCK = 16, 1 << 16  # files_identity reads 16 blocks of 64 KiB per file
 
@@ -323,7 +312,8 @@ def files_identity(root, split):
 
 
 def _counts(split, train_per_class, val_per_class, test_per_class):
-    """Per-class (train, val, test) counts as build_mix uses them (val default; test 0 for standard)."""
+    """Per-class (train, val, test) counts as build_mix uses them (val default; test 0 for
+    standard)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if val_per_class is None:
@@ -340,9 +330,8 @@ def _counts(split, train_per_class, val_per_class, test_per_class):
     return counts
 
 
-def mix_identity(
-    root, split="paper", seed=0, train_per_class=4500, val_per_class=None, test_per_class=200
-):
+def mix_identity(root, split="paper", seed=0, train_per_class=4500, val_per_class=None,
+                 test_per_class=200):
     """Everything a mix depends on (build_mix's arguments and defaults): stored in its cache and in
     the teacher cache's identity, and compared when either is read."""
     counts = _counts(split, train_per_class, val_per_class, test_per_class)
@@ -357,7 +346,7 @@ def mix_identity(
 
 
 def digest(obj):
-    """sha256 of a JSON-able identity (sorted keys): the short tag in cache file and folder names."""
+    """sha256 of a JSON-able identity (sorted keys): the tag in cache file and folder names."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
@@ -411,7 +400,7 @@ def _read_mix_cache(path, ident, quiet=False):
         return None
     try:
         c = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (a damaged cache raises any type: it is rebuilt)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         why = f"unreadable ({type(e).__name__}: {msg[:200]})"
     else:
@@ -443,42 +432,19 @@ def _take(pool, counts, rng, what):
 SPLITS = ("paper", "grouped", "standard")
 
 
-def build_mix(
-    root,
-    split="paper",
-    seed=0,
-    train_per_class=4500,
-    val_per_class=None,
-    test_per_class=200,
-    cache_dir=None,
-):
+def build_mix(root, split="paper", seed=0, train_per_class=4500, val_per_class=None,
+              test_per_class=200, cache_dir=None):
     """{"train", "val", "test"} -> {images (N,3,32,32) uint8, labels, types (index into TYPES),
     severities (0 clean, 1..5), sources (CIFAR-10 train image i -> i, test image j -> 50000 + j)}.
 
-    The seed's 11-type mix (seed 3.4), counts per class per type (4,500 / 200 / 200 -> 495,000 /
-    22,000 / 22,000). Clean samples come from CIFAR-10's *training* set in both of its splits (the
-    seed does not say where its clean images come from; this keeps clean train/val/test disjoint).
-    split="paper": the seed's protocol: each (corruption, class) pool = the 5 severities x that
-    class's CIFAR-10 test images, drawn at random. Leak: all 5 severities of every corruption
-    derive from the same 10,000 test images, so corrupted copies of one source image land in train
-    *and* in val/test (and across corruption types); test accuracy is optimistic.
-    split="grouped": leak-free. Each class's test images are partitioned once (shared by every
-    corruption) into count/5 train / val / test sources, each used at all 5 severities; no source
-    id appears in two splits. Counts must be multiples of 5.
-
-    split="standard" (the robustness protocol, e.g. RobustBench): train and val are disjoint,
-    class-balanced picks from CIFAR-10's *training* set (4,500 / 500 per class -> 45,000 / 5,000).
-    Train rows are clean (types 0); the training loop corrupts them afresh every epoch with
-    draw_corruptions. Val rows are corrupted once, by a fixed draw (a generator seeded from
-    `seed`), so val is the same every epoch; their types and severities are recorded. Test is
-    the clean CIFAR-10 test set, whole (test_per_class is ignored); the corrupted test images are
-    the real CIFAR-10-C files, which eval.py reads itself (read_cifar10c): no training image ever
-    derives from a CIFAR-10 test image.
-
-    val_per_class defaults to 200 (paper, grouped) or 500 (standard). The result is cached in
-    cache_dir (default <root>/cache; False disables), keyed by mix_identity (version, split, seed,
-    counts, the files' content), which is stored with it and compared on read: a damaged or
-    foreign cache is rebuilt. One process builds it under a lock while the others wait."""
+    split (the splits are described in docs/): "paper", the thesis's 11-type mix (thesis 3.4; its
+    corrupted test images share sources across train / val / test); "grouped", the same without
+    shared sources (counts multiples of 5); "standard", clean CIFAR-10 training rows that the
+    training loop corrupts every epoch (draw_corruptions), val corrupted once, test the clean
+    CIFAR-10 test set (test_per_class ignored). Counts are per class, and per type for paper and
+    grouped; val_per_class defaults to 200, or 500 for standard. seed: the random seed of every
+    draw. Cached in cache_dir (default <root>/cache; False: none) under mix_identity, compared on
+    read (a damaged or foreign cache is rebuilt); one process builds it while the others wait."""
     counts = _counts(split, train_per_class, val_per_class, test_per_class)
     if cache_dir is False:
         return _build(root, split, seed, counts)
@@ -498,15 +464,17 @@ def build_mix(
 
 
 def _build(root, split, seed, counts):
-    return (
-        _standard_mix(root, seed, counts[:2])
-        if split == "standard"
-        else _seed_mix(root, split, seed, counts)
-    )
+    if split == "standard":
+        return _standard_mix(root, seed, counts[:2])
+    return _thesis_mix(root, split, seed, counts)
 
 
-def _seed_mix(root, split, seed, counts):
-    """The seed's 11-type mix ("paper" or "grouped"; see build_mix)."""
+def _thesis_mix(root, split, seed, counts):
+    """The thesis's 11-type mix ("paper" or "grouped"; see build_mix). Clean rows come from
+    CIFAR-10's training set in both splits (the thesis does not say where; this keeps clean
+    train / val / test disjoint). "paper": each (corruption, class) pool is the 5 severities x
+    that class's test images; "grouped": each class's test images are partitioned once into
+    train / val / test sources, each used at all 5 severities."""
     rng = np.random.default_rng(seed)
     cifar = read_cifar10(root)
     tr_y, te_y = cifar["train_labels"], cifar["test_labels"]
@@ -563,15 +531,8 @@ def _seed_mix(root, split, seed, counts):
             ]
         for i, s in enumerate(("train", "val", "test")):
             rows = np.sort(np.concatenate([p[i] for p in picks]))  # sorted reads of the memmap
-
-            add(
-                s,
-                np.asarray(x[rows]),
-                te_y[rows % n_te],
-                t,
-                rows // n_te + 1,
-                TEST_SOURCE + rows % n_te,
-            )
+            src = rows % n_te
+            add(s, np.asarray(x[rows]), te_y[src], t, rows // n_te + 1, TEST_SOURCE + src)
         del x
     mix = {}
     for s, d in out.items():  # concatenate one field at a time, freeing the pieces as we go
@@ -631,8 +592,8 @@ def _standard_mix(root, seed, counts):
 def draw_corruptions(images, generator=None):
     """Per sample, a training corruption drawn afresh: (images, types, severities), all on the
     images' device; images uint8 (B,3,32,32) or (B,32,32,3), returned in the same shape.
-    The type is uniform over the 11 training types (clean and the seed's 10, 1/11 each: the type
-    balance of the seed's mix, seed 3.4), then, for a corruption, the severity uniform in 1..5
+    The type is uniform over the 11 training types (clean and the thesis's 10, 1/11 each: the type
+    balance of the thesis's mix, thesis 3.4), then, for a corruption, the severity uniform in 1..5
     (severity 0 for clean). Uniform over the 51 (type, severity) pairs would instead make clean
     only 1/51 of the samples. Applied with corruptions.corrupt_batch on the images' device.
     Deterministic for the generator: the draws come from it (on its device, as corruptions.py
@@ -689,11 +650,10 @@ class DeviceLoader:
         b = self.batch_size // self.world_size
         for step in range(len(self)):
             glob = perm[step * self.batch_size : (step + 1) * self.batch_size]
-            idx = (
-                glob[self.rank * b : (self.rank + 1) * b]
-                if len(glob) == self.batch_size
-                else glob.tensor_split(self.world_size)[self.rank]
-            )
+            if len(glob) == self.batch_size:
+                idx = glob[self.rank * b : (self.rank + 1) * b]
+            else:
+                idx = glob.tensor_split(self.world_size)[self.rank]
             batch = {k: v.index_select(0, idx) for k, v in self.data.items()}  # row copies
             batch["index"] = idx
             yield batch

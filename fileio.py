@@ -1,8 +1,8 @@
 """Safe files: every write of the project goes through `atomic_write`; shared caches use `locked`.
 
-    atomic_write(path, obj, what="checkpoint")   # str -> text, bytes -> bytes, callable(f) -> what it
-                                                 # writes to f, anything else -> torch.save; old file kept
-    with locked(folder, log=print):              # one builder of a shared cache at a time
+    atomic_write(path, obj, what="checkpoint")  # str -> text, bytes -> bytes, callable(f) -> what
+                                                # it writes to f, else torch.save; old file kept
+    with locked(folder, log=print):             # one builder of a shared cache at a time
         ...
 
 A crash, a kill or a full disk mid-write leaves the previous file as it was and no temp file
@@ -22,7 +22,7 @@ import tempfile
 import time
 
 _UMASK = os.umask(0)
-os.umask(_UMASK)  # read once: mkstemp makes 0600 files, a written file gets the usual 0666 & ~umask
+os.umask(_UMASK)  # read once: mkstemp makes 0600 files; a written file gets 0666 & ~umask
 TEMP_SUFFIX = ".tmp"
 
 
@@ -38,8 +38,8 @@ def _size(n):
 
 
 def _payload(obj):
-    """obj -> bytes: serialised in memory first, so a failure to serialise touches no file and a full
-    disk can be reported with the size needed."""
+    """obj -> bytes: serialised in memory first, so a failure to serialise touches no file and a
+    full disk can be reported with the size needed."""
     if isinstance(obj, str):
         return obj.encode()
     if isinstance(obj, (bytes, bytearray)):
@@ -55,7 +55,7 @@ def _payload(obj):
 
 
 def atomic_write(path, obj, what="file"):
-    """Write obj to path atomically (see module docstring). Raises WriteError (one line) on OSError."""
+    """Write obj to path atomically (see the module docstring). OSError -> WriteError (one line)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     data = _payload(obj)
@@ -112,20 +112,20 @@ def sha256_file(path):
 @contextlib.contextmanager
 def locked(folder, log=None):
     """Hold an exclusive lock on <folder>/.lock (flock: released by the OS if the holder dies).
-    A second process waits, saying so once, then continues; it should re-check what the first built."""
+    A second process waits, saying so once, then continues; it should re-check what the first
+    built."""
     os.makedirs(folder, exist_ok=True)
-    f = open(os.path.join(folder, ".lock"), "a+")
-    try:
+    with open(os.path.join(folder, ".lock"), "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if log:
-                log(f"waiting for another process building {folder} ...")
-            t0 = time.time()
-            fcntl.flock(f, fcntl.LOCK_EX)
-            if log:
-                log(f"... it finished after {time.time() - t0:.0f}s")
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if log:
+                    log(f"waiting for another process building {folder} ...")
+                t0 = time.time()
+                fcntl.flock(f, fcntl.LOCK_EX)
+                if log:
+                    log(f"... it finished after {time.time() - t0:.0f}s")
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

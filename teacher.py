@@ -1,21 +1,21 @@
-"""The teacher stage of train.py (seed 4.1): DeiT-III Small, frozen, with a fresh 10-way head.
+"""The teacher stage of train.py (thesis 4.1): DeiT-III Small, frozen, with a fresh 10-way head.
 
-    ident = teacher.identity(sha256, teacher_args, splits, data_args, resize="bilinear", head_epochs=10,
-                             seed=0, amp_dtype=torch.bfloat16)     # what the cache depends on
+    ident = teacher.identity(sha256, teacher_args, splits, data_args, resize="bilinear",
+                             head_epochs=10, seed=0, amp_dtype=torch.bfloat16)  # cache key
     cache = teacher.build(path, teacher_args, splits, data_args, ident, device, torch.bfloat16)
-    logits = teacher.load_logits(cache, ident, splits["train"], device)   # (N_train, 10), checked
-    live = teacher.live(path, teacher_args, cache, ident, device)  # the full model with the fitted head
+    logits = teacher.load_logits(cache, ident, splits["train"], device)  # (N_train, 10), checked
+    live = teacher.live(path, teacher_args, cache, ident, device)  # full model, fitted head
 
-Top to bottom: the cache's identity, folder and checked readers; (1) features: the frozen backbone's
-final-norm class token on the 224px teacher view, once per split, fp16 on disk; (2) the head: a
-linear layer (PyTorch's default init) fitted on those cached features with AdamW (seed 4.1: lr 5e-5,
-wd 0.05) and label smoothing 0.1 (the seed's code), the epoch picked by val accuracy, never test
-(the seed's code augments each batch and stops early on test loss: cached features cannot be
-augmented, and test data selects nothing here); (3) logits of every training row,
-cached, so the student loop reads a table instead of running a 22M-parameter model at 224px every
-step; (4) the live teacher, for the two cases where a table cannot serve: `--teacher-view augmented`
-(the teacher sees the student's augmented batch) and `--split standard` (fresh corruptions every
-epoch). train.py runs `build` on rank 0 while the other ranks wait.
+Top to bottom: the cache's identity, folder and checked readers; (1) features: the frozen
+backbone's final-norm class token on the 224px teacher view, once per split, fp16 on disk; (2) the
+head: a linear layer fitted on those features with AdamW (thesis 4.1: lr 5e-5, wd 0.05) and label
+smoothing 0.1 (the thesis's code), the epoch picked by val accuracy, never test (the thesis's code
+augments each batch and stops early on test loss: cached features cannot be augmented, and test
+data selects nothing here); (3) logits of every training row, so the student loop reads a table
+instead of running a 22M-parameter model at 224px every step; (4) the live teacher, where a table
+cannot serve: `--teacher-view augmented` and `--split standard` (fresh corruptions every epoch).
+train.py runs `build` on rank 0 while the other ranks wait.
+
 
 Cache folder (shared by the vit / deit / cdeit runs of one dataset), content-addressed:
   <data root>/cache/teacher-<sha256[:12]>-<split>-s<seed>-<digest of the identity [:16]>/
@@ -23,13 +23,11 @@ Cache folder (shared by the vit / deit / cdeit runs of one dataset), content-add
     teacher_head.pt               the head file read by eval.py --teacher, with the "identity"
     logits_train.pt               {"identity", "logits": (N_train, 10) fp32, "labels", "sources"};
                                   not for split "standard"
-The identity (see `identity`) is everything a cached number depends on: the teacher file's sha256
-and arguments, the mix (data.mix_identity: version, split, seed, counts, the files' content; and
-data.mix_digest: each split's labels, types, severities, sources and sampled images), the resize
-mode, the head's settings and seed, the autocast dtype. Every file stores it and every reader
-compares it, and the labels and sources, with the current mix before use; a file that does not
-load, lacks a field or has the wrong shape is rebuilt, never used. One process builds a folder
-under fileio.locked while the others wait and then read it.
+The identity is everything a cached number depends on (teacher file and arguments, the mix, the
+resize, the head's settings and seed, the autocast dtype). Every file stores it and every reader
+compares it, and the labels and sources, with the current mix; a file that does not load, lacks a
+field or has the wrong shape is rebuilt, never used. One process builds a folder under
+fileio.locked while the others wait and then read it.
 """
 
 import json
@@ -46,11 +44,9 @@ from download import DataError
 from fileio import atomic_write, locked
 from model import create_model, load_teacher
 
-HEAD_LR, HEAD_WD, HEAD_BATCH = 5e-5, 0.05, 256  # seed 4.1: AdamW 5e-5, wd 0.05; the batch is ours
-HEAD_SMOOTHING = (
-    0.1  # the seed's code (FineTuningModule.train): cross entropy with label_smoothing=0.1
-)
-SYNTHETIC_TEACHER = dict(depth=1, embed_dim=96, num_heads=2)  # deit3_small-shaped, random weights
+HEAD_LR, HEAD_WD, HEAD_BATCH = 5e-5, 0.05, 256  # thesis 4.1: AdamW 5e-5, wd 0.05; the batch is ours
+HEAD_SMOOTHING = 0.1  # the thesis's code (FineTuningModule.train): CE with label_smoothing=0.1
+SYNTHETIC_TEACHER = {"depth": 1, "embed_dim": 96, "num_heads": 2}  # deit3_small-shaped, random
 # --split standard: the head is fitted on one fixed corrupted draw of the training rows (see build)
 STANDARD_DRAW_SEED, DRAW_CHUNK = 7_919, 1024
 # changes whenever features, head or logits are computed differently: old folders are not reused
@@ -63,7 +59,8 @@ class CacheError(DataError):
 
 
 class CacheMismatch(CacheError):
-    """A teacher cache file belongs to another teacher or mix (identity, labels or sources differ)."""
+    """A teacher cache file belongs to another teacher or mix (identity, labels or sources
+    differ)."""
 
 
 # ----------------------------------------------------------------------------- files and identity
@@ -80,18 +77,17 @@ def write_synthetic_teacher(path, seed=0):
         if n.endswith(".gamma"):  # same class token and the head learns nothing
             p.data.fill_(1.0)
     # the sizes travel in the file, so --teacher PATH loads it like the real one
-    atomic_write(
-        path,
-        save(
-            {k: v.contiguous() for k, v in t.state_dict().items()},
-            metadata={"model_args": json.dumps(SYNTHETIC_TEACHER)},
-        ),
-        what="synthetic teacher",
+    blob = save(
+        {k: v.contiguous() for k, v in t.state_dict().items()},
+        metadata={"model_args": json.dumps(SYNTHETIC_TEACHER)},
     )
+    atomic_write(path, blob, what="synthetic teacher")
 
 
 def identity(sha, teacher_args, splits, data_args, resize, head_epochs, seed, amp_dtype):
-    """Everything the cached features, head and logits depend on (JSON-able; compared on every read)."""
+    """Everything the cached features, head and logits depend on (JSON-able; compared on every
+    read): the teacher file's sha256 and arguments, the mix (data.mix_identity and
+    data.mix_digest), the resize mode, the head's settings and seed, the autocast dtype."""
     ident = {
         "kind": "cdeit-kit/teacher-cache",
         "version": CACHE_VERSION,
@@ -115,19 +111,20 @@ def identity(sha, teacher_args, splits, data_args, resize, head_epochs, seed, am
 def cache_dir(root, ident):
     """The folder named by the identity: a readable prefix and a digest of all of it."""
     m = ident["mix"]
-    name = f"teacher-{ident['teacher_sha256'][:12]}-{m['split']}-s{m['seed']}-{data.digest(ident)[:16]}"
+    sha, digest = ident["teacher_sha256"][:12], data.digest(ident)[:16]
+    name = f"teacher-{sha}-{m['split']}-s{m['seed']}-{digest}"
     return os.path.join(root, "cache", name)
 
 
 def read(path, ident, split=None, fields=(), what="teacher cache file"):
-    """torch.load a cache file and check that it belongs here: it loads, holds `fields`, carries this
-    identity and (with split) the split's labels and sources row for row. Raises CacheError."""
+    """torch.load a cache file and check that it belongs here: it loads, holds `fields`, carries
+    this identity and (with split) the split's labels and sources row for row. Raises CacheError."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isfile(path):
         raise CacheError(f"{path}: {what} not found")
     try:
         c = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a zip, a refused global, ...
+    except Exception as e:  # noqa: BLE001 (torch.load: a truncated zip, not a zip, a refused global)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CacheError(f"{path}: unreadable {what} ({type(e).__name__}: {msg[:200]})") from None
     if not isinstance(c, dict) or any(k not in c for k in ("identity", *fields)):
@@ -161,7 +158,7 @@ def read(path, ident, split=None, fields=(), what="teacher cache file"):
 
 @torch.no_grad()
 def features(teacher, images, device, resize, amp_dtype, corrupt_seed=None):
-    """Final-norm class token of the teacher on the 224px view (seed 4.1), fp16 on the CPU.
+    """Final-norm class token of the teacher on the 224px view (thesis 4.1), fp16 on the CPU.
     corrupt_seed: first corrupt the rows with data.draw_corruptions, in fixed chunks of DRAW_CHUNK
     rows from one generator, so the draw does not depend on the teacher's batch size."""
     bs = 256 if device.type == "cuda" else 64
@@ -185,7 +182,7 @@ def features(teacher, images, device, resize, amp_dtype, corrupt_seed=None):
 
 
 def fit_head(feats, device, epochs, seed):
-    """Fit the new 10-way linear head on frozen cached features (seed 4.1); pick the epoch by val.
+    """Fit the new 10-way linear head on frozen cached features (thesis 4.1); pick the epoch by val.
     Returns (head, val accuracy, test accuracy)."""
     g = torch.Generator().manual_seed(seed)
     X = {s: feats[s]["features"].to(device).float() for s in feats}
@@ -240,7 +237,8 @@ def read_features(cache, ident, s, split):
 
 
 def read_head(cache, ident):
-    """The fitted head file, checked: this identity, weight (10, D), bias (10,). Raises CacheError."""
+    """The fitted head file, checked: this identity, weight (10, D), bias (10,). Raises
+    CacheError."""
     path = os.path.join(cache, "teacher_head.pt")
     h = read(
         path,
@@ -303,7 +301,7 @@ def build(path, teacher_args, splits, data_args, ident, device, amp_dtype, log=p
     split "standard": the training rows are clean and get fresh corruptions every epoch, so there
     is no fixed training image to cache a logit for. The head (a property of the teacher, not of
     an epoch) is fitted on one fixed corrupted draw of the training rows (data.draw_corruptions,
-    generator seeded from the seed), which matches the distribution the live teacher then sees
+    generator seeded from --seed), which matches the distribution the live teacher then sees
     (clean + the 10 seen types, uniform); val is the split's fixed corrupted val, test the clean
     test set, and the epoch is selected by val as for the other splits."""
     cache = cache_dir(data_args["root"], ident)
@@ -321,8 +319,8 @@ def build(path, teacher_args, splits, data_args, ident, device, amp_dtype, log=p
 
     # no lock for a complete cache: a read-only data folder works
     if os.path.isdir(cache) and cached():
-
         return cache
+
     with locked(cache, log=lambda m: log(f"teacher: {m}")):
         if cached():  # checked again under the lock: maybe another process built it meanwhile
             return cache
@@ -357,9 +355,9 @@ def build(path, teacher_args, splits, data_args, ident, device, amp_dtype, log=p
             )
         head, val_acc, test_acc = fit_head(feats, device, head_epochs, seed)
         log(
-            f"teacher: head fitted ({head_epochs} epochs, AdamW lr {HEAD_LR}, wd {HEAD_WD}, smoothing "
-            f"{HEAD_SMOOTHING}): "
-            f"val {val_acc:.2%}, test {test_acc:.2%} (seed 4.1 reports 87.4%)"
+            f"teacher: head fitted ({head_epochs} epochs, AdamW lr {HEAD_LR}, wd {HEAD_WD}, "
+            f"smoothing {HEAD_SMOOTHING}): "
+            f"val {val_acc:.2%}, test {test_acc:.2%} (thesis 4.1 reports 87.4%)"
         )
         if not standard:
             with torch.no_grad():

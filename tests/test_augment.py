@@ -124,7 +124,7 @@ def test_mixup_matches_torchvision():
     i = int((y != y.roll(1, 0)).nonzero()[0])
     lam = float(ys[i, y[i]])
     ref = v2.MixUp(num_classes=10)
-    params = dict(lam=lam, labels=y, batch_size=64)
+    params = {"lam": lam, "labels": y, "batch_size": 64}
     want_x = ref.transform(x.float(), params).floor()
     levels = (
         (out - augment.normalize(want_x)).abs() * 255 * torch.tensor(augment.STD).view(1, 3, 1, 1)
@@ -297,7 +297,6 @@ TOLERANCE = {name: (255, 0.002) if name in GEOMETRIC else (0, 0.0) for name in a
 def _op_images():
     x, _, _ = _batch(16, seed=3)
     smooth = F.avg_pool2d(x.float(), 5, 1, 2).round().to(torch.uint8)  # narrow histograms, flat
-
     return torch.cat(
         [x, smooth, smooth // 2 + 60, torch.full((1, 3, 32, 32), 77, dtype=torch.uint8)]
     )

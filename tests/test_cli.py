@@ -25,7 +25,8 @@ SYN = ["--dataset", "synthetic", "--device", "cpu"]
 
 
 def _refused(main, argv, capsys, flag, tmp_path, code=2):
-    """main(argv) in an empty folder: exit `code`, one line naming `flag`, nothing on stdout, no file."""
+    """main(argv) in an empty folder: exit `code`, one line naming `flag`, nothing on stdout, no
+    file."""
     capsys.readouterr()
     try:
         rc = main([str(a) for a in argv])
@@ -33,10 +34,8 @@ def _refused(main, argv, capsys, flag, tmp_path, code=2):
         rc = e.code
     out, err = capsys.readouterr()
     assert rc == code, (argv, rc, err)
-    assert len(err.strip().splitlines()) == 1 and flag in err and "Traceback" not in err, (
-        argv,
-        err,
-    )
+    one_line = len(err.strip().splitlines()) == 1
+    assert one_line and flag in err and "Traceback" not in err, (argv, err)
     assert out == "", (argv, out)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == [], (argv, left)
@@ -120,7 +119,8 @@ def test_train_paths_resume_and_ranks(empty, capsys, monkeypatch):
         (["--resume", "--out-dir", empty.parent / "o"], "--resume"),
     ]:
         _refused(train.main, SYN + flags, capsys, flag, empty)
-    # a finished 1-epoch run: --resume --epochs 2 would stretch its cosine schedule; refused, naming it
+    # a finished 1-epoch run: --resume --epochs 2 would stretch its cosine schedule; refused, naming
+    # it
     out = empty.parent / "run"
     out.mkdir()
     cfg = vars(train.get_args(SYN + ["--out-dir", str(out), "--epochs", "1"]))
@@ -167,21 +167,12 @@ def test_train_help_is_grouped_with_defaults():
 
 def test_offline_download_is_readable_and_leaves_nothing(empty):
     """The real download path with an unreachable mirror: the multi-line instructions (one block per
-    file: URL, checksum, where to put it), no traceback, and neither the data folder nor the out dir."""
+    file: URL, checksum, where to put it), no traceback, and neither the data folder nor the out
+    dir."""
+    argv = [sys.executable, os.path.join(ROOT, "train.py"), "--mirror",
+            "file:///nonexistent-mirror", "--device", "cpu"]
     r = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "train.py"),
-            "--mirror",
-            "file:///nonexistent-mirror",
-            "--device",
-            "cpu",
-        ],
-        cwd=empty,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=ENV,
+        argv, cwd=empty, capture_output=True, text=True, timeout=60, env=ENV, check=False
     )
     lines = r.stderr.strip().splitlines()
     assert (
@@ -207,10 +198,10 @@ def test_eval_bad_options_and_inputs(empty, capsys):
             "kind": "cdeit-kit/student",
             "version": 1,
             "model_name": "vit",
-            "model_args": dict(depth=1, embed_dim=32, num_heads=2, layout="thesis"),
+            "model_args": {"depth": 1, "embed_dim": 32, "num_heads": 2, "layout": "thesis"},
             "model": net.state_dict(),
             "config": {"model": "vit", "distill": "none"},
-            "data_args": dict(root=str(d / "gone"), split="paper"),
+            "data_args": {"root": str(d / "gone"), "split": "paper"},
         },
         ck,
     )
@@ -256,7 +247,6 @@ def test_eval_labels_tell_runs_apart():
     assert seeds == ["deit/hard --seed 0", "deit/hard --seed 1"]
     # copies: their folders
     same = ev.run_labels([r("out/a/best.pt", seed=0), r("out/b/best.pt", seed=0)])
-
     assert same == ["deit/hard a", "deit/hard b"]
     one = ev.run_labels(
         [r("out/a/best.pt"), r("out/a/ckpt.pt"), {**r("out/v/best.pt"), "model_name": "vit"}]
@@ -301,21 +291,17 @@ def test_reproduce_bad_options_and_passthrough(empty, capsys):
 
 
 def test_reproduce_help_explains_experiments_seeds_and_passthrough():
-    text = " ".join(
-        subprocess.run(
-            [sys.executable, os.path.join(ROOT, "reproduce.py"), "--help"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=ENV,
-        ).stdout.split()
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "reproduce.py"), "--help"],
+        capture_output=True, text=True, timeout=30, env=ENV, check=True,
     )
+    text = " ".join(r.stdout.split())
     for name, e in reproduce.EXPERIMENTS.items():
         assert f"{name} {e['title']}" in text, name
     assert "(default: [0, 1, 2])" in text and "after --: flags for every train.py run" in text
 
 
-# ----------------------------------------------------------------------------- the real command lines
+# ------------------------------------------------------------------------- the real command lines
 
 
 def test_command_lines_one_line_no_traceback_fast(empty):
@@ -327,23 +313,15 @@ def test_command_lines_one_line_no_traceback_fast(empty):
         (["eval.py", str(empty), "--device", "cpu"], "a folder"),
         (["reproduce.py", "table3", "--dataset", "synthetic", "--device", "cpu", "--", "--lr",
           "nan"], "--lr"),
-
     ]
     for argv, flag in cases:
         t0 = time.time()
         r = subprocess.run(
-            [sys.executable, os.path.join(ROOT, argv[0])] + argv[1:],
-            cwd=empty,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=ENV,
+            [sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]],
+            cwd=empty, capture_output=True, text=True, timeout=60, env=ENV, check=False,
         )
         took = time.time() - t0
-        assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, (
-            argv,
-            r.stdout,
-            r.stderr,
-        )
+        ok = r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+        assert ok, (argv, r.stdout, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and flag in r.stderr, (argv, r.stderr)
         assert os.listdir(empty) == [] and took < 20, (argv, took)

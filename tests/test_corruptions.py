@@ -192,7 +192,6 @@ def ref_frost_textures():
                 im = cv2.resize(im, (0, 0), fx=0.2, fy=0.2)  # the release's resize
             except ImportError:  # INTER_LINEAR at x0.2 samples pixel 5d+2 exactly
                 im = im[2::5, 2::5][: round(im.shape[0] * 0.2), : round(im.shape[1] * 0.2)]
-
             _FROST[i - 1] = im
     return _FROST
 

@@ -1,7 +1,8 @@
 """data.py: readers on synthetic files in the real formats, the mix and the loader. CPU only, no
-network. The downloader (test_download.py), the standard split
-(test_standard_split.py) and the augmentation itself (test_augment.py) have their own files."""
+network. The downloader (test_download.py), the standard split (test_standard_split.py) and the
+augmentation itself (test_augment.py) have their own files."""
 
+import itertools
 import os
 import pickle
 import struct
@@ -13,8 +14,7 @@ import torch
 import data
 import download
 
-COUNTS = dict(train_per_class=100, val_per_class=20, test_per_class=20)  # small, multiples of 5
-
+COUNTS = {"train_per_class": 100, "val_per_class": 20, "test_per_class": 20}  # multiples of 5
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -154,7 +154,6 @@ class _Reduce:
         (lambda m: _Reduce(eval, f"open({str(m)!r}, 'w')"), "builtin__.eval"),
         # protocol 2: commands.Popen
         (lambda m: _Reduce(__import__("subprocess").Popen, ["touch", str(m)]), ".Popen"),
-
         (lambda m: _Reduce(__import__("_codecs").encode, "abc", "rot13"), "only latin1"),
         (lambda m: _Reduce(__import__("_codecs").encode, 7, "latin1"), "only latin1"),
         (lambda m: _Reduce(__import__("_codecs").decode, b"abc", "latin1"), "_codecs.decode"),
@@ -184,7 +183,7 @@ def test_read_cifar10c(root):
     # severity grows the distortion (synthetic texture blend): mean |x_s - clean| increases with s
     clean = data.read_cifar10(root)["test_images"].astype(np.float32)
     d = [np.abs(x[s * 600 : (s + 1) * 600] - clean).mean() for s in range(5)]
-    assert all(a < b for a, b in zip(d, d[1:]))
+    assert all(a < b for a, b in itertools.pairwise(d))
     for name in download.CORRUPTION_FILES:
         assert os.path.exists(os.path.join(root, "CIFAR-10-C", f"{name}.npy"))
 
@@ -335,7 +334,7 @@ def test_mix_cache_keyed_on_file_content_not_mtime(tmp_path):
     """Files rewritten with other content (same sizes, the old mtimes put back): not the old mix."""
     r = str(tmp_path / "d")
     data.write_synthetic(r, train_per_class=20, test_per_class=10, seed=0)
-    args = dict(train_per_class=5, val_per_class=1, test_per_class=1)
+    args = {"train_per_class": 5, "val_per_class": 1, "test_per_class": 1}
     old = data.build_mix(r, "paper", **args)
     stamps = {
         os.path.join(r, sub, f): os.stat(os.path.join(r, sub, f)).st_mtime_ns
@@ -369,7 +368,7 @@ def test_grouped_has_no_source_overlap_and_paper_does(mixes):
     assert cor.sum() == len(set(d["sources"][cor].tolist())) * 10 * 5
     p = mixes["paper"]
     psrc = {s: set(p[s]["sources"][p[s]["types"] > 0].tolist()) for s in p}
-    assert len(psrc["train"] & psrc["test"]) > 0  # the seed's protocol leaks source images
+    assert len(psrc["train"] & psrc["test"]) > 0  # the thesis's protocol leaks source images
     # ... but never the same corrupted image twice: (type, severity, source) is unique across splits
     for m in (p, g):
         keys = torch.cat(

@@ -73,7 +73,6 @@ VIT = ["--model", "vit", "--distill", "none", "--embed-dim", "48", "--train-per-
 CDEIT = ["--model", "cdeit", "--distill", "hard", "--embed-dim", "64", "--train-per-class", "10",
          "--test-per-class", "5", "--batch-size", "32", "--lr", "3.2e-2", "--head-epochs", "20",
          "--epochs", "6"]
-
 SEEDS = (0, 1, 2)
 CLEAN_ACCURACY_MIN = 0.70  # chance 0.10
 TYPE_ACCURACY_MIN = 0.20  # chance 1/11 = 0.091

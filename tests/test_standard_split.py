@@ -83,7 +83,8 @@ def test_val_is_a_fixed_draw_recorded_truthfully(root, mix, cifar):
     clean = _nchw(cifar["train_images"][val["sources"].numpy()])
     diff = (val["images"].int() - clean.int()).abs().flatten(1).amax(1)
     assert diff[t == 0].eq(0).all() and diff[t > 0].gt(0).all()  # clean untouched, the rest changed
-    # the recorded (type, severity) is the one applied: recompute the corruptions that draw no random numbers
+    # the recorded (type, severity) is the one applied: recompute the corruptions that draw no
+    # random numbers
     checked = 0
     for i in torch.nonzero(torch.isin(t, torch.tensor(sorted(DETERMINISTIC)))).squeeze(1).tolist():
         name, sev = data.TYPES[t[i]], int(s[i])
@@ -127,7 +128,6 @@ def test_cache_shared_across_test_counts(root, mix, tmp_path):
     )
     # test_per_class ignored: the same cache
     assert sorted(f for f in tmp_path.iterdir() if f.name != ".lock") == files
-
     for s in mix:
         for k in mix[s]:
             assert torch.equal(a[s][k], mix[s][k]) and torch.equal(b[s][k], mix[s][k])

@@ -18,8 +18,8 @@ import fileio
 import teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COUNTS = dict(train_per_class=2, val_per_class=1, test_per_class=1)
-FILES = dict(train_per_class=20, test_per_class=10)  # synthetic CIFAR-10 / CIFAR-10-C sizes
+COUNTS = {"train_per_class": 2, "val_per_class": 1, "test_per_class": 1}
+FILES = {"train_per_class": 20, "test_per_class": 10}  # synthetic CIFAR-10 / CIFAR-10-C sizes
 CPU = torch.device("cpu")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -44,22 +44,24 @@ def _run(root, tpath, seed=0, head_epochs=2):
     """What train.py's prepare_teacher does: mix, identity, build, checked logits; plus the log."""
     da = dict(root=root, split="paper", seed=seed, **COUNTS)
     mix = data.build_mix(**da)
+    sha = fileio.sha256_file(tpath)
     ident = teacher.identity(
-        fileio.sha256_file(tpath),
-        teacher.SYNTHETIC_TEACHER,
-        mix,
-        da,
-        "bicubic",
-        head_epochs,
-        seed,
-        None,
+        sha, teacher.SYNTHETIC_TEACHER, mix, da, "bicubic", head_epochs, seed, None
     )
     lines = []
     cache = teacher.build(
         tpath, teacher.SYNTHETIC_TEACHER, mix, da, ident, CPU, None, log=lines.append
     )
     logits = teacher.load_logits(cache, ident, mix["train"])
-    return dict(mix=mix, ident=ident, cache=cache, logits=logits, log="\n".join(lines), da=da)
+    log = "\n".join(lines)
+    return {"mix": mix, "ident": ident, "cache": cache, "logits": logits, "log": log, "da": da}
+
+
+def _truncate(path, size):
+    with open(path, "rb") as f:
+        raw = f.read(size)
+    with open(path, "wb") as f:
+        f.write(raw)
 
 
 def _rewrite(root, seed):
@@ -150,8 +152,7 @@ def test_damaged_cache_file_is_rebuilt_never_used(root, base, damage):
     a = _run(root, tpath)
     path = os.path.join(a["cache"], "logits_train.pt")
     if damage == "truncate":
-        raw = open(path, "rb").read()
-        open(path, "wb").write(raw[: len(raw) // 2])
+        _truncate(path, os.path.getsize(path) // 2)
     elif damage == "missing_key":
         torch.save({"identity": a["ident"], "labels": a["mix"]["train"]["labels"]}, path)
     else:
@@ -171,7 +172,7 @@ def test_damaged_cache_file_is_rebuilt_never_used(root, base, damage):
     assert torch.equal(b["logits"], a["logits"])  # the same head fit, deterministic
     if damage == "truncate":  # a truncated features file: recomputed, the other splits kept
         fp = os.path.join(a["cache"], "features_val.pt")
-        open(fp, "wb").write(open(fp, "rb").read()[:100])
+        _truncate(fp, 100)
         c = _run(root, tpath)
         assert "rebuilding val features" in c["log"] and "val features (110, 96)" in c["log"]
         assert "train features" not in c["log"] and torch.equal(c["logits"], a["logits"])
@@ -183,7 +184,8 @@ import data, fileio, teacher
 root, tpath, me, other = sys.argv[1:5]
 da = dict(root=root, split="paper", seed=5, train_per_class=2, val_per_class=1, test_per_class=1)
 mix = data.build_mix(**da)
-ident = teacher.identity(fileio.sha256_file(tpath), teacher.SYNTHETIC_TEACHER, mix, da, "bicubic", 2, 5, None)
+sha = fileio.sha256_file(tpath)
+ident = teacher.identity(sha, teacher.SYNTHETIC_TEACHER, mix, da, "bicubic", 2, 5, None)
 open(me, "w").close()                      # a barrier: both call build within milliseconds
 t0 = time.time()
 while not os.path.exists(other):
@@ -198,7 +200,7 @@ print("rows", len(teacher.load_logits(cache, ident, mix["train"])), cache)
 def test_two_concurrent_builders_one_builds_the_other_waits(root, base, tmp_path):
     """This process and a subprocess build the same cache at once (a file barrier lines them up)."""
     tpath = str(base / "teacher.safetensors")
-    data.build_mix(root, "paper", seed=5, **COUNTS)  # the mix cache first: the race is the teacher's
+    data.build_mix(root, "paper", seed=5, **COUNTS)  # the mix cache first: the teacher's race
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     mine, theirs = str(tmp_path / "ready-test"), str(tmp_path / "ready-sub")
     proc = subprocess.Popen(
@@ -226,7 +228,8 @@ def test_two_concurrent_builders_one_builds_the_other_waits(root, base, tmp_path
         n = len(teacher.load_logits(cache, ident, mix["train"]))
         out = proc.communicate(timeout=300)[0]
     finally:
-        proc.kill() if proc.poll() is None else None
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 0, out
     outs = ["\n".join(lines), out]
     built = [o for o in outs if "head fitted" in o]
@@ -234,19 +237,16 @@ def test_two_concurrent_builders_one_builds_the_other_waits(root, base, tmp_path
     assert len(built) == 1 and len(waited) == 1 and built != waited, outs
     assert "cached head and logits" in waited[0] and "features" not in waited[0]
     assert n == 220 and out.strip().splitlines()[-1] == f"rows 220 {cache}"
-    assert sorted(os.listdir(cache)) == [
-        ".lock",
-        "features_test.pt",
-        "features_train.pt",
-        "features_val.pt",
-        "logits_train.pt",
+    assert sorted(os.listdir(cache)) == [  # no temporary files left
+        ".lock", "features_test.pt", "features_train.pt", "features_val.pt", "logits_train.pt",
         "teacher_head.pt",
-    ]  # no temporary files left
+    ]
 
 
 def test_complete_cache_is_read_without_the_lock(root, base, monkeypatch):
     """A complete cache on a read-only data folder (a shared dataset mount) is read, not locked:
-    taking the lock would create <cache>/.lock. Root ignores file modes, so the lock is made to fail."""
+    taking the lock would create <cache>/.lock. Root ignores file modes, so the lock is made to
+    fail."""
     tpath = str(base / "teacher.safetensors")
     a = _run(root, tpath)
 
@@ -273,8 +273,8 @@ def test_head_fit_without_an_epoch_is_one_line():
 
 
 def test_head_fit_settings_key_the_cache(root, base, monkeypatch):
-    """The head fit's label smoothing (the seed's code: 0.1) reaches both the fit and the cache key:
-    another value fits another head and names another cache folder."""
+    """The head fit's label smoothing (the thesis's code: 0.1) reaches both the fit and the cache
+    key: another value fits another head and names another cache folder."""
     feats = {
         s: {
             "features": torch.randn(40, 8, generator=torch.Generator().manual_seed(i)),
@@ -286,7 +286,6 @@ def test_head_fit_settings_key_the_cache(root, base, monkeypatch):
     head = teacher.fit_head(feats, CPU, 3, 0)[0].weight.detach().clone()
     # seeded: the same head again
     assert torch.equal(teacher.fit_head(feats, CPU, 3, 0)[0].weight, head)
-
     assert a["ident"]["head"]["smoothing"] == 0.1
     monkeypatch.setattr(teacher, "HEAD_SMOOTHING", 0.0)
     ident = teacher.identity(
