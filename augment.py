@@ -3,16 +3,18 @@
 Every transform is a batch tensor op on the images' device (airbench style: no per-image Python,
 no DataLoader workers), deterministic given a torch.Generator. Top to bottom:
   1. normalisation with the teacher's statistics (cached per device) and the teacher's 224px
-     view (seed 3.4: the teacher sees the un-augmented image, resized, normalised like the student);
-  2. random crop + horizontal flip as one gather (ours, opt-in: the seed uses neither);
-  3. torchvision's RandAugment (seed 3.1: 2 ops, magnitude 9 of 31 bins), batched by sorting the
+     view (thesis 3.4: the teacher sees the un-augmented image, resized, normalised like the
+     student);
+  2. random crop + horizontal flip as one gather (ours, opt-in: the thesis uses neither);
+  3. torchvision's RandAugment (thesis 3.1: 2 ops, magnitude 9 of 31 bins), batched by sorting the
      batch by op;
-  4. Random Erasing, Mixup / CutMix, and Augment: the whole pipeline in the seed's order.
+  4. Random Erasing, Mixup / CutMix, and Augment: the whole pipeline in the thesis's order.
 
-The defaults are the seed's recipe (README "Recipe"): Table 1 / Table 4's best row (Mixup p 0.3,
-Random Erasing p 0.25; CutMix and RandAugment off) and, where the thesis is silent, its public
-code (`MyAugments`: torchvision's MixUp / CutMix / RandAugment / RandomErasing with their default
-arguments, called on the whole batch, so each draws one set of parameters per batch).
+The defaults are the thesis's recipe (the recipe table in docs/): Table 1 / Table 4's best row
+(Mixup p 0.3, Random Erasing p 0.25; CutMix and RandAugment off) and, where the thesis is silent,
+its public code (`MyAugments`: torchvision's MixUp / CutMix / RandAugment / RandomErasing with
+their default arguments, called on the whole batch, so each draws one set of parameters per
+batch).
 
 Depends on torch only, plus numpy for the Beta draws of Mixup / CutMix (seeded from the torch
 generator); nothing else from this project.
@@ -45,7 +47,7 @@ def _stats(device):  # (1 / (255 std), mean / std), cached per device: no host c
 
 def normalize(images):
     """uint8 (or float in [0, 255]) NCHW -> float32 (x/255 - mean) / std, ImageNet statistics
-    (seed 3.4: student and teacher inputs are normalised alike)."""
+    (thesis 3.4: student and teacher inputs are normalised alike)."""
     return _normalize_(images.float() if images.dtype != torch.float32 else images.clone())
 
 
@@ -55,8 +57,8 @@ def _normalize_(x):
 
 
 def teacher_view(images, size=224, mode="bilinear", dtype=torch.float32):
-    """The teacher's input (seed 3.4): the un-augmented uint8 batch resized on the device to
-    size x size (bilinear as the seed's code; bicubic as timm's deit3 config), normalised."""
+    """The teacher's input (thesis 3.4): the un-augmented uint8 batch resized on the device to
+    size x size (bilinear as the thesis's code; bicubic as timm's deit3 config), normalised."""
     if mode not in ("bicubic", "bilinear"):
         raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
     x = F.interpolate(
@@ -111,15 +113,16 @@ def crop_flip(images, dy, dx, flip, padding=4, mode="constant"):
 
 # ----------------------------------------------------------------------------------------------
 # 3. RandAugment: torchvision's RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=31), the
-#    seed's `T.RandAugment()` (seed 3.1). Each op takes x: float (n, C, H, W) holding uint8 values
-#    and v: (n,) float64 signed magnitudes, and repeats torchvision's uint8 arithmetic (float32
-#    math, truncating casts, rounding where it rounds), so it equals v2.functional's op.
+#    thesis's `T.RandAugment()` (thesis 3.1). Each op takes x: float (n, C, H, W) holding uint8
+#    values and v: (n,) float64 signed magnitudes, and repeats torchvision's uint8 arithmetic
+#    (float32 math, truncating casts, rounding where it rounds), so it equals v2.functional's op.
 
 
 def randaug_magnitudes(magnitude, num_bins=31, size=(32, 32)):
-    """{op: (magnitude, signed)} at bin `magnitude`, as torchvision's RandAugment._augmentation_space
-    (its order is the op numbering). At 9 of 31 bins: shear 0.09, translate 4 px of 32, rotate 9
-    degrees, enhance factors 1 +- 0.27, posterize 7 bits, solarize threshold 178.5."""
+    """{op: (magnitude, signed)} at bin `magnitude`, as torchvision's
+    RandAugment._augmentation_space (its order is the op numbering). At 9 of 31 bins: shear 0.09,
+    translate 4 px of 32, rotate 9 degrees, enhance factors 1 +- 0.27, posterize 7 bits, solarize
+    threshold 178.5."""
     H, W = size
     lin = lambda hi: float(torch.linspace(0.0, hi, num_bins)[magnitude])
     bits = 8 - (torch.arange(num_bins) / ((num_bins - 1) / 4)).round().int()
@@ -199,24 +202,25 @@ _GRID = {}
 
 
 def _base_grid(H, W, device):
-    """(1, H*W, 3) pixel centres relative to the image centre, homogeneous (torchvision's _affine_grid),
-    and the (2,) half sizes that map pixels to grid_sample's [-1, 1]; made once per size and device."""
+    """(1, H*W, 3) pixel centres relative to the image centre, homogeneous (torchvision's
+    _affine_grid), and the (2,) half sizes that map pixels to grid_sample's [-1, 1]; made once per
+    size and device."""
     key = (H, W, str(device))
     if key not in _GRID:
         g = torch.empty(1, H, W, 3, device=device)
         g[..., 0].copy_(torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, steps=W, device=device))
-        g[..., 1].copy_(
-            torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, steps=H, device=device).unsqueeze(-1)
-        )
+        rows = torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, steps=H, device=device)
+        g[..., 1].copy_(rows.unsqueeze(-1))
         g[..., 2].fill_(1)
         _GRID[key] = g.view(1, H * W, 3), torch.tensor([0.5 * W, 0.5 * H], device=device)
     return _GRID[key]
 
 
 def _warp(x, angle, shear_x, shear_y, tx, ty, center):
-    """Per-sample affine_image(NEAREST, fill 0): torchvision's inverse map (_get_inverse_affine_matrix,
-    scale 1) in float64 from per-sample angles / shears in degrees and translations in pixels, about
-    `center` (pixels from the image centre), then its pixel-centre grid and grid_sample."""
+    """Per-sample affine_image(NEAREST, fill 0): torchvision's inverse map
+    (_get_inverse_affine_matrix, scale 1) in float64 from per-sample angles / shears in degrees and
+    translations in pixels, about `center` (pixels from the image centre), then its pixel-centre
+    grid and grid_sample."""
     n, _, H, W = x.shape
     d2r = math.pi / 180.0
     rot, sx, sy = angle * d2r, shear_x * d2r, shear_y * d2r
@@ -279,10 +283,11 @@ _MAGS = {}
 
 
 def _randaugment(x, num_ops, magnitude, num_bins, prob, per_batch, g):
-    """RandAugment on float NCHW holding uint8 values: each of `num_ops` layers draws an op uniformly
-    over the 14 and, for signed ops, a sign with p 0.5, and applies it (no skip probability). The seed
-    applies RandAugment to a sample with probability `prob` and calls it on the batch, so by default
-    (per_batch) one op and sign per layer serve the whole batch."""
+    """RandAugment on float NCHW holding uint8 values: each of `num_ops` layers draws an op
+    uniformly over the 14 and, for signed ops, a sign with p 0.5, and applies it (no skip
+    probability). The thesis's code applies RandAugment to a sample with probability `prob` and
+    calls it on the batch, so by default (per_batch) one op and sign per layer serve the whole
+    batch."""
     B, dev = x.shape[0], x.device
     key = (magnitude, num_bins, tuple(x.shape[2:]), str(dev))
     if key not in _MAGS:
@@ -302,7 +307,7 @@ def _randaugment(x, num_ops, magnitude, num_bins, prob, per_batch, g):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Random Erasing, Mixup / CutMix, and Augment: the whole pipeline (seed 3.1, Table 1 / Table 4)
+# 4. Random Erasing, Mixup / CutMix, and Augment: the whole pipeline (thesis 3.1, Table 1 / Table 4)
 
 _NOISE = {}
 
@@ -338,17 +343,17 @@ def _erase_boxes(n, H, W, scale, ratio, g, device):
 
 
 class Augment:
-    """The student's batch augmentation; the defaults are the seed's recipe (README "Recipe"):
+    """The student's batch augmentation; the defaults are the thesis's recipe (thesis Table 1):
     Mixup (alpha 1, p 0.3 per batch) and Random Erasing (p 0.25, torchvision's scale, ratio and
     fill 0 in pixel space) on; CutMix, RandAugment, crop and flip off.
     __call__(uint8 NCHW, labels, types, generator) -> (x float32 normalised, y, t): y is int64 (B,)
     when no mix fired for this batch, else soft targets (B, num_classes); t stays the int64 types
-    (the seed mixes only the labels) unless mix_types. No smoothing here: the loss's
+    (the thesis mixes only the labels) unless mix_types. No smoothing here: the loss's
     label_smoothing applies on top.
-    Order (the seed's `MyAugments`): [crop / flip,] Mixup then CutMix (independent draws, each
+    Order (the thesis's `MyAugments`): [crop / flip,] Mixup then CutMix (independent draws, each
     pairing sample i with sample i-1 as torchvision's MixUp / CutMix), the mixed image cast to
     uint8 values, RandAugment, Random Erasing, normalise (erase_mode "pixel": timm's per-pixel
-    noise after normalising instead). draw_per "batch" (the seed's code, which calls torchvision's
+    noise after normalising instead). draw_per "batch" (the thesis's code, which calls torchvision's
     per-image transforms on the whole batch): one RandAugment op sequence and one erasing decision
     and rectangle per batch; "image": drawn per sample.
     Deterministic given a torch.Generator on the images' device. Host syncs per batch: one for the
@@ -406,15 +411,8 @@ class Augment:
         x = x.float() if x.dtype != torch.float32 else x.clone()
         x, labels, types = self._mix(x, labels, types, g)
         if self.randaug_ops:
-            x = _randaugment(
-                x,
-                self.randaug_ops,
-                self.randaug_magnitude,
-                self.randaug_bins,
-                self.randaug_prob,
-                self.per_batch,
-                g,
-            )
+            x = _randaugment(x, self.randaug_ops, self.randaug_magnitude, self.randaug_bins,
+                             self.randaug_prob, self.per_batch, g)
         if self.erase_prob and self.erase_mode == "zero":
             x = self._erase(x, g)  # torchvision RandomErasing(value=0) on the uint8 image
         x = _normalize_(x)
@@ -450,11 +448,11 @@ class Augment:
         return x
 
     def _mix(self, x, labels, types, g):
-        """The seed's batch mixing: Mixup with prob mixup_prob, then CutMix with prob cutmix_prob,
+        """The thesis's batch mixing: Mixup with prob mixup_prob, then CutMix with prob cutmix_prob,
         drawn independently (both may fire), as torchvision's MixUp / CutMix: one Beta(alpha, alpha)
         lambda per batch, sample i paired with sample i-1 (roll by one), CutMix's box centred
-        uniformly, its lambda the area kept. Mixed pixels are truncated to uint8 values as the seed's
-        cast before RandAugment."""
+        uniformly, its lambda the area kept. Mixed pixels are truncated to uint8 values as the
+        thesis's cast before RandAugment."""
         mixup = self.mixup_prob > 0 and self.mixup_alpha > 0
         cutmix = self.cutmix_prob > 0 and self.cutmix_alpha > 0
         if not (mixup or cutmix):

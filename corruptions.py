@@ -36,7 +36,7 @@ CORRUPTIONS = [
     "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
     "jpeg_compression"
 ]
-# The seed's 10 training corruptions (seed 3.4): corruption-token type indices 1..10 (data.TYPES).
+# The thesis's 10 training corruptions (thesis 3.4): corruption-token types 1..10 (data.TYPES).
 SEEN = [
     "brightness", "defocus_blur", "zoom_blur", "motion_blur", "fog", "frost", "snow", "shot_noise",
     "gaussian_noise", "jpeg_compression"
@@ -585,7 +585,7 @@ def corrupt(images, name, severity, generator=None):
 
 def corrupt_batch(images, types, severities, generator=None):
     """Per-sample corruption: types (B,) index TYPE_NAMES (0 = clean passes through unchanged,
-    1..10 = the seed's SEEN, 11..15 = UNSEEN), severities (B,) in 1..5 (ignored for clean).
+    1..10 = the thesis's SEEN, 11..15 = UNSEEN), severities (B,) in 1..5 (ignored for clean).
     Samples are grouped by (type, severity) and each group is one corrupt() call, groups taken
     in ascending (type, severity) order with the same generator; so the result equals those
     corrupt() calls made in that order."""

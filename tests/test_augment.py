@@ -1,6 +1,6 @@
 """augment.py: crop + flip, RandAugment, Random Erasing, Mixup / CutMix, normalize and the
-teacher's view, on random uint8 batches, against torchvision (the seed's implementations) or direct
-per-image references. CPU only, no files."""
+teacher's view, on random uint8 batches, against torchvision (the thesis's implementations) or
+direct per-image references. CPU only, no files."""
 
 import math
 
@@ -82,7 +82,7 @@ def test_augment_crop_flip_outputs_are_crops():
     assert 4 <= flips <= 28
 
 
-def test_defaults_are_the_seed_recipe():
+def test_defaults_are_the_thesis_recipe():
     """No crop, flip, CutMix or RandAugment; the unmixed, unerased batch is just normalised."""
     x, y, t = _batch(64)
     aug = augment.Augment(mixup_prob=0, erase_prob=0)
@@ -126,18 +126,16 @@ def test_mixup_matches_torchvision():
     ref = v2.MixUp(num_classes=10)
     params = {"lam": lam, "labels": y, "batch_size": 64}
     want_x = ref.transform(x.float(), params).floor()
-    levels = (
-        (out - augment.normalize(want_x)).abs() * 255 * torch.tensor(augment.STD).view(1, 3, 1, 1)
-    )
-    # lam read back from float32 targets: the uint8 cast may round a pixel on an integer the other way
+    std = torch.tensor(augment.STD).view(1, 3, 1, 1)
+    levels = (out - augment.normalize(want_x)).abs() * 255 * std
+    # lam read back from float32 targets: the uint8 cast may round a pixel on an integer the other
+    # way
     assert levels.max() < 1.01 and (levels > 1e-3).float().mean() < 1e-3
     assert torch.allclose(ys, ref.transform(y, params), atol=1e-6)
-    _, ys2, ts2 = augment.Augment(erase_prob=0, mixup_prob=1.0, mix_types=True)(
-        x, y, t, torch.Generator().manual_seed(0)
-    )
-    assert torch.equal(ys2, ys) and torch.allclose(
-        ts2, v2.MixUp(num_classes=11).transform(t, dict(params, labels=t))
-    )
+    mix_types = augment.Augment(erase_prob=0, mixup_prob=1.0, mix_types=True)
+    _, ys2, ts2 = mix_types(x, y, t, torch.Generator().manual_seed(0))
+    want_t = v2.MixUp(num_classes=11).transform(t, dict(params, labels=t))
+    assert torch.equal(ys2, ys) and torch.allclose(ts2, want_t)
     # with probability 0.3 only some batches mix; unmixed batches keep int64 targets
     aug = augment.Augment(mixup_prob=0.3)
     g = torch.Generator().manual_seed(0)
@@ -158,7 +156,7 @@ def test_cutmix_targets_and_both_mixes():
     assert box.sum() == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
     i = int((y != y.roll(1, 0)).nonzero()[0])
     assert abs(float(ys[i, y[i]]) - (1 - float(box.float().mean()))) < 1e-6
-    # the seed draws Mixup and CutMix independently: both may fire on one batch
+    # the thesis draws Mixup and CutMix independently: both may fire on one batch
     aug = augment.Augment(erase_prob=0, mixup_prob=1.0, cutmix_prob=1.0)
     out, ys, _ = aug(x, y, t, torch.Generator().manual_seed(2))
     # labels of i, i-1, i-2
@@ -209,8 +207,9 @@ def test_random_erasing_boxes_per_image():
     assert 0.9 < float(noise.std()) < 1.1 and abs(float(noise.mean())) < 0.1  # timm: N(0, 1) noise
 
 
-def test_random_erasing_per_batch_as_the_seed():
-    """torchvision's RandomErasing called on a batch: one decision and one rectangle for all images."""
+def test_random_erasing_per_batch_as_the_thesis():
+    """torchvision's RandomErasing called on a batch: one decision and one rectangle for all
+    images."""
     x, y, t = _batch(16)
     aug = augment.Augment(mixup_prob=0, erase_prob=0.25)
     g = torch.Generator().manual_seed(0)
@@ -226,7 +225,8 @@ def test_random_erasing_per_batch_as_the_seed():
 
 
 def _torchvision_op(name, img, m):
-    """torchvision.transforms.autoaugment._apply_op with NEAREST and fill None, via v2.functional."""
+    """torchvision.transforms.autoaugment._apply_op with NEAREST and fill None, via
+    v2.functional."""
     import torchvision.transforms.v2.functional as TF
     from torchvision.transforms import InterpolationMode
 
@@ -365,7 +365,7 @@ def test_randaugment_dispatch_and_every_drawn_op_applied():
 
 def test_randaugment_per_batch_and_prob():
     x, y, t = _batch(32)
-    aug = augment.Augment(mixup_prob=0, erase_prob=0, randaug_ops=1)  # draw_per batch: the seed
+    aug = augment.Augment(mixup_prob=0, erase_prob=0, randaug_ops=1)  # draw_per batch: the thesis
     g = torch.Generator().manual_seed(0)
     table = augment.randaug_magnitudes(9)
     for _ in range(6):
