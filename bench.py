@@ -424,7 +424,7 @@ def bench_predict(args):
         ckpt = os.path.join(d, "cdeit.pt")
         weights = model_lib.create_model("cdeit").state_dict()
         torch.save({"kind": model_lib.STUDENT_KIND, "version": 1, "model_name": "cdeit",
-                    "model_args": {}, "model": weights, "data_args": {}}, ckpt)
+                    "model_args": {"layout": "thesis"}, "model": weights, "data_args": {}}, ckpt)
         pred = predict.Predictor(ckpt, torch.device(opts.device))
         files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
         t0 = time.perf_counter()
