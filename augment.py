@@ -3,8 +3,7 @@
 Every transform is a batch tensor op on the images' device (airbench style: no per-image Python,
 no DataLoader workers), deterministic given a torch.Generator. Top to bottom:
   1. normalisation with the teacher's statistics (cached per device) and the teacher's 224px
-     view (thesis 3.4: the teacher sees the un-augmented image, resized, normalised like the
-     student);
+     view (thesis 3.4: the teacher sees the un-augmented image, resized, normalised alike);
   2. random crop + horizontal flip as one gather (ours, opt-in: the thesis uses neither);
   3. torchvision's RandAugment (thesis 3.1: 2 ops, magnitude 9 of 31 bins), batched by sorting the
      batch by op;

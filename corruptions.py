@@ -58,9 +58,8 @@ class CorruptionError(ValueError):
 
 def _draw(fn, shape, gen, device, *args):
     """fn(*args, shape) (torch.rand/randn/randint) from gen, on gen's device, moved to device."""
-    return fn(*args, shape, generator=gen, device=gen.device if gen is not None else device).to(
-        device
-    )
+    draw_device = gen.device if gen is not None else device
+    return fn(*args, shape, generator=gen, device=draw_device).to(device)
 
 
 def _to255(y01):
@@ -228,9 +227,8 @@ def _glass_permutation(d, delta):
 
 
 def glass_blur(x, s, g):
-    sigma, delta, iters = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)][
-        s - 1
-    ]
+    levels = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)]
+    sigma, delta, iters = levels[s - 1]
     B = x.shape[0]
     G = _gauss_matrix(sigma, 4.0, "nearest", x.device)  # skimage gaussian: truncate 4, 'nearest'
     u8 = torch.floor(_sep_filter(x, G) * 255)  # the release's np.uint8(...)

@@ -56,8 +56,7 @@ _NUMPY_GLOBALS = {
 
 def _latin1_bytes(path):
     """Python 3 pickles bytes with protocol < 3 as _codecs.encode(str, "latin1") (b"" as bytes()):
-    a file re-saved that way gets these stand-ins, which only turn a str into bytes and run
-    nothing."""
+    a file re-saved that way gets these stand-ins, which turn a str into bytes and run nothing."""
 
     def encode(text, encoding=None):
         if not isinstance(text, str) or str(encoding).lower().replace("-", "") != "latin1":
@@ -507,13 +506,10 @@ def _thesis_mix(root, split, seed, counts):
 
     # grouped: one partition of each class's test images, shared by every corruption
     if split == "grouped":
+        sources = [k // 5 for k in counts]  # each source image is used at all 5 severities
+        what = "test sources (CIFAR-10 test)"
         groups = [
-            _take(
-                np.flatnonzero(te_y == c),
-                [k // 5 for k in counts],
-                rng,
-                f"class {c} test sources (CIFAR-10 test)",
-            )
+            _take(np.flatnonzero(te_y == c), sources, rng, f"class {c} {what}")
             for c in range(10)
         ]
     tiled = np.tile(te_y, 5)

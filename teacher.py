@@ -59,8 +59,7 @@ class CacheError(DataError):
 
 
 class CacheMismatch(CacheError):
-    """A teacher cache file belongs to another teacher or mix (identity, labels or sources
-    differ)."""
+    """A teacher cache file of another teacher or mix (identity, labels or sources differ)."""
 
 
 # ----------------------------------------------------------------------------- files and identity
@@ -237,16 +236,10 @@ def read_features(cache, ident, s, split):
 
 
 def read_head(cache, ident):
-    """The fitted head file, checked: this identity, weight (10, D), bias (10,). Raises
-    CacheError."""
+    """The fitted head file, checked: this identity, weight (10, D), bias (10,); or CacheError."""
     path = os.path.join(cache, "teacher_head.pt")
-    h = read(
-        path,
-        ident,
-        None,
-        ("kind", "weight", "bias", "val_accuracy", "test_accuracy"),
-        "teacher head",
-    )
+    fields = ("kind", "weight", "bias", "val_accuracy", "test_accuracy")
+    h = read(path, ident, None, fields, "teacher head")
     w, b = h["weight"], h["bias"]
     if h["kind"] != HEAD_KIND or not (
         torch.is_tensor(w)
