@@ -205,6 +205,5 @@ def test_history_logs_each_token(runs):
             f"  ->  epoch {n}"
         ) in run[1], run[1]
 
-        assert run[0]["token_similarity_history"][0]["cls_dist"] == pytest.approx(
-            first["val_cos_cls_dist"]
-        )
+        start = run[0]["token_similarity_history"][0]
+        assert start["cls_dist"] == pytest.approx(first["val_cos_cls_dist"])
