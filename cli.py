@@ -7,6 +7,7 @@ bad value as "argument --mixup-prob: 2 is not a probability in [0, 1]", and `Par
 that as one line (no usage block) and exits 2. Checks that involve several flags, a device or a
 path live in each entry point's check function and raise `FlagError`, printed the same way.
 """
+
 import argparse
 import math
 import os
@@ -25,13 +26,14 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
-    raise_errors = False  # True: error() raises FlagError (reproduce.py checks train.py's flags this way)
+    # True: error() raises FlagError (reproduce.py checks train.py's flags this way)
+    raise_errors = False
 
     def error(self, message):
         if self.raise_errors:
             raise FlagError(message)
         # under torchrun every rank parses the same flags: one copy of the line is enough
-        if int(os.environ.get("RANK", 0)) == 0:
+        if int(os.environ.get("RANK", "0")) == 0:
             sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(2)
 
@@ -42,7 +44,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if "%(default)" in h or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+        if (
+            "%(default)" in h
+            or action.default in (None, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
             return h
         if isinstance(action.default, bool) and action.nargs == 0 and not action.default:
             return h  # a plain switch: off unless given
@@ -56,11 +62,14 @@ def fail(flag, value, allowed):
 
 # ----------------------------------------------------------------------------- value types
 
+
 def _number(kind, text):
     try:
         v = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+        ) from None
     if kind is float and not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number")
     return v
@@ -69,9 +78,13 @@ def _number(kind, text):
 def bounded(kind, lo=None, hi=None, lo_open=False, hi_open=False, what=None):
     """An argparse type: a finite int or float in [lo, hi] (open ends where asked)."""
     left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
-    desc = what or (f"a {'number' if kind is float else 'whole number'} "
-                    + (f"in {left}{lo}, {hi}{right}" if lo is not None and hi is not None else
-                       f"{'>' if lo_open else '>='} {lo}" if lo is not None else f"{'<' if hi_open else '<='} {hi}"))
+    if lo is not None and hi is not None:
+        span = f"in {left}{lo}, {hi}{right}"
+    elif lo is not None:
+        span = f"{'>' if lo_open else '>='} {lo}"
+    else:
+        span = f"{'<' if hi_open else '<='} {hi}"
+    desc = what or f"a {'number' if kind is float else 'whole number'} {span}"
 
     def parse(text):
         v = _number(kind, text)
@@ -79,6 +92,7 @@ def bounded(kind, lo=None, hi=None, lo_open=False, hi_open=False, what=None):
         if low or (hi is not None and (v >= hi if hi_open else v > hi)):
             raise argparse.ArgumentTypeError(f"{text} is not {desc}")
         return v
+
     parse.__name__ = desc  # argparse names the type in its own messages
     return parse
 
@@ -88,8 +102,10 @@ non_negative_int = bounded(int, 0)
 positive = bounded(float, 0, lo_open=True)
 non_negative = bounded(float, 0)
 probability = bounded(float, 0, 1, what="a probability in [0, 1]")
-rate = bounded(float, 0, 1, hi_open=True)  # dropout, drop-path, label smoothing: 1 would erase everything
-seed_int = bounded(int, 0, 2 ** 32 - 1, what="a seed in [0, 2^32 - 1]")
+# dropout, drop-path, label smoothing: 1 would erase everything
+rate = bounded(float, 0, 1, hi_open=True)
+
+seed_int = bounded(int, 0, 2**32 - 1, what="a seed in [0, 2^32 - 1]")
 
 
 def url(text):
@@ -101,11 +117,14 @@ def url(text):
 def gpu_list(text):
     """--gpus 0,1,3: CUDA device ids (one may repeat: two runs share that GPU)."""
     if not re.match(r"^\d+(,\d+)*$", text.replace(" ", "")):
-        raise argparse.ArgumentTypeError(f"{text} is not a comma-separated list of GPU ids, e.g. 0,1,2,3")
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a comma-separated list of GPU ids, e.g. 0,1,2,3"
+        )
     return text.replace(" ", "")
 
 
 # ----------------------------------------------------------------------------- devices and paths
+
 
 def check_device(flag, name, gpus_needed=()):
     """`--device` must be cpu, cuda or cuda:N of this machine (torch imported only here)."""
@@ -116,6 +135,7 @@ def check_device(flag, name, gpus_needed=()):
         fail(flag, name, "not a device this kit runs on (cpu, cuda or cuda:N)")
     if m.group(1) == "cuda":
         import torch
+
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
             fail(flag, name, "no CUDA device is available on this machine (use --device cpu)")
@@ -147,7 +167,9 @@ def check_writable_file(flag, path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         fail(flag, path, f"its folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    if not os.access(folder, os.W_OK | os.X_OK) or (
+        os.path.exists(path) and not os.access(path, os.W_OK)
+    ):
         fail(flag, path, f"cannot be written ({folder} or the file is read-only)")
 
 

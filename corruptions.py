@@ -20,6 +20,7 @@ is then moved to the images' device; a CPU generator therefore gives the same dr
 CUDA batches. Without a generator the global RNG of the images' device is used. The release set
 no seed, so its files cannot be regenerated bit for bit; what we match is the algorithm.
 """
+
 import functools
 import importlib.util
 import math
@@ -30,12 +31,16 @@ import torch
 import torch.nn.functional as F
 
 # The benchmark's 15, in CIFAR-10-C's order.
-CORRUPTIONS = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
-               "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
-               "elastic_transform", "pixelate", "jpeg_compression"]
-# The seed's 10 training corruptions (seed 3.4): corruption-token type indices 1..10 (data.TYPES).
-SEEN = ["brightness", "defocus_blur", "zoom_blur", "motion_blur", "fog", "frost", "snow",
-        "shot_noise", "gaussian_noise", "jpeg_compression"]
+CORRUPTIONS = [
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+    "jpeg_compression"
+]
+# The thesis's 10 training corruptions (thesis 3.4): corruption-token types 1..10 (data.TYPES).
+SEEN = [
+    "brightness", "defocus_blur", "zoom_blur", "motion_blur", "fog", "frost", "snow", "shot_noise",
+    "gaussian_noise", "jpeg_compression"
+]
 # The other 5 benchmark corruptions, never seen in training: type indices 11..15.
 UNSEEN = ["impulse_noise", "glass_blur", "contrast", "elastic_transform", "pixelate"]
 TYPE_NAMES = ["clean"] + SEEN + UNSEEN
@@ -50,9 +55,11 @@ class CorruptionError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # random draws: on the generator's device, then moved to the images' device
 
+
 def _draw(fn, shape, gen, device, *args):
     """fn(*args, shape) (torch.rand/randn/randint) from gen, on gen's device, moved to device."""
-    return fn(*args, shape, generator=gen, device=gen.device if gen is not None else device).to(device)
+    draw_device = gen.device if gen is not None else device
+    return fn(*args, shape, generator=gen, device=draw_device).to(device)
 
 
 def _to255(y01):
@@ -62,7 +69,8 @@ def _to255(y01):
 # ---------------------------------------------------------------------------------------------
 # shared building blocks
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _gauss_matrix(sigma, truncate, mode, device):
     """(32,32) operator of scipy.ndimage's 1-D Gaussian filter along one axis, borders included:
     mode 'nearest' (edge repeated; skimage gaussian's default) or 'reflect' (half-sample
@@ -88,19 +96,19 @@ def _sep_filter(x, G):
     return G @ x @ G.T  # (..., 32, 32): columns then rows
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _zoom_matrix(z, device):
     """(32,32) 1-D operator of the release's clipped_zoom: crop the centre ceil(32/z), scale by z
     with scipy ndimage.zoom(order=1) (align-corners: out o samples in o*(in-1)/(out-1)), keep the
     top-left-centred 32. Row o of the matrix holds the linear-interpolation weights of output o."""
-    ch = int(math.ceil(SIZE / z))
+    ch = math.ceil(SIZE / z)
     top = (SIZE - ch) // 2
-    out = int(round(ch * z))
+    out = round(ch * z)
     trim = (out - SIZE) // 2
     A = np.zeros((SIZE, SIZE))
     for o in range(SIZE):
         c = (o + trim) * (ch - 1) / (out - 1)
-        i0 = int(math.floor(c))
+        i0 = math.floor(c)
         f = c - i0
         A[o, top + i0] += 1 - f
         if f > 0:
@@ -114,11 +122,11 @@ def _motion_blur(x, radius, sigma, angles):
     (x + ceil(i cos a - 0.5), y + ceil(i sin a - 0.5)), edge pixels repeated. Rounded to 8 bits
     like the PNG the release decoded. One batched gather per tap, no per-image loop."""
     B, C, H, W = x.shape
-    width = 2 * int(math.ceil(radius)) + 1
+    width = 2 * math.ceil(radius) + 1
     i = torch.arange(width, dtype=torch.float64)
     w = torch.exp(-i * i / (2 * sigma * sigma))
     w = (w / w.sum()).tolist()
-    a = torch.deg2rad(angles.double().cpu())[:, None]             # (B,1), float64 as in C
+    a = torch.deg2rad(angles.double().cpu())[:, None]  # (B,1), float64 as in C
     ox = torch.ceil(i[None] * torch.cos(a) - 0.5).long().to(x.device)  # (B,width)
     oy = torch.ceil(i[None] * torch.sin(a) - 0.5).long().to(x.device)
     # edge pixels repeated = replicate padding by the longest offset; then tap t of sample b is
@@ -126,9 +134,12 @@ def _motion_blur(x, radius, sigma, angles):
     P = width - 1
     Wp = W + 2 * P
     flat = F.pad(x, (P, P, P, P), mode="replicate").reshape(B, C, -1)
-    base = ((torch.arange(H, device=x.device)[:, None] + P) * Wp
-            + torch.arange(W, device=x.device)[None] + P).view(1, H * W)
-    shift = oy * Wp + ox                                            # (B, width)
+    base = (
+        (torch.arange(H, device=x.device)[:, None] + P) * Wp
+        + torch.arange(W, device=x.device)[None]
+        + P
+    ).view(1, H * W)
+    shift = oy * Wp + ox  # (B, width)
     out = torch.zeros(B, C, H * W, device=x.device)
     for t in range(width):
         idx = (base + shift[:, t, None]).view(B, 1, H * W).expand(B, C, H * W)
@@ -138,6 +149,7 @@ def _motion_blur(x, radius, sigma, angles):
 
 # ---------------------------------------------------------------------------------------------
 # the 15 corruptions: f(x in [0,1] (B,3,32,32) float32, severity, generator) -> values 0..255
+
 
 def gaussian_noise(x, s, g):
     c = [0.04, 0.06, 0.08, 0.09, 0.10][s - 1]
@@ -159,14 +171,14 @@ def impulse_noise(x, s, g):
     return _to255(torch.where((u >= c / 2) & (u < c), 0.0, y))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _defocus_kernel(s, device):
     radius, alias = [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)][s - 1]
     L = np.arange(-8, 9)  # all CIFAR radii are <= 8: 17x17 grid, 3x3 alias blur
     X, Y = np.meshgrid(L, L)
-    d = ((X ** 2 + Y ** 2) <= radius ** 2).astype(np.float32)
+    d = ((X**2 + Y**2) <= radius**2).astype(np.float32)
     d /= d.sum()
-    g = np.exp(-np.arange(-1, 2) ** 2 / (2 * alias ** 2))  # OpenCV getGaussianKernel(3, alias)
+    g = np.exp(-(np.arange(-1, 2) ** 2) / (2 * alias**2))  # OpenCV getGaussianKernel(3, alias)
     g /= g.sum()
     d = torch.tensor(d, dtype=torch.float64)[None, None]
     g = torch.tensor(g)
@@ -175,10 +187,10 @@ def _defocus_kernel(s, device):
     # the disk (r <= 1.5) plus the 3x3 blur fits in 5x5; everything outside is exactly 0
     nz = d.abs().sum(0).nonzero()
     r = int(max(8 - nz.min(), nz.max() - 8))
-    return d[8 - r:9 + r, 8 - r:9 + r].float().to(device)
+    return d[8 - r : 9 + r, 8 - r : 9 + r].float().to(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _defocus_operator(s, device):
     """OpenCV filter2D with the disk kernel, default border reflect-101 (= F.pad 'reflect'), as a
     dense (1024,1024) map: the responses to the 1024 one-pixel images. One matmul per batch beats
@@ -200,7 +212,9 @@ def _glass_permutation(d, delta):
     position j = (31-h)*n + (31-w). Returns (B,1024): source pixel of each position. numpy,
     position-major, so each step touches one contiguous row (less per-call cost than torch)."""
     B = d.shape[-1]
-    pos = [h * SIZE + w for h in range(SIZE - delta, delta, -1) for w in range(SIZE - delta, delta, -1)]
+    pos = [
+        h * SIZE + w for h in range(SIZE - delta, delta, -1) for w in range(SIZE - delta, delta, -1)
+    ]
     perm = np.tile(np.arange(SIZE * SIZE)[:, None], (1, B))
     cols = np.arange(B)
     for it in range(d.shape[0]):
@@ -213,10 +227,11 @@ def _glass_permutation(d, delta):
 
 
 def glass_blur(x, s, g):
-    sigma, delta, iters = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)][s - 1]
+    levels = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)]
+    sigma, delta, iters = levels[s - 1]
     B = x.shape[0]
     G = _gauss_matrix(sigma, 4.0, "nearest", x.device)  # skimage gaussian: truncate 4, 'nearest'
-    u8 = torch.floor(_sep_filter(x, G) * 255)          # the release's np.uint8(...)
+    u8 = torch.floor(_sep_filter(x, G) * 255)  # the release's np.uint8(...)
     # Local pixel swaps, scanning rows h and columns w from 31 down to 2; np.random.randint(-1, 1)
     # gives offsets in {-1, 0}. The swaps don't depend on pixel values, so we run them on a
     # per-sample permutation of the 1024 positions (one batched step per scan position) and
@@ -235,7 +250,7 @@ def motion_blur(x, s, g):
     return _motion_blur(torch.round(x * 255), radius, sigma, angles)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _zoom_blur_operator(s, device):
     # np.arange's float quirk: arange(1, 1.16, 0.01) has 16 factors (not 17): keep numpy's.
     E = [1.06, 1.11, 1.16, 1.21, 1.26][s - 1]
@@ -254,9 +269,12 @@ def zoom_blur(x, s, g):
 
 def snow(x, s, g):
     loc, scale, z, thr, mb_r, mb_s, blend = [
-        (0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
-        (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
-        (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)][s - 1]
+        (0.1, 0.2, 1, 0.6, 8, 3, 0.95),
+        (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+        (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
+        (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+        (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8),
+    ][s - 1]
     B = x.shape[0]
     layer = loc + scale * _draw(torch.randn, (B, SIZE, SIZE), g, x.device)
     A = _zoom_matrix(float(z), x.device)
@@ -275,18 +293,22 @@ def frost_dir():
     without importing it (its __init__ needs pkg_resources)."""
     spec = importlib.util.find_spec("imagecorruptions")
     if spec is None or not spec.submodule_search_locations:
-        raise CorruptionError("frost needs the frost photographs shipped by the imagecorruptions "
-                              "package: pip install imagecorruptions")
-    return os.path.join(list(spec.submodule_search_locations)[0], "frost")
+        raise CorruptionError(
+            "frost needs the frost photographs shipped by the imagecorruptions "
+            "package: pip install imagecorruptions"
+        )
+    return os.path.join(next(iter(spec.submodule_search_locations)), "frost")
 
 
 def _read_rgb(path):
     try:
         from PIL import Image
+
         with Image.open(path) as im:
             return torch.from_numpy(np.array(im.convert("RGB")))  # alpha dropped, like cv2
     except ImportError:
         from torchvision.io import ImageReadMode, read_image
+
         return read_image(path, mode=ImageReadMode.RGB).permute(1, 2, 0)
 
 
@@ -297,7 +319,7 @@ def _resize_linear(img, factor):
     out = img.double()
     for dim in (0, 1):
         n = img.shape[dim]
-        m = int(round(n * factor))
+        m = round(n * factor)
         src = ((torch.arange(m, dtype=torch.float64) + 0.5) / factor - 0.5).clamp(0, n - 1)
         i0 = src.floor().long()
         f = (src - i0).view([-1, 1, 1] if dim == 0 else [1, -1, 1])
@@ -306,7 +328,7 @@ def _resize_linear(img, factor):
     return torch.floor(out + 0.5)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _frost_textures(device):
     """frost1..frost5 (the release draws randint(5), so frost6 is never used), resized by 0.2,
     zero-padded into one (5,Hmax,Wmax,3) tensor, plus each texture's (H, W)."""
@@ -315,13 +337,15 @@ def _frost_textures(device):
     for i in range(1, 6):
         name = [f for f in sorted(os.listdir(folder)) if f.startswith(f"frost{i}.")]
         if not name:
-            raise CorruptionError(f"{folder}: frost{i} photograph missing; reinstall imagecorruptions")
+            raise CorruptionError(
+                f"{folder}: frost{i} photograph missing; reinstall imagecorruptions"
+            )
         texs.append(_resize_linear(_read_rgb(os.path.join(folder, name[0])), 0.2).float())
     H = max(t.shape[0] for t in texs)
     W = max(t.shape[1] for t in texs)
     out = torch.zeros(5, H, W, 3)
     for i, t in enumerate(texs):
-        out[i, :t.shape[0], :t.shape[1]] = t
+        out[i, : t.shape[0], : t.shape[1]] = t
     sizes = torch.tensor([t.shape[:2] for t in texs])
     return out.to(device), sizes.to(device)
 
@@ -331,12 +355,12 @@ def frost(x, s, g):
     tex, sizes = _frost_textures(x.device)
     B = x.shape[0]
     idx = _draw(torch.randint, (B,), g, x.device, 0, 5)
-    hw = sizes[idx] - SIZE                                       # randint(0, H-32): exclusive
+    hw = sizes[idx] - SIZE  # randint(0, H-32): exclusive
     start = (_draw(torch.rand, (B, 2), g, x.device) * hw).long()  # (row, col) per sample
     ar = torch.arange(SIZE, device=x.device)
     r = (start[:, 0, None] + ar)[:, :, None]
     c = (start[:, 1, None] + ar)[:, None, :]
-    crop = tex[idx[:, None, None], r, c].permute(0, 3, 1, 2)     # (B,3,32,32) RGB
+    crop = tex[idx[:, None, None], r, c].permute(0, 3, 1, 2)  # (B,3,32,32) RGB
     # frost works on 0..255 values: clip(a x + b frost, 0, 255)
     return (a * torch.round(x * 255) + b * crop).clamp(0, 255)
 
@@ -353,11 +377,11 @@ def _plasma_fractal(B, decay, g, device):
 
     while step >= 2:
         h = step // 2
-        corner = m[:, 0::step, 0::step]                   # fill the squares
+        corner = m[:, 0::step, 0::step]  # fill the squares
         sq = corner + corner.roll(-1, 1)
         sq = sq + sq.roll(-1, 2)
         m[:, h::step, h::step] = wibbled(sq)
-        dr = m[:, h::step, h::step]                       # fill the diamonds
+        dr = m[:, h::step, h::step]  # fill the diamonds
         ul = m[:, 0::step, 0::step]
         m[:, 0::step, h::step] = wibbled(dr + dr.roll(1, 1) + ul + ul.roll(-1, 2))
         m[:, h::step, 0::step] = wibbled(dr + dr.roll(1, 2) + ul + ul.roll(-1, 1))
@@ -412,8 +436,13 @@ def _bilinear(x, rows, cols):
 
 
 def elastic_transform(x, s, g):
-    alpha, sigma, aff = [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06),
-                         (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)][s - 1]
+    alpha, sigma, aff = [
+        (0, 0, 0.08),
+        (0.05, 0.2, 0.07),
+        (0.08, 0.06, 0.06),
+        (0.1, 0.04, 0.05),
+        (0.1, 0.03, 0.03),
+    ][s - 1]
     alpha, sigma, aff = SIZE * alpha, SIZE * sigma, SIZE * aff
     B, dev = x.shape[0], x.device
     # random affine: three points (x, y) moved by U(-aff, aff); uniform fields for dx, dy
@@ -429,13 +458,16 @@ def _elastic(x, alpha, sigma, shift, ux, uy):
     # cv2.getAffineTransform(p1, p2) with p2 = p1 + shift, then warpAffine (reflect-101 borders)
     p1 = torch.tensor([[26.0, 26.0], [26.0, 6.0], [6.0, 6.0]], dtype=torch.float64)
     p2 = p1 + shift
-    P = torch.cat([p1, torch.ones(3, 1, dtype=torch.float64)], 1)   # (3,3)
+    P = torch.cat([p1, torch.ones(3, 1, dtype=torch.float64)], 1)  # (3,3)
     # warpAffine reads src at M^-1 (dst): solve the inverse map p2 -> p1 directly
     Q = torch.cat([p2, torch.ones(B, 3, 1, dtype=torch.float64)], 2)  # (B,3,3)
     Minv = torch.linalg.solve(Q, P.expand(B, 3, 3)).transpose(1, 2)  # (B,2,3)
     Minv = Minv.float().to(dev)
-    yy, xx = torch.meshgrid(torch.arange(SIZE, device=dev, dtype=torch.float32),
-                            torch.arange(SIZE, device=dev, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(SIZE, device=dev, dtype=torch.float32),
+        torch.arange(SIZE, device=dev, dtype=torch.float32),
+        indexing="ij",
+    )
     sx = Minv[:, 0, 0, None, None] * xx + Minv[:, 0, 1, None, None] * yy + Minv[:, 0, 2, None, None]
     sy = Minv[:, 1, 0, None, None] * xx + Minv[:, 1, 1, None, None] * yy + Minv[:, 1, 2, None, None]
     # exact coordinates, as scipy and OpenCV 5's warpAffine here (OpenCV 3/4 rounded them to 1/32
@@ -443,14 +475,15 @@ def _elastic(x, alpha, sigma, shift, ux, uy):
     x = _bilinear(x, _reflect101(sy, SIZE), _reflect101(sx, SIZE))
     # smoothed random displacement (dx on columns, dy on rows), map_coordinates mode='reflect'
     if alpha > 0:
-        G = _gauss_matrix(sigma, 3.0, "reflect", dev)  # skimage gaussian(mode='reflect', truncate=3)
+        # skimage gaussian(mode='reflect', truncate=3)
+        G = _gauss_matrix(sigma, 3.0, "reflect", dev)
         dx = _sep_filter(ux, G) * alpha
         dy = _sep_filter(uy, G) * alpha
         x = _bilinear(x, _reflect_half(yy + dy, SIZE), _reflect_half(xx + dx, SIZE))
     return x
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pil_box_matrix(n_in, n_out, device):
     """Pillow's BOX resample weights (precompute_coeffs): window centre (o+0.5)*scale, support
     0.5*max(scale,1), candidate inputs [int(centre-support+0.5), int(centre+support+0.5)),
@@ -476,8 +509,8 @@ def _pil_resize(x255, n):
     rounded to 8 bits like Pillow's uint8 intermediate."""
     A = _pil_box_matrix(x255.shape[-1], n, x255.device)
     # box weights are >= 0 and sum to 1, so values stay in 0..255: no clamp needed
-    y = (x255 @ A.T).add_(0.5).floor_()   # horizontal
-    return (A @ y).add_(0.5).floor_()     # vertical
+    y = (x255 @ A.T).add_(0.5).floor_()  # horizontal
+    return (A @ y).add_(0.5).floor_()  # vertical
 
 
 def pixelate(x, s, g):
@@ -488,31 +521,39 @@ def pixelate(x, s, g):
 
 def jpeg_compression(x, s, g):
     import warnings
+
     q = [80, 65, 58, 50, 40][s - 1]
     u8 = torch.round(x * 255).to(torch.uint8).contiguous()  # the codecs want dense CHW images
     with warnings.catch_warnings():  # torchvision 0.29 flags its codecs as moving to torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import decode_jpeg, encode_jpeg
+
         # a list in, a list out: on CUDA tensors torchvision batches through nvjpeg (GPU codec);
         # on CPU it is libjpeg, one image after another (the codec's loop, not ours)
         dec = decode_jpeg(encode_jpeg(list(u8), quality=q), device=x.device)
     return torch.stack(dec).float()
 
 
-_FUNCS = {f.__name__: f for f in (gaussian_noise, shot_noise, impulse_noise, defocus_blur,
-                                  glass_blur, motion_blur, zoom_blur, snow, frost, fog,
-                                  brightness, contrast, elastic_transform, pixelate,
-                                  jpeg_compression)}
+_FUNCS = {
+    f.__name__: f
+    for f in (
+        gaussian_noise, shot_noise, impulse_noise, defocus_blur, glass_blur, motion_blur, zoom_blur,
+        snow, frost, fog, brightness, contrast, elastic_transform, pixelate, jpeg_compression
+    )
+}
 assert list(_FUNCS) == CORRUPTIONS
 
 
 # ---------------------------------------------------------------------------------------------
 # public API
 
+
 def _check_images(images):
     if not torch.is_tensor(images) or images.dtype != torch.uint8 or images.dim() != 4:
-        raise CorruptionError("images must be a uint8 tensor (B,32,32,3) or (B,3,32,32), got "
-                              f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
+        raise CorruptionError(
+            "images must be a uint8 tensor (B,32,32,3) or (B,3,32,32), got "
+            f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}"
+        )
     if images.shape[1:] == (SIZE, SIZE, 3):
         return True
     if images.shape[1:] == (3, SIZE, SIZE):
@@ -542,7 +583,7 @@ def corrupt(images, name, severity, generator=None):
 
 def corrupt_batch(images, types, severities, generator=None):
     """Per-sample corruption: types (B,) index TYPE_NAMES (0 = clean passes through unchanged,
-    1..10 = the seed's SEEN, 11..15 = UNSEEN), severities (B,) in 1..5 (ignored for clean).
+    1..10 = the thesis's SEEN, 11..15 = UNSEEN), severities (B,) in 1..5 (ignored for clean).
     Samples are grouped by (type, severity) and each group is one corrupt() call, groups taken
     in ascending (type, severity) order with the same generator; so the result equals those
     corrupt() calls made in that order."""
@@ -550,8 +591,10 @@ def corrupt_batch(images, types, severities, generator=None):
     types = torch.as_tensor(types, device=images.device).long().view(-1)
     sev = torch.as_tensor(severities, device=images.device).long().view(-1)
     if types.numel() != images.shape[0] or sev.numel() != images.shape[0]:
-        raise CorruptionError(f"types ({types.numel()}) and severities ({sev.numel()}) must have "
-                              f"one entry per image ({images.shape[0]})")
+        raise CorruptionError(
+            f"types ({types.numel()}) and severities ({sev.numel()}) must have "
+            f"one entry per image ({images.shape[0]})"
+        )
     if types.numel() and (types.min() < 0 or types.max() >= len(TYPE_NAMES)):
         raise CorruptionError(f"type indices must be in 0..{len(TYPE_NAMES) - 1} (TYPE_NAMES)")
     sev = torch.where(types == 0, torch.zeros_like(sev), sev)
@@ -560,7 +603,7 @@ def corrupt_batch(images, types, severities, generator=None):
         raise CorruptionError("severities must be in 1..5 for every corrupted sample")
     out = images.clone()
     keys = types * 8 + sev
-    for key in torch.unique(keys).tolist():        # sorted ascending
+    for key in torch.unique(keys).tolist():  # sorted ascending
         t, s = divmod(key, 8)
         if t == 0:
             continue

@@ -1,8 +1,8 @@
 """Safe files: every write of the project goes through `atomic_write`; shared caches use `locked`.
 
-    atomic_write(path, obj, what="checkpoint")   # str -> text, bytes -> bytes, callable(f) -> what it
-                                                 # writes to f, anything else -> torch.save; old file kept
-    with locked(folder, log=print):              # one builder of a shared cache at a time
+    atomic_write(path, obj, what="checkpoint")  # str -> text, bytes -> bytes, callable(f) -> what
+                                                # it writes to f, else torch.save; old file kept
+    with locked(folder, log=print):             # one builder of a shared cache at a time
         ...
 
 A crash, a kill or a full disk mid-write leaves the previous file as it was and no temp file
@@ -11,6 +11,7 @@ behind (temp file in the same folder, flush + fsync, then rename). An OSError wh
 written, where, the error and, for a full disk, the free space and the size needed. Needs torch
 only for torch.save of objects.
 """
+
 import contextlib
 import errno
 import fcntl
@@ -20,9 +21,8 @@ import os
 import tempfile
 import time
 
-
 _UMASK = os.umask(0)
-os.umask(_UMASK)  # read once: mkstemp makes 0600 files, a written file gets the usual 0666 & ~umask
+os.umask(_UMASK)  # read once: mkstemp makes 0600 files; a written file gets 0666 & ~umask
 TEMP_SUFFIX = ".tmp"
 
 
@@ -38,8 +38,8 @@ def _size(n):
 
 
 def _payload(obj):
-    """obj -> bytes: serialised in memory first, so a failure to serialise touches no file and a full
-    disk can be reported with the size needed."""
+    """obj -> bytes: serialised in memory first, so a failure to serialise touches no file and a
+    full disk can be reported with the size needed."""
     if isinstance(obj, str):
         return obj.encode()
     if isinstance(obj, (bytes, bytearray)):
@@ -49,12 +49,13 @@ def _payload(obj):
         obj(buf)
     else:
         import torch
+
         torch.save(obj, buf)
     return buf.getvalue()
 
 
 def atomic_write(path, obj, what="file"):
-    """Write obj to path atomically (see module docstring). Raises WriteError (one line) on OSError."""
+    """Write obj to path atomically (see the module docstring). OSError -> WriteError (one line)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     data = _payload(obj)
@@ -62,7 +63,9 @@ def atomic_write(path, obj, what="file"):
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX)
+        fd, tmp = tempfile.mkstemp(
+            dir=folder, prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX
+        )
         with os.fdopen(fd, "wb") as f:
             os.fchmod(fd, 0o666 & ~_UMASK)
             f.write(data)
@@ -90,8 +93,11 @@ def _message(e, what, path, folder, size, existed):
 def temp_files(folder):
     """Temp files atomic_write left in folder: only a process killed mid-write leaves one."""
     with contextlib.suppress(OSError):
-        return sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                      if n.startswith(".") and n.endswith(TEMP_SUFFIX) and n.count(".") >= 3)
+        return sorted(
+            os.path.join(folder, n)
+            for n in os.listdir(folder)
+            if n.startswith(".") and n.endswith(TEMP_SUFFIX) and n.count(".") >= 3
+        )
     return []
 
 
@@ -106,20 +112,20 @@ def sha256_file(path):
 @contextlib.contextmanager
 def locked(folder, log=None):
     """Hold an exclusive lock on <folder>/.lock (flock: released by the OS if the holder dies).
-    A second process waits, saying so once, then continues; it should re-check what the first built."""
+    A second process waits, saying so once, then continues; it should re-check what the first
+    built."""
     os.makedirs(folder, exist_ok=True)
-    f = open(os.path.join(folder, ".lock"), "a+")
-    try:
+    with open(os.path.join(folder, ".lock"), "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if log:
-                log(f"waiting for another process building {folder} ...")
-            t0 = time.time()
-            fcntl.flock(f, fcntl.LOCK_EX)
-            if log:
-                log(f"... it finished after {time.time() - t0:.0f}s")
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if log:
+                    log(f"waiting for another process building {folder} ...")
+                t0 = time.time()
+                fcntl.flock(f, fcntl.LOCK_EX)
+                if log:
+                    log(f"... it finished after {time.time() - t0:.0f}s")
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -8,6 +8,7 @@ float32. A value within ~1e-5 of an integer can floor to either side, so determi
 corruptions must agree to within 1 level everywhere and exactly on >= 99% of pixels. Random
 corruptions cannot agree pixel for pixel (different RNGs); we compare residual statistics.
 """
+
 import importlib.util
 import io
 import math
@@ -21,11 +22,13 @@ from PIL import Image
 from scipy import ndimage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import corruptions as C  # noqa: E402
+import corruptions as C
 
 HAS_FROST = importlib.util.find_spec("imagecorruptions") is not None
-RANDOM = ["gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "snow",
-          "frost", "fog", "elastic_transform"]
+RANDOM = [
+    "gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "snow", "frost",
+    "fog", "elastic_transform"
+]
 DETERMINISTIC = [n for n in C.CORRUPTIONS if n not in RANDOM]
 
 
@@ -33,14 +36,19 @@ def photos():
     """12 real 32x32 photographs: 4 crops of each of scikit-image's astronaut, chelsea, coffee,
     box-downsampled like CIFAR's 32x32 thumbnails."""
     import skimage.data as d
+
     out = []
     for f in (d.astronaut, d.chelsea, d.coffee):
         im = f()
         H, W = im.shape[:2]
         s = min(H, W)
-        for (t, l, z) in [(0, 0, s), (H - s // 2, W - s // 2, s // 2), (0, W - s // 2, s // 2),
-                          ((H - s) // 2, (W - s) // 2, s)]:
-            crop = Image.fromarray(np.ascontiguousarray(im[t:t + z, l:l + z]))
+        for t, l, z in [
+            (0, 0, s),
+            (H - s // 2, W - s // 2, s // 2),
+            (0, W - s // 2, s // 2),
+            ((H - s) // 2, (W - s) // 2, s),
+        ]:
+            crop = Image.fromarray(np.ascontiguousarray(im[t : t + z, l : l + z]))
             out.append(np.array(crop.resize((32, 32), Image.BOX)))
     return np.stack(out)
 
@@ -51,26 +59,28 @@ PHOTOS = photos()
 # ---------------------------------------------------------------------------------------------
 # per-image references: f(img (32,32,3) uint8, severity, rng np.random.Generator) -> uint8
 
+
 def _u8(y):
     return y  # the references return the float values the release cast with np.uint8 (floor)
 
 
 def ref_gaussian_noise(x, s, rng):
-    c = [0.04, 0.06, .08, .09, .10][s - 1]
-    x = x / 255.
+    c = [0.04, 0.06, 0.08, 0.09, 0.10][s - 1]
+    x = x / 255.0
     return _u8(np.clip(x + rng.normal(size=x.shape, scale=c), 0, 1) * 255)
 
 
 def ref_shot_noise(x, s, rng):
     c = [500, 250, 100, 75, 50][s - 1]
-    x = x / 255.
+    x = x / 255.0
     return _u8(np.clip(rng.poisson(x * c) / c, 0, 1) * 255)
 
 
 def ref_impulse_noise(x, s, rng):
     from skimage.util import random_noise
-    c = [.01, .02, .03, .05, .07][s - 1]
-    y = random_noise(x / 255., mode='s&p', amount=c, rng=int(rng.integers(2 ** 31)))
+
+    c = [0.01, 0.02, 0.03, 0.05, 0.07][s - 1]
+    y = random_noise(x / 255.0, mode="s&p", amount=c, rng=int(rng.integers(2**31)))
     return _u8(np.clip(y, 0, 1) * 255)
 
 
@@ -78,24 +88,24 @@ def ref_defocus_blur(x, s, rng=None):
     r, alias = [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)][s - 1]
     L = np.arange(-8, 9)
     X, Y = np.meshgrid(L, L)
-    disk = ((X ** 2 + Y ** 2) <= r ** 2).astype(np.float32)
+    disk = ((X**2 + Y**2) <= r**2).astype(np.float32)
     disk /= disk.sum()
-    g = np.exp(-np.arange(-1, 2) ** 2 / (2 * alias ** 2))
+    g = np.exp(-(np.arange(-1, 2) ** 2) / (2 * alias**2))
     g /= g.sum()
     # cv2.GaussianBlur(ksize 3) and cv2.filter2D: correlation with reflect-101 ('mirror') borders
-    k = ndimage.correlate(disk.astype(np.float64), np.outer(g, g), mode='mirror')
-    x = x / 255.
-    y = np.stack([ndimage.correlate(x[..., d], k, mode='mirror') for d in range(3)], -1)
+    k = ndimage.correlate(disk.astype(np.float64), np.outer(g, g), mode="mirror")
+    x = x / 255.0
+    y = np.stack([ndimage.correlate(x[..., d], k, mode="mirror") for d in range(3)], -1)
     return _u8(np.clip(y, 0, 1) * 255)
 
 
 def _sk_gauss(x, sigma):  # skimage.filters.gaussian(multichannel): scipy, truncate 4, 'nearest'
-    return ndimage.gaussian_filter(x, sigma=(sigma, sigma, 0), mode='nearest', truncate=4.0)
+    return ndimage.gaussian_filter(x, sigma=(sigma, sigma, 0), mode="nearest", truncate=4.0)
 
 
 def ref_glass_blur(x, s, rng, offsets=None):
     sigma, d, it = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)][s - 1]
-    x = np.uint8(_sk_gauss(x / 255., sigma) * 255)
+    x = np.uint8(_sk_gauss(x / 255.0, sigma) * 255)
     n = 32 - 2 * d
     if offsets is None:  # randint(-1, 1): {-1, 0}; (dx, dy) per scan position, drawn at once
         offsets = rng.integers(-d, d, size=(it, n, n, 2))
@@ -105,14 +115,14 @@ def ref_glass_blur(x, s, rng, offsets=None):
                 dx, dy = offsets[i, 32 - d - h, 32 - d - w]
                 hp, wp = h + dy, w + dx
                 x[h, w], x[hp, wp] = x[hp, wp], x[h, w].copy()
-    return _u8(np.clip(_sk_gauss(x / 255., sigma), 0, 1) * 255)
+    return _u8(np.clip(_sk_gauss(x / 255.0, sigma), 0, 1) * 255)
 
 
 def ref_magick_motion(img, radius, sigma, angle):
     """ImageMagick MotionBlurImage on a (H,W) or (H,W,C) uint8 image: one-sided Gaussian taps,
     tap i at (x + ceil(i cos a - .5), y + ceil(i sin a - .5)), edge virtual pixels, 8-bit out."""
-    width = 2 * int(math.ceil(radius)) + 1
-    k = np.exp(-np.arange(width) ** 2 / (2. * sigma * sigma))
+    width = 2 * math.ceil(radius) + 1
+    k = np.exp(-(np.arange(width) ** 2) / (2.0 * sigma * sigma))
     k /= k.sum()
     a = math.radians(angle)
     H, W = img.shape[:2]
@@ -133,14 +143,14 @@ def ref_clipped_zoom(img, z):
     h = img.shape[0]
     ch = int(np.ceil(h / z))
     top = (h - ch) // 2
-    img = ndimage.zoom(img[top:top + ch, top:top + ch], (z, z, 1), order=1)
+    img = ndimage.zoom(img[top : top + ch, top : top + ch], (z, z, 1), order=1)
     t = (img.shape[0] - h) // 2
-    return img[t:t + h, t:t + h]
+    return img[t : t + h, t : t + h]
 
 
 def ref_zoom_blur(x, s, rng=None):
     zs = np.arange(1, [1.06, 1.11, 1.16, 1.21, 1.26][s - 1], 0.01)
-    x = (x / 255.).astype(np.float32)
+    x = (x / 255.0).astype(np.float32)
     out = np.zeros_like(x)
     for z in zs:
         out += ref_clipped_zoom(x, z)
@@ -148,15 +158,19 @@ def ref_zoom_blur(x, s, rng=None):
 
 
 def ref_snow(x, s, rng):
-    c = [(0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
-         (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
-         (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)][s - 1]
-    x = np.array(x, dtype=np.float32) / 255.
+    c = [
+        (0.1, 0.2, 1, 0.6, 8, 3, 0.95),
+        (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+        (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
+        (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+        (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8),
+    ][s - 1]
+    x = np.array(x, dtype=np.float32) / 255.0
     layer = rng.normal(size=x.shape[:2], loc=c[0], scale=c[1])
     layer = ref_clipped_zoom(layer[..., None], c[2])
     layer[layer < c[3]] = 0
     layer = (np.clip(layer.squeeze(), 0, 1) * 255).astype(np.uint8)
-    layer = ref_magick_motion(layer, c[4], c[5], rng.uniform(-135, -45)) / 255.
+    layer = ref_magick_motion(layer, c[4], c[5], rng.uniform(-135, -45)) / 255.0
     layer = layer[..., None]
     gray = (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]
     x = c[6] * x + (1 - c[6]) * np.maximum(x, gray * 1.5 + 0.5)
@@ -170,13 +184,14 @@ def ref_frost_textures():
     if not _FROST:
         folder = C.frost_dir()
         for i in range(1, 6):
-            f = [n for n in sorted(os.listdir(folder)) if n.startswith(f"frost{i}.")][0]
+            f = next(n for n in sorted(os.listdir(folder)) if n.startswith(f"frost{i}."))
             im = np.array(Image.open(os.path.join(folder, f)).convert("RGB"))
             try:
                 import cv2
+
                 im = cv2.resize(im, (0, 0), fx=0.2, fy=0.2)  # the release's resize
             except ImportError:  # INTER_LINEAR at x0.2 samples pixel 5d+2 exactly
-                im = im[2::5, 2::5][:int(round(im.shape[0] * .2)), :int(round(im.shape[1] * .2))]
+                im = im[2::5, 2::5][: round(im.shape[0] * 0.2), : round(im.shape[1] * 0.2)]
             _FROST[i - 1] = im
     return _FROST
 
@@ -185,15 +200,16 @@ def ref_frost(x, s, rng):
     a, b = [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)][s - 1]
     fr = ref_frost_textures()[int(rng.integers(5))]
     r0, c0 = rng.integers(0, fr.shape[0] - 32), rng.integers(0, fr.shape[1] - 32)
-    return _u8(np.clip(a * x + b * fr[r0:r0 + 32, c0:c0 + 32].astype(np.float64), 0, 255))
+    return _u8(np.clip(a * x + b * fr[r0 : r0 + 32, c0 : c0 + 32].astype(np.float64), 0, 255))
 
 
 def ref_plasma(rng, decay, n=32):
     m = np.zeros((n, n))
-    step, wib = n, 100.
+    step, wib = n, 100.0
 
     def wibbled(a):
         return a / 4 + wib * rng.uniform(-wib, wib, a.shape)
+
     while step >= 2:
         h = step // 2
         cr = m[0:n:step, 0:n:step]
@@ -210,8 +226,8 @@ def ref_plasma(rng, decay, n=32):
 
 
 def ref_fog(x, s, rng):
-    c, decay = [(.2, 3), (.5, 3), (.75, 2.5), (1, 2), (1.5, 1.75)][s - 1]
-    x = x / 255.
+    c, decay = [(0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)][s - 1]
+    x = x / 255.0
     mv = x.max()
     x = x + c * ref_plasma(rng, decay)[..., None]
     return _u8(np.clip(x * mv / (mv + c), 0, 1) * 255)
@@ -219,15 +235,16 @@ def ref_fog(x, s, rng):
 
 def ref_brightness(x, s, rng=None):
     from skimage.color import hsv2rgb, rgb2hsv
-    c = [.05, .1, .15, .2, .3][s - 1]
-    h = rgb2hsv(x / 255.)
+
+    c = [0.05, 0.1, 0.15, 0.2, 0.3][s - 1]
+    h = rgb2hsv(x / 255.0)
     h[..., 2] = np.clip(h[..., 2] + c, 0, 1)
     return _u8(np.clip(hsv2rgb(h), 0, 1) * 255)
 
 
 def ref_contrast(x, s, rng=None):
-    c = [.75, .5, .4, .3, 0.15][s - 1]
-    x = x / 255.
+    c = [0.75, 0.5, 0.4, 0.3, 0.15][s - 1]
+    x = x / 255.0
     m = x.mean(axis=(0, 1), keepdims=True)
     return _u8(np.clip((x - m) * c + m, 0, 1) * 255)
 
@@ -236,30 +253,50 @@ def ref_elastic_transform(x, s, rng, shift=None, ux=None, uy=None, use_cv2=False
     """use_cv2: the release's own cv2.getAffineTransform + warpAffine (whose coordinates are
     quantised to 1/32 px); otherwise scipy's affine_transform with exact coordinates."""
     from skimage.filters import gaussian
-    alpha, sigma, aff = [32 * v for v in [(0, 0, .08), (.05, .2, .07), (.08, .06, .06),
-                                          (.1, .04, .05), (.1, .03, .03)][s - 1]]
-    img = x.astype(np.float32) / 255.
-    p1 = np.float32([[26, 26], [26, 6], [6, 6]])              # (x, y) points
+
+    alpha, sigma, aff = [
+        32 * v
+        for v in [
+            (0, 0, 0.08),
+            (0.05, 0.2, 0.07),
+            (0.08, 0.06, 0.06),
+            (0.1, 0.04, 0.05),
+            (0.1, 0.03, 0.03),
+        ][s - 1]
+    ]
+    img = x.astype(np.float32) / 255.0
+    p1 = np.float32([[26, 26], [26, 6], [6, 6]])  # (x, y) points
     if shift is None:
         shift = rng.uniform(-aff, aff, size=p1.shape)
     p2 = p1 + shift.astype(np.float32)
     if use_cv2:
         import cv2
+
         M = cv2.getAffineTransform(p1, p2)
         img = cv2.warpAffine(img, M, (32, 32), borderMode=cv2.BORDER_REFLECT_101)
     else:  # warpAffine reads src at M^-1(dst)
         A = np.linalg.solve(np.c_[p2, np.ones(3)], np.c_[p1, np.ones(3)]).T  # p2 -> p1, (x, y)
         mat = np.array([[A[1, 1], A[1, 0]], [A[0, 1], A[0, 0]]])  # to (row, col) order
         off = np.array([A[1, 2], A[0, 2]])
-        img = np.stack([ndimage.affine_transform(img[..., d], mat, off, order=1, mode='mirror')
-                        for d in range(3)], -1)
+        img = np.stack(
+            [
+                ndimage.affine_transform(img[..., d], mat, off, order=1, mode="mirror")
+                for d in range(3)
+            ],
+            -1,
+        )
     ux = rng.uniform(-1, 1, size=(32, 32)) if ux is None else ux
     uy = rng.uniform(-1, 1, size=(32, 32)) if uy is None else uy
-    dx = gaussian(ux, sigma, mode='reflect', truncate=3) * alpha if alpha else np.zeros((32, 32))
-    dy = gaussian(uy, sigma, mode='reflect', truncate=3) * alpha if alpha else np.zeros((32, 32))
+    dx = gaussian(ux, sigma, mode="reflect", truncate=3) * alpha if alpha else np.zeros((32, 32))
+    dy = gaussian(uy, sigma, mode="reflect", truncate=3) * alpha if alpha else np.zeros((32, 32))
     yy, xx = np.mgrid[0:32, 0:32]
-    y = np.stack([ndimage.map_coordinates(img[..., d], (yy + dy, xx + dx), order=1, mode='reflect')
-                  for d in range(3)], -1)
+    y = np.stack(
+        [
+            ndimage.map_coordinates(img[..., d], (yy + dy, xx + dx), order=1, mode="reflect")
+            for d in range(3)
+        ],
+        -1,
+    )
     return _u8(np.clip(y, 0, 1) * 255)
 
 
@@ -271,7 +308,7 @@ def ref_pixelate(x, s, rng=None):
 
 def ref_jpeg_compression(x, s, rng=None):
     buf = io.BytesIO()
-    Image.fromarray(x).save(buf, 'JPEG', quality=[80, 65, 58, 50, 40][s - 1])
+    Image.fromarray(x).save(buf, "JPEG", quality=[80, 65, 58, 50, 40][s - 1])
     return np.array(Image.open(buf))
 
 
@@ -288,14 +325,17 @@ def reference(name, images, s, rng, cast=True):
 # ---------------------------------------------------------------------------------------------
 # tests
 
+
 def test_names():
     assert len(C.CORRUPTIONS) == 15 and len(set(C.CORRUPTIONS)) == 15
     assert sorted(C.SEEN + C.UNSEEN) == sorted(C.CORRUPTIONS)
-    assert C.TYPE_NAMES[:11] == ["clean", "brightness", "defocus_blur", "zoom_blur", "motion_blur",
-                                 "fog", "frost", "snow", "shot_noise", "gaussian_noise",
-                                 "jpeg_compression"]
-    assert C.TYPE_NAMES[11:] == ["impulse_noise", "glass_blur", "contrast", "elastic_transform",
-                                 "pixelate"]
+    assert C.TYPE_NAMES[:11] == [
+        "clean", "brightness", "defocus_blur", "zoom_blur", "motion_blur", "fog", "frost", "snow",
+        "shot_noise", "gaussian_noise", "jpeg_compression"
+    ]
+    assert C.TYPE_NAMES[11:] == [
+        "impulse_noise", "glass_blur", "contrast", "elastic_transform", "pixelate"
+    ]
 
 
 def _skip_frost(name):
@@ -336,9 +376,11 @@ def test_contract(name):
 #    -> 0.75x+0.45f: darkening the image cancels part of the added frost.
 #  motion_blur: severities 3 (radius 6, sigma 2) and 4 (radius 8, sigma 2) differ only in taps of
 #    weight exp(-13^2/8) < 1e-9, so for the same angle they give identical 8-bit images.
-NON_MONOTONE = {"glass_blur": {(1, 2), (2, 3), (4, 5)},
-                "elastic_transform": {(1, 2), (2, 3), (3, 4), (4, 5)},
-                "frost": {(3, 4), (4, 5)}}
+NON_MONOTONE = {
+    "glass_blur": {(1, 2), (2, 3), (4, 5)},
+    "elastic_transform": {(1, 2), (2, 3), (3, 4), (4, 5)},
+    "frost": {(3, 4), (4, 5)},
+}
 EQUAL = {"motion_blur": {(3, 4)}}
 
 
@@ -346,8 +388,13 @@ EQUAL = {"motion_blur": {(3, 4)}}
 def test_severity_monotone(name):
     _skip_frost(name)
     x = torch.from_numpy(PHOTOS).repeat(4, 1, 1, 1)
-    change = [(C.corrupt(x, name, s, torch.Generator().manual_seed(0)).float() - x.float())
-              .abs().mean().item() for s in range(1, 6)]
+    change = [
+        (C.corrupt(x, name, s, torch.Generator().manual_seed(0)).float() - x.float())
+        .abs()
+        .mean()
+        .item()
+        for s in range(1, 6)
+    ]
     for s in range(1, 5):
         if (s, s + 1) in NON_MONOTONE.get(name, ()):
             continue
@@ -378,8 +425,12 @@ def test_corrupt_batch_mixed():
         assert torch.equal(y[m], C.corrupt(x[m], C.TYPE_NAMES[t], s, g)), (C.TYPE_NAMES[t], s)
     # a deterministic corruption of a sample does not depend on its batch mates
     m = types == C.TYPE_NAMES.index("contrast")
-    assert torch.equal(y[m], torch.stack([C.corrupt(x[i:i + 1], "contrast", int(sev[i]))[0]
-                                          for i in m.nonzero().flatten()]))
+    assert torch.equal(
+        y[m],
+        torch.stack(
+            [C.corrupt(x[i : i + 1], "contrast", int(sev[i]))[0] for i in m.nonzero().flatten()]
+        ),
+    )
 
 
 def test_bad_input():
@@ -400,8 +451,9 @@ def test_bad_input():
 
 def _agree(ours, ref, name):
     d = np.abs(ours.astype(int) - ref.astype(int))
-    assert d.max() <= 1 and (d == 0).mean() >= 0.99, \
+    assert d.max() <= 1 and (d == 0).mean() >= 0.99, (
         f"{name}: max diff {d.max()}, exact {(d == 0).mean():.4f}"
+    )
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
@@ -415,14 +467,17 @@ def test_parity_deterministic(name):
         ref = reference(name, PHOTOS, s, None, cast=False)
         lo, hi = np.floor(ref - 1e-3), np.floor(ref + 1e-3)
         bad = (ours < lo) | (ours > hi)
-        assert not bad.any(), f"{name} s{s}: {bad.sum()} pixels off, max diff " \
-            f"{np.abs(ours - np.floor(ref)).max()}"
+        assert not bad.any(), (
+            f"{name} s{s}: {bad.sum()} pixels off, max diff {np.abs(ours - np.floor(ref)).max()}"
+        )
 
 
 def test_parity_motion_blur_kernel():
     """ImageMagick's motion blur at given angles (the random part fixed), incl. steep ones."""
-    angles = torch.tensor([-45., -30., -7.5, 0., 12., 33., 45., -90., -120., 60., 1.0, -44.9])
-    for (r, sg) in [(6, 1), (9, 2.5), (14, 12)]:
+    angles = torch.tensor(
+        [-45.0, -30.0, -7.5, 0.0, 12.0, 33.0, 45.0, -90.0, -120.0, 60.0, 1.0, -44.9]
+    )
+    for r, sg in [(6, 1), (9, 2.5), (14, 12)]:
         x = torch.from_numpy(PHOTOS).permute(0, 3, 1, 2).float()
         ours = C._motion_blur(x, r, sg, angles).permute(0, 2, 3, 1).numpy().astype(np.uint8)
         ref = np.stack([ref_magick_motion(im, r, sg, float(a)) for im, a in zip(PHOTOS, angles)])
@@ -441,8 +496,12 @@ def test_parity_glass_blur_given_offsets():
         u8 = torch.floor(C._sep_filter(xf, G) * 255).reshape(len(x), 3, -1)
         y = u8.gather(2, perm[:, None].expand(-1, 3, -1)).view_as(xf) / 255
         ours = torch.floor(C._sep_filter(y, G).clamp(0, 1) * 255).permute(0, 2, 3, 1).numpy()
-        ref = np.stack([ref_glass_blur(im, s, None, offsets=d[..., b].reshape(it, 30, 30, 2))
-                        for b, im in enumerate(PHOTOS)])
+        ref = np.stack(
+            [
+                ref_glass_blur(im, s, None, offsets=d[..., b].reshape(it, 30, 30, 2))
+                for b, im in enumerate(PHOTOS)
+            ]
+        )
         # float ties at the *first* np.uint8 (inside the algorithm) carry through the swaps and
         # the second blur: at sigma 0.25, 2% of the first blur's float64 values on these photos
         # are exact integers (flat regions), and ~1% floor to the other side in float32. So
@@ -462,15 +521,33 @@ def test_parity_elastic_given_draws(use_cv2):
     x = torch.from_numpy(PHOTOS).permute(0, 3, 1, 2).float() / 255
     B = len(PHOTOS)
     for s in range(1, 6):
-        alpha, sigma, aff = [32 * v for v in [(0, 0, .08), (.05, .2, .07), (.08, .06, .06),
-                                              (.1, .04, .05), (.1, .03, .03)][s - 1]]
+        alpha, sigma, aff = [
+            32 * v
+            for v in [
+                (0, 0, 0.08),
+                (0.05, 0.2, 0.07),
+                (0.08, 0.06, 0.06),
+                (0.1, 0.04, 0.05),
+                (0.1, 0.03, 0.03),
+            ][s - 1]
+        ]
         shift = rng.uniform(-aff, aff, size=(B, 3, 2))
         ux, uy = rng.uniform(-1, 1, size=(2, B, 32, 32))
-        y = C._elastic(x, alpha, sigma, torch.from_numpy(shift), torch.from_numpy(ux).float(),
-                       torch.from_numpy(uy).float())
+        y = C._elastic(
+            x,
+            alpha,
+            sigma,
+            torch.from_numpy(shift),
+            torch.from_numpy(ux).float(),
+            torch.from_numpy(uy).float(),
+        )
         ours = torch.floor(y.clamp(0, 1) * 255).permute(0, 2, 3, 1).numpy()
-        ref = np.stack([ref_elastic_transform(im, s, None, shift[b], ux[b], uy[b], use_cv2)
-                        for b, im in enumerate(PHOTOS)]).astype(np.float64)
+        ref = np.stack(
+            [
+                ref_elastic_transform(im, s, None, shift[b], ux[b], uy[b], use_cv2)
+                for b, im in enumerate(PHOTOS)
+            ]
+        ).astype(np.float64)
         d = np.abs(ours - np.floor(ref))
         assert d.max() <= 1 and (d == 0).mean() >= 0.99, f"s{s}: {d.max()} {(d == 0).mean()}"
 
@@ -483,12 +560,17 @@ def test_parity_plasma_given_draws():
 
     class Shim:  # rng.uniform(lo, hi, shape) from the same torch draws, in the same order
         def uniform(self, lo, hi, shape):
-            return lo + (hi - lo) * torch.rand((1,) + tuple(shape), generator=g2)[0].double().numpy()
+            return (
+                lo + (hi - lo) * torch.rand((1,) + tuple(shape), generator=g2)[0].double().numpy()
+            )
+
     ref = ref_plasma(Shim(), 2.5)
     assert np.abs(ours - ref).max() < 1e-4
 
 
-@pytest.mark.skipif(not HAS_FROST, reason="frost needs imagecorruptions: pip install imagecorruptions")
+@pytest.mark.skipif(
+    not HAS_FROST, reason="frost needs imagecorruptions: pip install imagecorruptions"
+)
 def test_frost_textures_match_release_resize():
     tex, sizes = C._frost_textures(torch.device("cpu"))
     for i, ref in ref_frost_textures().items():
@@ -514,13 +596,22 @@ def test_parity_random_statistics(name):
     x = np.concatenate([PHOTOS] * (N_STAT.get(name, 96) // len(PHOTOS))).astype(float)
     rng = np.random.default_rng(0)
     for s in range(1, 6):
-        ours = C.corrupt(torch.from_numpy(x.astype(np.uint8)), name, s,
-                         torch.Generator().manual_seed(s)).numpy() - x
+        ours = (
+            C.corrupt(
+                torch.from_numpy(x.astype(np.uint8)), name, s, torch.Generator().manual_seed(s)
+            ).numpy()
+            - x
+        )
         ref = reference(name, x.astype(np.uint8), s, rng) - x
-        for label, stat in (("mean", lambda r: r.mean((1, 2, 3))),
-                            ("std", lambda r: r.reshape(len(r), -1).std(1)),
-                            ("mean|.|", lambda r: np.abs(r).mean((1, 2, 3)))):
+        for label, stat in (
+            ("mean", lambda r: r.mean((1, 2, 3))),
+            ("std", lambda r: r.reshape(len(r), -1).std(1)),
+            ("mean|.|", lambda r: np.abs(r).mean((1, 2, 3))),
+        ):
             a, b = stat(ours), stat(ref)
             se = math.sqrt(a.var() / len(a) + b.var() / len(b))
-            assert abs(a.mean() - b.mean()) <= 4.5 * se + 0.2, \
-                f"{name} s{s} {label}: ours {a.mean():.3f} vs reference {b.mean():.3f} (se {se:.3f})"
+            assert abs(a.mean() - b.mean()) <= 4.5 * se + 0.2, (
+                f"{name} s{s} {label}: ours {a.mean():.3f} vs reference {b.mean():.3f} "
+                f"(se {se:.3f})"
+            )
+

@@ -1,6 +1,8 @@
 """data.py: readers on synthetic files in the real formats, the mix and the loader. CPU only, no
-network. The downloader (test_download.py), the standard split
-(test_standard_split.py) and the augmentation itself (test_augment.py) have their own files."""
+network. The downloader (test_download.py), the standard split (test_standard_split.py) and the
+augmentation itself (test_augment.py) have their own files."""
+
+import itertools
 import os
 import pickle
 import struct
@@ -12,8 +14,7 @@ import torch
 import data
 import download
 
-COUNTS = dict(train_per_class=100, val_per_class=20, test_per_class=20)   # small, multiples of 5
-
+COUNTS = {"train_per_class": 100, "val_per_class": 20, "test_per_class": 20}  # multiples of 5
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -21,11 +22,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     r = str(tmp_path_factory.mktemp("synth"))
-    data.write_synthetic(r)   # 250 train / 60 test per class
+    data.write_synthetic(r)  # 250 train / 60 test per class
     return r
 
 
 # --------------------------------------------------------------------------------- readers
+
 
 def test_read_cifar10_synthetic(root):
     c = data.read_cifar10(root)
@@ -41,26 +43,65 @@ def test_read_cifar10_synthetic(root):
     img = c["train_images"][500 + 7]
     assert img[0, 0, 0] == row[0] and img[0, 0, 1] == row[1024] and img[0, 0, 2] == row[2048]
     assert img[1, 2, 1] == row[1024 + 32 + 2]
-    assert data.read_cifar10(os.path.join(root, "cifar-10-batches-py"))["test_labels"].shape == (600,)
+    assert data.read_cifar10(os.path.join(root, "cifar-10-batches-py"))["test_labels"].shape == (
+        600,
+    )
 
 
 def _py2_batch_pickle(x, labels):
     """A CIFAR batch pickled the way Python 2 + numpy 1 wrote the real files (protocol 2, str =
     BINSTRING, numpy.core globals), written opcode by opcode."""
+
     def s(b):
-        return (b"U" + bytes([len(b)]) + b) if len(b) < 256 else (b"T" + struct.pack("<I", len(b)) + b)
+        return (
+            (b"U" + bytes([len(b)]) + b) if len(b) < 256 else (b"T" + struct.pack("<I", len(b)) + b)
+        )
 
     def i(v):
         return b"K" + bytes([v]) if v < 256 else b"M" + struct.pack("<H", v)
+
     n = len(x)
-    arr = (b"cnumpy.core.multiarray\n_reconstruct\n" b"cnumpy\nndarray\n" + i(0) + b"\x85" + s(b"b") + b"\x87R"
-           + b"(" + i(1) + i(n) + i(3072) + b"\x86"
-           + b"cnumpy\ndtype\n" + s(b"u1") + i(0) + i(1) + b"\x87R"
-           + b"(" + i(3) + s(b"|") + b"NNN" + b"J\xff\xff\xff\xff" * 2 + i(0) + b"tb"
-           + b"\x89" + s(x.tobytes()) + b"tb")
+    arr = (
+        b"cnumpy.core.multiarray\n_reconstruct\n"
+        b"cnumpy\nndarray\n"
+        + i(0)
+        + b"\x85"
+        + s(b"b")
+        + b"\x87R"
+        + b"("
+        + i(1)
+        + i(n)
+        + i(3072)
+        + b"\x86"
+        + b"cnumpy\ndtype\n"
+        + s(b"u1")
+        + i(0)
+        + i(1)
+        + b"\x87R"
+        + b"("
+        + i(3)
+        + s(b"|")
+        + b"NNN"
+        + b"J\xff\xff\xff\xff" * 2
+        + i(0)
+        + b"tb"
+        + b"\x89"
+        + s(x.tobytes())
+        + b"tb"
+    )
     lab = b"](" + b"".join(i(int(v)) for v in labels) + b"e"
-    return (b"\x80\x02}(" + s(b"batch_label") + s(b"training batch 1 of 5") + s(b"labels") + lab
-            + s(b"data") + arr + s(b"filenames") + b"]" + b"u.")
+    return (
+        b"\x80\x02}("
+        + s(b"batch_label")
+        + s(b"training batch 1 of 5")
+        + s(b"labels")
+        + lab
+        + s(b"data")
+        + arr
+        + s(b"filenames")
+        + b"]"
+        + b"u."
+    )
 
 
 def test_read_python2_style_pickle(tmp_path, root):
@@ -70,10 +111,17 @@ def test_read_python2_style_pickle(tmp_path, root):
     p = tmp_path / "data_batch_1"
     p.write_bytes(_py2_batch_pickle(x, y))
     xs, ys = data._read_batch(str(p))
-    assert np.array_equal(xs, x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)) and ys.tolist() == y.tolist()
-    p.write_bytes(pickle.dumps({"data": x, "labels": y.tolist()}, protocol=5))   # str keys, numpy 2 pickle
+    assert (
+        np.array_equal(xs, x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        and ys.tolist() == y.tolist()
+    )
+    # str keys, numpy 2 pickle
+    p.write_bytes(pickle.dumps({"data": x, "labels": y.tolist()}, protocol=5))
     xs, ys = data._read_batch(str(p))
-    assert np.array_equal(xs, x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)) and ys.tolist() == y.tolist()
+    assert (
+        np.array_equal(xs, x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        and ys.tolist() == y.tolist()
+    )
 
 
 @pytest.mark.parametrize("protocol", [0, 1, 2])
@@ -81,7 +129,7 @@ def test_read_batch_resaved_by_python3_with_old_protocol(root, tmp_path, protoco
     """Python 3 writes bytes as _codecs.encode(str, 'latin1') below protocol 3 (b'' as bytes())."""
     src = os.path.join(root, "cifar-10-batches-py", "data_batch_2")
     with open(src, "rb") as f:
-        obj = pickle.load(f, encoding="bytes")   # our own file, trusted
+        obj = pickle.load(f, encoding="bytes")  # our own file, trusted
     obj[b"filenames"][0] = b""
     p = tmp_path / "data_batch_2"
     p.write_bytes(pickle.dumps(obj, protocol=protocol))
@@ -98,16 +146,24 @@ class _Reduce:
         return self.fn, self.args
 
 
-@pytest.mark.parametrize("payload,needle", [
-    (lambda m: _Reduce(os.system, f"touch {m}"), "system"),
-    (lambda m: _Reduce(eval, f"open({str(m)!r}, 'w')"), "builtin__.eval"),   # protocol 2: __builtin__
-    (lambda m: _Reduce(__import__("subprocess").Popen, ["touch", str(m)]), ".Popen"),  # protocol 2: commands.Popen
-    (lambda m: _Reduce(__import__("_codecs").encode, "abc", "rot13"), "only latin1"),
-    (lambda m: _Reduce(__import__("_codecs").encode, 7, "latin1"), "only latin1"),
-    (lambda m: _Reduce(__import__("_codecs").decode, b"abc", "latin1"), "_codecs.decode"),
-    (lambda m: _Reduce(bytes, 10 ** 10), "bytes() with arguments"),
-    (lambda m: _Reduce(__import__("_codecs").encode, _Reduce(eval, "1"), "latin1"), "builtin__.eval"),
-])
+@pytest.mark.parametrize(
+    "payload,needle",
+    [
+        (lambda m: _Reduce(os.system, f"touch {m}"), "system"),
+        # protocol 2: __builtin__
+        (lambda m: _Reduce(eval, f"open({str(m)!r}, 'w')"), "builtin__.eval"),
+        # protocol 2: commands.Popen
+        (lambda m: _Reduce(__import__("subprocess").Popen, ["touch", str(m)]), ".Popen"),
+        (lambda m: _Reduce(__import__("_codecs").encode, "abc", "rot13"), "only latin1"),
+        (lambda m: _Reduce(__import__("_codecs").encode, 7, "latin1"), "only latin1"),
+        (lambda m: _Reduce(__import__("_codecs").decode, b"abc", "latin1"), "_codecs.decode"),
+        (lambda m: _Reduce(bytes, 10**10), "bytes() with arguments"),
+        (
+            lambda m: _Reduce(__import__("_codecs").encode, _Reduce(eval, "1"), "latin1"),
+            "builtin__.eval",
+        ),
+    ],
+)
 def test_malicious_pickles_are_refused(tmp_path, payload, needle):
     marker = tmp_path / "pwned"
     p = tmp_path / "data_batch_1"
@@ -126,27 +182,31 @@ def test_read_cifar10c(root):
     assert y.dtype == np.int64 and np.array_equal(y, np.tile(test_y, 5))
     # severity grows the distortion (synthetic texture blend): mean |x_s - clean| increases with s
     clean = data.read_cifar10(root)["test_images"].astype(np.float32)
-    d = [np.abs(x[s * 600:(s + 1) * 600] - clean).mean() for s in range(5)]
-    assert all(a < b for a, b in zip(d, d[1:]))
+    d = [np.abs(x[s * 600 : (s + 1) * 600] - clean).mean() for s in range(5)]
+    assert all(a < b for a, b in itertools.pairwise(d))
     for name in download.CORRUPTION_FILES:
         assert os.path.exists(os.path.join(root, "CIFAR-10-C", f"{name}.npy"))
 
 
 def _copy_tree(root, tmp_path):
     import shutil
+
     dst = tmp_path / "copy"
     shutil.copytree(os.path.join(root, "cifar-10-batches-py"), dst / "cifar-10-batches-py")
     shutil.copytree(os.path.join(root, "CIFAR-10-C"), dst / "CIFAR-10-C")
     return dst
 
 
-@pytest.mark.parametrize("damage,needle", [
-    ("truncate", "not a readable CIFAR-10 pickle"),
-    ("shape", "'data' must be a uint8 array"),
-    ("labels", "'labels' must be"),
-    ("missing", "file not found"),
-    ("notdict", "expected a pickled dict"),
-])
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        ("truncate", "not a readable CIFAR-10 pickle"),
+        ("shape", "'data' must be a uint8 array"),
+        ("labels", "'labels' must be"),
+        ("missing", "file not found"),
+        ("notdict", "expected a pickled dict"),
+    ],
+)
 def test_bad_batch_files(root, tmp_path, damage, needle):
     d = _copy_tree(root, tmp_path)
     p = d / "cifar-10-batches-py" / "data_batch_3"
@@ -168,10 +228,16 @@ def test_bad_batch_files(root, tmp_path, damage, needle):
     assert str(p) in str(e.value) and needle in str(e.value)
 
 
-@pytest.mark.parametrize("damage,needle", [
-    ("dtype", "expected uint8"), ("rows", "expected uint8"), ("labels", "tiled 5 times"),
-    ("garbage", "not a readable .npy"), ("pickled", "not a readable .npy"),
-])
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        ("dtype", "expected uint8"),
+        ("rows", "expected uint8"),
+        ("labels", "tiled 5 times"),
+        ("garbage", "not a readable .npy"),
+        ("pickled", "not a readable .npy"),
+    ],
+)
 def test_bad_cifar10c_files(root, tmp_path, damage, needle):
     d = _copy_tree(root, tmp_path) / "CIFAR-10-C"
     p = d / ("labels.npy" if damage == "labels" else "snow.npy")
@@ -194,9 +260,12 @@ def test_bad_cifar10c_files(root, tmp_path, damage, needle):
 
 # --------------------------------------------------------------------------------- the mix
 
+
 @pytest.fixture(scope="module")
 def mixes(root):
-    return {s: data.build_mix(root, s, seed=0, cache_dir=False, **COUNTS) for s in ("paper", "grouped")}
+    return {
+        s: data.build_mix(root, s, seed=0, cache_dir=False, **COUNTS) for s in ("paper", "grouped")
+    }
 
 
 @pytest.mark.parametrize("split", ["paper", "grouped"])
@@ -211,7 +280,9 @@ def test_mix_counts_balance_and_content(root, mixes, split):
         for k in ("labels", "types", "severities", "sources"):
             assert d[k].shape == (n,) and d[k].dtype == torch.int64
         counts = torch.zeros(11, 10, dtype=torch.long)
-        counts.index_put_((d["types"], d["labels"]), torch.ones(n, dtype=torch.long), accumulate=True)
+        counts.index_put_(
+            (d["types"], d["labels"]), torch.ones(n, dtype=torch.long), accumulate=True
+        )
         assert (counts == per).all(), counts
         clean = d["types"] == 0
         assert (d["severities"][clean] == 0).all() and (d["sources"][clean] < 50000).all()
@@ -237,18 +308,23 @@ def test_mix_deterministic_and_cached(root, mixes, tmp_path):
     assert not torch.equal(other["test"]["sources"], mixes["paper"]["test"]["sources"])
     cache = tmp_path / "cache"
     first = data.build_mix(root, "grouped", seed=0, cache_dir=str(cache), **COUNTS)
-    files = [f for f in os.listdir(cache) if f != ".lock"]   # .lock: one builder at a time
+    files = [f for f in os.listdir(cache) if f != ".lock"]  # .lock: one builder at a time
     assert len(files) == 1 and files[0].startswith("mix-grouped-s0-100-20-20-")
     second = data.build_mix(root, "grouped", seed=0, cache_dir=str(cache), **COUNTS)
     assert all(torch.equal(first[s][k], second[s][k]) for s in first for k in first[s])
     assert all(torch.equal(first[s][k], mixes["grouped"][s][k]) for s in first for k in first[s])
-    (cache / files[0]).write_bytes(b"damaged")   # a damaged cache is rebuilt, not trusted
+    (cache / files[0]).write_bytes(b"damaged")  # a damaged cache is rebuilt, not trusted
     third = data.build_mix(root, "grouped", seed=0, cache_dir=str(cache), **COUNTS)
     assert torch.equal(third["train"]["images"], first["train"]["images"])
     ident = torch.load(cache / files[0], weights_only=True)["identity"]
-    assert ident == data.mix_identity(root, "grouped", 0, **COUNTS)   # stored with the mix
-    for bad in ({"identity": dict(ident, seed=1), "mix": other},                      # another mix
-                {"identity": ident, "mix": {s: dict(other[s], labels=other[s]["labels"][1:]) for s in other}}):
+    assert ident == data.mix_identity(root, "grouped", 0, **COUNTS)  # stored with the mix
+    for bad in (
+        {"identity": dict(ident, seed=1), "mix": other},  # another mix
+        {
+            "identity": ident,
+            "mix": {s: dict(other[s], labels=other[s]["labels"][1:]) for s in other},
+        },
+    ):
         torch.save(bad, cache / files[0])
         fourth = data.build_mix(root, "grouped", seed=0, cache_dir=str(cache), **COUNTS)
         assert all(torch.equal(fourth[s][k], first[s][k]) for s in first for k in first[s])
@@ -258,10 +334,13 @@ def test_mix_cache_keyed_on_file_content_not_mtime(tmp_path):
     """Files rewritten with other content (same sizes, the old mtimes put back): not the old mix."""
     r = str(tmp_path / "d")
     data.write_synthetic(r, train_per_class=20, test_per_class=10, seed=0)
-    args = dict(train_per_class=5, val_per_class=1, test_per_class=1)
+    args = {"train_per_class": 5, "val_per_class": 1, "test_per_class": 1}
     old = data.build_mix(r, "paper", **args)
-    stamps = {os.path.join(r, sub, f): os.stat(os.path.join(r, sub, f)).st_mtime_ns
-              for sub in (download.CIFAR_DIR, download.CIFARC_DIR) for f in os.listdir(os.path.join(r, sub))}
+    stamps = {
+        os.path.join(r, sub, f): os.stat(os.path.join(r, sub, f)).st_mtime_ns
+        for sub in (download.CIFAR_DIR, download.CIFARC_DIR)
+        for f in os.listdir(os.path.join(r, sub))
+    }
     assert len(stamps) == 7 + 20
     data.write_synthetic(r, train_per_class=20, test_per_class=10, seed=1)
     for p, t in stamps.items():
@@ -276,7 +355,11 @@ def test_mix_cache_keyed_on_file_content_not_mtime(tmp_path):
 def test_grouped_has_no_source_overlap_and_paper_does(mixes):
     g = mixes["grouped"]
     src = {s: set(g[s]["sources"].tolist()) for s in g}
-    assert not (src["train"] & src["val"]) and not (src["train"] & src["test"]) and not (src["val"] & src["test"])
+    assert (
+        not (src["train"] & src["val"])
+        and not (src["train"] & src["test"])
+        and not (src["val"] & src["test"])
+    )
     # grouped: each corrupted source appears at all 5 severities of every corruption
     d = g["train"]
     cor = d["types"] > 0
@@ -285,29 +368,48 @@ def test_grouped_has_no_source_overlap_and_paper_does(mixes):
     assert cor.sum() == len(set(d["sources"][cor].tolist())) * 10 * 5
     p = mixes["paper"]
     psrc = {s: set(p[s]["sources"][p[s]["types"] > 0].tolist()) for s in p}
-    assert len(psrc["train"] & psrc["test"]) > 0   # the seed's protocol leaks source images
+    assert len(psrc["train"] & psrc["test"]) > 0  # the thesis's protocol leaks source images
     # ... but never the same corrupted image twice: (type, severity, source) is unique across splits
     for m in (p, g):
-        keys = torch.cat([m[s]["sources"] * 100 + m[s]["types"] * 10 + m[s]["severities"] for s in m])
+        keys = torch.cat(
+            [m[s]["sources"] * 100 + m[s]["types"] * 10 + m[s]["severities"] for s in m]
+        )
         assert len(set(keys.tolist())) == len(keys)
 
 
 def test_mix_pools_too_small(root, tmp_path):
     with pytest.raises(download.DataError, match="need 300"):
-        data.build_mix(root, "paper", cache_dir=False, train_per_class=260, val_per_class=20, test_per_class=20)
+        data.build_mix(
+            root, "paper", cache_dir=False, train_per_class=260, val_per_class=20, test_per_class=20
+        )
     data.write_synthetic(str(tmp_path), train_per_class=100, test_per_class=10)
     with pytest.raises(download.DataError, match="class 0 test sources.* has 10 images.* need 12"):
-        data.build_mix(str(tmp_path), "grouped", cache_dir=False, train_per_class=40, val_per_class=10, test_per_class=10)
+        data.build_mix(
+            str(tmp_path),
+            "grouped",
+            cache_dir=False,
+            train_per_class=40,
+            val_per_class=10,
+            test_per_class=10,
+        )
     with pytest.raises(ValueError, match="multiples of 5"):
         data.build_mix(root, "grouped", cache_dir=False, train_per_class=101)
 
 
 # --------------------------------------------------------------------------------- loader
 
+
 def _toy_split(n):
-    return {"images": torch.arange(n * 3072, dtype=torch.int64).remainder(251).to(torch.uint8).view(n, 3, 32, 32),
-            "labels": torch.arange(n) % 10, "types": torch.arange(n) % 11,
-            "severities": torch.arange(n) % 6, "sources": torch.arange(n)}
+    return {
+        "images": torch.arange(n * 3072, dtype=torch.int64)
+        .remainder(251)
+        .to(torch.uint8)
+        .view(n, 3, 32, 32),
+        "labels": torch.arange(n) % 10,
+        "types": torch.arange(n) % 11,
+        "severities": torch.arange(n) % 6,
+        "sources": torch.arange(n),
+    }
 
 
 def test_device_loader_epochs_and_ranks():
@@ -316,12 +418,14 @@ def test_device_loader_epochs_and_ranks():
     assert len(one) == 6
     e0 = torch.cat([b["index"] for b in one])
     assert len(set(e0.tolist())) == 96
-    assert torch.equal(e0, torch.cat([b["index"] for b in one]))   # same epoch -> same order
+    assert torch.equal(e0, torch.cat([b["index"] for b in one]))  # same epoch -> same order
     one.set_epoch(1)
     assert not torch.equal(e0, torch.cat([b["index"] for b in one]))
     for b in one:
         assert b["images"].dtype == torch.uint8 and b["images"].shape == (16, 3, 32, 32)
-        assert torch.equal(b["images"], split["images"][b["index"]]) and torch.equal(b["labels"], split["labels"][b["index"]])
+        assert torch.equal(b["images"], split["images"][b["index"]]) and torch.equal(
+            b["labels"], split["labels"][b["index"]]
+        )
     # two ranks: contiguous halves of the same global batches
     ranks = [data.DeviceLoader(split, 16, "cpu", seed=3, rank=r, world_size=2) for r in range(2)]
     for r in ranks:

@@ -11,8 +11,9 @@ import corruptions
 import data
 import download
 
-TRAIN, VAL = 20, 12                 # per class; the synthetic pool has 40 training images per class
-DETERMINISTIC = {1, 2, 3, 10}       # brightness, defocus_blur, zoom_blur, jpeg_compression: no random numbers
+TRAIN, VAL = 20, 12  # per class; the synthetic pool has 40 training images per class
+# brightness, defocus_blur, zoom_blur, jpeg_compression: no random numbers
+DETERMINISTIC = {1, 2, 3, 10}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,9 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mix(root):
-    return data.build_mix(root, "standard", seed=0, train_per_class=TRAIN, val_per_class=VAL, cache_dir=False)
+    return data.build_mix(
+        root, "standard", seed=0, train_per_class=TRAIN, val_per_class=VAL, cache_dir=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +45,23 @@ def test_type_indices_agree():
 
 
 def test_counts_balance_and_sources(mix, cifar):
-    assert {s: len(mix[s]["labels"]) for s in mix} == {"train": 10 * TRAIN, "val": 10 * VAL, "test": 60}
+    assert {s: len(mix[s]["labels"]) for s in mix} == {
+        "train": 10 * TRAIN,
+        "val": 10 * VAL,
+        "test": 60,
+    }
     for s in ("train", "val"):
-        assert torch.bincount(mix[s]["labels"], minlength=10).tolist() == [TRAIN if s == "train" else VAL] * 10
+        assert (
+            torch.bincount(mix[s]["labels"], minlength=10).tolist()
+            == [TRAIN if s == "train" else VAL] * 10
+        )
         src = mix[s]["sources"]
-        assert src.max() < data.TEST_SOURCE and len(src.unique()) == len(src)   # CIFAR-10 train only
+        assert src.max() < data.TEST_SOURCE and len(src.unique()) == len(src)  # CIFAR-10 train only
         assert torch.equal(mix[s]["labels"], torch.from_numpy(cifar["train_labels"][src.numpy()]))
-        assert mix[s]["images"].shape == (len(src), 3, 32, 32) and mix[s]["images"].dtype == torch.uint8
+        assert (
+            mix[s]["images"].shape == (len(src), 3, 32, 32)
+            and mix[s]["images"].dtype == torch.uint8
+        )
     assert not set(mix["train"]["sources"].tolist()) & set(mix["val"]["sources"].tolist())
     # train: clean, exactly the source images; corruptions come fresh each epoch at training time
     tr = mix["train"]
@@ -65,53 +78,74 @@ def test_counts_balance_and_sources(mix, cifar):
 def test_val_is_a_fixed_draw_recorded_truthfully(root, mix, cifar):
     val = mix["val"]
     t, s = val["types"], val["severities"]
-    assert t.min() >= 0 and t.max() <= 10 and len(t.unique()) >= 6          # a mix of types, not one
+    assert t.min() >= 0 and t.max() <= 10 and len(t.unique()) >= 6  # a mix of types, not one
     assert torch.equal(s == 0, t == 0) and s.max() <= 5
     clean = _nchw(cifar["train_images"][val["sources"].numpy()])
     diff = (val["images"].int() - clean.int()).abs().flatten(1).amax(1)
-    assert diff[t == 0].eq(0).all() and diff[t > 0].gt(0).all()           # clean untouched, the rest changed
-    # the recorded (type, severity) is the one applied: recompute the corruptions that draw no random numbers
+    assert diff[t == 0].eq(0).all() and diff[t > 0].gt(0).all()  # clean untouched, the rest changed
+    # the recorded (type, severity) is the one applied: recompute the corruptions that draw no
+    # random numbers
     checked = 0
     for i in torch.nonzero(torch.isin(t, torch.tensor(sorted(DETERMINISTIC)))).squeeze(1).tolist():
         name, sev = data.TYPES[t[i]], int(s[i])
-        again = corruptions.corrupt(clean[i:i + 1], name, sev)[0]
+        again = corruptions.corrupt(clean[i : i + 1], name, sev)[0]
         assert (again.int() - val["images"][i].int()).abs().max() <= 1, (i, name, sev)
-        other = corruptions.corrupt(clean[i:i + 1], name, 5 if sev < 5 else 1)[0]   # wrong severity: differs
+        # the wrong severity differs
+        other = corruptions.corrupt(clean[i : i + 1], name, 5 if sev < 5 else 1)[0]
         assert (other.int() - val["images"][i].int()).abs().max() > 1, (i, name, sev)
         checked += 1
     assert checked >= 5
     # the same every call (and for the training loop every epoch), another seed another draw
-    again = data.build_mix(root, "standard", seed=0, train_per_class=TRAIN, val_per_class=VAL, cache_dir=False)
+    again = data.build_mix(
+        root, "standard", seed=0, train_per_class=TRAIN, val_per_class=VAL, cache_dir=False
+    )
     for k in ("images", "types", "severities", "sources"):
-        assert torch.equal(again["val"][k], val[k]) and torch.equal(again["train"][k], mix["train"][k])
-    other = data.build_mix(root, "standard", seed=1, train_per_class=TRAIN, val_per_class=VAL, cache_dir=False)
+        assert torch.equal(again["val"][k], val[k]) and torch.equal(
+            again["train"][k], mix["train"][k]
+        )
+    other = data.build_mix(
+        root, "standard", seed=1, train_per_class=TRAIN, val_per_class=VAL, cache_dir=False
+    )
     assert not torch.equal(other["val"]["sources"], val["sources"])
     assert not torch.equal(other["val"]["types"], val["types"])
 
 
 def test_cache_shared_across_test_counts(root, mix, tmp_path):
-    a = data.build_mix(root, "standard", seed=0, train_per_class=TRAIN, val_per_class=VAL, cache_dir=str(tmp_path))
-    files = sorted(f for f in tmp_path.iterdir() if f.name != ".lock")   # .lock: one builder at a time
+    a = data.build_mix(
+        root, "standard", seed=0, train_per_class=TRAIN, val_per_class=VAL, cache_dir=str(tmp_path)
+    )
+    # .lock: one builder at a time
+    files = sorted(f for f in tmp_path.iterdir() if f.name != ".lock")
     assert len(files) == 1 and files[0].name.startswith(f"mix-standard-s0-{TRAIN}-{VAL}-")
-    b = data.build_mix(root, "standard", seed=0, train_per_class=TRAIN, val_per_class=VAL, test_per_class=7,
-                       cache_dir=str(tmp_path))
-    assert sorted(f for f in tmp_path.iterdir() if f.name != ".lock") == files   # test_per_class ignored: same cache
+    b = data.build_mix(
+        root,
+        "standard",
+        seed=0,
+        train_per_class=TRAIN,
+        val_per_class=VAL,
+        test_per_class=7,
+        cache_dir=str(tmp_path),
+    )
+    # test_per_class ignored: the same cache
+    assert sorted(f for f in tmp_path.iterdir() if f.name != ".lock") == files
     for s in mix:
         for k in mix[s]:
             assert torch.equal(a[s][k], mix[s][k]) and torch.equal(b[s][k], mix[s][k])
 
 
 def test_pool_too_small(root):
-    with pytest.raises(download.DataError, match=r"class 0 \(CIFAR-10 train\).* has 40 images.* need 41"):
+    with pytest.raises(
+        download.DataError, match=r"class 0 \(CIFAR-10 train\).* has 40 images.* need 41"
+    ):
         data.build_mix(root, "standard", train_per_class=36, val_per_class=5, cache_dir=False)
 
 
 def test_draw_corruptions(cifar):
     x = _nchw(cifar["train_images"][:440])
-    g = lambda seed: torch.Generator().manual_seed(seed)      # noqa: E731
+    g = lambda seed: torch.Generator().manual_seed(seed)
     y, t, s = data.draw_corruptions(x, g(3))
     assert y.shape == x.shape and y.dtype == torch.uint8 and t.dtype == s.dtype == torch.int64
-    y2, t2, s2 = data.draw_corruptions(x, g(3))                # deterministic for the generator
+    y2, t2, s2 = data.draw_corruptions(x, g(3))  # deterministic for the generator
     assert torch.equal(y, y2) and torch.equal(t, t2) and torch.equal(s, s2)
     y3, t3, _ = data.draw_corruptions(x, g(4))
     assert not torch.equal(t3, t) and not torch.equal(y3, y)
@@ -120,7 +154,7 @@ def test_draw_corruptions(cifar):
     assert counts[11] == 0 and counts[:11].min() >= 15 and counts[:11].max() <= 70, counts.tolist()
     assert torch.equal(s == 0, t == 0)
     sev = torch.bincount(s[t > 0], minlength=6)
-    assert sev[0] == 0 and sev[1:].min() >= 40, sev.tolist()   # ~80 each of 1..5
+    assert sev[0] == 0 and sev[1:].min() >= 40, sev.tolist()  # ~80 each of 1..5
     diff = (y.int() - x.int()).abs().flatten(1).amax(1)
     assert diff[t == 0].eq(0).all() and diff[t > 0].gt(0).all()
     # channels-last input gives the same draws and images in its own layout
