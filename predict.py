@@ -4,31 +4,22 @@
     python predict.py best.pt photos/ --top-k 3 --json preds.json --csv preds.csv
 
 Inputs, in the order given: PNG / JPEG / WebP / GIF files; folders (every such file under them,
-sorted, recursively); a .npy array of uint8 RGB images (N, 32, 32, 3) or one (32, 32, 3); a
-CIFAR-10 batch pickle (data_batch_1, test_batch: read by data.py's restricted unpickler, which runs
-no code).
+sorted); .npy arrays of uint8 RGB images (N, 32, 32, 3) or (32, 32, 3); CIFAR-10 batch pickles
+(read by data.py's restricted unpickler, which runs no code).
 
-How an image becomes the student's input (32 x 32 RGB, as CIFAR-10): its size is read from its
-header and an image of more than --max-pixels pixels is refused undecoded (a decompression bomb
-would fill the memory); it is decoded by torchvision.io in RGB mode (grey is repeated into R, G and
-B; an alpha channel is dropped, not composited; 16-bit images are scaled to 8 bits), then, if it is
-not 32 x 32, centre-cropped to a square on its shorter side and resized to 32 x 32 (bilinear,
-antialiased), then normalised as in training (augment.MEAN / STD). .npy and CIFAR inputs must
-already be 32 x 32 x 3 uint8.
+An image's size is read from its header first: one of more than --max-pixels pixels is refused
+undecoded (a decompression bomb). It is then decoded in RGB (grey repeated, alpha dropped, 16 bits
+scaled to 8), centre-cropped to a square and resized to 32 x 32 (bilinear, antialiased) unless it
+is 32 x 32 already, and normalised as in training (augment.MEAN / STD).
 
-Per image: the top-k classes with probabilities; for CdeiT the corruption token's most likely type
-(data.TYPES: clean + the 10 training corruptions) with its probability and p(clean), and a shift
-warning when the token is confident the image is corrupted: its most likely type is a corruption
-with probability >= --shift-threshold (how well it detects each type: eval.py's confusion matrix).
-A token unsure between types (a flat distribution) warns of nothing, even though 1 - p(clean) is
-then large; p(clean) is in the JSON / CSV for a rule of your own. Class probabilities use the
-temperatures eval.py --calibrate stored beside the checkpoint (CKPT.temperatures.json) when there
-are any: CdeiT per predicted corruption type, other students one global temperature.
+Per image: the top-k classes; for CdeiT the corruption token's most likely type (data.TYPES) with
+its probability and p(clean), and a shift warning when that type is a corruption with probability
+>= --shift-threshold (a flat, unsure token warns of nothing; p(clean) is in the JSON / CSV for a
+rule of your own). Class probabilities use the temperatures of eval.py --calibrate
+(CKPT.temperatures.json) when there are any: CdeiT's per predicted type, else one global.
 
-Bad inputs (unreadable or oversized image, wrong shape or channel count, empty folder, missing
-file) give one line each on stderr naming the file; every other image is still predicted and
-written. Exit codes: 0 every input predicted; 1 some input failed (the rest were predicted and
-written); 2 nothing was run (a bad option or checkpoint, refused before any work).
+A bad input is one line on stderr naming it; the other images are still predicted and written.
+Exit 0: every input predicted; 1: some input failed; 2: a bad option or checkpoint, nothing run.
 """
 import csv
 import io
