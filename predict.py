@@ -399,12 +399,13 @@ def check_options(args):
 
 def main(argv=None):
     p = Parser(prog="predict.py",
-               description="Predict classes (and, for CdeiT, the corruption type) of your own "
+               description="Predict classes (and, for CdeiT, the corruption type) of your own\n"
                            "images with a trained student.",
-               epilog="Images that are not 32x32 are centre-cropped to a square on the shorter "
-                      "side and resized to 32x32 (bilinear, antialiased); grey is repeated to RGB, "
-                      "alpha dropped, 16-bit scaled to 8 bits. Exit 0: all predicted; 1: some "
-                      "input failed (the others predicted); 2: bad option or checkpoint.")
+               epilog="Images not 32x32 are centre-cropped to a square on the shorter side and\n"
+                      "resized to 32x32 (bilinear, antialiased); grey is repeated to RGB, alpha\n"
+                      "dropped, 16-bit scaled to 8 bits.\n"
+                      "Exit 0: all predicted; 1: some input failed (the others predicted);\n"
+                      "2: bad option or checkpoint.\n")
     a = p.add_argument
     a("checkpoint", help="a student checkpoint (train.py's best.pt / ckpt.pt)")
     a("inputs", nargs="+", help="image files, folders, .npy (N,32,32,3) uint8, CIFAR-10 batches")
