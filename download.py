@@ -59,7 +59,8 @@ class Remote(NamedTuple):
 
 
 FILES = {
-    "cifar10": Remote("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "cifar10": Remote("cifar-10-python.tar.gz",
+                      "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                       "c58f30108f718f92721af3b95e74349a", None, True,
                       tuple(f"{CIFAR_DIR}/{f}" for f in CIFAR_FILES)),
     "cifar10c": Remote("CIFAR-10-C.tar", "https://zenodo.org/record/2535967/files/CIFAR-10-C.tar",
@@ -68,8 +69,9 @@ FILES = {
                        tuple(f"{CIFARC_DIR}/{n}.npy" for n in CORRUPTION_FILES[:15] + ["labels"])),
     # timm/deit3_small_patch16_224.fb_in22k_ft_in1k model.safetensors; no published checksum:
     # we check that it parses as safetensors and record its sha256 next to it.
-    "teacher": Remote(TEACHER_FILE, "https://huggingface.co/timm/deit3_small_patch16_224.fb_in22k_ft_in1k"
-                      "/resolve/main/model.safetensors", None, None, False, (TEACHER_FILE,)),
+    "teacher": Remote(TEACHER_FILE,
+                      ("https://huggingface.co/timm/deit3_small_patch16_224.fb_in22k_ft_in1k"
+                       "/resolve/main/model.safetensors"), None, None, False, (TEACHER_FILE,)),
 }
 
 
@@ -82,9 +84,13 @@ def teacher_path(data_dir):
 
 def _progress(name, done, total, t0, start, final=False):
     rate = (done - start) / max(time.time() - t0, 1e-6)   # this session's bytes / time
-    eta = f"ETA {int((total - done) / rate) // 60}:{int((total - done) / rate) % 60:02d}" if total and rate > 0 else ""
+    eta = ""
+    if total and rate > 0:
+        left = int((total - done) / rate)
+        eta = f"ETA {left // 60}:{left % 60:02d}"
     tot = f" / {total / 1e6:.1f} MB" if total else ""
-    sys.stderr.write(f"\r  {name}: {done / 1e6:.1f} MB{tot}  {rate / 1e6:.2f} MB/s  {eta}   " + ("\n" if final else ""))
+    sys.stderr.write(f"\r  {name}: {done / 1e6:.1f} MB{tot}  {rate / 1e6:.2f} MB/s  {eta}   "
+                     + ("\n" if final else ""))
     sys.stderr.flush()
 
 
@@ -147,19 +153,21 @@ def _safe_extract(archive, data_dir):
             members = tf.getmembers()
             for m in members:
                 target = os.path.realpath(os.path.join(root, m.name))
-                bad = os.path.isabs(m.name) or ".." in m.name.replace("\\", "/").split("/") or not _inside(target, root)
+                parts = m.name.replace("\\", "/").split("/")
+                bad = os.path.isabs(m.name) or ".." in parts or not _inside(target, root)
                 if m.issym() or m.islnk():
-                    link = os.path.realpath(os.path.join(os.path.dirname(target) if m.issym() else root, m.linkname))
+                    base = os.path.dirname(target) if m.issym() else root
+                    link = os.path.realpath(os.path.join(base, m.linkname))
                     bad = bad or os.path.isabs(m.linkname) or not _inside(link, root)
                 if bad or not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
                     raise DataError(f"{archive}: refusing archive member {m.name!r} "
                                     f"(it would land outside {data_dir} or is not a plain file)")
             os.makedirs(tmp)
             try:
-                tf.extractall(tmp, members, filter="data")   # the stdlib's own guard, as a second line
-            except TypeError:                                # Python < 3.11.4: no filters
+                tf.extractall(tmp, members, filter="data")  # the stdlib's own guard, a second line
+            except TypeError:  # Python < 3.11.4: no filters
                 tf.extractall(tmp, members)
-        for dirpath, _, names in os.walk(tmp):            # move files into place one by one
+        for dirpath, _, names in os.walk(tmp):  # move files into place one by one
             for n in names:
                 src = os.path.join(dirpath, n)
                 dst = os.path.join(data_dir, os.path.relpath(src, tmp))
@@ -182,12 +190,12 @@ def _verify(spec, file, downloaded):
     elif spec.md5 and md5 != spec.md5:
         bad = f"checksum mismatch (expected md5 {spec.md5}, got {md5})"
     elif spec.filename.endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
         try:
-            from safetensors import safe_open
             with safe_open(file, framework="pt") as f:
                 if not list(f.keys()):
                     raise ValueError("no tensors")
-        except Exception as e:
+        except (SafetensorError, OSError, ValueError) as e:
             bad = f"not a valid safetensors file ({type(e).__name__}: {e})"
     if bad:
         if downloaded:
@@ -207,7 +215,7 @@ def _get(spec, data_dir, base_url, quiet, retries):
             try:
                 _fetch(url, part, spec.filename, quiet)
                 break
-            except (OSError, http.client.HTTPException) as e:   # cut connections too; keep the .part
+            except (OSError, http.client.HTTPException) as e:  # cut connections too; keep .part
                 if isinstance(e, urllib.error.HTTPError) or attempt == retries:
                     raise
                 time.sleep(min(2 ** attempt, 10) * 0.1)
@@ -244,26 +252,27 @@ def _download_all(data_dir, specs, base_url, quiet, retries, tidy=True):
         except (DataError, OSError, http.client.HTTPException, ValueError) as e:
             failed.append((spec, e))
     if failed:
-        if tidy and created and not os.listdir(data_dir):  # nothing fetched: leave no empty folder behind
+        if tidy and created and not os.listdir(data_dir):  # nothing fetched: no empty folder left
             os.rmdir(data_dir)
         raise DataError(_missing_message(data_dir, failed, base_url))
 
 
 def _missing_message(data_dir, failed, base_url):
-    """First line: a summary that stands alone (train.py and the CLI print it first); then, per
-    file, its URL, checksum, where to put it by hand and the error we got."""
+    """First line: what failed and what to do, short enough to stand alone; then each file once:
+    the error we got, its URL, its checksum and where to put it by hand."""
     where = os.path.abspath(data_dir)
-    names = ", ".join(spec.filename for spec, _ in failed)
-    lines = [f"could not fetch {len(failed)} file(s) into {where}: {names} "
-             f"(offline? download them elsewhere and put them there by hand, or use a mirror: "
-             f"--mirror URL / CDEIT_MIRROR; details below)"]
+    files = f"{len(failed)} file{'' if len(failed) == 1 else 's'}"
+    first = (f"could not fetch {files} into {where} (offline? put them there by hand, or use "
+             f"--mirror URL / CDEIT_MIRROR):")
+    lines = [first]
     for spec, e in failed:
         ck = f"md5 {spec.md5}" if spec.md5 else "none published (must parse as safetensors)"
         ck += f", sha256 {spec.sha256}" if spec.sha256 else ""
-        lines += [f"  - {spec.filename}", f"      url:      {_url(spec, base_url)}", f"      checksum: {ck}",
-                  f"      put it at {os.path.join(where, spec.filename)}"
-                  + (" (extracted on the next run)" if spec.extract else ""),
-                  f"      error:    {e}"]
+        then = " (extracted on the next run)" if spec.extract else ""
+        lines += [f"  - {spec.filename}: {' '.join(str(e).split())}",
+                  f"      url:       {_url(spec, base_url)}",
+                  f"      checksum:  {ck}",
+                  f"      put it at: {os.path.join(where, spec.filename)}{then}"]
     return "\n".join(lines)
 
 
@@ -282,7 +291,7 @@ def download(data_dir, base_url=None, teacher=True, quiet=False, files=None, ret
     if files is None:
         files = [FILES["cifar10"], FILES["cifar10c"]] + ([FILES["teacher"]] if teacher else [])
     specs = list(files)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _download_all(data_dir, specs, base_url, quiet, retries)
     dist = sys.modules.get("torch.distributed")   # a process group implies torch is imported
@@ -302,9 +311,10 @@ def download(data_dir, base_url=None, teacher=True, quiet=False, files=None, ret
         if os.path.exists(marker):
             os.remove(marker)
         try:
-            return _download_all(data_dir, specs, base_url, quiet, retries, tidy=False)  # the marker goes there
+            # tidy=False: the failure marker goes into data_dir
+            return _download_all(data_dir, specs, base_url, quiet, retries, tidy=False)
         except DataError as e:
-            with contextlib.suppress(fileio.WriteError):  # atomic: a waiting rank never reads half of it
+            with contextlib.suppress(fileio.WriteError):  # atomic: never read half-written
                 fileio.atomic_write(marker, str(e), "download error note")
             raise
     start = time.time()
@@ -312,7 +322,8 @@ def download(data_dir, base_url=None, teacher=True, quiet=False, files=None, ret
         if os.path.exists(marker) and os.path.getmtime(marker) >= start - 2:
             with open(marker) as f:
                 first, _, rest = f.read().partition("\n")
-            raise DataError(f"rank 0 failed to download: {first}" + (f"\n{rest}" if rest else ""))
+            raise DataError(f"rank 0 failed to download: {first}"
+                            + (f"\n{rest}" if rest else ""))
         time.sleep(poll_s)
 
 
@@ -323,7 +334,8 @@ def parser(description="Fetch CIFAR-10, CIFAR-10-C and the DeiT-III teacher into
     import argparse
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--data-dir", default="./data")
-    ap.add_argument("--mirror", default=None, help="base URL holding the files as <base>/<filename> (env CDEIT_MIRROR)")
+    ap.add_argument("--mirror", default=None,
+                    help="base URL holding the files as <base>/<filename> (env CDEIT_MIRROR)")
     ap.add_argument("--no-teacher", action="store_true", help="skip the teacher weights")
     ap.add_argument("--quiet", action="store_true")
     return ap

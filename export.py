@@ -4,7 +4,7 @@
 
 The exported model is model.Deployed: input `images`, uint8 RGB (B, 3, 32, 32) (any batch size),
 with the training normalisation (augment.MEAN / STD) and the strategy's eval-mode head averaging
-(seed 3.3) inside. Outputs: `class_logits` (B, 10); CdeiT also `corruption_logits` (B, 11, the
+(thesis 3.3) inside. Outputs: `class_logits` (B, 10); CdeiT also `corruption_logits` (B, 11, the
 types of data.TYPES, clean first). Softmax and the calibration temperatures
 (CKPT.temperatures.json from eval.py --calibrate) stay outside: logits / T, then softmax.
 
@@ -14,9 +14,7 @@ torch.onnx's TorchScript-based exporter (dynamo=False: the dynamo exporter needs
 Each export is checked before it is written: the exported model is run on a batch and must match
 PyTorch's eval logits (ONNX through onnxruntime when it is installed).
 """
-import argparse
 import io
-import os
 import sys
 import warnings
 
@@ -25,6 +23,7 @@ import torch
 import augment
 import fileio
 import model as model_lib
+from cli import FlagError, Parser, check_writable_file
 
 OPSET = 17
 TOLERANCE = 1e-4
@@ -35,12 +34,12 @@ class ExportError(RuntimeError):
 
 
 def deployed(ckpt_path):
-    """The checkpoint as model.Deployed on the CPU (attention through SDPA), plus its checkpoint dict."""
-    net, ck = model_lib.load_student(ckpt_path)
+    """The checkpoint as model.Deployed on the CPU, attention through SDPA."""
+    net, _ = model_lib.load_student(ckpt_path)
     for m in net.modules():  # the PyTorch attention path, whatever device it later runs on
         if isinstance(m, model_lib.Attention):
             m.fused_attn = False
-    return model_lib.Deployed(net.cpu(), augment.MEAN, augment.STD).eval(), ck
+    return model_lib.Deployed(net.cpu(), augment.MEAN, augment.STD).eval()
 
 
 def reference(dep, images):
@@ -64,8 +63,9 @@ def to_onnx(dep, example):
     buf = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript-based exporter's deprecation and tracer notes
         warnings.simplefilter("ignore")
-        torch.onnx.export(dep, (example,), buf, dynamo=False, opset_version=OPSET, input_names=["images"],
-                          output_names=names, dynamic_axes={n: {0: "batch"} for n in ["images"] + names})
+        torch.onnx.export(dep, (example,), buf, dynamo=False, opset_version=OPSET,
+                          input_names=["images"], output_names=names,
+                          dynamic_axes={n: {0: "batch"} for n in ["images"] + names})
     return buf.getvalue()
 
 
@@ -92,14 +92,18 @@ def load_torchscript(blob):
 
 def check(name, got, want):
     """Every output within TOLERANCE of PyTorch's eval logits, or ExportError."""
-    for n, g, w in zip(["class_logits", "corruption_logits"], got, want):
+    if len(got) != len(want):
+        raise ExportError(f"{name}: {len(got)} outputs, PyTorch's eval gives {len(want)}")
+    for n, g, w in zip(["class_logits", "corruption_logits"], got, want, strict=False):
         err = float(abs(g - w).max())
         if not err <= TOLERANCE:
-            raise ExportError(f"{name}: {n} differ from PyTorch's eval logits by {err:.2e} (> {TOLERANCE})")
+            raise ExportError(f"{name}: {n} differ from PyTorch's eval logits by {err:.2e} "
+                              f"(> {TOLERANCE})")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Export a trained student (normalisation and head averaging inside).")
+    p = Parser(prog="export.py", description="Export a trained student (normalisation and head "
+                                             "averaging inside).")
     p.add_argument("checkpoint", help="a student checkpoint (train.py's best.pt / ckpt.pt)")
     p.add_argument("--onnx", help="write the ONNX model here")
     p.add_argument("--torchscript", help="write a traced TorchScript model here (torch.jit.load)")
@@ -108,12 +112,12 @@ def main(argv=None):
         if not args.onnx and not args.torchscript:
             raise ExportError("give --onnx FILE and/or --torchscript FILE")
         for flag, out in (("--onnx", args.onnx), ("--torchscript", args.torchscript)):
-            if out and (os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out)))):
-                raise ExportError(f"{flag} {out}: not a writable file path (a folder, or its folder does not exist)")
-        dep, ck = deployed(args.checkpoint)
+            if out:
+                check_writable_file(flag, out)
+        dep = deployed(args.checkpoint)
         g = torch.Generator().manual_seed(0)
         example = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=g)
-        batch = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=g)  # another batch size
+        batch = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=g)  # other B
         want = reference(dep, batch)
         outputs = []
         if args.onnx:
@@ -129,13 +133,15 @@ def main(argv=None):
             ts = load_torchscript(blob)
             with torch.no_grad():
                 got = ts(batch)
-            check(args.torchscript, [o.numpy() for o in (got if isinstance(got, tuple) else (got,))], want)
+            got = [o.numpy() for o in (got if isinstance(got, tuple) else (got,))]
+            check(args.torchscript, got, want)
             outputs.append((args.torchscript, blob, "TorchScript model (matches PyTorch)"))
         for path, blob, what in outputs:
             fileio.atomic_write(path, blob, what)
-            print(f"wrote {path}: {what}; input images uint8 (B, 3, 32, 32), outputs {', '.join(output_names(dep))}")
+            print(f"wrote {path}: {what}; input images uint8 (B, 3, 32, 32), outputs "
+                  f"{', '.join(output_names(dep))}")
         return 0
-    except (ExportError, model_lib.ModelFileError, OSError) as e:
+    except (ExportError, FlagError, model_lib.ModelFileError, OSError) as e:
         print("export.py: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
 

@@ -414,25 +414,35 @@ def load_checked(path, what, kind, fields, hints=None):
     with open(path, "rb") as f:
         start = f.read(64).lstrip()
     if start[:1] in (b"{", b"["):  # eval.py --json output passed where a checkpoint belongs
-        raise ModelFileError(f"{path}: a JSON file (eval.py --json writes these; eval.py takes one as --baseline); "
-                             f"expected {expects}")
+        raise ModelFileError(f"{path}: a JSON file (eval.py --json writes these; eval.py takes one "
+                             f"as --baseline); expected {expects}")
+    if not start.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip (before 1.6, a pickle)
+        text = start and all(32 <= b < 127 or b in b"\t\n\r" for b in start)
+        what_is = f"a text file (it begins {start.decode().splitlines()[0][:40]!r})" if text else \
+            f"a file of another format (it begins {start[:8].hex(' ')})" if start else "empty"
+        raise ModelFileError(f"{path}: {what_is}, not a {what}; expected {expects}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):  # a pickle that asks for code: never run it
             m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            raise ModelFileError(f"{path}: refused by the weights_only loader{m and f' (it asks for {m.group(1)})' or ''}"
-                                 f": a pickle from another program or a tampered file; expected {expects}") from None
+            asks = f" (it asks for {m.group(1)})" if m else ""
+            raise ModelFileError(f"{path}: refused by the weights_only loader{asks}: a pickle "
+                                 f"from another program or a tampered file; expected {expects}"
+                                 ) from None
         raise ModelFileError(f"{path}: not a torch {what} ({first_line(e)})") from None
     except Exception as e:  # truncated zip, not a zip, bad records, ...
-        raise ModelFileError(f"{path}: unreadable {what}, truncated or not a torch file ({first_line(e)}); "
-                             f"expected {expects}") from None
+        raise ModelFileError(f"{path}: unreadable {what}, truncated or not a torch file "
+                             f"({first_line(e)}); expected {expects}") from None
     if not isinstance(ck, dict) or "kind" not in ck:
-        raise ModelFileError(f"{path}: no 'kind' field, not a cdeit-kit file (expected kind {kind!r})")
+        raise ModelFileError(f"{path}: no 'kind' field, not a cdeit-kit file "
+                             f"(expected kind {kind!r})")
     if ck["kind"] != kind:
-        raise ModelFileError(f"{path}: kind {ck['kind']!r}, expected {kind!r}{(hints or {}).get(ck['kind'], '')}")
+        hint = (hints or {}).get(ck["kind"], "")
+        raise ModelFileError(f"{path}: kind {ck['kind']!r}, expected {kind!r}{hint}")
     if ck.get("version") != 1:
-        raise ModelFileError(f"{path}: unsupported {kind} version {ck.get('version')!r} (this kit reads 1)")
+        raise ModelFileError(f"{path}: unsupported {kind} version {ck.get('version')!r} "
+                             "(this kit reads 1)")
     missing = [k for k in fields if k not in ck]
     if missing:
         raise ModelFileError(f"{path}: {what} lacks the field(s) {', '.join(missing)}")

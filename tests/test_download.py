@@ -84,8 +84,9 @@ def _tar(members, gz=False):
 
 
 def _spec(name, body, required, extract=True, md5=None):
-    return download.Remote(name, f"https://example.invalid/{name}", md5 or hashlib.md5(body).hexdigest(),
-                       hashlib.sha256(body).hexdigest(), extract, tuple(required))
+    return download.Remote(name, f"https://example.invalid/{name}",
+                           md5 or hashlib.md5(body).hexdigest(), hashlib.sha256(body).hexdigest(),
+                           extract, tuple(required))
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +95,10 @@ def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
     data.write_synthetic(str(root), train_per_class=20, test_per_class=4)
     out = {}
-    for folder, arch, gz in (("cifar-10-batches-py", "cifar-10-python.tar.gz", True), ("CIFAR-10-C", "CIFAR-10-C.tar", False)):
-        files = {f"{folder}/{n}": (root / folder / n).read_bytes() for n in sorted(os.listdir(root / folder))}
+    for folder, arch, gz in (("cifar-10-batches-py", "cifar-10-python.tar.gz", True),
+                             ("CIFAR-10-C", "CIFAR-10-C.tar", False)):
+        files = {f"{folder}/{n}": (root / folder / n).read_bytes()
+                 for n in sorted(os.listdir(root / folder))}
         out[arch] = (_tar(files, gz), list(files))
     from safetensors.torch import save_file
     save_file({"cls_token": torch.zeros(1, 1, 4)}, str(root / "t.safetensors"))
@@ -105,23 +108,27 @@ def synth(tmp_path_factory):
 
 def _specs(synth):
     (c10, c10_files), (c10c, c10c_files) = synth["cifar-10-python.tar.gz"], synth["CIFAR-10-C.tar"]
-    return [_spec("cifar-10-python.tar.gz", c10, c10_files), _spec("CIFAR-10-C.tar", c10c, c10c_files),
-            download.Remote(download.TEACHER_FILE, "https://example.invalid/model.safetensors", None, None, False,
-                        (download.TEACHER_FILE,))]
+    return [_spec("cifar-10-python.tar.gz", c10, c10_files),
+            _spec("CIFAR-10-C.tar", c10c, c10c_files),
+            download.Remote(download.TEACHER_FILE, "https://example.invalid/model.safetensors",
+                            None, None, False, (download.TEACHER_FILE,))]
 
 
 def test_download_extract_read(server, synth, tmp_path, capsys):
     server.files = {"cifar-10-python.tar.gz": synth["cifar-10-python.tar.gz"][0],
-                    "CIFAR-10-C.tar": synth["CIFAR-10-C.tar"][0], download.TEACHER_FILE: synth["teacher"]}
+                    "CIFAR-10-C.tar": synth["CIFAR-10-C.tar"][0],
+                    download.TEACHER_FILE: synth["teacher"]}
     d = str(tmp_path / "data")
     download.download(d, server.url, files=_specs(synth))
     err = capsys.readouterr().err   # the progress line: bytes, rate, ETA
     assert "CIFAR-10-C.tar:" in err and "MB/s" in err and "ETA" in err
-    assert sorted(os.listdir(d)) == ["CIFAR-10-C", "cifar-10-batches-py", download.TEACHER_FILE, download.TEACHER_FILE + ".sha256"]
+    assert sorted(os.listdir(d)) == ["CIFAR-10-C", "cifar-10-batches-py", download.TEACHER_FILE,
+                                     download.TEACHER_FILE + ".sha256"]
     assert data.read_cifar10(d)["test_images"].shape == (40, 32, 32, 3)
     assert data.read_cifar10c(d, "frost")[0].shape == (200, 32, 32, 3)
     sha = hashlib.sha256(synth["teacher"]).hexdigest()
-    assert open(os.path.join(d, download.TEACHER_FILE + ".sha256")).read().split()[0] == sha
+    with open(os.path.join(d, download.TEACHER_FILE + ".sha256")) as f:
+        assert f.read().split()[0] == sha
     assert download.teacher_path(d) == os.path.join(d, download.TEACHER_FILE)
     n = len(server.log)
     download.download(d, server.url, files=_specs(synth), quiet=True)   # all present: no request
@@ -140,7 +147,8 @@ def test_resume_after_cut_connection(server, synth, tmp_path):
     server.files = {"CIFAR-10-C.tar": body}
     spec = _specs(synth)[1:2]
     server.cut = {"CIFAR-10-C.tar"}
-    with pytest.raises(download.DataError, match="CIFAR-10-C.tar"):        # no retries: fails, keeps .part
+    # no retries: it fails and keeps the .part
+    with pytest.raises(download.DataError, match="CIFAR-10-C.tar"):
         download.download(str(tmp_path), server.url, files=spec, quiet=True, retries=0)
     part = tmp_path / "CIFAR-10-C.tar.part"
     assert part.stat().st_size == len(body) // 2
@@ -152,7 +160,8 @@ def test_resume_after_cut_connection(server, synth, tmp_path):
     server.cut, server.log = {"cifar-10-python.tar.gz"}, []
     server.files["cifar-10-python.tar.gz"] = synth["cifar-10-python.tar.gz"][0]
     download.download(str(tmp_path), server.url, files=_specs(synth)[:1], quiet=True)
-    assert [r for _, r in server.log] == [None, f"bytes={len(synth['cifar-10-python.tar.gz'][0]) // 2}-"]
+    half = len(synth["cifar-10-python.tar.gz"][0]) // 2
+    assert [r for _, r in server.log] == [None, f"bytes={half}-"]
     assert data.read_cifar10(str(tmp_path))["train_labels"].shape == (200,)
 
 
@@ -162,11 +171,13 @@ def test_checksum_mismatch_leaves_nothing(server, synth, tmp_path):
     with pytest.raises(download.DataError) as e:
         download.download(str(tmp_path), server.url, files=_specs(synth)[1:2], quiet=True)
     msg = str(e.value)
-    assert "CIFAR-10-C.tar: checksum mismatch" in msg and "removed" in msg and hashlib.sha256(body).hexdigest() in msg
+    assert "CIFAR-10-C.tar: checksum mismatch" in msg and "removed" in msg
+    assert hashlib.sha256(body).hexdigest() in msg
     assert os.listdir(tmp_path) == []
     # a file put there by hand is checked too, and left for the user
     (tmp_path / "CIFAR-10-C.tar").write_bytes(b"by hand")
-    with pytest.raises(download.DataError, match="CIFAR-10-C.tar: checksum mismatch.*delete or replace it"):
+    with pytest.raises(download.DataError,
+                       match="CIFAR-10-C.tar: checksum mismatch.*delete or replace it"):
         download.download(str(tmp_path), server.url, files=_specs(synth)[1:2], quiet=True)
     assert os.listdir(tmp_path) == ["CIFAR-10-C.tar"]
     (tmp_path / "CIFAR-10-C.tar").write_bytes(body)    # the right file by hand: used, no request
@@ -193,7 +204,8 @@ def test_archive_members_outside_refused(server, tmp_path, member):
     server.files = {"evil.tar": body}
     d = tmp_path / "data"
     with pytest.raises(download.DataError, match="refusing archive member"):
-        download.download(str(d), server.url, files=[_spec("evil.tar", body, ["cifar-10-batches-py/ok.txt"])], quiet=True)
+        spec = _spec("evil.tar", body, ["cifar-10-batches-py/ok.txt"])
+        download.download(str(d), server.url, files=[spec], quiet=True)
     assert not (tmp_path / "evil.txt").exists() and not os.path.exists("/tmp/evil-abs.txt")
     assert not (d / "cifar-10-batches-py").exists()
 
@@ -210,7 +222,8 @@ def test_tampered_pickle_refused(server, synth, tmp_path):
     body = _tar({**files, "cifar-10-batches-py/data_batch_1": batch}, gz=True)
     server.files = {"cifar-10-python.tar.gz": body}
     d = tmp_path / "data"
-    download.download(str(d), server.url, files=[_spec("cifar-10-python.tar.gz", body, list(files))], quiet=True)
+    spec = _spec("cifar-10-python.tar.gz", body, list(files))
+    download.download(str(d), server.url, files=[spec], quiet=True)
     with pytest.raises(download.DataError) as e:
         data.read_cifar10(str(d))
     assert "refusing to unpickle posix.system" in str(e.value) and "data_batch_1" in str(e.value)
@@ -218,22 +231,32 @@ def test_tampered_pickle_refused(server, synth, tmp_path):
 
 
 def test_offline_error_lists_every_file(tmp_path, capsys):
+    """A short first line that stands alone (count, folder, what to do), then each file once: its
+    error, URL, checksum and where to put it by hand."""
     with pytest.raises(download.DataError) as e:   # nothing listens on port 9 of 127.0.0.1
         download.download(str(tmp_path), "http://127.0.0.1:9", quiet=True, retries=0)
+    lines = str(e.value).split("\n")
+    assert lines[0] == (f"could not fetch 3 files into {tmp_path} (offline? put them there by "
+                        "hand, or use --mirror URL / CDEIT_MIRROR):")
+    assert len(lines) == 1 + 4 * 3
+    for k, spec in enumerate(download.FILES.values()):
+        block = lines[1 + 4 * k:5 + 4 * k]
+        assert block[0].startswith(f"  - {spec.filename}: <urlopen error "), block
+        assert sum(ln.startswith(f"  - {spec.filename}") for ln in lines) == 1
+        assert block[1].split() == ["url:", f"http://127.0.0.1:9/{spec.filename}"]
+        assert block[2].split()[:2] == ["checksum:", "md5" if spec.md5 else "none"]
+        assert block[3].split()[:3] == ["put", "it", "at:"]
+        assert block[3].split()[3] == os.path.join(str(tmp_path), spec.filename)
     msg = str(e.value)
-    first = msg.split("\n")[0]   # a summary that stands alone: count, folder, every name, what to do
-    assert first.startswith(f"could not fetch 3 file(s) into {tmp_path}: ") and "mirror" in first
-    assert all(spec.filename in first for spec in download.FILES.values())
-    for spec in download.FILES.values():
-        assert f"http://127.0.0.1:9/{spec.filename}" in msg and os.path.join(str(tmp_path), spec.filename) in msg
     assert download.FILES["cifar10"].md5 in msg and download.FILES["cifar10c"].sha256 in msg
     # both command lines: one error, exit status 1
     for main in (download.main, data.main):
         with pytest.raises(SystemExit) as ex:
-            main(["--data-dir", str(tmp_path), "--mirror", "http://127.0.0.1:9", "--quiet", "--no-teacher"])
+            main(["--data-dir", str(tmp_path), "--mirror", "http://127.0.0.1:9", "--quiet",
+                  "--no-teacher"])
         assert ex.value.code == 1
         err = capsys.readouterr().err
-        assert err.startswith("error: could not fetch 2 file(s)") and "Traceback" not in err
+        assert err.startswith("error: could not fetch 2 files into ") and "Traceback" not in err
 
 
 def test_corruption_files_list_the_benchmark_first():
@@ -258,7 +281,9 @@ def test_torchrun_ranks_wait_for_rank0(server, synth, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     server.files = {"CIFAR-10-C.tar": synth["CIFAR-10-C.tar"][0]}
     # rank 1 never downloads: it waits until rank 0 (here: a thread) has put the files in place
-    t = threading.Timer(0.3, lambda: download._download_all(str(tmp_path), spec, server.url, True, 0))
+    def rank0():
+        download._download_all(str(tmp_path), spec, server.url, True, 0)
+    t = threading.Timer(0.3, rank0)
     t.start()
     download.download(str(tmp_path), server.url, files=spec, quiet=True, poll_s=0.05)
     t.join()
