@@ -6,10 +6,9 @@ test module is collected. Only on machines without CUDA: there the kernel tests 
 tensors through the interpreter; on a GPU the same tests run the compiled kernels on CUDA tensors.
 model.py only calls the kernels on CUDA tensors, so other CPU tests are unaffected.
 
-`smoke_run`: the README's offline command, run once per test session and shared by
-tests/test_train.py (checks the run), tests/test_eval.py (evaluates its checkpoint) and
-tests/test_use.py. `digits_files`: real images as CIFAR files, shared by tests/test_learning.py and
-tests/test_use.py.
+`smoke_run`: the full-size offline run, once per test session, shared by tests/test_train.py
+(checks the run) and tests/test_eval.py (evaluates its checkpoint). `digits_files`: real images as
+CIFAR files, shared by tests/test_learning.py and the tests that train tests/digits_student.py.
 """
 
 import os
@@ -92,7 +91,7 @@ def smoke_run(tmp_path_factory):
 def digits_files(tmp_path_factory):
     """scikit-learn's real handwritten digits as CIFAR-10 / CIFAR-10-C files (15 corruptions) and a
     tiny random teacher (tests/test_learning.write_digits), written once per session and shared by
-    tests/test_learning.py and tests/test_use.py. Returns the data folder (a str)."""
+    tests/test_learning.py and tests/digits_student.py's users. Returns the data folder (a str)."""
     from test_learning import write_digits
 
     import teacher

@@ -177,8 +177,8 @@ def test_offline_download_is_readable_and_leaves_nothing(empty):
     lines = r.stderr.strip().splitlines()
     assert (
         r.returncode == 1
-        and lines[0].startswith("error: could not fetch 3 file(s)")
-        and "details below" in lines[0]
+        and lines[0].startswith("error: could not fetch 3 files into ")
+        and "--mirror" in lines[0]
     )
     assert (
         sum("put it at" in ln for ln in lines) == 3 and sum("checksum:" in ln for ln in lines) == 3
