@@ -23,9 +23,11 @@ teacher (forward only, under no_grad).
   the grid is not bound by the 65,535 limit of axes 1-2). Its backward is SDPA's.
 Offsets are int64 (B*H*N*D passes 2**31 at large batches). No autotuning: one pinned config per
 (kernel, dtype, head size; N for the students) for sm_90 (CONFIGS below, `choose`), so every
-rank and restart runs the same code. Where no config serves (an fp32 forward at D >= 64; a
-backward at N > 80, at D = 128 or in fp32; a GPU other than sm_90) a call goes to SDPA, forward
-and fused backward.
+rank and restart runs the same code; sm_80 and sm_89 run the same configs where they do not
+spill there (SPILLS). Where no config serves (an fp32 forward at D >= 64; a backward at N > 80,
+at D = 128 or in fp32; a spilling launch on sm_80 / sm_89; any other GPU) a call goes to SDPA,
+forward and fused backward. Each kernel runs only after its first-use self-check passed
+(kernels/verify.py) at the call's shape and dtype.
 
 Dtypes: fp16 / bf16 in, fp32 accumulation, output in the input dtype; fp32 is accepted (its dots
 run as 3xTF32, about fp32 accuracy). Any N >= 1 (ragged sizes are masked), head dim up to 128.
@@ -47,7 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import INTERPRETED, launcher, triton_op, via_op
+from . import verify
+from .verify import constant_when_traced
+from .launch import INTERPRETED, launcher, run_eager, triton_op, via_op
 from .reference import sdpa, sdpa_packed
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -323,11 +327,10 @@ def _attn_bwd_short_kernel(
 # too; chosen for sm_90 by counting (`python -m kernels.bench --bytes`: padded vs useful work) and
 # by ptxas (`--compile-check`: no spills with triton 3.6 and 3.8, CTAs per SM). So the launch is
 # a pure function of (capability, N, D, dtype): every rank and every restart runs the same code,
-# bit for bit. GPUs other than compute capability 9.x (not checked) and the shapes with no entry
+# bit for bit. Unchecked GPUs (CHECKED), spilling launches (SPILLS) and the shapes with no entry
 # take SDPA, forward and backward.
 
 KERNELS = ("fwd_short", "bwd_short", "fwd_long")
-CHECKED_MAJOR = 9  # sm_90 (H100 / H200): the compute capability CONFIGS was checked for
 STUDENT_N = (65, 66, 67)  # vit / deit / cdeit at 32 px, patch 4: 64 patches + 1-3 tokens
 TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
 CONFIGS = {  # (kernel, input bits, BLOCK_D, N or None for any other N) -> (BLOCK_M, BLOCK_N or 0 (the
@@ -350,9 +353,46 @@ if TRITON < (3, 7):  # triton 3.6 (the GPU image) spills every 4-warp students' 
     CONFIGS.update({("bwd_short", 16, 64, n): (16, 0, 8, 1, 0) for n in STUDENT_N})
 
 
+# The compute capabilities CONFIGS is compiled for by `python -m kernels.bench --compile-check`:
+# sm_9x (H100 / H200), sm_80 (A100), sm_89 (L40S / RTX 4090). Other GPUs take SDPA. CONFIGS is
+# chosen for sm_90; on sm_80 / sm_89 the launches that spill there, (kernel, input bits, BLOCK_D,
+# tiles) with tiles as `tiles_of` gives them, take SDPA (a spill costs speed, not correctness;
+# the self-check in kernels/verify.py guards correctness on every GPU).
+CHECKED = {(8, 0): "sm_80", (8, 9): "sm_89"}  # plus every (9, x)
+_SPILL_BOTH = {  # (kernel, input bits, BLOCK_D, tiles) spilling on sm_80 and sm_89 (triton 3.8)
+    ("fwd_short", 16, 64, (16, 64, 16)),  # N = 65-80 (the students' forward): 32 B
+    ("fwd_short", 32, 32, (64, 64, 0)), ("fwd_short", 32, 32, (64, 64, 16)),  # N = 49-80
+    ("bwd_short", 16, 64, (32, 64, 16)),  # the students' backward: 368-412 B
+    ("fwd_long", 16, 128, (64, 0, 32, 16)), ("fwd_long", 16, 128, (64, 16, 32, 16)),
+    ("fwd_long", 32, 32, (64, 0, 32, 16)), ("fwd_long", 32, 32, (64, 16, 32, 16)),
+}
+SPILLS = {
+    (8, 0): _SPILL_BOTH | {("fwd_long", 16, 32, (64, 16, 32, 16))},
+    (8, 9): _SPILL_BOTH | {("fwd_long", 32, 32, (64, 32, 32, 0))},
+}
+
+
+def config_key(kernel, bits, D, N):
+    """The CONFIGS key serving `kernel` at (input bits, D, N): its own N's entry or the default;
+    None when there is neither."""
+    for key in ((kernel, bits, _pow2(D), N), (kernel, bits, _pow2(D), None)):
+        if key in CONFIGS:
+            return key
+    return None
+
+
+def tiles_of(kernel, consts):
+    """The tile sizes of a launch: (BLOCK_M, BLOCK_N, BLOCK_T), or for the long kernel (BLOCK_M,
+    ROW_TAIL, BLOCK_N, KEY_TAIL)."""
+    names = ("BLOCK_M", "ROW_TAIL", "BLOCK_N", "KEY_TAIL") if kernel == "fwd_long" \
+        else ("BLOCK_M", "BLOCK_N", "BLOCK_T")
+    return tuple(consts[n] for n in names)
+
+
 def config_entry(kernel, bits, D, N):
     """The pinned CONFIGS entry of `kernel` at (input bits, D, N), or None."""
-    return CONFIGS.get((kernel, bits, _pow2(D), N)) or CONFIGS.get((kernel, bits, _pow2(D), None))
+    key = config_key(kernel, bits, D, N)
+    return CONFIGS[key] if key else None
 
 
 def _pow2(x):
@@ -383,16 +423,7 @@ def _dot_prec(dtype):
     return "tf32x3" if dtype == torch.float32 else "tf32"  # fp16/bf16 ignore it
 
 
-def _constant_when_traced(fn):
-    """torch.compiler.assume_constant_result's mark (torch.compile traces fn as the constant it
-    returns; the same attribute in torch 2.11-2.14), set directly: with that function called here at
-    import, tests/test_faults.py's hung and killed torchrun-rank tests failed 3 runs of 3 (the
-    survivor's heartbeat thread never stopped it); with the mark set directly they pass."""
-    fn._dynamo_marked_constant = True
-    return fn
-
-
-@_constant_when_traced
+@constant_when_traced
 def choose(kernel, capability, N, D, dtype):
     """The launch of `kernel` at (N, D, dtype) on a GPU of this compute capability (None: the
     interpreter, which runs the sm_90 configs): (constexprs, launch options), or None where SDPA
@@ -401,11 +432,12 @@ def choose(kernel, capability, N, D, dtype):
     return _choose(kernel, capability, int(N), int(D), dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _choose(kernel, capability, N, D, dtype):
-    if capability is not None and capability[0] != CHECKED_MAJOR:
+    if capability is not None and capability[0] != 9 and capability not in CHECKED:
         return None
-    entry = config_entry(kernel, 8 * dtype.itemsize, D, N)
+    key = config_key(kernel, 8 * dtype.itemsize, D, N)
+    entry = CONFIGS[key] if key else None
     short = kernel != "fwd_long"
     if entry is None or not 1 <= D <= 128 or N < 1 or short != (N <= SHORT_N):  # short kernels: N <= SHORT_N
         return None
@@ -417,13 +449,30 @@ def _choose(kernel, capability, N, D, dtype):
     else:
         main, tail = short_tiles(N)
         consts.update(BLOCK_M=min(block_m, main), BLOCK_N=main, BLOCK_T=tail)
+    if spills(kernel, capability, 8 * dtype.itemsize, consts):
+        return None
     return consts, {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+
+
+def spills(kernel, capability, bits, consts):
+    """Does this launch spill registers on this GPU (SPILLS)?"""
+    return (kernel, bits, consts["BLOCK_D"], tiles_of(kernel, consts)) in SPILLS.get(capability, ())
+
+
+def why_sdpa(kernel, capability, N, D, dtype):
+    """Why `choose` sends `kernel` at (N, D, dtype) to SDPA on this GPU, in a few words."""
+    if capability is not None and capability[0] != 9 and capability not in CHECKED:
+        return f"sm_{capability[0]}{capability[1]}: no kernel config checked for this GPU"
+    sm90 = _choose(kernel, None, N, D, dtype)
+    if sm90 is not None and spills(kernel, capability, 8 * dtype.itemsize, sm90[0]):
+        return f"its config spills registers on {CHECKED[capability]}"
+    return f"no kernel config for N={N}, D={D}, {str(dtype).removeprefix('torch.')}"
 
 
 _CAPABILITIES = {}  # device index -> (major, minor)
 
 
-@_constant_when_traced
+@constant_when_traced
 def _device_capability(index):
     if index not in _CAPABILITIES:
         _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
@@ -438,14 +487,6 @@ def capability(t):
 
 def forward_kernel(N):
     return "fwd_short" if N <= SHORT_N else "fwd_long"
-
-
-def fits(q, N, D, needs_grad):
-    """Do the kernels serve this call? The forward must have a config, and the backward too when
-    a gradient will be asked for (else SDPA runs both: its backward is fused, never N x N)."""
-    cap = capability(q)
-    return (choose(forward_kernel(N), cap, N, D, q.dtype) is not None
-            and (not needs_grad or choose("bwd_short", cap, N, D, q.dtype) is not None))
 
 
 def fwd_grid(B, H, N, BLOCK_M):
@@ -609,20 +650,102 @@ def _needs_grad(*xs):
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
+def _no_config(x, N, D, needs_grad):
+    """(kernel name, why) when no pinned config serves this call's forward, or its backward when a
+    gradient will be asked for (then SDPA runs both: its backward is fused, never N x N); else
+    None."""
+    cap = capability(x)
+    for kernel, name in ((forward_kernel(N), "attention forward"),
+                         *((("bwd_short", "attention backward"),) if needs_grad else ())):
+        if choose(kernel, cap, N, D, x.dtype) is None:
+            return name, why_sdpa(kernel, cap, N, D, x.dtype)
+    return None
+
+
+def fits(x, N, D, needs_grad):
+    """Does a pinned config serve this call (see `_no_config`)?"""
+    return _no_config(x, N, D, needs_grad) is None
+
+
+def _route(x, shape, N, D, needs_grad):
+    """Do the kernels serve this call? A config must (`_no_config`; on a GPU the start line says
+    why not), and each kernel must have passed its self-check (kernels/verify.py) at this shape
+    and dtype."""
+    missing = _no_config(x, N, D, needs_grad)
+    if missing is not None:
+        if x.is_cuda:
+            verify.note(missing[0], shape, x.dtype, missing[1])
+        return False
+    return (verify.allowed("attention forward", shape, x.dtype, x.device)
+            and (not needs_grad or verify.allowed("attention backward", shape, x.dtype, x.device)))
+
+
 def attention(q, k, v):
     """softmax(q k^T / sqrt(D)) v for (B, H, N, D) tensors; same contract as SDPA's default call."""
     if (q.dim() == 4 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
-            and q.dtype in DTYPES and use_triton(q) and q.numel() > 0
-            and fits(q, q.shape[2], q.shape[3], _needs_grad(q, k, v))):
-        return _Attention.apply(q, k, v)
+            and q.dtype in DTYPES and use_triton(q) and q.numel() > 0):
+        _, H, N, D = (int(d) for d in q.shape)
+        if _route(q, ("B", H, N, D), N, D, _needs_grad(q, k, v)):
+            return _Attention.apply(q, k, v)
     return reference_attention(q, k, v)
 
 
 def attention_packed(qkv):
     """Attention straight from the qkv projection: qkv (B, N, 3, H, D) -> (B, N, H*D)."""
     if qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"attention_packed wants qkv of shape (B, N, 3, H, D), got {tuple(qkv.shape)}")
-    B, N, _, H, D = qkv.shape
-    if qkv.dtype in DTYPES and use_triton(qkv) and qkv.numel() > 0 and fits(qkv, N, D, _needs_grad(qkv)):
-        return _AttentionPacked.apply(qkv)
+        raise ValueError("attention_packed wants qkv of shape (B, N, 3, H, D), "
+                         f"got {tuple(qkv.shape)}")
+    if qkv.dtype in DTYPES and use_triton(qkv) and qkv.numel() > 0:
+        _, N, _, H, D = (int(d) for d in qkv.shape)
+        if _route(qkv, ("B", N, 3, H, D), N, D, _needs_grad(qkv)):
+            return _AttentionPacked.apply(qkv)
     return reference_packed(qkv)
+
+
+# ----------------------------------------------------------------------------------------------
+# The self-check (kernels/verify.py): our kernels against SDPA on random inputs, batch 2.
+
+def _check_inputs(shape, dtype, device):
+    """qkv (2, N, 3, H, D) and an output gradient (2, N, H*D) for `shape` (packed or not)."""
+    N, H, D = (shape[1], shape[3], shape[4]) if len(shape) == 5 else (shape[2], shape[1], shape[3])
+    g = torch.Generator(device).manual_seed(0)
+    qkv = torch.randn(2, N, 3, H, D, generator=g, device=device).to(dtype)
+    go = torch.randn(2, N, H * D, generator=g, device=device).to(dtype)
+    return qkv, go
+
+
+def _ours(qkv, go, packed):
+    """Our forward (and backward with `go`) on qkv through the operators' bodies, in the packed
+    layout: o (B, N, H*D), dqkv (B, N, 3, H, D) or None."""
+    B, N, _, H, D = qkv.shape
+    if packed:
+        o, lse = run_eager(_packed_fwd_impl, (qkv,))
+        return o, go is not None and run_eager(_packed_bwd_impl, (go, qkv, o, lse))
+    q, k, v = (qkv[:, :, i].transpose(1, 2).contiguous() for i in range(3))  # 3 x (B, H, N, D)
+    o, lse = run_eager(_attention_fwd_impl, (q, k, v))
+    flat = o.transpose(1, 2).reshape(B, N, H * D)
+    if go is None:
+        return flat, None
+    do = go.view(B, N, H, D).transpose(1, 2)
+    grads = run_eager(_attention_bwd_impl, (do, q, k, v, o, lse))
+    return flat, torch.stack([g.transpose(1, 2) for g in grads], 2)
+
+
+def _sdpa_out_and_grad(qkv, go):
+    with torch.enable_grad():
+        x = qkv.detach().requires_grad_()
+        o = sdpa_packed(x)
+        return o.detach(), torch.autograd.grad(o, x, go)[0]
+
+
+def _check(kernel, shape, dtype, device):
+    qkv, go = _check_inputs(shape, dtype, device)
+    backward = kernel == "attention backward"
+    ours, dqkv = _ours(qkv, go if backward else None, len(shape) == 5)
+    ref, ref_grad = _sdpa_out_and_grad(qkv, go)
+    truth, truth_grad = _sdpa_out_and_grad(qkv.double(), go.double())
+    return {"dqkv": (dqkv, ref_grad, truth_grad)} if backward else {"o": (ours, ref, truth)}
+
+
+verify.register("attention forward", functools.partial(_check, "attention forward"))
+verify.register("attention backward", functools.partial(_check, "attention backward"))

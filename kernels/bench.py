@@ -37,6 +37,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -145,13 +146,21 @@ def useful_work(kernel, N, D):
     return (2 if kernel.startswith("fwd") else 5) * N * N * D, N * N
 
 
-def occupancy(regs, smem, warps):
-    """CTAs per H100 SM: 65,536 registers (allocated per warp in 256s), 228 KB shared memory
-    (1 KB reserved per CTA), 2,048 threads, 32 CTAs."""
+# Per SM of each compute capability checked: (shared memory KB per SM, per block KB, threads, CTAs);
+# every one has 65,536 registers. sm_90: H100 / H200; sm_80: A100; sm_89: L40S / RTX 4090.
+SM = {90: (228, 227, 2048, 32), 80: (164, 163, 2048, 32), 89: (100, 99, 1536, 24)}
+ARCHS = (90, 80, 89)
+
+
+def occupancy(regs, smem, warps, arch=90):
+    """CTAs per SM of sm_`arch`: 65,536 registers (allocated per warp in 256s), its shared memory
+    (1 KB reserved per CTA), threads and CTAs (SM)."""
     if regs is None:
         return None
     per_warp = -(-regs * 32 // 256) * 256
-    return min(65536 // (per_warp * warps), (228 * 1024) // (smem + 1024), 2048 // (32 * warps), 32)
+    smem_sm, _, threads, ctas = SM[arch]
+    return min(65536 // (per_warp * warps), (smem_sm * 1024) // (smem + 1024),
+               threads // (32 * warps), ctas)
 
 
 def _with_config(kernel, bits, D, N, entry, fn):
@@ -297,7 +306,7 @@ def _nvidia_tool(tool, data, suffix, *args):
 
 def _ptxas_counts(ptx, arch):
     import re
-    log = _nvidia_tool("ptxas", ptx, ".ptx", "-v", f"--gpu-name=sm_{arch}a", "-o", os.devnull).stderr
+    log = _nvidia_tool("ptxas", ptx, ".ptx", "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", "-o", os.devnull).stderr
     regs, spill = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
     return (int(regs[1]) if regs else None), (int(spill[1]) if spill else None)
 
@@ -353,6 +362,7 @@ def _signature(fn, consts, tname):
 
 
 TNAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+DTYPE = {name: dtype for dtype, name in TNAME.items()}
 
 
 def compile_kernel(fn, consts, opts, tname, arch=90, trips=None):
@@ -368,12 +378,12 @@ def compile_kernel(fn, consts, opts, tname, arch=90, trips=None):
     ptx = k.asm["ptx"]
     mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma"
     smem = k.metadata.shared
-    return {"regs": regs, "spill": spill, "smem": smem, "mma": mma, "ctas": occupancy(regs, smem, opts["num_warps"]),
+    return {"regs": regs, "spill": spill, "smem": smem, "mma": mma, "ctas": occupancy(regs, smem, opts["num_warps"], arch),
             **({"sass": _sass_counts(k.asm["cubin"], trips)} if trips else {})}
 
 
-def compile_stats(kernel, dtype, N, D):
-    """The shipped launch of `kernel` at (N, D, dtype), compiled for sm_90."""
+def compile_stats(kernel, dtype, N, D, arch=90):
+    """The pinned launch of `kernel` at (N, D, dtype), compiled for sm_`arch`."""
     A = importlib.import_module("kernels.attention")
     consts, opts = A.choose(kernel, None, N, D, dtype)
     fn = {"fwd_short": A._attn_fwd_short_kernel, "bwd_short": A._attn_bwd_short_kernel,
@@ -381,7 +391,7 @@ def compile_stats(kernel, dtype, N, D):
     # The short kernels' loop: the query chunks of the main block. (The long kernel has two code paths,
     # a head's last row block and the others: no one count per warp.)
     trips = None if kernel == "fwd_long" else consts["BLOCK_N"] // consts["BLOCK_M"]
-    return compile_kernel(fn, dict(consts), opts, TNAME[dtype], trips=trips)
+    return compile_kernel(fn, dict(consts), opts, TNAME[dtype], arch=arch, trips=trips)
 
 
 TILE_CLASSES = {  # one N per distinct tile set the chooser can return
@@ -390,44 +400,115 @@ TILE_CLASSES = {  # one N per distinct tile set the chooser can return
 }
 
 
-def compile_check():
-    """Compile every shipped config (CONFIGS) at every tile class its N range can give, for each
-    dtype and head size, and the loss kernel; report ptxas registers, spills, shared memory and
-    CTAs per SM. Returns 1 if any spills or exceeds shared memory."""
+def compile_check(archs=ARCHS):
+    """Compile every pinned config (CONFIGS) at every tile class its N range can give, for each
+    dtype and head size, and the loss kernel, for each compute capability in `archs`; report ptxas
+    registers, spills, shared memory, CTAs per SM and SASS counts per warp. Returns 1 if an sm_90
+    config spills or exceeds shared memory (the shipped table); on sm_80 / sm_89 such configs are
+    listed in kernels/attention.py's SPILLS and take SDPA there."""
     A = importlib.import_module("kernels.attention")
     L = importlib.import_module("kernels.distill_loss")
     if A.INTERPRETED:
         print("compile check: unset TRITON_INTERPRET first")
         return 1
-    print(f"{'kernel':<10} {'dtype':<5} {'D':>4} {'N':>4} {'BLOCK_M,N,warps':<16} {'tiles':<26} "
-          f"{'regs':>5} {'spill B':>7} {'smem B':>7} {'CTA/SM':>6} mma")
     bad = 0
+    for arch in archs:
+        print(f"sm_{arch}")
+        print(f"{'kernel':<10} {'dtype':<5} {'D':>4} {'N':>4} {'BLOCK_M,N,warps':<16} "
+              f"{'tiles':<26} {'regs':>5} {'spill B':>7} {'smem B':>7} {'CTA/SM':>6} mma   "
+              f"SASS/warp tensor,fp32,mufu,total  sm_{arch}")
+        for name, tname, D, N, entry, tiles, s in _compile_rows(A, L, arch):
+            clean = s["spill"] == 0 and s["smem"] <= SM[arch][1] * 1024
+            bad += not clean and arch == 90
+            path = ""
+            if not clean and name in A.KERNELS and arch != 90:
+                consts, _ = A.choose(name, None, N, D, DTYPE[tname])
+                listed = A.spills(name, (arch // 10, arch % 10), 8 * DTYPE[tname].itemsize, consts)
+                bad += not listed
+                path = "  SDPA there (SPILLS)" if listed else "  spills: add to SPILLS"
+            sass = s.get("sass")
+            sass = ",".join(str(sass[c]) for c in ("tensor", "fp32", "mufu", "total")) if sass else "-"
+            print(f"{name:<10} {tname:<5} {D:>4} {N:>4} {','.join(map(str, entry)):<16} {tiles:<26} "
+                  f"{_fmt(s['regs']):>5} {_fmt(s['spill']):>7} {s['smem']:>7} {_fmt(s['ctas']):>6} "
+                  f"{s['mma']:<5} {sass}{path}", flush=True)
+    print("sm_90: no spills, shared memory within bounds; other GPUs: SPILLS lists every config that "
+          "spills there" if not bad else
+          f"{bad} configs spill or exceed shared memory: change kernels/attention.py's CONFIGS or SPILLS")
+    return int(bad > 0)
 
-    def report(name, tname, D, N, entry, tiles, s):
-        nonlocal bad
-        bad += bool(s["spill"]) or s["spill"] is None or s["smem"] > 227 * 1024  # sm_90's shared memory per block
-        print(f"{name:<10} {tname:<5} {D:>4} {N:>4} {','.join(map(str, entry)):<16} {tiles:<26} {_fmt(s['regs']):>5} "
-              f"{_fmt(s['spill']):>7} {s['smem']:>7} {_fmt(s['ctas']):>6} {s['mma']}", flush=True)
 
-    for kernel, bits, BLOCK_D in dict.fromkeys(key[:3] for key in A.CONFIGS):  # each N's entry, default or its own
+def _compile_rows(A, L, arch):
+    """(name, dtype name, D, N, entry, tiles, stats) per pinned config and tile class, then the
+    loss kernels, compiled for sm_`arch`."""
+    for kernel, bits, BLOCK_D in dict.fromkeys(key[:3] for key in A.CONFIGS):
         for dtype in ([torch.bfloat16, torch.float16] if bits == 16 else [torch.float32]):
             for N in TILE_CLASSES[kernel]:
                 consts, _ = A.choose(kernel, None, N, BLOCK_D, dtype)
-                report(kernel, TNAME[dtype], BLOCK_D, N, A.config_entry(kernel, bits, BLOCK_D, N),
-                       tiles_str(kernel, consts), compile_stats(kernel, dtype, N, BLOCK_D))
+                yield (kernel, TNAME[dtype], BLOCK_D, N, A.config_entry(kernel, bits, BLOCK_D, N),
+                       tiles_str(kernel, consts), compile_stats(kernel, dtype, N, BLOCK_D, arch))
+    opts = {"num_warps": 4, "num_stages": 2}
     for mode in (0, 1, 2):  # the loss kernels as launched for vit / deit hard / cdeit soft with mixup
         for backward in (False, True):
             consts = {"HAS_CORR_CLS": mode == 2, "TEACHER_MODE": mode, "HAS_CORR": mode == 2,
                       "SOFT_LABELS": mode == 2, "SOFT_TYPES": False, "BACKWARD": backward,
                       "BLOCK_B": L._block_rows(10, 11), "BLOCK_C": 16, "BLOCK_T": 16}
-            report(f"loss {'bwd' if backward else 'fwd'}{mode}", "bf16", 0, 0, (consts["BLOCK_B"], 16, 4, 0), "",
-                   compile_kernel(L._rows_kernel, consts, {"num_warps": 4, "num_stages": 2}, "bf16"))
-    report("loss sum", "bf16", 0, 0, (L.SUM_BLOCK, 0, 4, 0), "",
-           compile_kernel(L._sum_kernel, {"HAS_TEACHER": True, "HAS_CORR": True, "SUM_BLOCK": L.SUM_BLOCK},
-                          {"num_warps": 4, "num_stages": 2}, "bf16"))
-    print("no spills, shared memory within sm_90's 227 KB" if not bad else
-          f"{bad} configs spill or exceed shared memory: change them in kernels/attention.py's CONFIGS")
-    return int(bad > 0)
+            yield (f"loss {'bwd' if backward else 'fwd'}{mode}", "bf16", 0, 0,
+                   (consts["BLOCK_B"], 16, 4, 0), "",
+                   compile_kernel(L._rows_kernel, consts, opts, "bf16", arch=arch))
+    consts = {"HAS_TEACHER": True, "HAS_CORR": True, "SUM_BLOCK": L.SUM_BLOCK}
+    yield ("loss sum", "bf16", 0, 0, (L.SUM_BLOCK, 0, 4, 0), "",
+           compile_kernel(L._sum_kernel, consts, opts, "bf16", arch=arch))
+
+
+# ---------------------------------------------------------------------------------------------- self-check
+
+def self_check():
+    """Run each kernel's first-use self-check (kernels/verify.py) at the shapes training runs: the
+    students' attention (N = 65-67, 3 heads of 64) forward and backward, the teacher's forward
+    (N = 197, 6 heads), the loss of deit / cdeit, hard and soft, with and without mixup; bf16 and
+    fp16 on a GPU, fp16 and fp32 through the interpreter. Prints the verdict lines and each
+    check's time. Returns 1 if a kernel failed."""
+    V = importlib.import_module("kernels.verify")
+    A = importlib.import_module("kernels.attention")
+    cuda = torch.cuda.is_available() and not A.INTERPRETED
+    device = torch.device("cuda" if cuda else "cpu")
+    dtypes = (torch.bfloat16, torch.float16) if cuda else (torch.float16, torch.float32)
+    print(f"self-check on {torch.cuda.get_device_name() if cuda else 'CPU (interpreter)'}, "
+          f"triton {triton_version()}")
+    times = []
+
+    def timed(what, fn):
+        t0 = time.perf_counter()
+        fn()
+        times.append((what, time.perf_counter() - t0))
+
+    for dtype in dtypes:
+        for N, H, grad in ((65, 3, True), (66, 3, True), (67, 3, True), (197, 6, False)):
+            shape = ("B", N, 3, H, 64)
+            missing = A._no_config(torch.empty(0, device=device, dtype=dtype), N, 64, grad)
+            if missing:
+                V.note(missing[0], shape, dtype, missing[1])
+                continue
+            for kernel in ("attention forward",) + (("attention backward",) if grad else ()):
+                timed(f"{kernel} N={N} {TNAME[dtype]}",
+                      lambda k=kernel: V.allowed(k, shape, dtype, device))
+        for distill, T, labels in (("hard", 0, torch.int64), ("soft", 0, torch.float32),
+                                   ("hard", 11, torch.int64), ("soft", 11, torch.float32)):
+            spec = (distill, T, T > 0, True, labels, torch.int64 if T else None, dtype, 3.0, 0.5,
+                    0.1)
+            for kernel in ("loss forward", "loss backward"):
+                timed(f"{kernel} {distill} T={T} {TNAME[dtype]}",
+                      lambda k=kernel, s=spec: V.allowed(k, ("B", 10), dtype, device, *s))
+    total = sum(t for _, t in times)
+    print(f"{len(times)} checks in {total:.2f} s: " +
+          ", ".join(f"{what} {t:.2f} s" for what, t in times))
+    failed = V.verdicts()["failed"]
+    return int(bool(failed))
+
+
+def triton_version():
+    import triton
+    return triton.__version__
 
 
 # ---------------------------------------------------------------------------------------------- overhead
@@ -503,6 +584,8 @@ def overhead_rows():
     for what, impl, fn, xs, triton_ in cases:
         call = fwd_bwd(fn, xs)
         I.InterpretedFunction.run = stub
+        mode = kernels.verify._mode  # stubbed launches compute nothing: no self-check
+        kernels.verify.set_mode("trust")
         try:
             launches["n"] = 0
             call()
@@ -512,6 +595,7 @@ def overhead_rows():
             best, median = _per_call_us(call)
         finally:
             I.InterpretedFunction.run = real_run
+            kernels.verify.set_mode(mode)
         rows.append({"what": what, "impl": impl, "best_us": best, "median_us": median, "launches": n})
     return rows
 
@@ -763,6 +847,9 @@ def main():
     ap.add_argument("--candidates", action="store_true", help="with --bytes: every candidate config, not the shipped")
     ap.add_argument("--compile-check", action="store_true",
                     help="no GPU needed: compile every shipped config for sm_90, print registers/spills/smem")
+    ap.add_argument("--self-check", action="store_true",
+                    help="the kernels' first-use self-check at the training shapes (a GPU, or the "
+                         "interpreter without one): verdict lines and each check's time")
     ap.add_argument("--overhead", action="store_true",
                     help="no GPU needed: CPU microseconds per fwd+bwd call, ours (launches stubbed) vs SDPA / eager")
     ap.add_argument("--summarize", metavar="OUTDIR",
@@ -770,6 +857,12 @@ def main():
     args = ap.parse_args()
     if args.summarize:
         return summarize(args.summarize)
+    if args.self_check:  # without a GPU: through the interpreter
+        if not torch.cuda.is_available() and not importlib.import_module("kernels.launch").INTERPRETED:
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            return subprocess.run([sys.executable, "-m", "kernels.bench", "--self-check"],
+                                  env=env).returncode
+        return self_check()
     if args.overhead:  # runs our kernels' Python on CPU tensors: needs the interpreter's CPU path
         if not importlib.import_module("kernels.distill_loss").INTERPRETED:
             env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import verify
 
 A = importlib.import_module("kernels.attention")  # `kernels.attention` is the function
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,6 +32,12 @@ TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (5e-3, 5e-3)}
 NS = [1, 2, 17, 63, 64, 65, 67, 127, 128, 129, 197]
 DS = [32, 64, 128]
 DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _trusted(monkeypatch):
+    """The kernels themselves, unchecked (tests/test_kernels_verify.py tests the self-check)."""
+    monkeypatch.setattr(verify, "_mode", "trust")
 
 
 def _inputs(B, H, N, D, dtype, seed=0):
@@ -118,7 +125,7 @@ def test_config_choice_is_pinned_and_pure():
     """No autotuning anywhere: the launch is a pure function of (capability, N, D, dtype) read from
     the pinned CONFIGS, the same in a fresh process (another rank, or a restart) with another hash
     seed. A pure chooser makes a two-process DDP test redundant: nothing a rank sees but its
-    arguments can change it. Tiles waste less than padding to 128; other GPUs take SDPA."""
+    arguments can change it. Tiles waste less than padding to 128; unchecked GPUs take SDPA."""
     src = open(A.__file__).read()
     assert "autotune" not in src and "Autotuner" not in src
     for fn in (A._attn_fwd_short_kernel, A._attn_bwd_short_kernel, A._attn_fwd_long_kernel):
@@ -148,7 +155,13 @@ def test_config_choice_is_pinned_and_pure():
     for dtype in (torch.bfloat16, torch.float16):  # the students train with a kernel forward and backward
         assert A.choose("fwd_short", (9, 0), 67, 64, dtype) and A.choose("bwd_short", (9, 0), 67, 64, dtype)
         assert A.choose("fwd_long", (9, 0), 197, 64, dtype)
-    assert A.choose("fwd_short", (8, 0), 67, 64, torch.bfloat16) is None  # not checked for sm_80: SDPA
+    for cap in ((8, 0), (8, 9)):  # sm_80 / sm_89: the sm_90 configs where they do not spill there
+        assert A.choose("fwd_short", cap, 67, 64, torch.bfloat16) is None  # spills: SDPA
+        assert "spills registers on sm_8" in A.why_sdpa("fwd_short", cap, 67, 64, torch.bfloat16)
+        assert A.choose("fwd_long", cap, 197, 64, torch.bfloat16) == A.choose("fwd_long", (9, 0), 197, 64,
+                                                                              torch.bfloat16)
+    assert A.choose("fwd_short", (7, 5), 67, 64, torch.bfloat16) is None  # not checked: SDPA
+    assert "sm_75" in A.why_sdpa("fwd_short", (7, 5), 67, 64, torch.bfloat16)
     assert A.choose("fwd_short", None, 67, 128, torch.float32) is None  # nothing fits: SDPA
 
 
@@ -293,6 +306,7 @@ def test_kernels_folder_alone_without_triton(tmp_path):
         "y = torch.tensor([1, 2, 3, 4])\n"
         "loss, parts = kernels.distillation_loss(out, y, distill='none')\n"
         "assert torch.allclose(loss, F.cross_entropy(out[0], y, label_smoothing=0.1))\n"
+        "assert kernels.verify.agree()['kernels'] == {}\n"  # no kernel ran: nothing to check
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(tmp_path)))

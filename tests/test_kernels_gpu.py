@@ -12,13 +12,21 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import verify
+from kernels.verify import ERROR_FACTOR, within_error
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # (atol, rtol) against a float64 reference; fp32 runs its dots as 3xTF32 (about fp32 accuracy).
-# bf16 is judged as FlashAttention's tests judge it: `within_sdpa_error`.
+# bf16 is judged as FlashAttention's tests judge it: kernels.verify.within_error, the
+# self-check's criterion.
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3)}
-ERROR_FACTOR = 2.0  # ours may be at most this many times SDPA's own error in the same dtype
+
+
+@pytest.fixture(autouse=True)
+def _trusted(monkeypatch):
+    """The kernels themselves, unchecked (tests/test_kernels_verify.py tests the self-check)."""
+    monkeypatch.setattr(verify, "_mode", "trust")
 
 
 def _reference(q, k, v, go, dtype=torch.float64):
@@ -28,17 +36,9 @@ def _reference(q, k, v, go, dtype=torch.float64):
     return (o, *torch.autograd.grad(o, (q, k, v), go.to(dtype)))
 
 
-def within_sdpa_error(ours, sdpa, truth, factor=ERROR_FACTOR, floor=1e-6):
-    """FlashAttention's criterion, per output: max |ours - truth| <= factor * max |sdpa - truth|
-    (+ a floor for outputs SDPA gets exactly right). Returns (ok, our error, SDPA's error)."""
-    e_ours = (ours.double() - truth).abs().max().item()
-    e_sdpa = (sdpa.double() - truth).abs().max().item()
-    return e_ours <= factor * e_sdpa + floor, e_ours, e_sdpa
-
-
 def assert_within_sdpa_error(names, ours, sdpa, truth, what=""):
     for name, a, b, t in zip(names, ours, sdpa, truth):
-        ok, e_ours, e_sdpa = within_sdpa_error(a, b, t)
+        ok, e_ours, e_sdpa = within_error(a, b, t)
         assert ok, f"{name}{what}: max error {e_ours:.3g} > {ERROR_FACTOR} x SDPA's {e_sdpa:.3g}"
 
 
@@ -48,11 +48,11 @@ def test_within_sdpa_error_on_synthetic_numbers():
     g = torch.Generator().manual_seed(0)
     truth = torch.randn(4096, generator=g, dtype=torch.float64)
     sdpa = truth + 4e-3 * torch.randn(4096, generator=g, dtype=torch.float64)  # bf16-like rounding noise
-    assert within_sdpa_error(truth + 4e-3 * torch.randn(4096, generator=g, dtype=torch.float64), sdpa, truth)[0]
-    assert within_sdpa_error(truth.float(), sdpa, truth)[0]
-    assert not within_sdpa_error(truth * 1.02, sdpa, truth)[0]
-    assert not within_sdpa_error(truth + 3 * (sdpa - truth), sdpa, truth)[0]
-    assert within_sdpa_error(truth.clone(), truth.clone(), truth)[0]  # both exact: the floor
+    assert within_error(truth + 4e-3 * torch.randn(4096, generator=g, dtype=torch.float64), sdpa, truth)[0]
+    assert within_error(truth.float(), sdpa, truth)[0]
+    assert not within_error(truth * 1.02, sdpa, truth)[0]
+    assert not within_error(truth + 3 * (sdpa - truth), sdpa, truth)[0]
+    assert within_error(truth.clone(), truth.clone(), truth)[0]  # both exact: the floor
 
 
 @pytest.mark.gpu
