@@ -1,4 +1,4 @@
-"""losses.distillation_loss against sums written out by hand (seed Eq. 4-7)."""
+"""losses.distillation_loss against sums written out by hand (thesis Eq. 4-7)."""
 import zlib
 
 import pytest
