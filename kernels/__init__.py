@@ -19,7 +19,9 @@ try:
     from .distill_loss import distillation_loss
     HAS_TRITON = True
 except ImportError:  # no triton on this platform: the PyTorch paths, same contracts
-    from .reference import distillation_loss, sdpa as attention, sdpa_packed as attention_packed
+    from .reference import distillation_loss
+    from .reference import sdpa as attention
+    from .reference import sdpa_packed as attention_packed
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "attention", "attention_packed", "distillation_loss", "sdpa_packed",

@@ -50,9 +50,9 @@ import triton
 import triton.language as tl
 
 from . import verify
-from .verify import constant_when_traced
 from .launch import INTERPRETED, launcher, run_eager, triton_op, via_op
 from .reference import sdpa, sdpa_packed
+from .verify import constant_when_traced
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels use exp2

@@ -296,6 +296,7 @@ def _nvidia_tool(tool, data, suffix, *args):
     """Run one of the CUDA tools triton ships (ptxas, nvdisasm) on `data` written to a temporary
     file: tool [args...] FILE. -> the finished process (text stdout / stderr)."""
     import tempfile
+
     import triton
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
     with tempfile.NamedTemporaryFile("wb", suffix=suffix) as f:
@@ -539,6 +540,7 @@ def overhead_rows():
     so what remains is PyTorch's dispatch, autograd and allocation (CPU kernels instead of CUDA
     launches). fp16 inputs (the interpreter does not run bf16)."""
     import triton.runtime.interpreter as I
+
     import kernels
     import losses
     from model import Logits
@@ -564,7 +566,7 @@ def overhead_rows():
         return [torch.randn(1, 3, N, 64, dtype=half, requires_grad=True) for _ in range(3)]
 
     def loss_inputs(B):
-        g = lambda n: torch.randn(B, n, requires_grad=True)  # noqa: E731
+        g = lambda n: torch.randn(B, n, requires_grad=True)
         return [g(10), g(10), g(11), g(10)]
 
     labels, teacher, types = torch.zeros(1, dtype=torch.long), torch.randn(1, 10), torch.zeros(1, dtype=torch.long)
@@ -665,6 +667,7 @@ BWD_ALTERNATIVES = [(32, 0, 4, 1, 0), (16, 0, 4, 1, 0), (16, 0, 8, 1, 0)]
 
 def bench_attention(dtype):
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     import kernels
     rows, goals = [], {}
     shapes = [((B,) + TRAIN[1:], True) for B in BATCHES] + [(TEACHER, False)]
@@ -736,7 +739,7 @@ def bench_loss(dtype):
             results = {}
             for name, fn in [("eager", losses.distillation_loss), ("torch.compile", compiled),
                              ("triton fused", kernels.distillation_loss)]:
-                loss = lambda fn=fn: fn(out, labels, teacher, types, distill=distill)[0]  # noqa: E731
+                loss = lambda fn=fn: fn(out, labels, teacher, types, distill=distill)[0]
                 results[name] = _bench(_fwd_bwd(loss, params, one))
             rows += _rows_of("loss fwd+bwd", f"{kind} {distill} B{B}", results, lambda n: "eager")
             if B == BATCHES[0]:  # the goal holds for every model kind: report the worst
@@ -752,7 +755,7 @@ def bench_loss(dtype):
 def print_table(rows):
     print(f"{'bench':<16} {'shape':<20} {'impl':<38} {'eager ms':>9} {'graph ms':>9} {'graph rate':>14} "
           f"{'vs ref':>7} {'(graph)':>7}")
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    fmt = lambda v, f: "-" if v is None else format(v, f)
     for r in rows:
         rate = "" if r["rate"] is None else f"{r['rate']:.1f} TFLOP/s"
         print(f"{r['bench']:<16} {r['shape']:<20} {r['impl']:<38} {r['eager_ms']:>9.4f} "

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import verify
-from .launch import INTERPRETED, run_eager, launcher, triton_op, via_op
+from .launch import INTERPRETED, launcher, run_eager, triton_op, via_op
 from .reference import distillation_loss as reference_distillation_loss
 from .reference import loss_weights
 
@@ -73,7 +73,8 @@ def _rows_kernel(
     G_CLS, G_CC, G_DIST, G_CORR,    # backward: contiguous gradients, each in its logit's dtype
     stride_cls, stride_cc, stride_dist, stride_t, stride_corr, stride_lab, stride_typ,
     B, C, T, smoothing, inv_tau, kl_scale, w_label, w_teacher, w_type,
-    HAS_CORR_CLS: tl.constexpr, TEACHER_MODE: tl.constexpr,  # 0 none, 1 hard (Eq. 5/6), 2 soft (Eq. 4/7)
+    HAS_CORR_CLS: tl.constexpr,
+    TEACHER_MODE: tl.constexpr,  # 0 none, 1 hard (Eq. 5/6), 2 soft (Eq. 4/7)
     HAS_CORR: tl.constexpr, SOFT_LABELS: tl.constexpr, SOFT_TYPES: tl.constexpr,
     BACKWARD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -91,16 +92,20 @@ def _rows_kernel(
     if HAS_CORR_CLS:
         zcc = tl.load(CORR_CLS + rows[:, None] * stride_cc + cols[None, :], mask=m2, other=0.0)
     if SOFT_LABELS:
-        y = tl.load(LABELS + rows[:, None] * stride_lab + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        y = tl.load(LABELS + rows[:, None] * stride_lab + cols[None, :], mask=m2, other=0.0)
+        y = y.to(tl.float32)
     else:
         lab = tl.load(LABELS + rows * stride_lab, mask=rmask, other=0)
     if TEACHER_MODE != 0:
-        d = tl.load(DIST + rows[:, None] * stride_dist + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        t = tl.load(TEACHER + rows[:, None] * stride_t + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        d = tl.load(DIST + rows[:, None] * stride_dist + cols[None, :], mask=m2, other=0.0)
+        t = tl.load(TEACHER + rows[:, None] * stride_t + cols[None, :], mask=m2, other=0.0)
+        d, t = d.to(tl.float32), t.to(tl.float32)
     if HAS_CORR:
-        zc = tl.load(CORR + rows[:, None] * stride_corr + tcols[None, :], mask=m3, other=0.0).to(tl.float32)
+        zc = tl.load(CORR + rows[:, None] * stride_corr + tcols[None, :], mask=m3, other=0.0)
+        zc = zc.to(tl.float32)
         if SOFT_TYPES:
-            yc = tl.load(TYPES + rows[:, None] * stride_typ + tcols[None, :], mask=m3, other=0.0).to(tl.float32)
+            yc = tl.load(TYPES + rows[:, None] * stride_typ + tcols[None, :], mask=m3, other=0.0)
+            yc = yc.to(tl.float32)
         else:
             typ = tl.load(TYPES + rows * stride_typ, mask=rmask, other=0)
     if BACKWARD:
@@ -120,13 +125,16 @@ def _rows_kernel(
         t = tl.where(cmask[None, :], t, float("-inf"))
         if TEACHER_MODE == 1:  # hard: CE(dist, argmax teacher), no smoothing (Eq. 5)
             a = tl.argmax(t, 1, tie_break_left=True)  # first maximum, like torch.argmax
-            teacher, g_dist = _smoothed_ce(d, (cols[None, :] == a[:, None]).to(tl.float32), cmask[None, :], C, 0.0)
+            one_hot = (cols[None, :] == a[:, None]).to(tl.float32)
+            teacher, g_dist = _smoothed_ce(d, one_hot, cmask[None, :], C, 0.0)
             g_dist = g_dist * (w_teacher / B)
         else:  # soft: tau^2 KL / (B C) (Eq. 4); kl_scale = tau^2 / (B C)
             log_ps = _log_softmax(d * inv_tau)
             log_pt = _log_softmax(t * inv_tau)
             pt = tl.exp(log_pt)  # 0 in padded columns, where both logs are -inf (no -inf - -inf)
-            teacher = tl.sum(pt * (tl.where(cmask[None, :], log_pt, 0.0) - tl.where(cmask[None, :], log_ps, 0.0)), 1)
+            log_ratio = tl.where(cmask[None, :], log_pt, 0.0) \
+                - tl.where(cmask[None, :], log_ps, 0.0)
+            teacher = tl.sum(pt * log_ratio, 1)
             g_dist = (tl.exp(log_ps) - pt) * (inv_tau * kl_scale * w_teacher)
 
     if HAS_CORR:  # CE(corr, type) with smoothing (Eq. 6-7)
@@ -141,10 +149,12 @@ def _rows_kernel(
         if HAS_CORR_CLS:
             tl.store(G_CC + rows[:, None] * C + cols[None, :], g.to(G_CC.dtype.element_ty), mask=m2)
         if TEACHER_MODE != 0:
-            tl.store(G_DIST + rows[:, None] * C + cols[None, :], (g_dist * go).to(G_DIST.dtype.element_ty), mask=m2)
+            tl.store(G_DIST + rows[:, None] * C + cols[None, :],
+                     (g_dist * go).to(G_DIST.dtype.element_ty), mask=m2)
         if HAS_CORR:
             g_corr = (g_corr * (w_type / B)) * go
-            tl.store(G_CORR + rows[:, None] * T + tcols[None, :], g_corr.to(G_CORR.dtype.element_ty), mask=m3)
+            tl.store(G_CORR + rows[:, None] * T + tcols[None, :],
+                     g_corr.to(G_CORR.dtype.element_ty), mask=m3)
     else:
         tl.store(ROW_LOSS + rows, label, mask=rmask)
         if TEACHER_MODE != 0:
@@ -163,7 +173,9 @@ def _sum_kernel(ROW_LOSS, STATS, B, teacher_scale, w_label, w_teacher, w_type,
     teacher_acc = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
     type_acc = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
     start = 0
-    while start < B:  # not range(0, B, ...): triton 3.6's interpreter cannot index with a runtime int under numpy >= 2.4
+    # not range(0, B, ...): triton 3.6's interpreter cannot index with a runtime int under
+    # numpy >= 2.4
+    while start < B:
         rows = start + offs
         mask = rows < B
         label_acc += tl.load(ROW_LOSS + rows, mask=mask, other=0.0)
@@ -241,7 +253,8 @@ def _fwd(cls: torch.Tensor, corr_cls: torch.Tensor | None, dist: torch.Tensor | 
                  teacher_mode, tau, smoothing, w_label, w_teacher, w_type)
     teacher_scale = tau * tau / (B * C) if teacher_mode == 2 else 1.0 / B
     launcher(_sum_kernel)[(1,)](row_loss, stats, B, teacher_scale, float(w_label), float(w_teacher),
-                                float(w_type), HAS_TEACHER=teacher_mode != 0, HAS_CORR=corr is not None,
+                                float(w_type), HAS_TEACHER=teacher_mode != 0,
+                                HAS_CORR=corr is not None,
                                 SUM_BLOCK=SUM_BLOCK, num_warps=4)
     return stats
 
@@ -279,9 +292,11 @@ class _DistillLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_stats):  # only stats[0], the loss, is differentiated
         cls, corr_cls, dist, teacher, corr, labels, types = ctx.saved_tensors
-        grads = iter(via_op(_distill_loss_bwd, _bwd)(g_stats.float().contiguous(), cls, corr_cls, dist,
+        bwd = via_op(_distill_loss_bwd, _bwd)
+        grads = iter(bwd(g_stats.float().contiguous(), cls, corr_cls, dist,
                                                     teacher, corr, labels, types, *ctx.args))
-        g_cls, g_cc, g_dist, g_corr = (next(grads) if x is not None else None for x in (cls, corr_cls, dist, corr))
+        g_cls, g_cc, g_dist, g_corr = (next(grads) if x is not None else None
+                                       for x in (cls, corr_cls, dist, corr))
         return g_cls, g_cc, g_dist, None, g_corr, None, None, None, None, None, None, None, None
 
 

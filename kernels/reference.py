@@ -31,9 +31,11 @@ def sdpa(q, k, v):
 
 
 def sdpa_packed(qkv):
-    """Attention straight from the qkv projection through SDPA: qkv (B, N, 3, H, D) -> (B, N, H*D)."""
+    """Attention straight from the qkv projection through SDPA: qkv (B, N, 3, H, D) ->
+    (B, N, H*D)."""
     if qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"attention_packed wants qkv of shape (B, N, 3, H, D), got {tuple(qkv.shape)}")
+        raise ValueError("attention_packed wants qkv of shape (B, N, 3, H, D), "
+                         f"got {tuple(qkv.shape)}")
     B, N, _, H, D = qkv.shape
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
     return sdpa(q, k, v).transpose(1, 2).reshape(B, N, H * D)
@@ -52,12 +54,13 @@ def loss_weights(out, labels, teacher_logits, types, distill, alpha):
     """Validate one call; return the (label, teacher, type) weights of Eq. 4-7."""
     if distill not in DISTILL:
         raise ValueError(f"distill must be one of {DISTILL}, got {distill!r}")
-    cls, dist, corr, corr_cls = out
+    cls, dist, corr, _ = out
     B, C = cls.shape
     _check_target("labels", labels, B, C)
     if dist is None:
         if distill != "none" or teacher_logits is not None:
-            raise ValueError("vit has no distillation token: use distill='none' and no teacher logits")
+            raise ValueError("vit has no distillation token: "
+                             "use distill='none' and no teacher logits")
         return 1.0, 0.0, 0.0
     if distill == "none" or teacher_logits is None:
         raise ValueError("deit/cdeit train their distillation token on the teacher: "
@@ -69,7 +72,9 @@ def loss_weights(out, labels, teacher_logits, types, distill, alpha):
     if types is None:
         raise ValueError("cdeit needs the corruption types of the batch (types=...)")
     _check_target("types", types, B, corr.shape[1])
-    return (1 / 3, 1 / 3, 1 / 3) if distill == "hard" else ((1.0 - alpha) / 2, alpha, (1.0 - alpha) / 2)
+    if distill == "hard":  # Eq. 6
+        return 1 / 3, 1 / 3, 1 / 3
+    return (1.0 - alpha) / 2, alpha, (1.0 - alpha) / 2  # Eq. 7
 
 
 def _wide(x):

@@ -6,7 +6,8 @@
     note(kernel, shape, dtype, why)  record, and say once, that PyTorch serves such calls and why
     agree()                 share the verdicts over the default process group: the strictest wins,
                             so every DDP rank runs the same code
-    verdicts()              {kernel and shape: {"path", "errors", "why"}} for config.json / summaries
+    verdicts()              {kernel and shape: {"path", "errors", "why"}} for config.json and
+                            the run's summary
     set_mode(mode)          "verify" (the default) or "trust" (run the kernels unchecked)
 
 The criterion is tests/test_kernels_gpu.py's (FlashAttention's): per output, the kernel's max
@@ -117,7 +118,8 @@ def _check(kernel, name, shape, dtype, device, spec):
                          f"{e_ref:.3g}")
     except Exception as e:  # noqa: BLE001 (any compile or launch error must fall back, not crash)
         worst = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    errors = ", ".join(f"{out} {a:.2g} (PyTorch {b:.2g})" for out, (a, b) in record["errors"].items())
+    errors = ", ".join(f"{out} {a:.2g} (PyTorch {b:.2g})"
+                       for out, (a, b) in record["errors"].items())
     if worst is None:
         log(f"kernel check: {name}: Triton; max error vs float64 {errors}")
         return record
@@ -162,7 +164,8 @@ def agree():
             if kernel not in _failed:
                 _failed[kernel] = f"rank {rank}: {line}"
                 changed = True
-                log(f"kernel check: {kernel} runs PyTorch on every rank: failed on {_failed[kernel]}")
+                log(f"kernel check: {kernel} runs PyTorch on every rank: failed on "
+                    f"{_failed[kernel]}")
         for name, record in other["records"].items():
             if name not in _records or (record["path"] == "pytorch"
                                         and _records[name]["path"] != "pytorch"):
