@@ -57,10 +57,11 @@ from .verify import constant_when_traced
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels use exp2
 LN2 = tl.constexpr(0.6931471805599453)    # ln(x) = log2(x) * LN2
-SHORT_N = 80  # sequences up to this many tokens take the one-program-per-head kernels (64 + 16 keys)
+SHORT_N = 80  # sequences up to this many tokens: one-program-per-head kernels (64 + 16 keys)
 # A loop with a runtime bound is a while loop under the interpreter (triton 3.6's calls int() on a
 # one-element array for a range bound, which numpy >= 2.4 refuses) and a for loop when compiled
-# (its dots become async wgmma that overlap the next step; a while loop compiles to synchronous ones).
+# (its dots become async wgmma that overlap the next step; a while loop compiles to synchronous
+# ones).
 WHILE_LOOPS = tl.constexpr(INTERPRETED)
 
 
@@ -87,8 +88,8 @@ def _fwd_rows(Q, O, LSE, stride_qn, stride_on, offs_m, offs_d, mask_d, N, qk_sca
         pt = tl.exp2(st - m[:, None])
         l += tl.sum(pt, 1)
         acc = tl.dot(pt.to(vt.dtype), vt, acc, input_precision=DOT_PREC)
-    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], (acc / l[:, None]).to(O.dtype.element_ty),
-             mask=row_mask)
+    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :],
+             (acc / l[:, None]).to(O.dtype.element_ty), mask=row_mask)
     tl.store(LSE + offs_m, (m + tl.log2(l)) * LN2, mask=mask_m)
 
 
@@ -102,7 +103,7 @@ def _attn_fwd_short_kernel(
     H, N, D, qk_scale,      # qk_scale = D**-0.5 * log2(e)
     BLOCK_M: tl.constexpr,  # query rows per chunk of the main block
     BLOCK_N: tl.constexpr,  # the main block: keys (and rows) 0 .. BLOCK_N-1
-    BLOCK_T: tl.constexpr,  # the tail block: keys (and rows) BLOCK_N .. BLOCK_N+BLOCK_T-1; 0 for none
+    BLOCK_T: tl.constexpr,  # the tail block: keys (and rows) BLOCK_N .. BLOCK_N+BLOCK_T-1, or 0
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)  # one program per (batch, head)
@@ -110,7 +111,8 @@ def _attn_fwd_short_kernel(
     off_h = pid_bh % H
     q_base = off_b * stride_qb + off_h * stride_qh
     o_base = off_b * stride_ob + off_h * stride_oh
-    # The head's base pointers (int64 offsets), so the tile offsets below are int32: fewer registers.
+    # The head's base pointers (int64 offsets), so the tile offsets below are int32: fewer
+    # registers.
     Q, K, V, O, LSE = Q + q_base, K + q_base, V + q_base, O + o_base, LSE + pid_bh * N
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -118,14 +120,16 @@ def _attn_fwd_short_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     kv_offs = offs_n[:, None] * stride_qn + offs_d[None, :]
-    k = tl.load(K + kv_offs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D), read once
-    v = tl.load(V + kv_offs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D), read once
+    v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
     if BLOCK_T > 0:
         offs_t = BLOCK_N + tl.arange(0, BLOCK_T)
         mask_t = offs_t < N
         kt_offs = offs_t[:, None] * stride_qn + offs_d[None, :]
-        kt = tl.load(K + kt_offs, mask=mask_t[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_T, BLOCK_D)
-        vt = tl.load(V + kt_offs, mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+        kt_mask = mask_t[:, None] & mask_d[None, :]
+        kt = tl.load(K + kt_offs, mask=kt_mask, other=0.0)  # (BLOCK_T, BLOCK_D)
+        vt = tl.load(V + kt_offs, mask=kt_mask, other=0.0)
     else:
         kt, vt, mask_t = k, v, mask_n  # unused
 
@@ -162,8 +166,8 @@ def _online_step(q, K, V, stride_qn, offs_n, offs_d, mask_d, N, qk_scale, m_i, l
 
 @triton.jit
 def _fwd_long_rows(Q, K, V, O, LSE, stride_qn, stride_on, row0, N, D, qk_scale,
-                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr, KEY_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
+                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr, KEY_TAIL: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """Query rows row0 .. row0+ROWS-1 against the whole key range: full chunks of BLOCK_N keys
     (unmasked), then the last N % BLOCK_N keys as one masked chunk of KEY_TAIL. Q ... LSE point
     at the head."""
@@ -180,18 +184,20 @@ def _fwd_long_rows(Q, K, V, O, LSE, stride_qn, stride_on, row0, N, D, qk_scale,
     if WHILE_LOOPS:  # the interpreter: the same steps, see WHILE_LOOPS
         start_n = 0
         while start_n < n_full:
-            m_i, l_i, acc = _online_step(q, K, V, stride_qn, start_n + tl.arange(0, BLOCK_N), offs_d, mask_d,
-                                         N, qk_scale, m_i, l_i, acc, False, DOT_PREC)
+            m_i, l_i, acc = _online_step(q, K, V, stride_qn, start_n + tl.arange(0, BLOCK_N),
+                                         offs_d, mask_d, N, qk_scale, m_i, l_i, acc, False,
+                                         DOT_PREC)
             start_n += BLOCK_N
     else:
         for start_n in range(0, n_full, BLOCK_N):
-            m_i, l_i, acc = _online_step(q, K, V, stride_qn, start_n + tl.arange(0, BLOCK_N), offs_d, mask_d,
-                                         N, qk_scale, m_i, l_i, acc, False, DOT_PREC)
+            m_i, l_i, acc = _online_step(q, K, V, stride_qn, start_n + tl.arange(0, BLOCK_N),
+                                         offs_d, mask_d, N, qk_scale, m_i, l_i, acc, False,
+                                         DOT_PREC)
     if KEY_TAIL > 0:
-        m_i, l_i, acc = _online_step(q, K, V, stride_qn, n_full + tl.arange(0, KEY_TAIL), offs_d, mask_d,
-                                     N, qk_scale, m_i, l_i, acc, True, DOT_PREC)
-    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
-             mask=row_mask)
+        m_i, l_i, acc = _online_step(q, K, V, stride_qn, n_full + tl.arange(0, KEY_TAIL), offs_d,
+                                     mask_d, N, qk_scale, m_i, l_i, acc, True, DOT_PREC)
+    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :],
+             (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_mask)
     tl.store(LSE + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=mask_m)
 
 
@@ -202,7 +208,7 @@ def _attn_fwd_long_kernel(
     stride_ob, stride_oh, stride_on,
     H, N, D, qk_scale,
     BLOCK_M: tl.constexpr,   # query rows per program
-    ROW_TAIL: tl.constexpr,  # rows of the head's last program (covers N % BLOCK_M); 0: BLOCK_M like the rest
+    ROW_TAIL: tl.constexpr,  # rows of the head's last program (N % BLOCK_M); 0: BLOCK_M as the rest
     BLOCK_N: tl.constexpr,   # keys per chunk of the sweep
     KEY_TAIL: tl.constexpr,  # keys of the last chunk (covers N % BLOCK_N); 0 when BLOCK_N divides N
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -215,8 +221,8 @@ def _attn_fwd_long_kernel(
     off_h = pid_bh % H
     q_base = off_b * stride_qb + off_h * stride_qh
     o_base = off_b * stride_ob + off_h * stride_oh
-    args = (Q + q_base, K + q_base, V + q_base, O + o_base, LSE + pid_bh * N, stride_qn, stride_on, pid_m * BLOCK_M,
-            N, D, qk_scale)  # the head's base pointers: int32 tile offsets
+    args = (Q + q_base, K + q_base, V + q_base, O + o_base, LSE + pid_bh * N, stride_qn, stride_on,
+            pid_m * BLOCK_M, N, D, qk_scale)  # the head's base pointers: int32 tile offsets
     if ROW_TAIL > 0:
         if pid_m == n_blocks - 1:  # the head's short last block: fewer padded rows
             _fwd_long_rows(*args, ROW_TAIL, BLOCK_N, KEY_TAIL, BLOCK_D, DOT_PREC)
@@ -228,7 +234,8 @@ def _attn_fwd_long_kernel(
 
 @triton.jit
 def _bwd_keys(q, do, delta, lse2, k, v, mask_n, dk, dv, qk_scale, DOT_PREC: tl.constexpr):
-    """One query chunk against one key block: adds to dK, dV of the block; returns dS K (unscaled)."""
+    """One query chunk against one key block: adds to dK, dV of the block; returns dS K
+    (unscaled)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (rows, keys)
     p = tl.exp2(s * qk_scale - lse2[:, None])
     p = tl.where(mask_n[None, :], p, 0.0)
@@ -272,7 +279,7 @@ def _attn_bwd_short_kernel(
     stride_qb, stride_qh, stride_qn,
     stride_ob, stride_oh, stride_on,
     H, N, D, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,  # as in _attn_fwd_short_kernel
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,  # as in the forward
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)  # one program per (batch, head): dQ, dK, dV complete
@@ -280,7 +287,8 @@ def _attn_bwd_short_kernel(
     off_h = pid_bh % H
     q_base = off_b * stride_qb + off_h * stride_qh
     o_base = off_b * stride_ob + off_h * stride_oh
-    # The head's base pointers (int64 offsets), so the tile offsets below are int32: fewer registers.
+    # The head's base pointers (int64 offsets), so the tile offsets below are int32: fewer
+    # registers.
     Q, K, V, DQ, DK, DV = Q + q_base, K + q_base, V + q_base, DQ + q_base, DK + q_base, DV + q_base
     O, DO, LSE = O + o_base, DO + o_base, LSE + pid_bh * N
 
@@ -309,7 +317,8 @@ def _attn_bwd_short_kernel(
     for start_m in range(0, BLOCK_N, BLOCK_M):  # each query row is visited once
         dk, dv, dkt, dvt = _bwd_rows(Q, DQ, O, DO, LSE, stride_qn, stride_on,
                                      start_m + tl.arange(0, BLOCK_M), offs_d, mask_d, N, sm_scale,
-                                     k, v, mask_n, dk, dv, kt, vt, mask_t, dkt, dvt, BLOCK_T > 0, DOT_PREC)
+                                     k, v, mask_n, dk, dv, kt, vt, mask_t, dkt, dvt, BLOCK_T > 0,
+                                     DOT_PREC)
     if BLOCK_T > 0:  # the tail rows, one chunk of BLOCK_T
         dk, dv, dkt, dvt = _bwd_rows(Q, DQ, O, DO, LSE, stride_qn, stride_on,
                                      BLOCK_N + tl.arange(0, BLOCK_T), offs_d, mask_d, N, sm_scale,
@@ -333,22 +342,28 @@ def _attn_bwd_short_kernel(
 KERNELS = ("fwd_short", "bwd_short", "fwd_long")
 STUDENT_N = (65, 66, 67)  # vit / deit / cdeit at 32 px, patch 4: 64 patches + 1-3 tokens
 TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
-CONFIGS = {  # (kernel, input bits, BLOCK_D, N or None for any other N) -> (BLOCK_M, BLOCK_N or 0 (the
-    #            short kernels' key tile), warps, pipeline stages, register cap per thread or 0 for ptxas's)
-    # Registers: ptxas's for sm_90 at the entry's worst N, triton 3.8 / 3.6; no entry spills in either.
+# (kernel, input bits, BLOCK_D, N or None for any other N) -> (BLOCK_M, BLOCK_N or 0 (the short
+# kernels' key tile), warps, pipeline stages, register cap per thread or 0 for ptxas's).
+# Registers: ptxas's for sm_90 at the entry's worst N, triton 3.8 / 3.6; no entry spills in either.
+CONFIGS = {
     ("fwd_short", 16, 32, None): (64, 0, 4, 2, 0),    # <= 128 / 120 regs: >= 4 CTAs per SM
-    ("fwd_short", 16, 64, None): (16, 0, 4, 2, 128),  # 128 regs, no spill: 4 CTAs (uncapped 168 / 194: 3 / 2)
-    ("fwd_short", 16, 128, None): (16, 0, 8, 2, 0),   # <= 221 / 210 regs: >= 1 CTA; 4 warps spill on 3.6
-    ("fwd_short", 32, 32, None): (64, 0, 4, 2, 0),    # <= 237 / 234 regs: 2 CTAs; fp32 at D >= 64: every one spills
+    # 128 regs, no spill: 4 CTAs (uncapped 168 / 194: 3 / 2)
+    ("fwd_short", 16, 64, None): (16, 0, 4, 2, 128),
+    ("fwd_short", 16, 128, None): (16, 0, 8, 2, 0),   # <= 221 / 210 regs: >= 1 CTA (4 warps spill)
+    # <= 237 / 234 regs: 2 CTAs; fp32 at D >= 64: every config spills
+    ("fwd_short", 32, 32, None): (64, 0, 4, 2, 0),
     ("bwd_short", 16, 32, None): (16, 0, 4, 1, 0),    # <= 226 / 242 regs: 2 CTAs
-    ("bwd_short", 16, 64, None): (16, 0, 8, 1, 0),    # <= 230 / 252 regs: 1 CTA; 4 warps spill at N = 48 or 80
-    **{("bwd_short", 16, 64, n): (32, 0, 4, 1, 0) for n in STUDENT_N},  # 255 regs, no spill: 2 CTAs (3.8)
+    # <= 230 / 252 regs: 1 CTA; 4 warps spill at N = 48 or 80
+    ("bwd_short", 16, 64, None): (16, 0, 8, 1, 0),
+    # 255 regs, no spill: 2 CTAs (3.8)
+    **{("bwd_short", 16, 64, n): (32, 0, 4, 1, 0) for n in STUDENT_N},
     ("fwd_long", 16, 32, None): (64, 32, 4, 2, 0),    # 96 regs: 5 CTAs
-    ("fwd_long", 16, 64, None): (64, 32, 4, 2, 0),    # <= 168 / 190 regs: >= 2 CTAs; N = 197: 3 (64 keys: 240 regs)
+    # <= 168 / 190 regs: >= 2 CTAs; N = 197: 3 (64 keys: 240 regs)
+    ("fwd_long", 16, 64, None): (64, 32, 4, 2, 0),
     ("fwd_long", 16, 128, None): (64, 32, 4, 2, 0),   # <= 205 / 254 regs: 2 CTAs
-    ("fwd_long", 32, 32, None): (64, 32, 4, 2, 0),    # <= 190 / 199 regs: 2 CTAs (capped at 168: spills)
+    ("fwd_long", 32, 32, None): (64, 32, 4, 2, 0),    # <= 190 / 199 regs: 2 CTAs (168 cap: spills)
 }
-if TRITON < (3, 7):  # triton 3.6 (the GPU image) spills every 4-warp students' backward (12-132 B at 255 regs):
+if TRITON < (3, 7):  # triton 3.6 spills every 4-warp students' backward (12-132 B at 255 regs):
     # 8 warps, no spill, 1 CTA per SM (the same 8 warps per SM as 2 CTAs of 4)
     CONFIGS.update({("bwd_short", 16, 64, n): (16, 0, 8, 1, 0) for n in STUDENT_N})
 
@@ -439,19 +454,22 @@ def _choose(kernel, capability, N, D, dtype):
     key = config_key(kernel, 8 * dtype.itemsize, D, N)
     entry = CONFIGS[key] if key else None
     short = kernel != "fwd_long"
-    if entry is None or not 1 <= D <= 128 or N < 1 or short != (N <= SHORT_N):  # short kernels: N <= SHORT_N
+    if entry is None or not 1 <= D <= 128 or N < 1 or short != (N <= SHORT_N):
         return None
     block_m, block_n, warps, stages, maxnreg = entry
     consts = {"BLOCK_D": _pow2(D), "DOT_PREC": _dot_prec(dtype)}
     if kernel == "fwd_long":
-        tail = _tail(N % block_n, block_n) or (block_n if N % block_n else 0)  # a last chunk of block_n, masked
-        consts.update(BLOCK_M=block_m, ROW_TAIL=_tail(N % block_m, block_m), BLOCK_N=block_n, KEY_TAIL=tail)
+        # the last keys: a narrower chunk, or a masked chunk of block_n
+        tail = _tail(N % block_n, block_n) or (block_n if N % block_n else 0)
+        consts.update(BLOCK_M=block_m, ROW_TAIL=_tail(N % block_m, block_m), BLOCK_N=block_n,
+                      KEY_TAIL=tail)
     else:
         main, tail = short_tiles(N)
         consts.update(BLOCK_M=min(block_m, main), BLOCK_N=main, BLOCK_T=tail)
     if spills(kernel, capability, 8 * dtype.itemsize, consts):
         return None
-    return consts, {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    opts = {"num_warps": warps, "num_stages": stages}
+    return consts, {**opts, "maxnreg": maxnreg} if maxnreg else opts
 
 
 def spills(kernel, capability, bits, consts):
@@ -481,8 +499,10 @@ def _device_capability(index):
 
 def capability(t):
     """The compute capability of t's GPU; None for CPU tensors (the interpreter)."""
-    return _device_capability(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
-        if t.is_cuda else None
+    if not t.is_cuda:
+        return None
+    index = t.device.index
+    return _device_capability(index if index is not None else torch.cuda.current_device())
 
 
 def forward_kernel(N):
@@ -505,8 +525,8 @@ def _fwd(q, k, v, o, lse, B, H, N, D, qs, os_):
 
 def _bwd(q, k, v, o, do, lse, dq, dk, dv, B, H, N, D, qs, os_):
     consts, opts = choose("bwd_short", capability(q), N, D, q.dtype)
-    launcher(_attn_bwd_short_kernel)[(B * H,)](q, k, v, dq, dk, dv, o, do, lse, *qs, *os_, H, N, D, D ** -0.5,
-                                               **consts, **opts)
+    launcher(_attn_bwd_short_kernel)[(B * H,)](q, k, v, dq, dk, dv, o, do, lse, *qs, *os_, H, N, D,
+                                               D ** -0.5, **consts, **opts)
 
 
 def _sdpa_grads(fn, inputs, do):
@@ -523,11 +543,12 @@ def _sdpa_grads(fn, inputs, do):
 # form: q, k, v are made contiguous so they share strides with dq/dk/dv.
 
 def _attention_fwd_fake(q, k, v):
-    B, H, N, D = q.shape
+    B, H, N, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B * H, N), dtype=torch.float32)
 
 
-def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = q.new_empty(q.shape)
@@ -542,7 +563,8 @@ def _attention_bwd_fake(do, q, k, v, o, lse):
 
 
 def _attention_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        o: torch.Tensor,
+                        lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     dq, dk, dv = q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
@@ -601,17 +623,21 @@ def _packed_bwd_fake(do, qkv, o, lse):
     return qkv.new_empty(qkv.shape)
 
 
-def _packed_bwd_impl(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+def _packed_bwd_impl(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor,
+                     lse: torch.Tensor) -> torch.Tensor:
     qkv, do = qkv.contiguous(), do.contiguous()
     B, N, H, D, qs, os_ = _packed_views(qkv)
     dqkv = qkv.new_empty(qkv.shape)  # the three slices below cover every element
-    _bwd(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], o, do, lse, dqkv[:, :, 0], dqkv[:, :, 1], dqkv[:, :, 2],
+    _bwd(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], o, do, lse,
+         dqkv[:, :, 0], dqkv[:, :, 1], dqkv[:, :, 2],
          B, H, N, D, qs, os_)
     return dqkv
 
 
-_attention_packed_fwd = triton_op("triton_kit::attention_packed_fwd", _packed_fwd_fake)(_packed_fwd_impl)
-_attention_packed_bwd = triton_op("triton_kit::attention_packed_bwd", _packed_bwd_fake)(_packed_bwd_impl)
+_attention_packed_fwd = triton_op("triton_kit::attention_packed_fwd",
+                                  _packed_fwd_fake)(_packed_fwd_impl)
+_attention_packed_bwd = triton_op("triton_kit::attention_packed_bwd",
+                                  _packed_bwd_fake)(_packed_bwd_impl)
 
 
 class _AttentionPacked(torch.autograd.Function):
