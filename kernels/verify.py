@@ -56,8 +56,7 @@ def reset():
 def constant_when_traced(fn):
     """Mark fn as torch.compiler.assume_constant_result does (the same attribute in torch
     2.11-2.14): torch.compile calls it while tracing and uses its result as a constant. Set
-    directly rather than through that function, which, called at import, kept the heartbeat
-    thread of tests/test_faults.py's torchrun ranks from stopping a hung rank."""
+    directly, so importing kernels/ does not start torch._dynamo in every process."""
     fn._dynamo_marked_constant = True
     return fn
 

@@ -47,8 +47,10 @@ def test_within_sdpa_error_on_synthetic_numbers():
     flat 4e-2 tolerance let through) fails; so does 3x SDPA's noise."""
     g = torch.Generator().manual_seed(0)
     truth = torch.randn(4096, generator=g, dtype=torch.float64)
-    sdpa = truth + 4e-3 * torch.randn(4096, generator=g, dtype=torch.float64)  # bf16-like rounding noise
-    assert within_error(truth + 4e-3 * torch.randn(4096, generator=g, dtype=torch.float64), sdpa, truth)[0]
+    def noise():  # bf16-like rounding noise
+        return 4e-3 * torch.randn(4096, generator=g, dtype=torch.float64)
+    sdpa = truth + noise()
+    assert within_error(truth + noise(), sdpa, truth)[0]
     assert within_error(truth.float(), sdpa, truth)[0]
     assert not within_error(truth * 1.02, sdpa, truth)[0]
     assert not within_error(truth + 3 * (sdpa - truth), sdpa, truth)[0]
@@ -57,9 +59,11 @@ def test_within_sdpa_error_on_synthetic_numbers():
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("shape", [(2, 3, 67, 64), (3, 2, 66, 32), (2, 6, 197, 64), (1, 2, 197, 128),
-                                   (2, 2, 256, 128), (4, 3, 1, 64), (1, 1, 17, 128)],
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("shape", [(2, 3, 67, 64), (3, 2, 66, 32), (2, 6, 197, 64),
+                                   (1, 2, 197, 128), (2, 2, 256, 128), (4, 3, 1, 64),
+                                   (1, 1, 17, 128)],
                          ids=lambda s: "B{}H{}N{}D{}".format(*s))
 def test_attention_on_gpu(shape, dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -73,7 +77,8 @@ def test_attention_on_gpu(shape, dtype):
             B, N, _, H, D = x.shape
             o = kernels.attention_packed(x)
             (dx,) = torch.autograd.grad(o, x, go.transpose(1, 2).reshape(B, N, H * D))
-            got = [o.view(B, N, H, D).transpose(1, 2)] + [dx[:, :, i].transpose(1, 2) for i in range(3)]
+            got = [o.view(B, N, H, D).transpose(1, 2)]
+            got += [dx[:, :, i].transpose(1, 2) for i in range(3)]
         else:
             xs = [t.clone().requires_grad_() for t in (q, k, v)]
             o = kernels.attention(*xs)
@@ -85,7 +90,7 @@ def test_attention_on_gpu(shape, dtype):
         atol, rtol = TOL[dtype]
         for name, a, e in zip(("o", "dq", "dk", "dv"), got, ref):
             torch.testing.assert_close(a.double(), e, atol=atol, rtol=rtol,
-                                       msg=lambda m: f"{name} packed={packed}: {m}")
+                                       msg=lambda m, name=name, p=packed: f"{name} packed={p}: {m}")
 
 
 @pytest.mark.gpu
@@ -100,7 +105,8 @@ def test_attention_large_batch_int64_offsets():
         pytest.skip("not enough GPU memory")
     o = kernels.attention_packed(qkv)
     tail = qkv[-2:].permute(2, 0, 3, 1, 4).unbind(0)
-    truth, sdpa = (F.scaled_dot_product_attention(*(x.to(dt) for x in tail)).transpose(1, 2).reshape(2, N, H * D)
+    truth, sdpa = (F.scaled_dot_product_attention(*(x.to(dt) for x in tail))
+                   .transpose(1, 2).reshape(2, N, H * D)
                    for dt in (torch.float64, torch.bfloat16))
     assert_within_sdpa_error(("o",), (o[-2:],), (sdpa,), (truth,), " (last two rows)")
 
@@ -118,8 +124,10 @@ def test_loss_on_gpu(kind, distill, dtype):
     def logits(n):
         return (2 * torch.randn(B, n, device="cuda", generator=g)).to(dtype).requires_grad_()
 
-    out = Logits(logits(C), logits(C), logits(T) if kind == "cdeit" else None, logits(C) if kind == "cdeit" else None)
-    labels = torch.softmax(torch.randn(B, C, device="cuda", generator=g), 1)  # mixup-style soft targets
+    cdeit = kind == "cdeit"
+    out = Logits(logits(C), logits(C), logits(T) if cdeit else None, logits(C) if cdeit else None)
+    # mixup-style soft targets
+    labels = torch.softmax(torch.randn(B, C, device="cuda", generator=g), 1)
     teacher = 3 * torch.randn(B, C, device="cuda", generator=g)
     types = torch.randint(0, T, (B,), device="cuda", generator=g) if kind == "cdeit" else None
     inputs = [x for x in out if x is not None]
@@ -184,7 +192,8 @@ def test_backward_is_bitwise_repeatable_on_gpu():
     """One pinned config, no atomics: two backward passes at the students' shape (a slice of the
     batch, bf16) give bit-identical dQ, dK, dV, as two ranks or a resumed run will."""
     g = torch.Generator(device="cuda").manual_seed(3)
-    q, k, v, go = (torch.randn(256, 3, 67, 64, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4))
+    q, k, v, go = (torch.randn(256, 3, 67, 64, device="cuda", generator=g).to(torch.bfloat16)
+                   for _ in range(4))
     runs = []
     for _ in range(2):
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
