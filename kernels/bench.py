@@ -1,4 +1,5 @@
-"""Benchmarks of the Triton kernels: `python -m kernels.bench [--json PATH] | --bytes | --compile-check | --overhead`.
+"""Benchmarks and checks of the Triton kernels: `python -m kernels.bench [--json PATH] | --bytes |
+--compile-check | --self-check | --overhead`.
 
 GPU (the default): median ms of each implementation launched from Python each call (eager,
 triton.testing.do_bench) and replayed from a CUDA graph (do_bench_cudagraph: GPU time alone), at
@@ -24,14 +25,19 @@ No GPU needed (counted and compiled, not measured):
                    core, fp32, exp unit, shuffles) from the SASS; then bytes against the previous
                    kernels and FlashAttention-2 (their launch schemes, `traffic_model`).
                    --candidates: every config the pinned choice was made from.
-  --compile-check  every shipped config at every tile class, compiled for sm_90: ptxas registers,
-                   spills, shared memory, CTAs per SM; exits 1 on any spill. Run it with each
-                   triton the kit supports (3.6 and 3.8: CONFIGS differs between them).
+  --compile-check  every shipped config at every tile class, compiled for sm_90, sm_80 (A100) and
+                   sm_89 (L40S / RTX 4090): ptxas registers, spills, shared memory, CTAs per SM,
+                   SASS counts per warp; exits 1 on a spill on sm_90, or on sm_80 / sm_89 one
+                   that attention.SPILLS does not list (those launches take SDPA there). Run it
+                   with each triton the kit supports (3.6 and 3.8: CONFIGS differs between them).
+  --self-check     each kernel's first-use self-check (kernels/verify.py) at the training shapes,
+                   on a GPU or through the interpreter: the verdict lines and each check's time.
   --overhead       CPU microseconds per forward + backward call: ours with the Triton launches
                    stubbed, SDPA / eager losses.py on CPU tensors too small to compute
                    (`overhead_rows` says exactly what is in and out).
 """
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -45,12 +51,14 @@ TRAIN = (1024, 3, 67, 64)     # (B, H, N, D): DeiT-Tiny students at 32px, patch 
 TEACHER = (1024, 6, 197, 64)  # DeiT-III Small at 224px, patch 16, class token
 BATCHES = (1024, 128)         # the global batch and one GPU's share of it (8 GPUs)
 DEVICE = "cuda"
-# Goals by name prefix (each measured eager and from a CUDA graph); other measurements print as INFO.
-GOALS = {"attention kernel vs fastest SDPA B1024": 1.3, "attention packed layer vs SDPA layer B1024": 1.0,
+# Goals by name prefix (each measured eager and from a CUDA graph); other measurements print as
+# INFO.
+GOALS = {"attention kernel vs fastest SDPA B1024": 1.3,
+         "attention packed layer vs SDPA layer B1024": 1.0,
          "loss vs eager B1024": 5.0, "loss vs torch.compile B1024": 1.0}
 
 
-# ---------------------------------------------------------------------------------------------- counting
+# ------------------------------------------------------------------------------------- counting
 
 def traffic_model(scheme, kernel, N, D, elem=2):
     """Bytes one (batch, head) moves in `kernel` under `scheme` (every program's loads + stores, so
@@ -76,9 +84,10 @@ def traffic_model(scheme, kernel, N, D, elem=2):
             return t + 2 * t * cdiv(N, 128) + t + r
         dq_acc = 2 * t  # dQ accumulated in fp32 (twice a bf16 tensor)
         pre = 2 * t + r + dq_acc                    # delta = rowsum(dO O); dQ accumulator zeroed
-        main = 2 * t + (2 * t + 2 * r) * cdiv(N, 128) + 2 * t + dq_acc  # K V; Q dO LSE delta; dK dV; dQ atomics
+        # K V; Q dO LSE delta; dK dV; dQ atomics
+        main = 2 * t + (2 * t + 2 * r) * cdiv(N, 128) + 2 * t + dq_acc
         return pre + main + dq_acc + t              # and dQ converted from fp32
-    if scheme == "sdpa layer extra":  # model.py's SDPA path: stack(dq, dk, dv) into dqkv in backward
+    if scheme == "sdpa layer extra":  # model.py's SDPA path: stack(dq, dk, dv) into dqkv (bwd)
         return 0 if kernel == "fwd" else 6 * t
     raise ValueError(scheme)
 
@@ -90,7 +99,8 @@ def count_work(fn):
     from triton.runtime import interpreter as I
     n = {"bytes": 0, "macs": 0, "exps": 0}
     B = I.InterpreterBuilder
-    load, store, dot, exp2 = B.create_masked_load, B.create_masked_store, B.create_dot, B.create_exp2
+    load, store = B.create_masked_load, B.create_masked_store
+    dot, exp2 = B.create_dot, B.create_exp2
 
     def counted_load(self, ptrs, mask, other, *args):
         n["bytes"] += int(mask.data.sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
@@ -114,7 +124,8 @@ def count_work(fn):
     try:
         fn()
     finally:
-        B.create_masked_load, B.create_masked_store, B.create_dot, B.create_exp2 = load, store, dot, exp2
+        B.create_masked_load, B.create_masked_store = load, store
+        B.create_dot, B.create_exp2 = dot, exp2
     return n
 
 
@@ -164,7 +175,8 @@ def occupancy(regs, smem, warps, arch=90):
 
 
 def _with_config(kernel, bits, D, N, entry, fn):
-    """fn() with CONFIGS[(kernel, bits, BLOCK_D, N)] set to `entry` (a candidate), restored after."""
+    """fn() with CONFIGS[(kernel, bits, BLOCK_D, N)] set to `entry` (a candidate), restored
+    after."""
     A = importlib.import_module("kernels.attention")
     key, saved = (kernel, bits, A._pow2(D), N), dict(A.CONFIGS)
     A.CONFIGS[key] = entry
@@ -178,10 +190,15 @@ def _with_config(kernel, bits, D, N, entry, fn):
 
 
 SHAPES = {"fwd_short": TRAIN, "bwd_short": TRAIN, "fwd_long": TEACHER}
-CANDIDATES = {  # the configs the pinned choice at D = 64 (16-bit) was made from: (BLOCK_M, BLOCK_N, warps, stages, regs cap)
-    "fwd_short": [(m, 0, w, 2, r) for m in (64, 32, 16) for w, r in ((4, 0), (4, 168), (4, 128), (8, 128))],
-    "bwd_short": [(m, 0, w, s, r) for m in (64, 32, 16) for w, s, r in ((4, 2, 0), (4, 1, 0), (8, 1, 0), (8, 1, 128))],
-    "fwd_long": [(m, n, w, 2, r) for m in (128, 64, 32) for n in (64, 32) for w, r in ((4, 0), (4, 168), (8, 128))],
+# The configs the pinned choice at D = 64 (16-bit) was made from: (BLOCK_M, BLOCK_N, warps, stages,
+# regs cap).
+CANDIDATES = {
+    "fwd_short": [(m, 0, w, 2, r) for m in (64, 32, 16)
+                  for w, r in ((4, 0), (4, 168), (4, 128), (8, 128))],
+    "bwd_short": [(m, 0, w, s, r) for m in (64, 32, 16)
+                  for w, s, r in ((4, 2, 0), (4, 1, 0), (8, 1, 0), (8, 1, 128))],
+    "fwd_long": [(m, n, w, 2, r) for m in (128, 64, 32) for n in (64, 32)
+                 for w, r in ((4, 0), (4, 168), (8, 128))],
 }
 
 
@@ -192,14 +209,18 @@ def work_rows(candidates=False):
     for kernel, (B, H, N, D) in SHAPES.items():
         shipped = A.config_entry(kernel, 16, D, N)
         for entry in (CANDIDATES[kernel] if candidates else [shipped]):
-            fwd, bwd = _with_config(kernel, 16, D, N, entry, lambda: counted_attention(N, D))
+            fwd, bwd = _with_config(kernel, 16, D, N, entry,
+                                    functools.partial(counted_attention, N, D))
             c = fwd if kernel.startswith("fwd") else bwd
             macs, exps = useful_work(kernel, N, D)
-            consts, _ = _with_config(kernel, 16, D, N, entry, lambda: A.choose(kernel, None, N, D, torch.float16))
+            choose = functools.partial(A.choose, kernel, None, N, D, torch.float16)
+            consts, _ = _with_config(kernel, 16, D, N, entry, choose)
             rows.append({"kernel": kernel, "shape": f"B{B} H{H} N{N} D{D}", "config": list(entry),
                          "shipped": entry == shipped, "tiles": consts,
-                         "u": c["bytes"] * B * H / (B * H * N * D * 2), "MB": c["bytes"] * B * H / 1e6,
-                         "macs_useful": macs, "macs_padded": c["macs"], "exps_useful": exps, "exps_padded": c["exps"]})
+                         "u": c["bytes"] * B * H / (B * H * N * D * 2),
+                         "MB": c["bytes"] * B * H / 1e6,
+                         "macs_useful": macs, "macs_padded": c["macs"], "exps_useful": exps,
+                         "exps_padded": c["exps"]})
     return rows
 
 
@@ -210,23 +231,26 @@ def tiles_str(kernel, c):
 
 
 def print_work(rows):
-    print("counted per (batch, head) in the Triton interpreter, times B*H; registers / spills / shared memory from "
-          "ptxas for sm_90; CTAs per SM from those (65,536 regs, 228 KB, 2,048 threads). Counted, not measured on a GPU.")
+    print("counted per (batch, head) in the Triton interpreter, times B*H; registers / spills / "
+          "shared memory from ptxas for sm_90; CTAs per SM from those (65,536 regs, 228 KB, "
+          "2,048 threads). Counted, not measured on a GPU.")
     print(f"{'kernel':<10} {'shape':<18} {'BLOCK_M,N,warps':<16} {'tiles':<26} {'u':>5} {'MB':>6} "
-          f"{'MACs use/pad':>12} {'exps use/pad':>12} {'regs':>4} {'spill':>5} {'smem KB':>7} {'CTA/SM':>6} mma  "
+          f"{'MACs use/pad':>12} {'exps use/pad':>12} {'regs':>4} {'spill':>5} {'smem KB':>7} "
+          f"{'CTA/SM':>6} mma  "
           f"SASS/program: {' '.join(f'{c:>6}' for c in ('total', *SASS_CLASSES))}")
     for r in rows:
         star = "*" if r.get("shipped") else " "
         sass = {c: n * r["config"][2] for c, n in (r.get("sass") or {}).items()}  # per warp x warps
         print(f"{r['kernel']:<10} {r['shape']:<18} {star}{','.join(map(str, r['config'])):<15} "
               f"{tiles_str(r['kernel'], r['tiles']):<26} {r['u']:>5.2f} {r['MB']:>6.1f} "
-              f"{r['macs_useful'] / r['macs_padded']:>12.2f} {r['exps_useful'] / r['exps_padded']:>12.2f} "
+              f"{r['macs_useful'] / r['macs_padded']:>12.2f} "
+              f"{r['exps_useful'] / r['exps_padded']:>12.2f} "
               f"{_fmt(r.get('regs')):>4} {_fmt(r.get('spill')):>5} {_fmt(r.get('smem'), 1024):>7} "
               f"{_fmt(r.get('ctas')):>6} {r.get('mma', '?'):<5}              "
               f"{' '.join(f'{_fmt(sass.get(c)):>6}' for c in ('total', *SASS_CLASSES))}")
-    print("* the shipped (pinned) config; u = one B*H*N*D bf16 tensor; use/pad = useful / executed work; SASS/program: "
-          "instructions one (batch, head) issues, its warps together (nvdisasm; loop bodies times their trips), "
-          "all and by class")
+    print("* the shipped (pinned) config; u = one B*H*N*D bf16 tensor; use/pad = useful / executed "
+          "work; SASS/program: instructions one (batch, head) issues, its warps together "
+          "(nvdisasm; loop bodies times their trips), all and by class")
 
 
 def _fmt(x, div=1):
@@ -247,8 +271,8 @@ def bytes_rows():
                     ("FA2 via SDPA layer", traffic_model("fa2", kernel, N, D)
                      + traffic_model("sdpa layer extra", kernel, N, D), "model")]:
                 total = per_head * B * H
-                rows.append({"shape": f"B{B} H{H} N{N} D{D}", "kernel": f"attention {kernel}", "impl": name,
-                             "u": total / u, "MB": total / 1e6, "how": how})
+                rows.append({"shape": f"B{B} H{H} N{N} D{D}", "kernel": f"attention {kernel}",
+                             "impl": name, "u": total / u, "MB": total / 1e6, "how": how})
     return rows
 
 
@@ -256,23 +280,25 @@ def print_bytes(rows):
     print("bytes moved (loads + stores of every program; u = one B*H*N*D bf16 tensor)")
     print(f"{'shape':<20} {'kernel':<15} {'impl':<20} {'u':>6} {'MB':>8}  how")
     for r in rows:
-        print(f"{r['shape']:<20} {r['kernel']:<15} {r['impl']:<20} {r['u']:>6.2f} {r['MB']:>8.1f}  {r['how']}")
+        print(f"{r['shape']:<20} {r['kernel']:<15} {r['impl']:<20} {r['u']:>6.2f} "
+              f"{r['MB']:>8.1f}  {r['how']}")
     t = {(r["shape"], r["kernel"], r["impl"]): r["u"] for r in rows}
     s = "B1024 H3 N67 D64"
     ours = t[(s, "attention fwd", "ours")] + t[(s, "attention bwd", "ours")]
     for other in ("previous kernels", "FlashAttention-2", "FA2 via SDPA layer"):
         both = t[(s, "attention fwd", other)] + t[(s, "attention bwd", other)]
         print(f"training fwd+bwd: {other} {both:.2f}u vs ours {ours:.2f}u -> "
-              f"{both / ours:.2f}x fewer bytes (an estimate of the speed-up if memory-bound, until measured)")
+              f"{both / ours:.2f}x fewer bytes (the speed-up if memory-bound, an estimate)")
 
 
 def counts_main(candidates):
     """--bytes: the counts come from a child process under the interpreter, the compiled facts
     (registers, CTAs per SM) from this one, which must not be interpreted."""
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    child = subprocess.run([sys.executable, "-c", "import json, kernels.bench as b; "
-                            f"print(json.dumps([b.work_rows({candidates}), b.bytes_rows()]))"],
-                           env=env, capture_output=True, text=True)
+    code = ("import json, kernels.bench as b; "
+            f"print(json.dumps([b.work_rows({candidates}), b.bytes_rows()]))")
+    child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           check=False)
     if child.returncode:
         print(child.stderr.strip().splitlines()[-1] if child.stderr.strip() else "counting failed")
         return 1
@@ -280,10 +306,12 @@ def counts_main(candidates):
     for r in work:  # compiled as trained: bf16
         D, N = int(r["shape"].split("D")[1]), int(r["shape"].split("N")[1].split()[0])
         try:
-            r.update(_with_config(r["kernel"], 16, D, N, tuple(r["config"]),
-                                  lambda: compile_stats(r["kernel"], torch.bfloat16, N, D)))
-        except Exception as e:  # no ptxas here, or a config that does not compile: counts still print
-            print(f"compile {r['kernel']} {r['config']}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            stats = functools.partial(compile_stats, r["kernel"], torch.bfloat16, N, D)
+            r.update(_with_config(r["kernel"], 16, D, N, tuple(r["config"]), stats))
+        # no ptxas here, or a config that does not compile: the counts still print
+        except Exception as e:  # noqa: BLE001 (any compile failure is reported, not raised)
+            why = str(e).splitlines()[0][:100] if str(e) else ""
+            print(f"compile {r['kernel']} {r['config']}: {type(e).__name__}: {why}")
     print_work(work)
     print()
     print_bytes(traffic)
@@ -849,7 +877,8 @@ def main():
                     help="no GPU needed: counted bytes, padded vs useful MACs and exps, registers and CTAs per SM")
     ap.add_argument("--candidates", action="store_true", help="with --bytes: every candidate config, not the shipped")
     ap.add_argument("--compile-check", action="store_true",
-                    help="no GPU needed: compile every shipped config for sm_90, print registers/spills/smem")
+                    help="no GPU needed: compile every shipped config for sm_90, sm_80 and sm_89, "
+                         "print registers/spills/smem/SASS counts")
     ap.add_argument("--self-check", action="store_true",
                     help="the kernels' first-use self-check at the training shapes (a GPU, or the "
                          "interpreter without one): verdict lines and each check's time")
@@ -873,7 +902,7 @@ def main():
         return print_overhead()
     if args.compile_check or args.bytes:
         if importlib.import_module("kernels.attention").INTERPRETED:
-            print("--bytes / --compile-check compile for sm_90: unset TRITON_INTERPRET first")
+            print("--bytes / --compile-check compile kernels: unset TRITON_INTERPRET first")
             return 1
         return compile_check() if args.compile_check else counts_main(args.candidates)
     if not torch.cuda.is_available():
