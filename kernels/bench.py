@@ -203,7 +203,8 @@ CANDIDATES = {
 
 
 def work_rows(candidates=False):
-    """Counted work per kernel at its shape (interpreter): the shipped config, or every candidate."""
+    """Counted work per kernel at its shape (interpreter): the shipped config, or every
+    candidate."""
     A = importlib.import_module("kernels.attention")
     rows = []
     for kernel, (B, H, N, D) in SHAPES.items():
@@ -318,7 +319,7 @@ def counts_main(candidates):
     return 0
 
 
-# ---------------------------------------------------------------------------------------------- compile check
+# -------------------------------------------------------------------------------- compile check
 
 def _nvidia_tool(tool, data, suffix, *args):
     """Run one of the CUDA tools triton ships (ptxas, nvdisasm) on `data` written to a temporary
@@ -330,17 +331,20 @@ def _nvidia_tool(tool, data, suffix, *args):
     with tempfile.NamedTemporaryFile("wb", suffix=suffix) as f:
         f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
-        return subprocess.run([path, *args, f.name], capture_output=True, text=True)
+        return subprocess.run([path, *args, f.name], capture_output=True, text=True, check=False)
 
 
 def _ptxas_counts(ptx, arch):
     import re
-    log = _nvidia_tool("ptxas", ptx, ".ptx", "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", "-o", os.devnull).stderr
-    regs, spill = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"  # sm_90a: wgmma
+    log = _nvidia_tool("ptxas", ptx, ".ptx", "-v", f"--gpu-name={gpu}", "-o", os.devnull).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores", log)
     return (int(regs[1]) if regs else None), (int(spill[1]) if spill else None)
 
 
-SASS_CLASSES = {"tensor": "HMMA|HGMMA", "fp32": "FFMA|FMUL|FADD|FMNMX|FSEL|FSETP", "mufu": "MUFU", "shfl": "SHFL"}
+SASS_CLASSES = {"tensor": "HMMA|HGMMA", "fp32": "FFMA|FMUL|FADD|FMNMX|FSEL|FSETP", "mufu": "MUFU",
+                "shfl": "SHFL"}
 
 
 def _sass_counts(cubin, trips):
@@ -380,8 +384,8 @@ def _signature(fn, consts, tname):
             sig[arg] = "*fp32"
         elif arg in ("LABELS", "TYPES"):
             sig[arg] = "*i64"
-        elif arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "CLS", "CORR_CLS", "DIST", "TEACHER", "CORR",
-                     "G_CLS", "G_CC", "G_DIST", "G_CORR"):
+        elif arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "CLS", "CORR_CLS", "DIST",
+                     "TEACHER", "CORR", "G_CLS", "G_CC", "G_DIST", "G_CORR"):
             sig[arg] = f"*{tname}"
         elif "scale" in arg or arg in ("smoothing", "inv_tau") or arg.startswith("w_"):
             sig[arg] = "fp32"
@@ -407,7 +411,8 @@ def compile_kernel(fn, consts, opts, tname, arch=90, trips=None):
     ptx = k.asm["ptx"]
     mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma"
     smem = k.metadata.shared
-    return {"regs": regs, "spill": spill, "smem": smem, "mma": mma, "ctas": occupancy(regs, smem, opts["num_warps"], arch),
+    return {"regs": regs, "spill": spill, "smem": smem, "mma": mma,
+            "ctas": occupancy(regs, smem, opts["num_warps"], arch),
             **({"sass": _sass_counts(k.asm["cubin"], trips)} if trips else {})}
 
 
@@ -417,15 +422,16 @@ def compile_stats(kernel, dtype, N, D, arch=90):
     consts, opts = A.choose(kernel, None, N, D, dtype)
     fn = {"fwd_short": A._attn_fwd_short_kernel, "bwd_short": A._attn_bwd_short_kernel,
           "fwd_long": A._attn_fwd_long_kernel}[kernel]
-    # The short kernels' loop: the query chunks of the main block. (The long kernel has two code paths,
-    # a head's last row block and the others: no one count per warp.)
+    # The short kernels' loop: the query chunks of the main block. (The long kernel has two code
+    # paths, a head's last row block and the others: no one count per warp.)
     trips = None if kernel == "fwd_long" else consts["BLOCK_N"] // consts["BLOCK_M"]
     return compile_kernel(fn, dict(consts), opts, TNAME[dtype], arch=arch, trips=trips)
 
 
-TILE_CLASSES = {  # one N per distinct tile set the chooser can return
-    "fwd_short": (16, 32, 48, 64, 67, 80), "bwd_short": (16, 32, 48, 64, 67, 80),  # 67: the students' entries
-    "fwd_long": (197, 224, 256, 300),  # the long kernel's row and key tails: 16, 32, none, a masked block
+TILE_CLASSES = {  # one N per distinct tile set the chooser can return; 67: the students' entries
+    "fwd_short": (16, 32, 48, 64, 67, 80), "bwd_short": (16, 32, 48, 64, 67, 80),
+    # the long kernel's row and key tails: 16, 32, none, a masked block
+    "fwd_long": (197, 224, 256, 300),
 }
 
 
@@ -456,13 +462,16 @@ def compile_check(archs=ARCHS):
                 bad += not listed
                 path = "  SDPA there (SPILLS)" if listed else "  spills: add to SPILLS"
             sass = s.get("sass")
-            sass = ",".join(str(sass[c]) for c in ("tensor", "fp32", "mufu", "total")) if sass else "-"
-            print(f"{name:<10} {tname:<5} {D:>4} {N:>4} {','.join(map(str, entry)):<16} {tiles:<26} "
+            sass = ",".join(str(sass[c]) for c in ("tensor", "fp32", "mufu", "total")) \
+                if sass else "-"
+            entry = ",".join(map(str, entry))
+            print(f"{name:<10} {tname:<5} {D:>4} {N:>4} {entry:<16} {tiles:<26} "
                   f"{_fmt(s['regs']):>5} {_fmt(s['spill']):>7} {s['smem']:>7} {_fmt(s['ctas']):>6} "
                   f"{s['mma']:<5} {sass}{path}", flush=True)
-    print("sm_90: no spills, shared memory within bounds; other GPUs: SPILLS lists every config that "
-          "spills there" if not bad else
-          f"{bad} configs spill or exceed shared memory: change kernels/attention.py's CONFIGS or SPILLS")
+    print("sm_90: no spills, shared memory within bounds; other GPUs: SPILLS lists every config "
+          "that spills there" if not bad else
+          f"{bad} configs spill or exceed shared memory: change kernels/attention.py's CONFIGS or "
+          "SPILLS")
     return int(bad > 0)
 
 
@@ -476,7 +485,7 @@ def _compile_rows(A, L, arch):
                 yield (kernel, TNAME[dtype], BLOCK_D, N, A.config_entry(kernel, bits, BLOCK_D, N),
                        tiles_str(kernel, consts), compile_stats(kernel, dtype, N, BLOCK_D, arch))
     opts = {"num_warps": 4, "num_stages": 2}
-    for mode in (0, 1, 2):  # the loss kernels as launched for vit / deit hard / cdeit soft with mixup
+    for mode in (0, 1, 2):  # the loss kernels as launched: vit / deit hard / cdeit soft, mixup
         for backward in (False, True):
             consts = {"HAS_CORR_CLS": mode == 2, "TEACHER_MODE": mode, "HAS_CORR": mode == 2,
                       "SOFT_LABELS": mode == 2, "SOFT_TYPES": False, "BACKWARD": backward,
@@ -489,7 +498,7 @@ def _compile_rows(A, L, arch):
            compile_kernel(L._sum_kernel, consts, opts, "bf16", arch=arch))
 
 
-# ---------------------------------------------------------------------------------------------- self-check
+# ----------------------------------------------------------------------------------- self-check
 
 def self_check():
     """Run each kernel's first-use self-check (kernels/verify.py) at the shapes training runs: the
@@ -520,14 +529,14 @@ def self_check():
                 continue
             for kernel in ("attention forward",) + (("attention backward",) if grad else ()):
                 timed(f"{kernel} N={N} {TNAME[dtype]}",
-                      lambda k=kernel: V.allowed(k, shape, dtype, device))
+                      functools.partial(V.allowed, kernel, shape, dtype, device))
         for distill, T, labels in (("hard", 0, torch.int64), ("soft", 0, torch.float32),
                                    ("hard", 11, torch.int64), ("soft", 11, torch.float32)):
             spec = (distill, T, T > 0, True, labels, torch.int64 if T else None, dtype, 3.0, 0.5,
                     0.1)
             for kernel in ("loss forward", "loss backward"):
                 timed(f"{kernel} {distill} T={T} {TNAME[dtype]}",
-                      lambda k=kernel, s=spec: V.allowed(k, ("B", 10), dtype, device, *s))
+                      functools.partial(V.allowed, kernel, ("B", 10), dtype, device, *spec))
     total = sum(t for _, t in times)
     print(f"{len(times)} checks in {total:.2f} s: " +
           ", ".join(f"{what} {t:.2f} s" for what, t in times))
@@ -540,7 +549,7 @@ def triton_version():
     return triton.__version__
 
 
-# ---------------------------------------------------------------------------------------------- overhead
+# ------------------------------------------------------------------------------------- overhead
 
 def _per_call_us(fn, calls=200, repeats=7):
     """(best, median) over `repeats` of the mean CPU microseconds per fn() call, after a warm-up."""
@@ -597,18 +606,20 @@ def overhead_rows():
         g = lambda n: torch.randn(B, n, requires_grad=True)
         return [g(10), g(10), g(11), g(10)]
 
-    labels, teacher, types = torch.zeros(1, dtype=torch.long), torch.randn(1, 10), torch.zeros(1, dtype=torch.long)
+    labels, types = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    teacher = torch.randn(1, 10)
 
     def loss_call(fn):
         return lambda *xs: fn(Logits(*xs), labels, teacher, types, distill="soft")[0]
 
+    layer, plain, loss = "attention packed layer (model.py)", "attention (q, k, v)", "loss cdeit soft"
     cases = [  # (what, impl, fn, inputs, uses Triton)
-        ("attention packed layer (model.py)", "ours", kernels.attention_packed, packed(67), True),
-        ("attention packed layer (model.py)", "SDPA layer, N=1", kernels.sdpa_packed, packed(1), False),
-        ("attention (q, k, v)", "ours", kernels.attention, qkv(67), True),
-        ("attention (q, k, v)", "SDPA, N=1", torch.nn.functional.scaled_dot_product_attention, qkv(1), False),
-        ("loss cdeit soft", "ours", loss_call(kernels.distillation_loss), loss_inputs(1), True),
-        ("loss cdeit soft", "eager losses.py, B=1", loss_call(losses.distillation_loss), loss_inputs(1), False),
+        (layer, "ours", kernels.attention_packed, packed(67), True),
+        (layer, "SDPA layer, N=1", kernels.sdpa_packed, packed(1), False),
+        (plain, "ours", kernels.attention, qkv(67), True),
+        (plain, "SDPA, N=1", torch.nn.functional.scaled_dot_product_attention, qkv(1), False),
+        (loss, "ours", loss_call(kernels.distillation_loss), loss_inputs(1), True),
+        (loss, "eager losses.py, B=1", loss_call(losses.distillation_loss), loss_inputs(1), False),
     ]
     rows = []
     for what, impl, fn, xs, triton_ in cases:
@@ -644,7 +655,7 @@ def print_overhead():
     return 0
 
 
-# ---------------------------------------------------------------------------------------------- GPU timing
+# ----------------------------------------------------------------------------------- GPU timing
 
 def _bench(fn):
     """(eager, graph) median ms of fn(): launched from Python each call (triton.testing.do_bench),
