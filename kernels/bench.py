@@ -571,8 +571,9 @@ def overhead_rows():
 
     Ours: the public functions on CPU tensors under the interpreter, with every Triton launch
     (`kernel[grid](...)`) replaced by a counter, so all of our Python runs (argument checks,
-    autograd, the operators' bodies, output allocation) but no kernel and none of Triton's own launcher
-    (argument binding, cache lookup, cuLaunchKernel: not measurable without a GPU driver). SDPA and
+    autograd, the operators' bodies, output allocation) but no kernel and none of Triton's own
+    launcher (argument binding, cache lookup, cuLaunchKernel: not measurable without a GPU
+    driver). SDPA and
     eager losses.py: the same calls on CPU tensors too small to compute anything (N = 1, B = 1),
     so what remains is PyTorch's dispatch, autograd and allocation (CPU kernels instead of CUDA
     launches). fp16 inputs (the interpreter does not run bf16)."""
@@ -612,7 +613,8 @@ def overhead_rows():
     def loss_call(fn):
         return lambda *xs: fn(Logits(*xs), labels, teacher, types, distill="soft")[0]
 
-    layer, plain, loss = "attention packed layer (model.py)", "attention (q, k, v)", "loss cdeit soft"
+    layer, plain = "attention packed layer (model.py)", "attention (q, k, v)"
+    loss = "loss cdeit soft"
     cases = [  # (what, impl, fn, inputs, uses Triton)
         (layer, "ours", kernels.attention_packed, packed(67), True),
         (layer, "SDPA layer, N=1", kernels.sdpa_packed, packed(1), False),
@@ -637,15 +639,18 @@ def overhead_rows():
         finally:
             I.InterpretedFunction.run = real_run
             kernels.verify.set_mode(mode)
-        rows.append({"what": what, "impl": impl, "best_us": best, "median_us": median, "launches": n})
+        rows.append({"what": what, "impl": impl, "best_us": best, "median_us": median,
+                     "launches": n})
     return rows
 
 
 def print_overhead():
     load = os.getloadavg()
     rows = overhead_rows()
-    print("CPU-side cost per forward + backward call, microseconds (best / median of 7 x 200 calls), 1 thread")
-    print("ours: Triton launches stubbed (our Python, dispatch, autograd, allocation; not Triton's launcher);")
+    print("CPU-side cost per forward + backward call, microseconds (best / median of 7 x 200 "
+          "calls), 1 thread")
+    print("ours: Triton launches stubbed (our Python, dispatch, autograd, allocation; not Triton's "
+          "launcher);")
     print("PyTorch rows: CPU tensors too small to compute (dispatch, autograd, allocation)")
     print(f"{'call':<36} {'impl':<22} {'best us':>8} {'median us':>10} {'launches':>9}")
     for r in rows:
@@ -686,7 +691,8 @@ def _rows_of(bench, shape, results, ref_of, rate=None):
     rows = []
     for name, (eager, graph) in results.items():
         ref = results[ref_of(name)]
-        rows.append({"bench": bench, "shape": shape, "impl": name, "eager_ms": eager, "graph_ms": graph,
+        rows.append({"bench": bench, "shape": shape, "impl": name, "eager_ms": eager,
+                     "graph_ms": graph,
                      "rate": rate / graph / 1e9 if rate and graph else None,
                      "vs_ref_eager": ref[0] / eager,
                      "vs_ref_graph": ref[1] / graph if ref[1] and graph else None})
@@ -699,59 +705,73 @@ def _fastest_sdpa(results):
     return (min(e for e, _ in sdpa), min((g for _, g in sdpa if g is not None), default=None))
 
 
-# The students' backward (BLOCK_M, BLOCK_N, warps, stages, regs cap) candidates: 2 CTAs of 4 warps at
-# 32 rows (no spill on triton 3.8) or 16 rows (the least spill on 3.6: 12 B), 1 CTA of 8 warps (no spill).
+# The students' backward (BLOCK_M, BLOCK_N, warps, stages, regs cap) candidates: 2 CTAs of 4 warps
+# at 32 rows (no spill on triton 3.8) or 16 rows (the least spill on 3.6: 12 B), 1 CTA of 8 warps
+# (no spill).
 BWD_ALTERNATIVES = [(32, 0, 4, 1, 0), (16, 0, 4, 1, 0), (16, 0, 8, 1, 0)]
 
 
+def _sdpa_with(backend, q, k, v):
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(backend):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
 def bench_attention(dtype):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     import kernels
     rows, goals = [], {}
     shapes = [((B,) + TRAIN[1:], True) for B in BATCHES] + [(TEACHER, False)]
     for shape, train in shapes:
         B, H, N, D = shape
-        q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype, requires_grad=train) for _ in range(3))
+        q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype, requires_grad=train)
+                   for _ in range(3))
         go = torch.randn(B, H, N, D, device=DEVICE, dtype=dtype) if train else None
         qkv = torch.randn(B, N, 3, H, D, device=DEVICE, dtype=dtype, requires_grad=train)
         go_packed = go.transpose(1, 2).reshape(B, N, H * D) if train else None
         flops = (12 if train else 4) * B * H * N * N * D  # 2 matmuls forward, 4 backward
         shape_s, results = f"B{B} H{H} N{N} D{D}", {}
-        for name, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+        for name, backend in [("flash", SDPBackend.FLASH_ATTENTION),
+                              ("efficient", SDPBackend.EFFICIENT_ATTENTION),
                               ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)]:
-            def sdpa(backend=backend):
-                with sdpa_kernel(backend):
-                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            sdpa = functools.partial(_sdpa_with, backend, q, k, v)
             try:
                 sdpa()
                 results[f"sdpa[{name}]"] = _bench(_fwd_bwd(sdpa, [q, k, v], go))
             except RuntimeError as e:  # backend not available for this shape/dtype/GPU
                 print(f"  sdpa[{name}] unavailable at {shape_s}: {str(e).splitlines()[0][:100]}")
         results["fastest sdpa"] = _fastest_sdpa(results)
-        results["triton"] = _bench(_fwd_bwd(lambda: kernels.attention(q, k, v), [q, k, v], go))
-        if train and B == BATCHES[0]:  # the students' backward configs the pin chose between, for the GPU to judge
+        attend = functools.partial(kernels.attention, q, k, v)
+        results["triton"] = _bench(_fwd_bwd(attend, [q, k, v], go))
+        if train and B == BATCHES[0]:  # the students' backward configs the pin chose between
             A = importlib.import_module("kernels.attention")
             for entry in BWD_ALTERNATIVES:
                 if entry != A.config_entry("bwd_short", 16, D, N):
                     results[f"triton, backward {','.join(map(str, entry))}"] = _with_config(
                         "bwd_short", 16, D, N, entry,
-                        lambda: _bench(_fwd_bwd(lambda: kernels.attention(q, k, v), [q, k, v], go)))
-        results["triton packed layer"] = _bench(_fwd_bwd(lambda: kernels.attention_packed(qkv), [qkv], go_packed))
-        results["sdpa packed layer (model, kernels off)"] = _bench(
-            _fwd_bwd(lambda: kernels.sdpa_packed(qkv), [qkv], go_packed))
+                        functools.partial(_bench, _fwd_bwd(attend, [q, k, v], go)))
+        packed = functools.partial(kernels.attention_packed, qkv)
+        results["triton packed layer"] = _bench(_fwd_bwd(packed, [qkv], go_packed))
+        off = "sdpa packed layer (model, kernels off)"
+        sdpa_packed = functools.partial(kernels.sdpa_packed, qkv)
+        results[off] = _bench(_fwd_bwd(sdpa_packed, [qkv], go_packed))
         rows += _rows_of(f"attention {'fwd+bwd' if train else 'fwd'}", shape_s, results,
-                         lambda n: "sdpa packed layer (model, kernels off)" if "layer" in n else "fastest sdpa",
-                         flops)
+                         lambda n, off=off: off if "layer" in n else "fastest sdpa", flops)
         fastest, ours = results["fastest sdpa"], results["triton"]
-        layer, sdpa_layer = results["triton packed layer"], results["sdpa packed layer (model, kernels off)"]
+        layer, sdpa_layer = results["triton packed layer"], results[off]
         tag = f"B{B}" if train else f"teacher fwd B{B}"
         for i, mode in ((0, "eager"), (1, "graph")):
             if fastest[i] and ours[i]:
                 goals[f"attention kernel vs fastest SDPA {tag} {mode}"] = fastest[i] / ours[i]
             if sdpa_layer[i] and layer[i]:
-                goals[f"attention packed layer vs SDPA layer {tag} {mode}"] = sdpa_layer[i] / layer[i]
+                name = f"attention packed layer vs SDPA layer {tag} {mode}"
+                goals[name] = sdpa_layer[i] / layer[i]
     return rows, goals
+
+
+def _loss_value(fn, out, labels, teacher, types, distill):
+    return fn(out, labels, teacher, types, distill=distill)[0]
 
 
 def bench_loss(dtype):
@@ -760,16 +780,19 @@ def bench_loss(dtype):
     from model import Logits
     C, T = 10, 11
     rows, goals = [], {}
-    torch._dynamo.config.recompile_limit = 64  # one graph per (model kind, batch): 6, near the default 8
+    # one graph per (model kind, batch): 6, near the default 8
+    torch._dynamo.config.recompile_limit = 64
     compiled = torch.compile(losses.distillation_loss, dynamic=False)
-    kinds = [("vit", "none"), ("deit", "hard"), ("deit", "soft"), ("cdeit", "hard"), ("cdeit", "soft")]
+    kinds = [("vit", "none"), ("deit", "hard"), ("deit", "soft"), ("cdeit", "hard"),
+             ("cdeit", "soft")]
     for B in BATCHES:  # every kind at the global batch; one GPU's share for CdeiT soft only
         for kind, distill in (kinds if B == BATCHES[0] else kinds[-1:]):
-            def logits(n):
+            def logits(n, B=B):
                 return torch.randn(B, n, device=DEVICE, dtype=dtype, requires_grad=True)
 
-            out = Logits(logits(C), logits(C) if kind != "vit" else None, logits(T) if kind == "cdeit" else None,
-                         logits(C) if kind == "cdeit" else None)  # cdeit: strategy 2
+            cdeit = kind == "cdeit"
+            out = Logits(logits(C), logits(C) if kind != "vit" else None,
+                         logits(T) if cdeit else None, logits(C) if cdeit else None)  # strategy 2
             params = [x for x in out if x is not None]
             labels = torch.randint(0, C, (B,), device=DEVICE)
             teacher = torch.randn(B, C, device=DEVICE) if kind != "vit" else None
@@ -778,8 +801,8 @@ def bench_loss(dtype):
             results = {}
             for name, fn in [("eager", losses.distillation_loss), ("torch.compile", compiled),
                              ("triton fused", kernels.distillation_loss)]:
-                loss = lambda fn=fn: fn(out, labels, teacher, types, distill=distill)[0]
-                results[name] = _bench(_fwd_bwd(loss, params, one))
+                call = functools.partial(_loss_value, fn, out, labels, teacher, types, distill)
+                results[name] = _bench(_fwd_bwd(call, params, one))
             rows += _rows_of("loss fwd+bwd", f"{kind} {distill} B{B}", results, lambda n: "eager")
             if B == BATCHES[0]:  # the goal holds for every model kind: report the worst
                 for i, mode in ((0, "eager"), (1, "graph")):
@@ -792,7 +815,8 @@ def bench_loss(dtype):
 
 
 def print_table(rows):
-    print(f"{'bench':<16} {'shape':<20} {'impl':<38} {'eager ms':>9} {'graph ms':>9} {'graph rate':>14} "
+    print(f"{'bench':<16} {'shape':<20} {'impl':<38} {'eager ms':>9} {'graph ms':>9} "
+          f"{'graph rate':>14} "
           f"{'vs ref':>7} {'(graph)':>7}")
     fmt = lambda v, f: "-" if v is None else format(v, f)
     for r in rows:
@@ -800,8 +824,9 @@ def print_table(rows):
         print(f"{r['bench']:<16} {r['shape']:<20} {r['impl']:<38} {r['eager_ms']:>9.4f} "
               f"{fmt(r['graph_ms'], '9.4f'):>9} {rate:>14} {r['vs_ref_eager']:>6.2f}x "
               f"{fmt(r['vs_ref_graph'], '6.2f'):>6}x")
-    print("eager: launched from Python each call; graph: replayed from a CUDA graph (GPU time alone). "
-          "vs ref: layer rows against the SDPA layer, other attention rows against the fastest SDPA "
+    print("eager: launched from Python each call; graph: replayed from a CUDA graph (GPU time "
+          "alone). vs ref: layer rows against the SDPA layer, other attention rows against the "
+          "fastest SDPA "
           "backend, loss rows against eager losses.py.")
 
 
@@ -811,13 +836,15 @@ def print_goals(measured):
     for name, value in measured.items():
         goal = next((v for k, v in GOALS.items() if name.startswith(k)), None)
         status = "INFO" if goal is None else "PASS" if value >= goal else "FAIL"
-        print(f"{status} {name.replace(' ', '_')} {value:.2f}x {'-' if goal is None else f'{goal:.2f}x'}")
+        goal_s = "-" if goal is None else f"{goal:.2f}x"
+        print(f"{status} {name.replace(' ', '_')} {value:.2f}x {goal_s}")
         out.append({"name": name, "measured": value, "goal": goal, "status": status})
     return out
 
 
 def summarize(outdir):
-    """bench/gpu.sh's last step: one `PASS|FAIL|SKIP name measured goal` line per step (OUTDIR/steps.tsv:
+    """bench/gpu.sh's last step: one `PASS|FAIL|SKIP name measured goal` line per step
+    (OUTDIR/steps.tsv:
     did it finish in its limit), per test step (its JUnit XML, OUTDIR/tests_*.xml) and per goal
     (OUTDIR/kernels_bench*.json), all of it in OUTDIR/results.json. Returns 0 only if every line is
     PASS (or INFO)."""
@@ -830,9 +857,10 @@ def summarize(outdir):
     except OSError:
         steps = []
     for name, rc, secs, limit in steps:
-        measured = ("finished" if rc == "0" else f"timed out after {limit} s" if rc in ("124", "137")
-                    else f"exit {rc}") + f" in {secs} s"
-        lines.append({"name": f"step {name}", "measured": measured, "goal": f"finishes within {limit} s",
+        how = "finished" if rc == "0" else \
+            f"timed out after {limit} s" if rc in ("124", "137") else f"exit {rc}"
+        lines.append({"name": f"step {name}", "measured": f"{how} in {secs} s",
+                      "goal": f"finishes within {limit} s",
                       "status": "PASS" if rc == "0" else "FAIL"})
     for path in sorted(glob.glob(os.path.join(outdir, "tests_*.xml"))):
         name = os.path.basename(path)[len("tests_"):-len(".xml")]
@@ -842,10 +870,12 @@ def summarize(outdir):
             n, bad, skipped = (int(suite.get(k, 0)) for k in ("tests", "failures", "skipped"))
             bad += int(suite.get("errors", 0))
             status = "FAIL" if bad else "SKIP" if n == skipped else "PASS"
-            lines.append({"name": f"tests {name}", "measured": f"{n - bad - skipped}/{n - skipped} passed, "
-                          f"{skipped} skipped", "goal": "all", "status": status})
+            passed = f"{n - bad - skipped}/{n - skipped} passed, {skipped} skipped"
+            lines.append({"name": f"tests {name}", "measured": passed, "goal": "all",
+                          "status": status})
         except (OSError, ET.ParseError, AttributeError) as e:
-            lines.append({"name": f"tests {name}", "measured": f"no result ({e})", "goal": "all", "status": "FAIL"})
+            lines.append({"name": f"tests {name}", "measured": f"no result ({e})", "goal": "all",
+                          "status": "FAIL"})
     expected = [f"{g} {mode}" for g in GOALS for mode in ("eager", "graph")]
     bench = {"goals": [], "rows": []}  # the benchmark's JSON files (one per --only part) merged
     paths = sorted(glob.glob(os.path.join(outdir, "kernels_bench*.json")))
@@ -867,26 +897,32 @@ def summarize(outdir):
     for name in expected:
         if name not in measured:
             status = "SKIP" if bench.get("skipped") else "FAIL"
-            lines.append({"name": name, "measured": bench.get("skipped") or bench.get("error", "not measured"),
-                          "goal": next(v for k, v in GOALS.items() if name.startswith(k)), "status": status})
+            why = bench.get("skipped") or bench.get("error", "not measured")
+            goal = next(v for k, v in GOALS.items() if name.startswith(k))
+            lines.append({"name": name, "measured": why, "goal": goal, "status": status})
     for g in lines:
-        goal = "-" if g["goal"] is None else f"{g['goal']}x" if isinstance(g["goal"], float) else g["goal"]
+        goal = "-" if g["goal"] is None else \
+            f"{g['goal']}x" if isinstance(g["goal"], float) else g["goal"]
         print(f"{g['status']} {g['name'].replace(' ', '_')} {g['measured']} {goal}")
     from fileio import atomic_write
-    atomic_write(os.path.join(outdir, "results.json"), json.dumps({"goals": lines, "bench": bench}, indent=1),
-                 what="GPU results")
+    atomic_write(os.path.join(outdir, "results.json"),
+                 json.dumps({"goals": lines, "bench": bench}, indent=1), what="GPU results")
     return int(any(g["status"] not in ("PASS", "INFO") for g in lines))
 
 
 def main():
-    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m kernels.bench",
+                                 description=__doc__.split(":", 1)[0])
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                     help="attention inputs and loss logits (training runs bf16 autocast)")
-    ap.add_argument("--only", choices=["attention", "loss"], help="run one of the two GPU benchmarks")
+    ap.add_argument("--only", choices=["attention", "loss"],
+                    help="run one of the two GPU benchmarks")
     ap.add_argument("--json", help="also write the rows and goals to this JSON file")
     ap.add_argument("--bytes", action="store_true",
-                    help="no GPU needed: counted bytes, padded vs useful MACs and exps, registers and CTAs per SM")
-    ap.add_argument("--candidates", action="store_true", help="with --bytes: every candidate config, not the shipped")
+                    help="no GPU needed: counted bytes, padded vs useful MACs and exps, registers "
+                         "and CTAs per SM")
+    ap.add_argument("--candidates", action="store_true",
+                    help="with --bytes: every candidate config, not the shipped")
     ap.add_argument("--compile-check", action="store_true",
                     help="no GPU needed: compile every shipped config for sm_90, sm_80 and sm_89, "
                          "print registers/spills/smem/SASS counts")
@@ -894,22 +930,26 @@ def main():
                     help="the kernels' first-use self-check at the training shapes (a GPU, or the "
                          "interpreter without one): verdict lines and each check's time")
     ap.add_argument("--overhead", action="store_true",
-                    help="no GPU needed: CPU microseconds per fwd+bwd call, ours (launches stubbed) vs SDPA / eager")
+                    help="no GPU needed: CPU microseconds per fwd+bwd call, ours (launches "
+                         "stubbed) vs SDPA / eager")
     ap.add_argument("--summarize", metavar="OUTDIR",
-                    help="no GPU needed: PASS/FAIL lines and OUTDIR/results.json from a bench/gpu.sh run")
+                    help="no GPU needed: PASS/FAIL lines and OUTDIR/results.json from a "
+                         "bench/gpu.sh run")
     args = ap.parse_args()
     if args.summarize:
         return summarize(args.summarize)
     if args.self_check:  # without a GPU: through the interpreter
-        if not torch.cuda.is_available() and not importlib.import_module("kernels.launch").INTERPRETED:
+        interpreted = importlib.import_module("kernels.launch").INTERPRETED
+        if not torch.cuda.is_available() and not interpreted:
             env = dict(os.environ, TRITON_INTERPRET="1")
             return subprocess.run([sys.executable, "-m", "kernels.bench", "--self-check"],
-                                  env=env).returncode
+                                  env=env, check=False).returncode
         return self_check()
     if args.overhead:  # runs our kernels' Python on CPU tensors: needs the interpreter's CPU path
         if not importlib.import_module("kernels.distill_loss").INTERPRETED:
             env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-            return subprocess.run([sys.executable, "-m", "kernels.bench", "--overhead"], env=env).returncode
+            return subprocess.run([sys.executable, "-m", "kernels.bench", "--overhead"], env=env,
+                                  check=False).returncode
         return print_overhead()
     if args.compile_check or args.bytes:
         if importlib.import_module("kernels.attention").INTERPRETED:
@@ -935,8 +975,9 @@ def main():
     goals = print_goals(measured)
     if args.json:
         from fileio import atomic_write
-        atomic_write(args.json, json.dumps({"device": torch.cuda.get_device_name(), "dtype": args.dtype,
-                                            "rows": rows, "goals": goals}, indent=1), what="benchmark results")
+        result = {"device": torch.cuda.get_device_name(), "dtype": args.dtype, "rows": rows,
+                  "goals": goals}
+        atomic_write(args.json, json.dumps(result, indent=1), what="benchmark results")
     return 0
 
 
