@@ -29,6 +29,7 @@ _checks = {}   # kernel -> check(shape, dtype, device, *spec) -> {output: (ours,
 _spec_names = {}  # kernel -> names of its check's spec arguments (for the lines)
 _records = {}  # "kernel shape dtype" -> {"kernel", "shape", "dtype", "path", "errors", "why"}
 _failed = {}   # kernel -> the line that sent it to PyTorch for the rest of the run
+_decided = {}  # (kernel, shape, dtype, device, spec) -> its record says Triton (the fast lookup)
 log = print    # where the lines go (train.py may route them to its log)
 
 
@@ -51,6 +52,7 @@ def reset():
     """Forget every verdict (tests; a new process starts empty)."""
     _records.clear()
     _failed.clear()
+    _decided.clear()
 
 
 def constant_when_traced(fn):
@@ -94,12 +96,15 @@ def allowed(kernel, shape, dtype, device, *spec):
         return True
     if kernel in _failed:
         return False
-    names = _spec_names.get(kernel) or [""] * len(spec)
-    name = _name(kernel, shape, dtype) + "".join(
-        f" {n}={_word(x)}" if n else f" {_word(x)}" for n, x in zip(names, spec, strict=True))
-    if name not in _records:
-        _records[name] = _check(kernel, name, shape, dtype, device, spec)
-    return _records[name]["path"] == "triton"
+    key = (kernel, shape, dtype, device, spec)
+    if key not in _decided:  # the first call at this key: name it, check it
+        names = _spec_names.get(kernel) or [""] * len(spec)
+        name = _name(kernel, shape, dtype) + "".join(
+            f" {n}={_word(x)}" if n else f" {_word(x)}" for n, x in zip(names, spec, strict=True))
+        if name not in _records:
+            _records[name] = _check(kernel, name, shape, dtype, device, spec)
+        _decided[key] = _records[name]["path"] == "triton"
+    return _decided[key]
 
 
 def _check(kernel, name, shape, dtype, device, spec):
@@ -170,6 +175,7 @@ def agree():
                                         and _records[name]["path"] != "pytorch"):
                 why = record["why"] and f"rank {rank}: {record['why']}"
                 _records[name] = dict(record, why=why)
+    _decided.clear()  # looked up again from the merged records
     if changed:
         torch._dynamo.reset()
     return verdicts()
