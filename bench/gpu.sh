@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU, at most 5 minutes on one H100: `bench/gpu.sh OUTDIR`. Installs
+# One prepared run for a lent GPU, at most 7 minutes on one H100: `bench/gpu.sh OUTDIR`. Installs
 # nothing (the GPU image has no internet). Steps, each under its own time limit with its own log in
 # OUTDIR; a failing or timed-out step is recorded and the next one still runs:
+#   self_check           python -m kernels.bench --self-check: each kernel's first-use check at the
+#                        training shapes in bf16 and fp16 (kernels/verify.py), its lines printed here,
+#                        so correctness is settled before anything is timed
 #   tests_kernels        tests/test_kernels_gpu.py without the compiled step (bf16 judged against
 #                        SDPA's own bf16 error, D=128, the real batch, int64 offsets, the loss's bits),
 #                        every test also under --test-timeout (tests/conftest.py; no pytest-timeout)
@@ -41,8 +44,10 @@ rm -f "$OUT/steps.tsv" "$OUT"/tests_*.xml "$OUT"/kernels_bench*.json  # no stale
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# Limits sum to 295 s (+ start-up and the summary: about 5 minutes). Triton's kernel cache on disk
+# Limits sum to 385 s (+ start-up and the summary: about 7 minutes). Triton's kernel cache on disk
 # carries compiled kernels from one step to the next.
+run self_check 90 "$PY" -m kernels.bench --self-check
+grep -E "^(kernel check|self-check|[0-9]+ checks)" "$OUT/self_check.log"
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider -m gpu)
 run tests_kernels 60 "${PYTEST[@]}" --test-timeout 30 --junitxml="$OUT/tests_kernels.xml" \
     tests/test_kernels_gpu.py -k "not compiled_train_step"

@@ -23,9 +23,11 @@ teacher (forward only, under no_grad).
   the grid is not bound by the 65,535 limit of axes 1-2). Its backward is SDPA's.
 Offsets are int64 (B*H*N*D passes 2**31 at large batches). No autotuning: one pinned config per
 (kernel, dtype, head size; N for the students) for sm_90 (CONFIGS below, `choose`), so every
-rank and restart runs the same code. Where no config serves (an fp32 forward at D >= 64; a
-backward at N > 80, at D = 128 or in fp32; a GPU other than sm_90) a call goes to SDPA, forward
-and fused backward.
+rank and restart runs the same code; sm_80 and sm_89 run the same configs where they do not
+spill there (SPILLS). Where no config serves (an fp32 forward at D >= 64; a backward at N > 80,
+at D = 128 or in fp32; a spilling launch on sm_80 / sm_89; any other GPU) a call goes to SDPA,
+forward and fused backward. Each kernel runs only after its first-use self-check passed
+(kernels/verify.py) at the call's shape and dtype.
 
 Dtypes: fp16 / bf16 in, fp32 accumulation, output in the input dtype; fp32 is accepted (its dots
 run as 3xTF32, about fp32 accuracy). Any N >= 1 (ragged sizes are masked), head dim up to 128.
@@ -47,16 +49,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import INTERPRETED, launcher, triton_op, via_op
+from . import verify
+from .launch import INTERPRETED, launcher, run_eager, triton_op, via_op
 from .reference import sdpa, sdpa_packed
+from .verify import constant_when_traced
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels use exp2
 LN2 = tl.constexpr(0.6931471805599453)    # ln(x) = log2(x) * LN2
-SHORT_N = 80  # sequences up to this many tokens take the one-program-per-head kernels (64 + 16 keys)
+SHORT_N = 80  # sequences up to this many tokens: one-program-per-head kernels (64 + 16 keys)
 # A loop with a runtime bound is a while loop under the interpreter (triton 3.6's calls int() on a
 # one-element array for a range bound, which numpy >= 2.4 refuses) and a for loop when compiled
-# (its dots become async wgmma that overlap the next step; a while loop compiles to synchronous ones).
+# (its dots become async wgmma that overlap the next step; a while loop compiles to synchronous
+# ones).
 WHILE_LOOPS = tl.constexpr(INTERPRETED)
 
 
@@ -83,8 +88,8 @@ def _fwd_rows(Q, O, LSE, stride_qn, stride_on, offs_m, offs_d, mask_d, N, qk_sca
         pt = tl.exp2(st - m[:, None])
         l += tl.sum(pt, 1)
         acc = tl.dot(pt.to(vt.dtype), vt, acc, input_precision=DOT_PREC)
-    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], (acc / l[:, None]).to(O.dtype.element_ty),
-             mask=row_mask)
+    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :],
+             (acc / l[:, None]).to(O.dtype.element_ty), mask=row_mask)
     tl.store(LSE + offs_m, (m + tl.log2(l)) * LN2, mask=mask_m)
 
 
@@ -98,7 +103,7 @@ def _attn_fwd_short_kernel(
     H, N, D, qk_scale,      # qk_scale = D**-0.5 * log2(e)
     BLOCK_M: tl.constexpr,  # query rows per chunk of the main block
     BLOCK_N: tl.constexpr,  # the main block: keys (and rows) 0 .. BLOCK_N-1
-    BLOCK_T: tl.constexpr,  # the tail block: keys (and rows) BLOCK_N .. BLOCK_N+BLOCK_T-1; 0 for none
+    BLOCK_T: tl.constexpr,  # the tail block: keys (and rows) BLOCK_N .. BLOCK_N+BLOCK_T-1, or 0
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)  # one program per (batch, head)
@@ -106,7 +111,8 @@ def _attn_fwd_short_kernel(
     off_h = pid_bh % H
     q_base = off_b * stride_qb + off_h * stride_qh
     o_base = off_b * stride_ob + off_h * stride_oh
-    # The head's base pointers (int64 offsets), so the tile offsets below are int32: fewer registers.
+    # The head's base pointers (int64 offsets), so the tile offsets below are int32: fewer
+    # registers.
     Q, K, V, O, LSE = Q + q_base, K + q_base, V + q_base, O + o_base, LSE + pid_bh * N
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -114,14 +120,16 @@ def _attn_fwd_short_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     kv_offs = offs_n[:, None] * stride_qn + offs_d[None, :]
-    k = tl.load(K + kv_offs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D), read once
-    v = tl.load(V + kv_offs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D), read once
+    v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
     if BLOCK_T > 0:
         offs_t = BLOCK_N + tl.arange(0, BLOCK_T)
         mask_t = offs_t < N
         kt_offs = offs_t[:, None] * stride_qn + offs_d[None, :]
-        kt = tl.load(K + kt_offs, mask=mask_t[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_T, BLOCK_D)
-        vt = tl.load(V + kt_offs, mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+        kt_mask = mask_t[:, None] & mask_d[None, :]
+        kt = tl.load(K + kt_offs, mask=kt_mask, other=0.0)  # (BLOCK_T, BLOCK_D)
+        vt = tl.load(V + kt_offs, mask=kt_mask, other=0.0)
     else:
         kt, vt, mask_t = k, v, mask_n  # unused
 
@@ -158,8 +166,8 @@ def _online_step(q, K, V, stride_qn, offs_n, offs_d, mask_d, N, qk_scale, m_i, l
 
 @triton.jit
 def _fwd_long_rows(Q, K, V, O, LSE, stride_qn, stride_on, row0, N, D, qk_scale,
-                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr, KEY_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
+                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr, KEY_TAIL: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """Query rows row0 .. row0+ROWS-1 against the whole key range: full chunks of BLOCK_N keys
     (unmasked), then the last N % BLOCK_N keys as one masked chunk of KEY_TAIL. Q ... LSE point
     at the head."""
@@ -176,18 +184,20 @@ def _fwd_long_rows(Q, K, V, O, LSE, stride_qn, stride_on, row0, N, D, qk_scale,
     if WHILE_LOOPS:  # the interpreter: the same steps, see WHILE_LOOPS
         start_n = 0
         while start_n < n_full:
-            m_i, l_i, acc = _online_step(q, K, V, stride_qn, start_n + tl.arange(0, BLOCK_N), offs_d, mask_d,
-                                         N, qk_scale, m_i, l_i, acc, False, DOT_PREC)
+            m_i, l_i, acc = _online_step(q, K, V, stride_qn, start_n + tl.arange(0, BLOCK_N),
+                                         offs_d, mask_d, N, qk_scale, m_i, l_i, acc, False,
+                                         DOT_PREC)
             start_n += BLOCK_N
     else:
         for start_n in range(0, n_full, BLOCK_N):
-            m_i, l_i, acc = _online_step(q, K, V, stride_qn, start_n + tl.arange(0, BLOCK_N), offs_d, mask_d,
-                                         N, qk_scale, m_i, l_i, acc, False, DOT_PREC)
+            m_i, l_i, acc = _online_step(q, K, V, stride_qn, start_n + tl.arange(0, BLOCK_N),
+                                         offs_d, mask_d, N, qk_scale, m_i, l_i, acc, False,
+                                         DOT_PREC)
     if KEY_TAIL > 0:
-        m_i, l_i, acc = _online_step(q, K, V, stride_qn, n_full + tl.arange(0, KEY_TAIL), offs_d, mask_d,
-                                     N, qk_scale, m_i, l_i, acc, True, DOT_PREC)
-    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
-             mask=row_mask)
+        m_i, l_i, acc = _online_step(q, K, V, stride_qn, n_full + tl.arange(0, KEY_TAIL), offs_d,
+                                     mask_d, N, qk_scale, m_i, l_i, acc, True, DOT_PREC)
+    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :],
+             (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_mask)
     tl.store(LSE + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=mask_m)
 
 
@@ -198,7 +208,7 @@ def _attn_fwd_long_kernel(
     stride_ob, stride_oh, stride_on,
     H, N, D, qk_scale,
     BLOCK_M: tl.constexpr,   # query rows per program
-    ROW_TAIL: tl.constexpr,  # rows of the head's last program (covers N % BLOCK_M); 0: BLOCK_M like the rest
+    ROW_TAIL: tl.constexpr,  # rows of the head's last program (N % BLOCK_M); 0: BLOCK_M as the rest
     BLOCK_N: tl.constexpr,   # keys per chunk of the sweep
     KEY_TAIL: tl.constexpr,  # keys of the last chunk (covers N % BLOCK_N); 0 when BLOCK_N divides N
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -211,8 +221,8 @@ def _attn_fwd_long_kernel(
     off_h = pid_bh % H
     q_base = off_b * stride_qb + off_h * stride_qh
     o_base = off_b * stride_ob + off_h * stride_oh
-    args = (Q + q_base, K + q_base, V + q_base, O + o_base, LSE + pid_bh * N, stride_qn, stride_on, pid_m * BLOCK_M,
-            N, D, qk_scale)  # the head's base pointers: int32 tile offsets
+    args = (Q + q_base, K + q_base, V + q_base, O + o_base, LSE + pid_bh * N, stride_qn, stride_on,
+            pid_m * BLOCK_M, N, D, qk_scale)  # the head's base pointers: int32 tile offsets
     if ROW_TAIL > 0:
         if pid_m == n_blocks - 1:  # the head's short last block: fewer padded rows
             _fwd_long_rows(*args, ROW_TAIL, BLOCK_N, KEY_TAIL, BLOCK_D, DOT_PREC)
@@ -224,7 +234,8 @@ def _attn_fwd_long_kernel(
 
 @triton.jit
 def _bwd_keys(q, do, delta, lse2, k, v, mask_n, dk, dv, qk_scale, DOT_PREC: tl.constexpr):
-    """One query chunk against one key block: adds to dK, dV of the block; returns dS K (unscaled)."""
+    """One query chunk against one key block: adds to dK, dV of the block; returns dS K
+    (unscaled)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (rows, keys)
     p = tl.exp2(s * qk_scale - lse2[:, None])
     p = tl.where(mask_n[None, :], p, 0.0)
@@ -268,7 +279,7 @@ def _attn_bwd_short_kernel(
     stride_qb, stride_qh, stride_qn,
     stride_ob, stride_oh, stride_on,
     H, N, D, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,  # as in _attn_fwd_short_kernel
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,  # as in the forward
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)  # one program per (batch, head): dQ, dK, dV complete
@@ -276,7 +287,8 @@ def _attn_bwd_short_kernel(
     off_h = pid_bh % H
     q_base = off_b * stride_qb + off_h * stride_qh
     o_base = off_b * stride_ob + off_h * stride_oh
-    # The head's base pointers (int64 offsets), so the tile offsets below are int32: fewer registers.
+    # The head's base pointers (int64 offsets), so the tile offsets below are int32: fewer
+    # registers.
     Q, K, V, DQ, DK, DV = Q + q_base, K + q_base, V + q_base, DQ + q_base, DK + q_base, DV + q_base
     O, DO, LSE = O + o_base, DO + o_base, LSE + pid_bh * N
 
@@ -305,7 +317,8 @@ def _attn_bwd_short_kernel(
     for start_m in range(0, BLOCK_N, BLOCK_M):  # each query row is visited once
         dk, dv, dkt, dvt = _bwd_rows(Q, DQ, O, DO, LSE, stride_qn, stride_on,
                                      start_m + tl.arange(0, BLOCK_M), offs_d, mask_d, N, sm_scale,
-                                     k, v, mask_n, dk, dv, kt, vt, mask_t, dkt, dvt, BLOCK_T > 0, DOT_PREC)
+                                     k, v, mask_n, dk, dv, kt, vt, mask_t, dkt, dvt, BLOCK_T > 0,
+                                     DOT_PREC)
     if BLOCK_T > 0:  # the tail rows, one chunk of BLOCK_T
         dk, dv, dkt, dvt = _bwd_rows(Q, DQ, O, DO, LSE, stride_qn, stride_on,
                                      BLOCK_N + tl.arange(0, BLOCK_T), offs_d, mask_d, N, sm_scale,
@@ -323,36 +336,78 @@ def _attn_bwd_short_kernel(
 # too; chosen for sm_90 by counting (`python -m kernels.bench --bytes`: padded vs useful work) and
 # by ptxas (`--compile-check`: no spills with triton 3.6 and 3.8, CTAs per SM). So the launch is
 # a pure function of (capability, N, D, dtype): every rank and every restart runs the same code,
-# bit for bit. GPUs other than compute capability 9.x (not checked) and the shapes with no entry
+# bit for bit. Unchecked GPUs (CHECKED), spilling launches (SPILLS) and the shapes with no entry
 # take SDPA, forward and backward.
 
 KERNELS = ("fwd_short", "bwd_short", "fwd_long")
-CHECKED_MAJOR = 9  # sm_90 (H100 / H200): the compute capability CONFIGS was checked for
 STUDENT_N = (65, 66, 67)  # vit / deit / cdeit at 32 px, patch 4: 64 patches + 1-3 tokens
 TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
-CONFIGS = {  # (kernel, input bits, BLOCK_D, N or None for any other N) -> (BLOCK_M, BLOCK_N or 0 (the
-    #            short kernels' key tile), warps, pipeline stages, register cap per thread or 0 for ptxas's)
-    # Registers: ptxas's for sm_90 at the entry's worst N, triton 3.8 / 3.6; no entry spills in either.
+# (kernel, input bits, BLOCK_D, N or None for any other N) -> (BLOCK_M, BLOCK_N or 0 (the short
+# kernels' key tile), warps, pipeline stages, register cap per thread or 0 for ptxas's).
+# Registers: ptxas's for sm_90 at the entry's worst N, triton 3.8 / 3.6; no entry spills in either.
+CONFIGS = {
     ("fwd_short", 16, 32, None): (64, 0, 4, 2, 0),    # <= 128 / 120 regs: >= 4 CTAs per SM
-    ("fwd_short", 16, 64, None): (16, 0, 4, 2, 128),  # 128 regs, no spill: 4 CTAs (uncapped 168 / 194: 3 / 2)
-    ("fwd_short", 16, 128, None): (16, 0, 8, 2, 0),   # <= 221 / 210 regs: >= 1 CTA; 4 warps spill on 3.6
-    ("fwd_short", 32, 32, None): (64, 0, 4, 2, 0),    # <= 237 / 234 regs: 2 CTAs; fp32 at D >= 64: every one spills
+    # 128 regs, no spill: 4 CTAs (uncapped 168 / 194: 3 / 2)
+    ("fwd_short", 16, 64, None): (16, 0, 4, 2, 128),
+    ("fwd_short", 16, 128, None): (16, 0, 8, 2, 0),   # <= 221 / 210 regs: >= 1 CTA (4 warps spill)
+    # <= 237 / 234 regs: 2 CTAs; fp32 at D >= 64: every config spills
+    ("fwd_short", 32, 32, None): (64, 0, 4, 2, 0),
     ("bwd_short", 16, 32, None): (16, 0, 4, 1, 0),    # <= 226 / 242 regs: 2 CTAs
-    ("bwd_short", 16, 64, None): (16, 0, 8, 1, 0),    # <= 230 / 252 regs: 1 CTA; 4 warps spill at N = 48 or 80
-    **{("bwd_short", 16, 64, n): (32, 0, 4, 1, 0) for n in STUDENT_N},  # 255 regs, no spill: 2 CTAs (3.8)
+    # <= 230 / 252 regs: 1 CTA; 4 warps spill at N = 48 or 80
+    ("bwd_short", 16, 64, None): (16, 0, 8, 1, 0),
+    # 255 regs, no spill: 2 CTAs (3.8)
+    **{("bwd_short", 16, 64, n): (32, 0, 4, 1, 0) for n in STUDENT_N},
     ("fwd_long", 16, 32, None): (64, 32, 4, 2, 0),    # 96 regs: 5 CTAs
-    ("fwd_long", 16, 64, None): (64, 32, 4, 2, 0),    # <= 168 / 190 regs: >= 2 CTAs; N = 197: 3 (64 keys: 240 regs)
+    # <= 168 / 190 regs: >= 2 CTAs; N = 197: 3 (64 keys: 240 regs)
+    ("fwd_long", 16, 64, None): (64, 32, 4, 2, 0),
     ("fwd_long", 16, 128, None): (64, 32, 4, 2, 0),   # <= 205 / 254 regs: 2 CTAs
-    ("fwd_long", 32, 32, None): (64, 32, 4, 2, 0),    # <= 190 / 199 regs: 2 CTAs (capped at 168: spills)
+    ("fwd_long", 32, 32, None): (64, 32, 4, 2, 0),    # <= 190 / 199 regs: 2 CTAs (168 cap: spills)
 }
-if TRITON < (3, 7):  # triton 3.6 (the GPU image) spills every 4-warp students' backward (12-132 B at 255 regs):
+if TRITON < (3, 7):  # triton 3.6 spills every 4-warp students' backward (12-132 B at 255 regs):
     # 8 warps, no spill, 1 CTA per SM (the same 8 warps per SM as 2 CTAs of 4)
     CONFIGS.update({("bwd_short", 16, 64, n): (16, 0, 8, 1, 0) for n in STUDENT_N})
 
 
+# The compute capabilities CONFIGS is compiled for by `python -m kernels.bench --compile-check`:
+# sm_9x (H100 / H200), sm_80 (A100), sm_89 (L40S / RTX 4090). Other GPUs take SDPA. CONFIGS is
+# chosen for sm_90; on sm_80 / sm_89 the launches that spill there, (kernel, input bits, BLOCK_D,
+# tiles) with tiles as `tiles_of` gives them, take SDPA (a spill costs speed, not correctness;
+# the self-check in kernels/verify.py guards correctness on every GPU).
+CHECKED = {(8, 0): "sm_80", (8, 9): "sm_89"}  # plus every (9, x)
+_SPILL_BOTH = {  # (kernel, input bits, BLOCK_D, tiles) spilling on sm_80 and sm_89 (triton 3.8)
+    ("fwd_short", 16, 64, (16, 64, 16)),  # N = 65-80 (the students' forward): 32 B
+    ("fwd_short", 32, 32, (64, 64, 0)), ("fwd_short", 32, 32, (64, 64, 16)),  # N = 49-80
+    ("bwd_short", 16, 64, (32, 64, 16)),  # the students' backward: 368-412 B
+    ("fwd_long", 16, 128, (64, 0, 32, 16)), ("fwd_long", 16, 128, (64, 16, 32, 16)),
+    ("fwd_long", 32, 32, (64, 0, 32, 16)), ("fwd_long", 32, 32, (64, 16, 32, 16)),
+}
+SPILLS = {
+    (8, 0): _SPILL_BOTH | {("fwd_long", 16, 32, (64, 16, 32, 16))},
+    (8, 9): _SPILL_BOTH | {("fwd_long", 32, 32, (64, 32, 32, 0))},
+}
+
+
+def config_key(kernel, bits, D, N):
+    """The CONFIGS key serving `kernel` at (input bits, D, N): its own N's entry or the default;
+    None when there is neither."""
+    for key in ((kernel, bits, _pow2(D), N), (kernel, bits, _pow2(D), None)):
+        if key in CONFIGS:
+            return key
+    return None
+
+
+def tiles_of(kernel, consts):
+    """The tile sizes of a launch: (BLOCK_M, BLOCK_N, BLOCK_T), or for the long kernel (BLOCK_M,
+    ROW_TAIL, BLOCK_N, KEY_TAIL)."""
+    names = ("BLOCK_M", "ROW_TAIL", "BLOCK_N", "KEY_TAIL") if kernel == "fwd_long" \
+        else ("BLOCK_M", "BLOCK_N", "BLOCK_T")
+    return tuple(consts[n] for n in names)
+
+
 def config_entry(kernel, bits, D, N):
     """The pinned CONFIGS entry of `kernel` at (input bits, D, N), or None."""
-    return CONFIGS.get((kernel, bits, _pow2(D), N)) or CONFIGS.get((kernel, bits, _pow2(D), None))
+    key = config_key(kernel, bits, D, N)
+    return CONFIGS[key] if key else None
 
 
 def _pow2(x):
@@ -383,16 +438,7 @@ def _dot_prec(dtype):
     return "tf32x3" if dtype == torch.float32 else "tf32"  # fp16/bf16 ignore it
 
 
-def _constant_when_traced(fn):
-    """torch.compiler.assume_constant_result's mark (torch.compile traces fn as the constant it
-    returns; the same attribute in torch 2.11-2.14), set directly: with that function called here at
-    import, tests/test_faults.py's hung and killed torchrun-rank tests failed 3 runs of 3 (the
-    survivor's heartbeat thread never stopped it); with the mark set directly they pass."""
-    fn._dynamo_marked_constant = True
-    return fn
-
-
-@_constant_when_traced
+@constant_when_traced
 def choose(kernel, capability, N, D, dtype):
     """The launch of `kernel` at (N, D, dtype) on a GPU of this compute capability (None: the
     interpreter, which runs the sm_90 configs): (constexprs, launch options), or None where SDPA
@@ -401,29 +447,50 @@ def choose(kernel, capability, N, D, dtype):
     return _choose(kernel, capability, int(N), int(D), dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _choose(kernel, capability, N, D, dtype):
-    if capability is not None and capability[0] != CHECKED_MAJOR:
+    if capability is not None and capability[0] != 9 and capability not in CHECKED:
         return None
-    entry = config_entry(kernel, 8 * dtype.itemsize, D, N)
+    key = config_key(kernel, 8 * dtype.itemsize, D, N)
+    entry = CONFIGS[key] if key else None
     short = kernel != "fwd_long"
-    if entry is None or not 1 <= D <= 128 or N < 1 or short != (N <= SHORT_N):  # short kernels: N <= SHORT_N
+    if entry is None or not 1 <= D <= 128 or N < 1 or short != (N <= SHORT_N):
         return None
     block_m, block_n, warps, stages, maxnreg = entry
     consts = {"BLOCK_D": _pow2(D), "DOT_PREC": _dot_prec(dtype)}
     if kernel == "fwd_long":
-        tail = _tail(N % block_n, block_n) or (block_n if N % block_n else 0)  # a last chunk of block_n, masked
-        consts.update(BLOCK_M=block_m, ROW_TAIL=_tail(N % block_m, block_m), BLOCK_N=block_n, KEY_TAIL=tail)
+        # the last keys: a narrower chunk, or a masked chunk of block_n
+        tail = _tail(N % block_n, block_n) or (block_n if N % block_n else 0)
+        consts.update(BLOCK_M=block_m, ROW_TAIL=_tail(N % block_m, block_m), BLOCK_N=block_n,
+                      KEY_TAIL=tail)
     else:
         main, tail = short_tiles(N)
         consts.update(BLOCK_M=min(block_m, main), BLOCK_N=main, BLOCK_T=tail)
-    return consts, {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    if spills(kernel, capability, 8 * dtype.itemsize, consts):
+        return None
+    opts = {"num_warps": warps, "num_stages": stages}
+    return consts, {**opts, "maxnreg": maxnreg} if maxnreg else opts
+
+
+def spills(kernel, capability, bits, consts):
+    """Does this launch spill registers on this GPU (SPILLS)?"""
+    return (kernel, bits, consts["BLOCK_D"], tiles_of(kernel, consts)) in SPILLS.get(capability, ())
+
+
+def why_sdpa(kernel, capability, N, D, dtype):
+    """Why `choose` sends `kernel` at (N, D, dtype) to SDPA on this GPU, in a few words."""
+    if capability is not None and capability[0] != 9 and capability not in CHECKED:
+        return f"sm_{capability[0]}{capability[1]}: no kernel config checked for this GPU"
+    sm90 = _choose(kernel, None, N, D, dtype)
+    if sm90 is not None and spills(kernel, capability, 8 * dtype.itemsize, sm90[0]):
+        return f"its config spills registers on {CHECKED[capability]}"
+    return f"no kernel config for N={N}, D={D}, {str(dtype).removeprefix('torch.')}"
 
 
 _CAPABILITIES = {}  # device index -> (major, minor)
 
 
-@_constant_when_traced
+@constant_when_traced
 def _device_capability(index):
     if index not in _CAPABILITIES:
         _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
@@ -432,20 +499,14 @@ def _device_capability(index):
 
 def capability(t):
     """The compute capability of t's GPU; None for CPU tensors (the interpreter)."""
-    return _device_capability(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
-        if t.is_cuda else None
+    if not t.is_cuda:
+        return None
+    index = t.device.index
+    return _device_capability(index if index is not None else torch.cuda.current_device())
 
 
 def forward_kernel(N):
     return "fwd_short" if N <= SHORT_N else "fwd_long"
-
-
-def fits(q, N, D, needs_grad):
-    """Do the kernels serve this call? The forward must have a config, and the backward too when
-    a gradient will be asked for (else SDPA runs both: its backward is fused, never N x N)."""
-    cap = capability(q)
-    return (choose(forward_kernel(N), cap, N, D, q.dtype) is not None
-            and (not needs_grad or choose("bwd_short", cap, N, D, q.dtype) is not None))
 
 
 def fwd_grid(B, H, N, BLOCK_M):
@@ -464,8 +525,8 @@ def _fwd(q, k, v, o, lse, B, H, N, D, qs, os_):
 
 def _bwd(q, k, v, o, do, lse, dq, dk, dv, B, H, N, D, qs, os_):
     consts, opts = choose("bwd_short", capability(q), N, D, q.dtype)
-    launcher(_attn_bwd_short_kernel)[(B * H,)](q, k, v, dq, dk, dv, o, do, lse, *qs, *os_, H, N, D, D ** -0.5,
-                                               **consts, **opts)
+    launcher(_attn_bwd_short_kernel)[(B * H,)](q, k, v, dq, dk, dv, o, do, lse, *qs, *os_, H, N, D,
+                                               D ** -0.5, **consts, **opts)
 
 
 def _sdpa_grads(fn, inputs, do):
@@ -482,11 +543,12 @@ def _sdpa_grads(fn, inputs, do):
 # form: q, k, v are made contiguous so they share strides with dq/dk/dv.
 
 def _attention_fwd_fake(q, k, v):
-    B, H, N, D = q.shape
+    B, H, N, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B * H, N), dtype=torch.float32)
 
 
-def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = q.new_empty(q.shape)
@@ -501,7 +563,8 @@ def _attention_bwd_fake(do, q, k, v, o, lse):
 
 
 def _attention_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        o: torch.Tensor,
+                        lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     dq, dk, dv = q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
@@ -560,17 +623,21 @@ def _packed_bwd_fake(do, qkv, o, lse):
     return qkv.new_empty(qkv.shape)
 
 
-def _packed_bwd_impl(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+def _packed_bwd_impl(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor,
+                     lse: torch.Tensor) -> torch.Tensor:
     qkv, do = qkv.contiguous(), do.contiguous()
     B, N, H, D, qs, os_ = _packed_views(qkv)
     dqkv = qkv.new_empty(qkv.shape)  # the three slices below cover every element
-    _bwd(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], o, do, lse, dqkv[:, :, 0], dqkv[:, :, 1], dqkv[:, :, 2],
+    _bwd(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], o, do, lse,
+         dqkv[:, :, 0], dqkv[:, :, 1], dqkv[:, :, 2],
          B, H, N, D, qs, os_)
     return dqkv
 
 
-_attention_packed_fwd = triton_op("triton_kit::attention_packed_fwd", _packed_fwd_fake)(_packed_fwd_impl)
-_attention_packed_bwd = triton_op("triton_kit::attention_packed_bwd", _packed_bwd_fake)(_packed_bwd_impl)
+_attention_packed_fwd = triton_op("triton_kit::attention_packed_fwd",
+                                  _packed_fwd_fake)(_packed_fwd_impl)
+_attention_packed_bwd = triton_op("triton_kit::attention_packed_bwd",
+                                  _packed_bwd_fake)(_packed_bwd_impl)
 
 
 class _AttentionPacked(torch.autograd.Function):
@@ -609,20 +676,102 @@ def _needs_grad(*xs):
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
+def _no_config(x, N, D, needs_grad):
+    """(kernel name, why) when no pinned config serves this call's forward, or its backward when a
+    gradient will be asked for (then SDPA runs both: its backward is fused, never N x N); else
+    None."""
+    cap = capability(x)
+    for kernel, name in ((forward_kernel(N), "attention forward"),
+                         *((("bwd_short", "attention backward"),) if needs_grad else ())):
+        if choose(kernel, cap, N, D, x.dtype) is None:
+            return name, why_sdpa(kernel, cap, N, D, x.dtype)
+    return None
+
+
+def fits(x, N, D, needs_grad):
+    """Does a pinned config serve this call (see `_no_config`)?"""
+    return _no_config(x, N, D, needs_grad) is None
+
+
+def _route(x, shape, N, D, needs_grad):
+    """Do the kernels serve this call? A config must (`_no_config`; on a GPU the start line says
+    why not), and each kernel must have passed its self-check (kernels/verify.py) at this shape
+    and dtype."""
+    missing = _no_config(x, N, D, needs_grad)
+    if missing is not None:
+        if x.is_cuda:
+            verify.note(missing[0], shape, x.dtype, missing[1])
+        return False
+    return (verify.allowed("attention forward", shape, x.dtype, x.device)
+            and (not needs_grad or verify.allowed("attention backward", shape, x.dtype, x.device)))
+
+
 def attention(q, k, v):
     """softmax(q k^T / sqrt(D)) v for (B, H, N, D) tensors; same contract as SDPA's default call."""
     if (q.dim() == 4 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
-            and q.dtype in DTYPES and use_triton(q) and q.numel() > 0
-            and fits(q, q.shape[2], q.shape[3], _needs_grad(q, k, v))):
-        return _Attention.apply(q, k, v)
+            and q.dtype in DTYPES and use_triton(q) and q.numel() > 0):
+        _, H, N, D = (int(d) for d in q.shape)
+        if _route(q, ("B", H, N, D), N, D, _needs_grad(q, k, v)):
+            return _Attention.apply(q, k, v)
     return reference_attention(q, k, v)
 
 
 def attention_packed(qkv):
     """Attention straight from the qkv projection: qkv (B, N, 3, H, D) -> (B, N, H*D)."""
     if qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"attention_packed wants qkv of shape (B, N, 3, H, D), got {tuple(qkv.shape)}")
-    B, N, _, H, D = qkv.shape
-    if qkv.dtype in DTYPES and use_triton(qkv) and qkv.numel() > 0 and fits(qkv, N, D, _needs_grad(qkv)):
-        return _AttentionPacked.apply(qkv)
+        raise ValueError("attention_packed wants qkv of shape (B, N, 3, H, D), "
+                         f"got {tuple(qkv.shape)}")
+    if qkv.dtype in DTYPES and use_triton(qkv) and qkv.numel() > 0:
+        _, N, _, H, D = (int(d) for d in qkv.shape)
+        if _route(qkv, ("B", N, 3, H, D), N, D, _needs_grad(qkv)):
+            return _AttentionPacked.apply(qkv)
     return reference_packed(qkv)
+
+
+# ----------------------------------------------------------------------------------------------
+# The self-check (kernels/verify.py): our kernels against SDPA on random inputs, batch 2.
+
+def _check_inputs(shape, dtype, device):
+    """qkv (2, N, 3, H, D) and an output gradient (2, N, H*D) for `shape` (packed or not)."""
+    N, H, D = (shape[1], shape[3], shape[4]) if len(shape) == 5 else (shape[2], shape[1], shape[3])
+    g = torch.Generator(device).manual_seed(0)
+    qkv = torch.randn(2, N, 3, H, D, generator=g, device=device).to(dtype)
+    go = torch.randn(2, N, H * D, generator=g, device=device).to(dtype)
+    return qkv, go
+
+
+def _ours(qkv, go, packed):
+    """Our forward (and backward with `go`) on qkv through the operators' bodies, in the packed
+    layout: o (B, N, H*D), dqkv (B, N, 3, H, D) or None."""
+    B, N, _, H, D = qkv.shape
+    if packed:
+        o, lse = run_eager(_packed_fwd_impl, (qkv,))
+        return o, go is not None and run_eager(_packed_bwd_impl, (go, qkv, o, lse))
+    q, k, v = (qkv[:, :, i].transpose(1, 2).contiguous() for i in range(3))  # 3 x (B, H, N, D)
+    o, lse = run_eager(_attention_fwd_impl, (q, k, v))
+    flat = o.transpose(1, 2).reshape(B, N, H * D)
+    if go is None:
+        return flat, None
+    do = go.view(B, N, H, D).transpose(1, 2)
+    grads = run_eager(_attention_bwd_impl, (do, q, k, v, o, lse))
+    return flat, torch.stack([g.transpose(1, 2) for g in grads], 2)
+
+
+def _sdpa_out_and_grad(qkv, go):
+    with torch.enable_grad():
+        x = qkv.detach().requires_grad_()
+        o = sdpa_packed(x)
+        return o.detach(), torch.autograd.grad(o, x, go)[0]
+
+
+def _check(kernel, shape, dtype, device):
+    qkv, go = _check_inputs(shape, dtype, device)
+    backward = kernel == "attention backward"
+    ours, dqkv = _ours(qkv, go if backward else None, len(shape) == 5)
+    ref, ref_grad = _sdpa_out_and_grad(qkv, go)
+    truth, truth_grad = _sdpa_out_and_grad(qkv.double(), go.double())
+    return {"dqkv": (dqkv, ref_grad, truth_grad)} if backward else {"o": (ours, ref, truth)}
+
+
+verify.register("attention forward", functools.partial(_check, "attention forward"))
+verify.register("attention backward", functools.partial(_check, "attention backward"))

@@ -1,4 +1,4 @@
-"""The seed's distillation objectives (Eq. 4-7) as fused Triton kernels, forward and gradients.
+"""The thesis's distillation objectives (Eq. 4-7) as fused Triton kernels, forward and gradients.
 
 Imports torch, triton and kernels/reference.py, whose eager version of the same objective
 (`reference_distillation_loss` here) is the fallback; the tests check both against the kit's
@@ -12,8 +12,8 @@ does, and for logits z with lse = logsumexp(z):
                  d/ds = tau (softmax(s/tau) - softmax(t/tau)) / (B C)
 The terms of one batch (B, C) and their weights:
     vit   none:  CE(cls, y)
-    deit  hard:  1/2 CE(cls, y) + 1/2 CE(dist, argmax t)                        seed Eq. 5
-    deit  soft:  (1 - a) CE(cls, y) + a KL                                        seed Eq. 4
+    deit  hard:  1/2 CE(cls, y) + 1/2 CE(dist, argmax t)                      thesis Eq. 5
+    deit  soft:  (1 - a) CE(cls, y) + a KL                                      thesis Eq. 4
     cdeit hard:  1/3 CE(cls + corr_cls, y) + 1/3 CE(dist, argmax t) + 1/3 CE(corr, type)  Eq. 6
     cdeit soft:  (1 - a) [CE(cls + corr_cls, y) + CE(corr, type)] / 2 + a KL               Eq. 7
 (strategy 1 has no corr_cls: cls alone in the label term). CE terms are batch means; teacher
@@ -34,8 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import INTERPRETED, launcher, triton_op, via_op
-from .reference import distillation_loss as reference_distillation_loss, loss_weights
+from . import verify
+from .launch import INTERPRETED, launcher, run_eager, triton_op, via_op
+from .reference import distillation_loss as reference_distillation_loss
+from .reference import loss_weights
 
 SUM_BLOCK = 1024  # rows per step of the second stage: B = 1024 in one step
 
@@ -71,7 +73,8 @@ def _rows_kernel(
     G_CLS, G_CC, G_DIST, G_CORR,    # backward: contiguous gradients, each in its logit's dtype
     stride_cls, stride_cc, stride_dist, stride_t, stride_corr, stride_lab, stride_typ,
     B, C, T, smoothing, inv_tau, kl_scale, w_label, w_teacher, w_type,
-    HAS_CORR_CLS: tl.constexpr, TEACHER_MODE: tl.constexpr,  # 0 none, 1 hard (Eq. 5/6), 2 soft (Eq. 4/7)
+    HAS_CORR_CLS: tl.constexpr,
+    TEACHER_MODE: tl.constexpr,  # 0 none, 1 hard (Eq. 5/6), 2 soft (Eq. 4/7)
     HAS_CORR: tl.constexpr, SOFT_LABELS: tl.constexpr, SOFT_TYPES: tl.constexpr,
     BACKWARD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -89,22 +92,26 @@ def _rows_kernel(
     if HAS_CORR_CLS:
         zcc = tl.load(CORR_CLS + rows[:, None] * stride_cc + cols[None, :], mask=m2, other=0.0)
     if SOFT_LABELS:
-        y = tl.load(LABELS + rows[:, None] * stride_lab + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        y = tl.load(LABELS + rows[:, None] * stride_lab + cols[None, :], mask=m2, other=0.0)
+        y = y.to(tl.float32)
     else:
         lab = tl.load(LABELS + rows * stride_lab, mask=rmask, other=0)
     if TEACHER_MODE != 0:
-        d = tl.load(DIST + rows[:, None] * stride_dist + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        t = tl.load(TEACHER + rows[:, None] * stride_t + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        d = tl.load(DIST + rows[:, None] * stride_dist + cols[None, :], mask=m2, other=0.0)
+        t = tl.load(TEACHER + rows[:, None] * stride_t + cols[None, :], mask=m2, other=0.0)
+        d, t = d.to(tl.float32), t.to(tl.float32)
     if HAS_CORR:
-        zc = tl.load(CORR + rows[:, None] * stride_corr + tcols[None, :], mask=m3, other=0.0).to(tl.float32)
+        zc = tl.load(CORR + rows[:, None] * stride_corr + tcols[None, :], mask=m3, other=0.0)
+        zc = zc.to(tl.float32)
         if SOFT_TYPES:
-            yc = tl.load(TYPES + rows[:, None] * stride_typ + tcols[None, :], mask=m3, other=0.0).to(tl.float32)
+            yc = tl.load(TYPES + rows[:, None] * stride_typ + tcols[None, :], mask=m3, other=0.0)
+            yc = yc.to(tl.float32)
         else:
             typ = tl.load(TYPES + rows * stride_typ, mask=rmask, other=0)
     if BACKWARD:
         go = tl.load(GO)
 
-    # Label term. Seed Eq. 6-7: the label term sees cls + FFN(corr), rounded to the logits' dtype
+    # Label term. Eq. 6-7: the label term sees cls + FFN(corr), rounded to the logits' dtype
     # like the eager `cls + corr_cls` (PyTorch also adds in fp32 and rounds).
     if HAS_CORR_CLS:
         z = (z.to(tl.float32) + zcc.to(tl.float32)).to(CLS.dtype.element_ty)
@@ -118,13 +125,16 @@ def _rows_kernel(
         t = tl.where(cmask[None, :], t, float("-inf"))
         if TEACHER_MODE == 1:  # hard: CE(dist, argmax teacher), no smoothing (Eq. 5)
             a = tl.argmax(t, 1, tie_break_left=True)  # first maximum, like torch.argmax
-            teacher, g_dist = _smoothed_ce(d, (cols[None, :] == a[:, None]).to(tl.float32), cmask[None, :], C, 0.0)
+            one_hot = (cols[None, :] == a[:, None]).to(tl.float32)
+            teacher, g_dist = _smoothed_ce(d, one_hot, cmask[None, :], C, 0.0)
             g_dist = g_dist * (w_teacher / B)
         else:  # soft: tau^2 KL / (B C) (Eq. 4); kl_scale = tau^2 / (B C)
             log_ps = _log_softmax(d * inv_tau)
             log_pt = _log_softmax(t * inv_tau)
             pt = tl.exp(log_pt)  # 0 in padded columns, where both logs are -inf (no -inf - -inf)
-            teacher = tl.sum(pt * (tl.where(cmask[None, :], log_pt, 0.0) - tl.where(cmask[None, :], log_ps, 0.0)), 1)
+            log_ratio = tl.where(cmask[None, :], log_pt, 0.0) \
+                - tl.where(cmask[None, :], log_ps, 0.0)
+            teacher = tl.sum(pt * log_ratio, 1)
             g_dist = (tl.exp(log_ps) - pt) * (inv_tau * kl_scale * w_teacher)
 
     if HAS_CORR:  # CE(corr, type) with smoothing (Eq. 6-7)
@@ -139,10 +149,12 @@ def _rows_kernel(
         if HAS_CORR_CLS:
             tl.store(G_CC + rows[:, None] * C + cols[None, :], g.to(G_CC.dtype.element_ty), mask=m2)
         if TEACHER_MODE != 0:
-            tl.store(G_DIST + rows[:, None] * C + cols[None, :], (g_dist * go).to(G_DIST.dtype.element_ty), mask=m2)
+            tl.store(G_DIST + rows[:, None] * C + cols[None, :],
+                     (g_dist * go).to(G_DIST.dtype.element_ty), mask=m2)
         if HAS_CORR:
             g_corr = (g_corr * (w_type / B)) * go
-            tl.store(G_CORR + rows[:, None] * T + tcols[None, :], g_corr.to(G_CORR.dtype.element_ty), mask=m3)
+            tl.store(G_CORR + rows[:, None] * T + tcols[None, :],
+                     g_corr.to(G_CORR.dtype.element_ty), mask=m3)
     else:
         tl.store(ROW_LOSS + rows, label, mask=rmask)
         if TEACHER_MODE != 0:
@@ -161,7 +173,9 @@ def _sum_kernel(ROW_LOSS, STATS, B, teacher_scale, w_label, w_teacher, w_type,
     teacher_acc = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
     type_acc = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
     start = 0
-    while start < B:  # not range(0, B, ...): triton 3.6's interpreter cannot index with a runtime int under numpy >= 2.4
+    # not range(0, B, ...): triton 3.6's interpreter cannot index with a runtime int under
+    # numpy >= 2.4
+    while start < B:
         rows = start + offs
         mask = rows < B
         label_acc += tl.load(ROW_LOSS + rows, mask=mask, other=0.0)
@@ -239,7 +253,8 @@ def _fwd(cls: torch.Tensor, corr_cls: torch.Tensor | None, dist: torch.Tensor | 
                  teacher_mode, tau, smoothing, w_label, w_teacher, w_type)
     teacher_scale = tau * tau / (B * C) if teacher_mode == 2 else 1.0 / B
     launcher(_sum_kernel)[(1,)](row_loss, stats, B, teacher_scale, float(w_label), float(w_teacher),
-                                float(w_type), HAS_TEACHER=teacher_mode != 0, HAS_CORR=corr is not None,
+                                float(w_type), HAS_TEACHER=teacher_mode != 0,
+                                HAS_CORR=corr is not None,
                                 SUM_BLOCK=SUM_BLOCK, num_warps=4)
     return stats
 
@@ -277,9 +292,11 @@ class _DistillLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_stats):  # only stats[0], the loss, is differentiated
         cls, corr_cls, dist, teacher, corr, labels, types = ctx.saved_tensors
-        grads = iter(via_op(_distill_loss_bwd, _bwd)(g_stats.float().contiguous(), cls, corr_cls, dist,
+        bwd = via_op(_distill_loss_bwd, _bwd)
+        grads = iter(bwd(g_stats.float().contiguous(), cls, corr_cls, dist,
                                                     teacher, corr, labels, types, *ctx.args))
-        g_cls, g_cc, g_dist, g_corr = (next(grads) if x is not None else None for x in (cls, corr_cls, dist, corr))
+        g_cls, g_cc, g_dist, g_corr = (next(grads) if x is not None else None
+                                       for x in (cls, corr_cls, dist, corr))
         return g_cls, g_cc, g_dist, None, g_corr, None, None, None, None, None, None, None, None
 
 
@@ -295,16 +312,105 @@ def use_triton(t):
 def distillation_loss(out, labels, teacher_logits=None, types=None, *, distill,
                       tau=3.0, alpha=0.5, smoothing=0.1):
     """Same contract as losses.distillation_loss: returns (loss, parts) with parts the unweighted
-    {label, teacher, type} terms (those the model has), detached."""
+    {label, teacher, type} terms (those the model has), detached. The kernels serve a call once
+    they passed their self-check (kernels/verify.py) at its shape and dtypes; else eager PyTorch."""
     w_label, w_teacher, w_type = loss_weights(out, labels, teacher_logits, types, distill, alpha)
     cls, dist, corr, corr_cls = out
-    if not use_triton(cls) or cls.numel() == 0:
+    if not use_triton(cls) or cls.numel() == 0 or not _checked(out, labels, teacher_logits, types,
+                                                               distill, tau, alpha, smoothing):
         return reference_distillation_loss(out, labels, teacher_logits, types, distill=distill,
                                            tau=tau, alpha=alpha, smoothing=smoothing)
     teacher_mode = 0 if dist is None else (1 if distill == "hard" else 2)
     stats = _DistillLoss.apply(cls, corr_cls, dist, teacher_logits if teacher_mode else None,
                                corr, labels, types if corr is not None else None,
-                               teacher_mode, float(tau), float(smoothing), w_label, w_teacher, w_type)
+                               teacher_mode, float(tau), float(smoothing), w_label, w_teacher,
+                               w_type)
     parts = stats.detach()
-    names = ["label"] + (["teacher"] if dist is not None else []) + (["type"] if corr is not None else [])
-    return stats[0], {name: parts[1 + i] for i, name in enumerate(("label", "teacher", "type")) if name in names}
+    names = [n for n, x in (("label", cls), ("teacher", dist), ("type", corr)) if x is not None]
+    return stats[0], {name: parts[1 + ("label", "teacher", "type").index(name)] for name in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# The self-check (kernels/verify.py): the kernels against reference.py on random logits.
+
+def _checked(out, labels, teacher_logits, types, distill, tau, alpha, smoothing):
+    """Have the forward (and the backward, when a gradient will be asked for) passed their
+    self-check for this call's shapes, dtypes and options?"""
+    cls, dist, corr, corr_cls = out
+    spec = (distill, int(corr.shape[1]) if corr is not None else 0, corr_cls is not None,
+            dist is not None, labels.dtype, types.dtype if corr is not None else None,
+            teacher_logits.dtype if dist is not None else None, float(tau), float(alpha),
+            float(smoothing))
+    shape = ("B", int(cls.shape[1]))
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in out)
+    return (verify.allowed("loss forward", shape, cls.dtype, cls.device, *spec)
+            and (not grad or verify.allowed("loss backward", shape, cls.dtype, cls.device, *spec)))
+
+
+CHECK_ROWS = 67  # the check's batch: two row blocks of 32 and a ragged one
+
+
+def _check_inputs(shape, dtype, device, distill, T, has_corr_cls, has_dist, label_dtype,
+                  type_dtype, teacher_dtype):
+    """Random (out, labels, teacher, types) of the call's kind, batch CHECK_ROWS."""
+    C, B = shape[1], CHECK_ROWS
+    g = torch.Generator(device).manual_seed(0)
+
+    def logits(n, dt):
+        return (3 * torch.randn(B, n, generator=g, device=device)).to(dt)
+
+    def target(n, dt):
+        if not dt.is_floating_point:
+            return torch.randint(0, n, (B,), generator=g, device=device).to(dt)
+        return torch.randn(B, n, generator=g, device=device).softmax(1).to(dt)
+
+    out = (logits(C, dtype), logits(C, dtype) if has_dist else None,
+           logits(T, dtype) if T else None, logits(C, dtype) if has_corr_cls else None)
+    teacher = logits(C, teacher_dtype) if has_dist else None
+    return out, target(C, label_dtype), teacher, target(T, type_dtype) if T else None
+
+
+def _reference(out, labels, teacher, types, opts, wide):
+    """reference.py's stats [loss, label, teacher?, type?] and the logits' gradients, on the
+    inputs as given or (wide) in float64."""
+    if wide:
+        def f64(x):
+            return x.double() if x is not None and x.is_floating_point() else x
+        out, labels, teacher, types = [f64(x) for x in out], f64(labels), f64(teacher), f64(types)
+    with torch.enable_grad():
+        out = [x.detach().requires_grad_() if x is not None else None for x in out]
+        loss, parts = reference_distillation_loss(out, labels, teacher, types, **opts)
+        logits = [x for x in (out[0], out[3], out[1], out[2]) if x is not None]  # _bwd's order
+        grads = torch.autograd.grad(loss, logits)
+    return [loss.detach(), *parts.values()], grads
+
+
+def _check(kernel, shape, dtype, device, distill, T, has_corr_cls, has_dist, label_dtype,
+           type_dtype, teacher_dtype, tau, alpha, smoothing):
+    out, labels, teacher, types = _check_inputs(shape, dtype, device, distill, T, has_corr_cls,
+                                                has_dist, label_dtype, type_dtype, teacher_dtype)
+    cls, dist, corr, corr_cls = out
+    teacher_mode = 0 if dist is None else (1 if distill == "hard" else 2)
+    weights = loss_weights(out, labels, teacher, types, distill, alpha)
+    inputs = (cls, corr_cls, dist, teacher, corr, labels, types)
+    args = (teacher_mode, float(tau), float(smoothing), *weights)
+    opts = {"distill": distill, "tau": tau, "alpha": alpha, "smoothing": smoothing}
+    ref, ref_grads = _reference(out, labels, teacher, types, opts, wide=False)
+    truth, truth_grads = _reference(out, labels, teacher, types, opts, wide=True)
+    names = [n for n, x in (("cls", cls), ("corr_cls", corr_cls), ("dist", dist), ("corr", corr))
+             if x is not None]
+    if kernel == "loss backward":
+        go = torch.tensor([1.0, 0.0, 0.0, 0.0], device=device)  # d(stats[0]) only: the loss
+        ours = run_eager(_bwd, (go, *inputs, *args))
+        return {f"d{n}": v for n, *v in zip(names, ours, ref_grads, truth_grads, strict=True)}
+    stats = run_eager(_fwd, (*inputs, *args))
+    parts = ["loss", "label"] + (["teacher"] if dist is not None else []) + \
+        (["type"] if corr is not None else [])
+    index = {"loss": 0, "label": 1, "teacher": 2, "type": 3}
+    return {p: (stats[index[p]], ref[i], truth[i]) for i, p in enumerate(parts)}
+
+
+SPEC = ("distill", "T", "corr_cls", "dist", "labels", "types", "teacher", "tau", "alpha",
+        "smoothing")  # _checked's spec, named in the lines
+verify.register("loss forward", lambda *a: _check("loss forward", *a), SPEC)
+verify.register("loss backward", lambda *a: _check("loss backward", *a), SPEC)

@@ -45,10 +45,10 @@ def triton_op(name, fake):
 def via_op(op, body):
     """What an autograd.Function calls: `body` in eager mode (the op's own implementation, minus
     the dispatcher's round trip), `op` while torch.compile traces (so it sees the registered op)."""
-    return op if torch.compiler.is_compiling() else lambda *args: _eager(body, args)
+    return op if torch.compiler.is_compiling() else lambda *args: run_eager(body, args)
 
 
-def _eager(body, args):
+def run_eager(body, args):
     # As triton_op's own eager path: launches go straight to the kernels, not through wrap_triton's
     # higher-order op (whose eager dispatch torch measures at ~1 ms).
     with set_wrap_triton_enabled(False):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import verify
 
 A = importlib.import_module("kernels.attention")  # `kernels.attention` is the function
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,10 +28,17 @@ if DEVICE == "cpu" and not A.INTERPRETED:
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (5e-3, 5e-3)}
 
 # Every sequence length around the kernels' edges (1, 2, a block of 16 and 64 either side, the
-# students' 65-67, 127-129 around the long kernel's 64-row blocks, the teacher's 197), each head size, both CPU dtypes.
+# students' 65-67, 127-129 around the long kernel's 64-row blocks, the teacher's 197), each head
+# size, both CPU dtypes.
 NS = [1, 2, 17, 63, 64, 65, 67, 127, 128, 129, 197]
 DS = [32, 64, 128]
 DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _trusted(monkeypatch):
+    """The kernels themselves, unchecked (tests/test_kernels_verify.py tests the self-check)."""
+    monkeypatch.setattr(verify, "_mode", "trust")
 
 
 def _inputs(B, H, N, D, dtype, seed=0):
@@ -50,14 +58,15 @@ def _reference(q, k, v, go):
 def _close(name, actual, expected, dtype):
     atol, rtol = TOL[dtype]
     assert actual.dtype == dtype, name
-    torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol,
+                               msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("D", DS)
 @pytest.mark.parametrize("N", NS)
 def test_attention_matches_sdpa(N, D, dtype, poisoned):
-    q, k, v, go = _inputs(2, 2, N, D, dtype, seed=N + D)  # B=2, H=2: batch and head offsets both used
+    q, k, v, go = _inputs(2, 2, N, D, dtype, seed=N + D)  # B=2, H=2: batch and head offsets
     ref = _reference(q, k, v, go)
     if not A.fits(q, N, D, needs_grad=True) and A.fits(q, N, D, needs_grad=False):
         with torch.no_grad():  # a forward kernel, no backward one: the kernel runs without autograd
@@ -95,7 +104,8 @@ def test_attention_packed_matches_sdpa(N, dtype, poisoned):
     o = kernels.attention_packed(qkv)  # (B, N, H*D)
     assert o.shape == (B, N, H * D) and o.is_contiguous()
     (dqkv,) = torch.autograd.grad(o, qkv, go.transpose(1, 2).reshape(B, N, H * D))
-    assert dqkv.shape == qkv.shape and (dqkv.is_contiguous() or not A.fits(qkv, N, D, True))  # copy-free
+    assert dqkv.shape == qkv.shape
+    assert dqkv.is_contiguous() or not A.fits(qkv, N, D, True)  # copy-free
     _close("o", o.view(B, N, H, D).transpose(1, 2), ref[0], dtype)
     for i, name in enumerate(("dq", "dk", "dv")):
         _close(name, dqkv[:, :, i].transpose(1, 2), ref[1 + i], dtype)
@@ -103,59 +113,75 @@ def test_attention_packed_matches_sdpa(N, dtype, poisoned):
 
 def test_many_heads_one_dimensional_grid(poisoned):
     """The long kernel's 1-D grid (query block fastest) over B*H = 24 heads x 3 blocks (64 + 64 +
-    a 16-row tail), every head checked; the grid stays on axis 0 even at the teacher's largest batches."""
+    a 16-row tail), every head checked; the grid stays on axis 0 even at the teacher's largest
+    batches."""
     B, H, N, D = 8, 3, 129, 32
     q, k, v, _ = _inputs(B, H, N, D, torch.float16, seed=6)
     o = kernels.attention(q, k, v)
-    _close("o", o, F.scaled_dot_product_attention(q.double(), k.double(), v.double()), torch.float16)
+    truth = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    _close("o", o, truth, torch.float16)
     consts, _ = A.choose("fwd_long", None, N, D, torch.float16)
-    assert (consts["BLOCK_M"], consts["ROW_TAIL"]) == (64, 16) and A.fwd_grid(B, H, N, 64) == (B * H * 3,)
+    assert (consts["BLOCK_M"], consts["ROW_TAIL"]) == (64, 16)
+    assert A.fwd_grid(B, H, N, 64) == (B * H * 3,)
     assert A.fwd_grid(1024, 3, 67, 16) == (3072,)  # the students: one program per (batch, head)
-    assert len(A.fwd_grid(65536, 6, 197, 64)) == 1  # 1,048,576 programs: past axes 1-2's 65,535, on axis 0
+    # 1,048,576 programs: past axes 1-2's 65,535, on axis 0
+    assert len(A.fwd_grid(65536, 6, 197, 64)) == 1
 
 
 def test_config_choice_is_pinned_and_pure():
     """No autotuning anywhere: the launch is a pure function of (capability, N, D, dtype) read from
     the pinned CONFIGS, the same in a fresh process (another rank, or a restart) with another hash
     seed. A pure chooser makes a two-process DDP test redundant: nothing a rank sees but its
-    arguments can change it. Tiles waste less than padding to 128; other GPUs take SDPA."""
-    src = open(A.__file__).read()
+    arguments can change it. Tiles waste less than padding to 128; unchecked GPUs take SDPA."""
+    with open(A.__file__) as f:
+        src = f.read()
     assert "autotune" not in src and "Autotuner" not in src
     for fn in (A._attn_fwd_short_kernel, A._attn_bwd_short_kernel, A._attn_fwd_long_kernel):
         assert not hasattr(fn, "configs")  # a triton.autotune wrapper has them
-    grid = [(cap, N, D, dt) for cap in (None, (9, 0)) for N in (1, 17, 40, 67, 80, 81, 128, 197, 300)
+    grid = [(cap, N, D, dt) for cap in (None, (9, 0))
+            for N in (1, 17, 40, 67, 80, 81, 128, 197, 300)
             for D in (32, 64, 128) for dt in ("float16", "bfloat16", "float32")]
 
     def table():
-        return [[A.choose(k, cap, N, D, getattr(torch, dt)) for k in A.KERNELS] for cap, N, D, dt in grid]
+        return [[A.choose(k, cap, N, D, getattr(torch, dt)) for k in A.KERNELS]
+                for cap, N, D, dt in grid]
 
     here = table()
     A._choose.cache_clear()
     assert table() == here
     code = ("import json, torch, importlib; A = importlib.import_module('kernels.attention'); "
-            f"grid = {grid!r}; print(json.dumps([[A.choose(k, tuple(c) if c else None, N, D, getattr(torch, dt)) "
-            "for k in A.KERNELS] for c, N, D, dt in grid]))")
+            f"grid = {grid!r}; print(json.dumps([[A.choose(k, tuple(c) if c else None, N, D, "
+            "getattr(torch, dt)) for k in A.KERNELS] for c, N, D, dt in grid]))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       timeout=120, check=False,
                        env=dict(os.environ, PYTHONHASHSEED="123", TRITON_INTERPRET="1"))
     assert r.returncode == 0, r.stderr
     import json
     assert json.loads(r.stdout) == json.loads(json.dumps(here))
-    assert A.short_tiles(67) == (64, 16) and A.short_tiles(80) == (64, 16) and A.short_tiles(17) == (32, 0)
+    assert A.short_tiles(67) == A.short_tiles(80) == (64, 16) and A.short_tiles(17) == (32, 0)
     for n in A.STUDENT_N:  # the students' backward is pinned per N, the rest by (kernel, bits, D)
         assert A.config_entry("bwd_short", 16, 64, n) == A.CONFIGS[("bwd_short", 16, 64, n)]
     assert A.config_entry("bwd_short", 16, 64, 80) == A.CONFIGS[("bwd_short", 16, 64, None)]
-    for dtype in (torch.bfloat16, torch.float16):  # the students train with a kernel forward and backward
-        assert A.choose("fwd_short", (9, 0), 67, 64, dtype) and A.choose("bwd_short", (9, 0), 67, 64, dtype)
+    for dtype in (torch.bfloat16, torch.float16):  # the students: a kernel forward and backward
+        assert A.choose("fwd_short", (9, 0), 67, 64, dtype)
+        assert A.choose("bwd_short", (9, 0), 67, 64, dtype)
         assert A.choose("fwd_long", (9, 0), 197, 64, dtype)
-    assert A.choose("fwd_short", (8, 0), 67, 64, torch.bfloat16) is None  # not checked for sm_80: SDPA
+    for cap in ((8, 0), (8, 9)):  # sm_80 / sm_89: the sm_90 configs where they do not spill there
+        assert A.choose("fwd_short", cap, 67, 64, torch.bfloat16) is None  # spills: SDPA
+        assert "spills registers on sm_8" in A.why_sdpa("fwd_short", cap, 67, 64, torch.bfloat16)
+        teacher = A.choose("fwd_long", (9, 0), 197, 64, torch.bfloat16)
+        assert A.choose("fwd_long", cap, 197, 64, torch.bfloat16) == teacher
+    assert A.choose("fwd_short", (7, 5), 67, 64, torch.bfloat16) is None  # not checked: SDPA
+    assert "sm_75" in A.why_sdpa("fwd_short", (7, 5), 67, 64, torch.bfloat16)
     assert A.choose("fwd_short", None, 67, 128, torch.float32) is None  # nothing fits: SDPA
 
 
 def test_no_backward_kernel_means_sdpa_forward_and_backward(monkeypatch, poisoned):
     """Where no backward kernel serves (N > 80, D = 128, fp32), a call that needs a
     gradient runs SDPA for both passes (its fused backward: no N x N tensor on a GPU); without a
-    gradient the forward kernel still runs. The private Function called directly gets SDPA's gradients."""
+    gradient the forward kernel still runs. The private Function called directly gets SDPA's
+    gradients."""
     calls = []
 
     def spy(*args):
@@ -163,7 +189,8 @@ def test_no_backward_kernel_means_sdpa_forward_and_backward(monkeypatch, poisone
         return F.scaled_dot_product_attention(*args)
 
     monkeypatch.setattr(A, "reference_attention", spy)
-    monkeypatch.setattr(A, "reference_packed", lambda qkv: (calls.append(qkv.shape), kernels.sdpa_packed(qkv))[1])
+    monkeypatch.setattr(A, "reference_packed",
+                        lambda qkv: (calls.append(qkv.shape), kernels.sdpa_packed(qkv))[1])
     for N, D, dtype in [(97, 32, torch.float16), (67, 128, torch.float16), (67, 32, torch.float32)]:
         q, k, v, go = _inputs(1, 2, N, D, dtype, seed=8)
         ref = _reference(q, k, v, go)
@@ -179,7 +206,7 @@ def test_no_backward_kernel_means_sdpa_forward_and_backward(monkeypatch, poisone
         kernels.attention_packed(qkv)
         assert len(calls) == 2
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
-        o = A._Attention.apply(*xs)  # the kernel's forward directly, then its backward: SDPA's gradients
+        o = A._Attention.apply(*xs)  # the kernel's forward directly, then SDPA's gradients
         for name, a, e in zip(("dq", "dk", "dv"), torch.autograd.grad(o, xs, go), ref[1:]):
             _close(name, a, e, dtype)
         assert len(calls) == 3
@@ -215,7 +242,8 @@ def test_non_contiguous_inputs_and_bad_packed_shape(poisoned):
     ref = _reference(q, k, v, go)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     o = kernels.attention(q, k, v)
-    for name, a, e in zip(("o", "dq", "dk", "dv"), (o, *torch.autograd.grad(o, (q, k, v), go)), ref):
+    got = (o, *torch.autograd.grad(o, (q, k, v), go))
+    for name, a, e in zip(("o", "dq", "dk", "dv"), got, ref, strict=True):
         _close(name, a, e, torch.float32)
     with pytest.raises(ValueError, match="qkv of shape"):
         kernels.attention_packed(torch.zeros(2, 5, 4, 3, 8))
@@ -224,9 +252,10 @@ def test_non_contiguous_inputs_and_bad_packed_shape(poisoned):
 def test_forward_saves_row_logsumexp(poisoned):
     B, H, N, D = 2, 3, 67, 32
     q, k, v, _ = _inputs(B, H, N, D, torch.float32, seed=3)
-    o, lse = A._attention_fwd(q, k, v)
+    _, lse = A._attention_fwd(q, k, v)
     s = (q.double() @ k.double().transpose(-1, -2)) * D ** -0.5
-    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1).reshape(B * H, N), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1).reshape(B * H, N), atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_triton_path_really_runs(monkeypatch):
@@ -247,7 +276,8 @@ def test_triton_path_really_runs(monkeypatch):
 def test_custom_ops_registration():
     """Schema and fake (meta) functions of the four operators agree with the real kernels (their
     autograd is the Functions', checked by the gradient tests)."""
-    q, k, v, do = _inputs(1, 2, 17, 32, torch.float16, seed=4)  # fp16: the backward kernel has no fp32 config
+    # fp16: the backward kernel has no fp32 config
+    q, k, v, do = _inputs(1, 2, 17, 32, torch.float16, seed=4)
     o, lse = A._attention_fwd(q, k, v)
     torch.library.opcheck(A._attention_fwd, (q, k, v))
     torch.library.opcheck(A._attention_bwd, (do, q, k, v, o, lse))
@@ -258,7 +288,8 @@ def test_custom_ops_registration():
 
 
 def test_compile_traces_without_graph_break():
-    """torch.compile(fullgraph=True) errors on any graph break; aot_eager also traces the backward."""
+    """torch.compile(fullgraph=True) errors on any graph break; aot_eager also traces the
+    backward."""
     B, N, H, D = 1, 17, 2, 32
     qkv = torch.randn(B, N, 3, H, D, device=DEVICE, requires_grad=True)
 
@@ -293,16 +324,18 @@ def test_kernels_folder_alone_without_triton(tmp_path):
         "y = torch.tensor([1, 2, 3, 4])\n"
         "loss, parts = kernels.distillation_loss(out, y, distill='none')\n"
         "assert torch.allclose(loss, F.cross_entropy(out[0], y, label_smoothing=0.1))\n"
+        "assert kernels.verify.agree()['kernels'] == {}\n"  # no kernel ran: nothing to check
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, check=False, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
     assert r.returncode == 0, r.stderr
 
 
 def test_work_counted_from_the_kernels_matches_their_tiles():
     """`kernels.bench --bytes` counts our kernels' loads, stores, dot tiles and exps in the
     interpreter; they match the traffic model and the tiles the chooser picks (N = 67: 80 x 80 of
-    a 128 x 128 padding, N = 197: 208 x 208), so the useful/padded ratios it prints are the kernels'."""
+    a 128 x 128 padding, N = 197: 208 x 208), so the useful/padded ratios it prints are the
+    kernels'."""
     bench = importlib.import_module("kernels.bench")
     for N, D in [(67, 64), (197, 64), (17, 32)]:
         fwd, bwd = bench.counted_attention(N, D)
@@ -320,7 +353,8 @@ def test_work_counted_from_the_kernels_matches_their_tiles():
     assert fwd["macs"] == 2 * 208 * 208 * 64
     assert fwd["exps"] == 208 * 208 + chunks * 208  # and one rescale exp per row and key chunk
     t = 67 * 64 * 2  # the accounting of the previous kernels: about 24 u forward + backward
-    assert round((bench.traffic_model("previous", "fwd", 67, 64) + bench.traffic_model("previous", "bwd", 67, 64)) / t) == 24
+    previous = [bench.traffic_model("previous", p, 67, 64) for p in ("fwd", "bwd")]
+    assert round(sum(previous) / t) == 24
     assert bench.occupancy(255, 40 * 1024, 4) == 2 and bench.occupancy(168, 18 * 1024, 4) == 3
     assert bench.occupancy(128, 20 * 1024, 8) == 2 and bench.occupancy(64, 100 * 1024, 4) == 2
 
@@ -332,11 +366,13 @@ def test_training_shapes_compile_without_spills_eight_warps_per_sm():
     backward spills, for one CTA of 8 warps (the same 8 warps per SM). The SASS instruction counts
     `--bytes` prints come with them: each kernel issues tensor-core, fp32 and exp instructions."""
     import json
-    code = ("import json, torch, kernels.bench as b; print(json.dumps({k: b.compile_stats(k, torch.bfloat16, N, 64) "
+    code = ("import json, torch, kernels.bench as b; print(json.dumps({k: "
+            "b.compile_stats(k, torch.bfloat16, N, 64) "
             "for k, N in (('fwd_short', 67), ('bwd_short', 67), ('fwd_long', 197))}))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       timeout=300, env=env, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     for kernel, st in json.loads(r.stdout.strip().splitlines()[-1]).items():
         warps = A.config_entry(kernel, 16, 64, 197 if kernel == "fwd_long" else 67)[2]
@@ -344,4 +380,5 @@ def test_training_shapes_compile_without_spills_eight_warps_per_sm():
         assert st["ctas"] >= 2 or (A.TRITON < (3, 7) and kernel == "bwd_short"), (kernel, st)
         if kernel != "fwd_long":
             assert min(st["sass"][c] for c in ("tensor", "fp32", "mufu")) > 0, st["sass"]
-            assert st["sass"]["total"] > sum(v for c, v in st["sass"].items() if c != "total"), st["sass"]
+            classes = sum(v for c, v in st["sass"].items() if c != "total")
+            assert st["sass"]["total"] > classes, st["sass"]

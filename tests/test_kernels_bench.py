@@ -23,8 +23,10 @@ def test_gpu_benchmark_code_runs_at_toy_sizes(monkeypatch):
     monkeypatch.setattr(bench, "BATCHES", (2, 1))
     monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), (1.0, 1.0))[1])
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # inductor on CPU is minutes
-    limit = torch._dynamo.config.recompile_limit  # bench_loss raises it; not monkeypatch: pytest 9.2's
-    try:  # undo deletes a torch config entry (it looks unset), which breaks later torch.compile calls
+    # bench_loss raises the recompile limit; restored by hand, not by monkeypatch: pytest 9.2's undo
+    # deletes a torch config entry (it looks unset), which breaks later torch.compile calls
+    limit = torch._dynamo.config.recompile_limit
+    try:
         rows, goals = bench.bench_attention(torch.float16)
         loss_rows, loss_goals = bench.bench_loss(torch.float32)
     finally:
@@ -45,17 +47,23 @@ def _goals(**values):
                               for g in bench.GOALS for mode in ("eager", "graph")})
 
 
+def _junit(tests, failures, skipped):
+    return ('<testsuites><testsuite name="pytest" '
+            f'tests="{tests}" failures="{failures}" errors="0" skipped="{skipped}"/></testsuites>')
+
+
 def test_gpu_summary_lines_and_json(tmp_path, capsys):
     """bench/gpu.sh's last step, on made-up results: a line per test step and per goal."""
-    (tmp_path / "tests_kernels.xml").write_text(
-        '<testsuites><testsuite name="pytest" tests="5" failures="0" errors="0" skipped="1"/></testsuites>')
-    (tmp_path / "tests_compiled_step.xml").write_text(
-        '<testsuites><testsuite name="pytest" tests="1" failures="1" errors="0" skipped="0"/></testsuites>')
-    (tmp_path / "kernels_bench.json").write_text(json.dumps({"rows": [], "goals": _goals(loss=0.5)}))
+    (tmp_path / "tests_kernels.xml").write_text(_junit(5, 0, 1))
+    (tmp_path / "tests_compiled_step.xml").write_text(_junit(1, 1, 0))
+    (tmp_path / "kernels_bench.json").write_text(json.dumps({"rows": [],
+                                                             "goals": _goals(loss=0.5)}))
     (tmp_path / "steps.tsv").write_text("tests_kernels\t0\t12\t70\nbench_train\t124\t40\t40\n")
     assert bench.summarize(str(tmp_path)) == 1
-    assert "FAIL step_bench_train timed out after 40 s in 40 s finishes within 40 s" in capsys.readouterr().out
-    got = {g["name"]: g["status"] for g in json.loads((tmp_path / "results.json").read_text())["goals"]}
+    out = capsys.readouterr().out
+    assert "FAIL step_bench_train timed out after 40 s in 40 s finishes within 40 s" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    got = {g["name"]: g["status"] for g in results["goals"]}
     assert got["tests kernels"] == "PASS" and got["tests compiled_step"] == "FAIL"
     assert got["attention kernel vs fastest SDPA B1024 graph"] == "PASS"
     assert got["loss vs eager B1024 eager"] == "FAIL"
@@ -69,21 +77,24 @@ def test_gpu_summary_lines_and_json(tmp_path, capsys):
     (tmp_path / "kernels_bench.json").unlink()
     assert bench.summarize(str(tmp_path)) == 1
     out = capsys.readouterr().out
-    assert "FAIL attention_kernel_vs_fastest_SDPA_B1024_eager no result (no kernels_bench*.json)" in out
+    assert ("FAIL attention_kernel_vs_fastest_SDPA_B1024_eager no result "
+            "(no kernels_bench*.json)") in out
     parts = _goals()  # the two halves of a `--only attention` / `--only loss` pair of runs
-    (tmp_path / "kernels_bench_attention.json").write_text(json.dumps({"rows": [], "goals": parts[:4]}))
-    (tmp_path / "kernels_bench_loss.json").write_text(json.dumps({"rows": [], "goals": parts[4:]}))
+    for name, goals in (("attention", parts[:4]), ("loss", parts[4:])):
+        (tmp_path / f"kernels_bench_{name}.json").write_text(json.dumps({"rows": [],
+                                                                         "goals": goals}))
     assert bench.summarize(str(tmp_path)) == 0
 
 
 def test_summary_without_a_gpu_says_skip(tmp_path, capsys):
     """On a machine with no GPU every line is SKIP (nothing measured), and the exit status is 1."""
-    (tmp_path / "tests_kernels.xml").write_text(
-        '<testsuites><testsuite name="pytest" tests="3" failures="0" errors="0" skipped="3"/></testsuites>')
-    (tmp_path / "kernels_bench.json").write_text(json.dumps({"skipped": "no CUDA GPU", "rows": [], "goals": []}))
+    (tmp_path / "tests_kernels.xml").write_text(_junit(3, 0, 3))
+    (tmp_path / "kernels_bench.json").write_text(json.dumps({"skipped": "no CUDA GPU", "rows": [],
+                                                             "goals": []}))
     assert bench.summarize(str(tmp_path)) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 + 2 * len(bench.GOALS) and all(line.startswith("SKIP ") for line in lines)
+    assert len(lines) == 1 + 2 * len(bench.GOALS)
+    assert all(line.startswith("SKIP ") for line in lines)
 
 
 def test_overhead_rows(monkeypatch):
@@ -104,11 +115,14 @@ def test_per_test_timeout_option(tmp_path):
     import os
     import subprocess
     import sys
-    (tmp_path / "test_probe.py").write_text("import time\n\ndef test_slow():\n    time.sleep(30)\n\n"
+    (tmp_path / "test_probe.py").write_text("import time\n\ndef test_slow():\n"
+                                            "    time.sleep(30)\n\n"
                                             "def test_next():\n    pass\n")
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=tests + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
-                        "--test-timeout", "1", str(tmp_path / "test_probe.py")],
-                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
-    assert "1 failed, 1 passed" in r.stdout and "ran past --test-timeout 1 s" in r.stdout, r.stdout[-2000:]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "-p", "conftest", "--test-timeout", "1", str(tmp_path / "test_probe.py")],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+                       check=False)
+    assert "1 failed, 1 passed" in r.stdout, r.stdout[-2000:]
+    assert "ran past --test-timeout 1 s" in r.stdout, r.stdout[-2000:]

@@ -12,13 +12,21 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import verify
+from kernels.verify import ERROR_FACTOR, within_error
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # (atol, rtol) against a float64 reference; fp32 runs its dots as 3xTF32 (about fp32 accuracy).
-# bf16 is judged as FlashAttention's tests judge it: `within_sdpa_error`.
+# bf16 is judged as FlashAttention's tests judge it: kernels.verify.within_error, the
+# self-check's criterion.
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3)}
-ERROR_FACTOR = 2.0  # ours may be at most this many times SDPA's own error in the same dtype
+
+
+@pytest.fixture(autouse=True)
+def _trusted(monkeypatch):
+    """The kernels themselves, unchecked (tests/test_kernels_verify.py tests the self-check)."""
+    monkeypatch.setattr(verify, "_mode", "trust")
 
 
 def _reference(q, k, v, go, dtype=torch.float64):
@@ -28,17 +36,9 @@ def _reference(q, k, v, go, dtype=torch.float64):
     return (o, *torch.autograd.grad(o, (q, k, v), go.to(dtype)))
 
 
-def within_sdpa_error(ours, sdpa, truth, factor=ERROR_FACTOR, floor=1e-6):
-    """FlashAttention's criterion, per output: max |ours - truth| <= factor * max |sdpa - truth|
-    (+ a floor for outputs SDPA gets exactly right). Returns (ok, our error, SDPA's error)."""
-    e_ours = (ours.double() - truth).abs().max().item()
-    e_sdpa = (sdpa.double() - truth).abs().max().item()
-    return e_ours <= factor * e_sdpa + floor, e_ours, e_sdpa
-
-
 def assert_within_sdpa_error(names, ours, sdpa, truth, what=""):
     for name, a, b, t in zip(names, ours, sdpa, truth):
-        ok, e_ours, e_sdpa = within_sdpa_error(a, b, t)
+        ok, e_ours, e_sdpa = within_error(a, b, t)
         assert ok, f"{name}{what}: max error {e_ours:.3g} > {ERROR_FACTOR} x SDPA's {e_sdpa:.3g}"
 
 
@@ -47,19 +47,23 @@ def test_within_sdpa_error_on_synthetic_numbers():
     flat 4e-2 tolerance let through) fails; so does 3x SDPA's noise."""
     g = torch.Generator().manual_seed(0)
     truth = torch.randn(4096, generator=g, dtype=torch.float64)
-    sdpa = truth + 4e-3 * torch.randn(4096, generator=g, dtype=torch.float64)  # bf16-like rounding noise
-    assert within_sdpa_error(truth + 4e-3 * torch.randn(4096, generator=g, dtype=torch.float64), sdpa, truth)[0]
-    assert within_sdpa_error(truth.float(), sdpa, truth)[0]
-    assert not within_sdpa_error(truth * 1.02, sdpa, truth)[0]
-    assert not within_sdpa_error(truth + 3 * (sdpa - truth), sdpa, truth)[0]
-    assert within_sdpa_error(truth.clone(), truth.clone(), truth)[0]  # both exact: the floor
+    def noise():  # bf16-like rounding noise
+        return 4e-3 * torch.randn(4096, generator=g, dtype=torch.float64)
+    sdpa = truth + noise()
+    assert within_error(truth + noise(), sdpa, truth)[0]
+    assert within_error(truth.float(), sdpa, truth)[0]
+    assert not within_error(truth * 1.02, sdpa, truth)[0]
+    assert not within_error(truth + 3 * (sdpa - truth), sdpa, truth)[0]
+    assert within_error(truth.clone(), truth.clone(), truth)[0]  # both exact: the floor
 
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("shape", [(2, 3, 67, 64), (3, 2, 66, 32), (2, 6, 197, 64), (1, 2, 197, 128),
-                                   (2, 2, 256, 128), (4, 3, 1, 64), (1, 1, 17, 128)],
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("shape", [(2, 3, 67, 64), (3, 2, 66, 32), (2, 6, 197, 64),
+                                   (1, 2, 197, 128), (2, 2, 256, 128), (4, 3, 1, 64),
+                                   (1, 1, 17, 128)],
                          ids=lambda s: "B{}H{}N{}D{}".format(*s))
 def test_attention_on_gpu(shape, dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -73,7 +77,8 @@ def test_attention_on_gpu(shape, dtype):
             B, N, _, H, D = x.shape
             o = kernels.attention_packed(x)
             (dx,) = torch.autograd.grad(o, x, go.transpose(1, 2).reshape(B, N, H * D))
-            got = [o.view(B, N, H, D).transpose(1, 2)] + [dx[:, :, i].transpose(1, 2) for i in range(3)]
+            got = [o.view(B, N, H, D).transpose(1, 2)]
+            got += [dx[:, :, i].transpose(1, 2) for i in range(3)]
         else:
             xs = [t.clone().requires_grad_() for t in (q, k, v)]
             o = kernels.attention(*xs)
@@ -85,7 +90,7 @@ def test_attention_on_gpu(shape, dtype):
         atol, rtol = TOL[dtype]
         for name, a, e in zip(("o", "dq", "dk", "dv"), got, ref):
             torch.testing.assert_close(a.double(), e, atol=atol, rtol=rtol,
-                                       msg=lambda m: f"{name} packed={packed}: {m}")
+                                       msg=lambda m, name=name, p=packed: f"{name} packed={p}: {m}")
 
 
 @pytest.mark.gpu
@@ -100,7 +105,8 @@ def test_attention_large_batch_int64_offsets():
         pytest.skip("not enough GPU memory")
     o = kernels.attention_packed(qkv)
     tail = qkv[-2:].permute(2, 0, 3, 1, 4).unbind(0)
-    truth, sdpa = (F.scaled_dot_product_attention(*(x.to(dt) for x in tail)).transpose(1, 2).reshape(2, N, H * D)
+    truth, sdpa = (F.scaled_dot_product_attention(*(x.to(dt) for x in tail))
+                   .transpose(1, 2).reshape(2, N, H * D)
                    for dt in (torch.float64, torch.bfloat16))
     assert_within_sdpa_error(("o",), (o[-2:],), (sdpa,), (truth,), " (last two rows)")
 
@@ -118,8 +124,10 @@ def test_loss_on_gpu(kind, distill, dtype):
     def logits(n):
         return (2 * torch.randn(B, n, device="cuda", generator=g)).to(dtype).requires_grad_()
 
-    out = Logits(logits(C), logits(C), logits(T) if kind == "cdeit" else None, logits(C) if kind == "cdeit" else None)
-    labels = torch.softmax(torch.randn(B, C, device="cuda", generator=g), 1)  # mixup-style soft targets
+    cdeit = kind == "cdeit"
+    out = Logits(logits(C), logits(C), logits(T) if cdeit else None, logits(C) if cdeit else None)
+    # mixup-style soft targets
+    labels = torch.softmax(torch.randn(B, C, device="cuda", generator=g), 1)
     teacher = 3 * torch.randn(B, C, device="cuda", generator=g)
     types = torch.randint(0, T, (B,), device="cuda", generator=g) if kind == "cdeit" else None
     inputs = [x for x in out if x is not None]
@@ -184,7 +192,8 @@ def test_backward_is_bitwise_repeatable_on_gpu():
     """One pinned config, no atomics: two backward passes at the students' shape (a slice of the
     batch, bf16) give bit-identical dQ, dK, dV, as two ranks or a resumed run will."""
     g = torch.Generator(device="cuda").manual_seed(3)
-    q, k, v, go = (torch.randn(256, 3, 67, 64, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4))
+    q, k, v, go = (torch.randn(256, 3, 67, 64, device="cuda", generator=g).to(torch.bfloat16)
+                   for _ in range(4))
     runs = []
     for _ in range(2):
         xs = [x.clone().requires_grad_() for x in (q, k, v)]

@@ -1,4 +1,4 @@
-"""losses.distillation_loss against sums written out by hand (seed Eq. 4-7)."""
+"""losses.distillation_loss against sums written out by hand (thesis Eq. 4-7)."""
 import zlib
 
 import pytest
@@ -68,9 +68,11 @@ def test_loss_values(case, soft_targets):
         strategy, distill = int(case[5]), case.split("-")[1]
         o = out if strategy == 2 else out._replace(corr_cls=None)
         label_logits = out.cls + out.corr_cls if strategy == 2 else out.cls
-        loss, parts = distillation_loss(o, y, t, types, distill=distill, tau=tau, alpha=a, smoothing=EPS)
+        loss, parts = distillation_loss(o, y, t, types, distill=distill, tau=tau, alpha=a,
+                                        smoothing=EPS)
         if distill == "hard":  # Eq. 6
-            expect = (_ce(label_logits, y, EPS) + _ce(out.dist, hard_t, 0.0) + _ce(out.corr, types, EPS)) / 3
+            expect = (_ce(label_logits, y, EPS) + _ce(out.dist, hard_t, 0.0)
+                      + _ce(out.corr, types, EPS)) / 3
         else:  # Eq. 7
             expect = (1 - a) * (_ce(label_logits, y, EPS) + _ce(out.corr, types, EPS)) / 2 \
                 + a * _kl(out.dist, t, tau)
@@ -80,7 +82,8 @@ def test_loss_values(case, soft_targets):
 
 
 def test_kl_normalisation_is_per_element():
-    """DeiT divides the summed KL by B*C, so doubling the classes with copies halves nothing else."""
+    """DeiT divides the summed KL by B*C, so doubling the classes with copies halves nothing
+    else."""
     s, t = torch.randn(4, 10), torch.randn(4, 10)
     out = Logits(torch.zeros(4, 10), s)
     y = torch.zeros(4, dtype=torch.long)
@@ -97,12 +100,14 @@ def test_gradients_reach_the_right_heads(distill):
     m = create_model("cdeit", depth=1, embed_dim=24, num_heads=2, strategy=2).train()
     x = torch.randn(6, 3, 32, 32)
     y, types, t = torch.randint(0, 10, (6,)), torch.randint(0, 11, (6,)), torch.randn(6, 10)
-    heads = {"head": m.head, "head_dist": m.head_dist, "head_corr": m.head_corr, "corr_proj": m.corr_proj}
+    heads = {"head": m.head, "head_dist": m.head_dist, "head_corr": m.head_corr,
+             "corr_proj": m.corr_proj}
 
     def grads(loss):
         g = torch.autograd.grad(loss, [h.weight for h in heads.values()], allow_unused=True,
                                 retain_graph=True)
-        return {n: (torch.zeros_like(h.weight) if gi is None else gi) for (n, h), gi in zip(heads.items(), g)}
+        return {n: (torch.zeros_like(h.weight) if gi is None else gi)
+                for (n, h), gi in zip(heads.items(), g, strict=True)}
 
     out = m(x)
     total = grads(distillation_loss(out, y, t, types, distill=distill)[0])
@@ -112,13 +117,14 @@ def test_gradients_reach_the_right_heads(distill):
     type_term = grads(w_type * ce(out.corr, types, label_smoothing=0.1))
     assert torch.allclose(total["corr_proj"], label_term["corr_proj"], atol=1e-7)  # label term only
     assert torch.allclose(total["head"], label_term["head"], atol=1e-7)
-    assert torch.allclose(total["head_corr"], label_term["head_corr"] + type_term["head_corr"], atol=1e-7)
+    assert torch.allclose(total["head_corr"], label_term["head_corr"] + type_term["head_corr"],
+                          atol=1e-7)
     assert label_term["head_dist"].abs().sum() == 0 and total["head_dist"].abs().sum() > 0
     assert type_term["corr_proj"].abs().sum() == 0
 
 
 def test_wrong_combinations():
-    out, y, t, types = _inputs(0, False)
+    out, y, t, _ = _inputs(0, False)
     with pytest.raises(ValueError, match="vit has no distillation token"):
         distillation_loss(Logits(out.cls), y, t, distill="hard")
     with pytest.raises(ValueError, match="teacher"):
