@@ -61,6 +61,8 @@ def experiment(exp, res, recs, per_type, base):
     from matplotlib.ticker import MaxNLocator
     plt = _pyplot()
     written = []
+    if not recs:
+        return written
 
     def save(fig, name):
         top = 1.0

@@ -228,3 +228,12 @@ def test_sigterm_mid_run_then_rerun_resumes_it(session, tmp_path):
     cell = res["rows"][0]["metrics"]["teacher_test_accuracy"]
     test = json.loads((log.parent / "teacher-test.json").read_text())
     assert cell["mean"] == pytest.approx(100 * test["accuracy"]) and cell["thesis"]["value"] == 87.4
+
+
+def test_headline_mce_reads_every_eval_json_generation():
+    """eval.json's mCE (mean corruption error, no baseline): "mce" now; files written before it was
+    the only key hold it as "mean_corruption_error", the oldest with "mce" = Eq. 10 vs a baseline."""
+    assert reproduce.headline_mce({"mce": 0.25}) == 0.25
+    assert reproduce.headline_mce({"mean_corruption_error": 0.25, "mce": 0.25}) == 0.25
+    assert reproduce.headline_mce({"mean_corruption_error": 0.25, "mce": 1.1}) == 0.25
+    assert reproduce.headline_mce({"accuracy": 0.9}) is None
