@@ -587,8 +587,8 @@ def evaluate_one(r, obj, args, device, mixes):
     split = split_of(r, args.split, args, mixes)
     if isinstance(obj, dict):
         check_head_mix(obj, r["data_args"], args.split, split)
-        outs, ips, r["teacher_source"] = run_teacher(obj, args.split, split, device,
-                                                     args.batch_size)
+        outs, ips, source = run_teacher(obj, args.split, split, device, args.batch_size)
+        r["teacher_source"] = source
     else:
         outs, ips = run_student(obj, split["images"], device, args.batch_size)
     m = summarize(outs, split)
@@ -602,7 +602,8 @@ def evaluate(args):
     """Every job of the command line -> results (dicts), labelled, in command-line order."""
     device = _device(args.device)
     jobs, base = load_jobs(args, device)
-    results, mixes = [], {}
+    results = []
+    mixes = {}  # split_of's cache
     for r, obj in jobs:
         if args.calibrate and not isinstance(obj, dict):
             r["temperatures"] = fit_on_val(r, obj, args, device, mixes)
