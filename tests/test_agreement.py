@@ -1,10 +1,12 @@
-"""The student-teacher agreement that eval.py CKPT --teacher HEAD adds to a student's result."""
+"""The student-teacher agreement that eval.py CKPT --teacher HEAD adds (eval.add_agreement) and
+tables.print_agreement prints."""
 import json
 
 import pytest
 import torch
 
 import eval as ev
+import tables
 
 
 def test_teacher_agreement(capsys):
@@ -33,6 +35,6 @@ def test_teacher_agreement(capsys):
     assert set(cells) == {("clean", 0), ("fog", 1), ("fog", 2)}
     assert cells[("fog", 1)]["n"] == 2 and cells[("fog", 1)]["agreement"] == 0.0
     assert cells[("fog", 2)]["both_right"] == 1.0
-    ev.print_agreement(student)
+    tables.print_agreement(student)
     out = capsys.readouterr().out.splitlines()
     assert "s.pt vs the teacher head h.pt" in out[1] and len(out) == 3 + 1 + 3
