@@ -35,7 +35,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import augment
 import corruptions
@@ -46,10 +45,8 @@ import model as model_lib
 import teacher as teacher_lib
 from cli import (FlagError, Parser, check_device, check_existing_dir, check_existing_file, check_writable_file, fail,
                  positive_int)
-from metrics import (calibration_bins, confusion_matrix, corruption_errors, ece_from_bins, expected_calibration_error,
-                     fit_temperature, mce, mean_corruption_error, mean_or_none, nll, per_severity_accuracy,
-                     per_type_accuracy, relative_mce, relative_mce_undefined, scale_logits, topk_accuracy,
-                     type_temperatures)
+from metrics import (expected_calibration_error, fit_temperature, mce, nll, relative_mce, relative_mce_undefined,
+                     run_student, scale_logits, summarize, type_temperatures)
 
 EVAL_KIND = "cdeit-kit/eval"
 EXTRA = download.CORRUPTION_FILES[15:]  # the release's 4 extra corruptions
@@ -137,44 +134,6 @@ def _now(device):
     return time.perf_counter()
 
 
-def combine(net, heads):
-    """The eval-mode class logits from per-head logits, as model.py's forward contract defines them:
-    vit cls; deit (cls + dist) / 2; cdeit strategy 1 the same, 2/3 (cls + dist + corr_proj(corr)) / 3."""
-    if "dist" not in heads:
-        return heads["cls"]
-    if getattr(net, "corr_proj", None) is None:
-        return (heads["cls"] + heads["dist"]) / 2
-    return (heads["cls"] + heads["dist"] + net.corr_proj(heads["corr"])) / 3
-
-
-@torch.no_grad()
-def run_student(net, images, device, batch_size):
-    """One pass of forward_tokens per batch gives every head, the combined logits and the token
-    cosines (seed 4.4). The first batch is checked against the model's own eval forward, so a change
-    in model.py's combination rule cannot go unnoticed. -> (dict of CPU tensors, images/s)."""
-    net = net.to(device).eval()
-    out = {}
-    images = images.to(device)  # the whole split on the device once, as uint8 (airbench style)
-    tol = 1e-2 if device.type == "cuda" else 1e-4
-    t0 = _now(device)
-    for i in range(0, len(images), batch_size):
-        x = augment.normalize(images[i:i + batch_size])
-        with _autocast(device):
-            tok = net.forward_tokens(x)
-            heads = {k: getattr(net, f"head{'' if k == 'cls' else '_' + k}")(tok[k])
-                     for k in ("cls", "dist", "corr") if k in tok}
-            heads["combined"] = combine(net, heads)
-            if net.corr_proj is not None:  # the class-token head as cdeit trains it (seed Eq. 6)
-                heads["cls_corr"] = heads["cls"] + net.corr_proj(heads["corr"])
-            if i == 0 and not torch.allclose(heads["combined"].float(), net(x).float(), atol=tol, rtol=tol):
-                raise EvalError("eval.py's combine() disagrees with model.py's eval forward; update combine()")
-        for k in [k for k in ("dist", "corr") if k in tok]:
-            heads[f"cos_cls_{k}"] = F.cosine_similarity(tok["cls"].float(), tok[k].float(), dim=-1)
-        for k, v in heads.items():
-            out.setdefault(k, []).append(v.float().cpu())
-    return {k: torch.cat(v) for k, v in out.items()}, len(images) / max(_now(device) - t0, 1e-9)
-
-
 @torch.no_grad()
 def run_teacher(head, split_name, split, device, batch_size):
     """The fitted teacher head (seed 4.1) on the split: from the cached class-token features beside
@@ -212,42 +171,6 @@ def run_teacher(head, split_name, split, device, batch_size):
 
 
 # ----------------------------------------------------------------------------- 3. metrics of one run
-
-def summarize(outs, split, names=data.TYPES):
-    """Every metric (seed 3.5) from run_student/run_teacher outputs and the split's bookkeeping
-    (split["types"] indexes names: the mix's 11 types, or clean + the 15 benchmark corruptions)."""
-    logits, y = outs["combined"], split["labels"]
-    types, sev = split["types"], split["severities"]
-    correct = logits.argmax(-1) == y
-    per_type = per_type_accuracy(correct, types, names)
-    count, acc, conf = calibration_bins(logits.double().softmax(-1).max(-1).values, correct)
-    r = {"n": len(y), "accuracy": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5),
-         "nll": nll(logits, y), "ece": ece_from_bins(count, acc, conf),
-         "per_type": per_type, "per_severity": per_severity_accuracy(correct, types, sev),
-         "clean_error": _err(per_type["clean"]),
-         "mean_corruption_error": mean_corruption_error(per_type, names[1:]),
-         "seen_corruption_error": mean_corruption_error(per_type, corruptions.SEEN),
-         "unseen_corruption_error": mean_corruption_error(per_type, corruptions.UNSEEN),  # None on the mix
-         "corruption_errors": corruption_errors(correct, types, sev, names),
-         # the headline mCE: CIFAR-10-C papers' unnormalised mean corruption error (no baseline model)
-         "mce": mean_corruption_error(per_type, names[1:]),
-         "mce_vs_baseline": None, "relative_mce": None, "relative_mce_undefined": None, "robustbench_accuracy": None,
-         "head_accuracy": {k: topk_accuracy(outs[k], y, 1) for k in ("cls", "dist", "cls_corr", "combined") if k in outs},
-         "corruption_accuracy": None, "confusion_matrix": None,
-         "token_similarity": {"cls_dist": None, "cls_corr": None},
-         "calibration": {"count": count.tolist(), "accuracy": acc.tolist(), "confidence": conf.tolist()}}
-    if "corr" in outs:  # seed 4.3: how well the corruption token names the image type
-        # it names one of the 11 training types; images of an unseen corruption have no right answer
-        true_t = torch.tensor([data.TYPES.index(n) if n in data.TYPES else -1 for n in names])[types]
-        keep = true_t >= 0
-        pred_t = outs["corr"].argmax(-1)[keep]
-        r["corruption_accuracy"] = mean_or_none(pred_t == true_t[keep])
-        r["confusion_matrix"] = confusion_matrix(pred_t, true_t[keep], len(data.TYPES)).tolist()
-    for k in ("dist", "corr"):  # seed 4.4: final-layer class token vs the other special tokens
-        if f"cos_cls_{k}" in outs:
-            r["token_similarity"][f"cls_{k}"] = float(outs[f"cos_cls_{k}"].double().mean())
-    return r
-
 
 def add_mce(res, base, base_path):
     """Seed Eq. 10 against --baseline ("mCE vs ViT" when the baseline is the ViT), beside the headline mCE."""

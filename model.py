@@ -267,10 +267,13 @@ class VisionTransformer(nn.Module):
 
     def forward_heads(self, x):
         """Every head's logits, in either mode: Logits(cls, dist, corr, corr_cls)."""
-        f = self.forward_features(x)
-        cls = self.head(f[:, 0])
-        dist = self.head_dist(f[:, 1]) if self.head_dist is not None else None
-        corr = self.head_corr(f[:, 2]) if self.head_corr is not None else None
+        return self.read_heads(self.forward_tokens(x))
+
+    def read_heads(self, tok):
+        """forward_tokens' tokens -> Logits(cls, dist, corr, corr_cls)."""
+        cls = self.head(tok["cls"])
+        dist = self.head_dist(tok["dist"]) if self.head_dist is not None else None
+        corr = self.head_corr(tok["corr"]) if self.head_corr is not None else None
         corr_cls = self.corr_proj(corr) if self.corr_proj is not None else None
         return Logits(cls, dist, corr, corr_cls)
 
@@ -355,15 +358,7 @@ def load_teacher(path, num_classes=10, **overrides):
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # refit a new head (seed 4.1)
         for k in ("head.weight", "head.bias"):
             sd[k] = expected[k]
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    misshaped = sorted(f"{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}"
-                       for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
-    if missing or unexpected or misshaped:
-        parts = [f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} ({len(keys)})"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                     ("mis-shaped", misshaped)) if keys]
-        raise ModelFileError(f"teacher file {path} does not match deit3_small: " + "; ".join(parts))
+    check_weights(sd, expected, f"teacher file {path} does not match deit3_small")
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model
 
@@ -439,18 +434,19 @@ def load_checked(path, what, kind, fields, hints=None):
     return ck
 
 
-def _load_weights(net, sd, path):
-    """load_state_dict with every key and shape checked first, reported on one line."""
-    want = net.state_dict()
+def check_weights(sd, want, where):
+    """Raise ModelFileError unless state dict sd has exactly want's keys and shapes; the one line
+    (opened by `where`) names the missing, unexpected and mis-shaped keys, 8 of each at most."""
     if not isinstance(sd, dict):
-        raise ModelFileError(f"{path}: 'model' is not a state dict")
+        raise ModelFileError(f"{where}: not a state dict ({type(sd).__name__})")
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    shaped = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != tuple(want[k].shape))
-    if missing or unexpected or shaped:
-        parts = [f"{n}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
-                 for n, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if v]
-        raise ModelFileError(f"{path}: weights do not fit the model ({'; '.join(parts)})")
-    net.load_state_dict(sd)
+    misshaped = sorted(f"{k} {tuple(sd[k].shape)} != {tuple(want[k].shape)}"
+                       for k in set(sd) & set(want) if tuple(sd[k].shape) != tuple(want[k].shape))
+    parts = [f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} ({len(keys)})"
+             for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                 ("mis-shaped", misshaped)) if keys]
+    if parts:
+        raise ModelFileError(f"{where}: " + "; ".join(parts))
 
 
 def load_student(path, hints=None):
@@ -464,7 +460,8 @@ def load_student(path, hints=None):
         net = create_model(ck["model_name"], **ck["model_args"])
     except (TypeError, ValueError) as e:
         raise ModelFileError(f"{path}: model_args do not build a {ck['model_name']}: {e}") from None
-    _load_weights(net, ck["model"], path)
+    check_weights(ck["model"], net.state_dict(), f"{path}: weights do not fit the model")
+    net.load_state_dict(ck["model"])
     ck.pop("optimizer", None)
     return net.eval(), ck
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import augment
+import checkpoint
 import data
 import train
 from model import create_model
@@ -101,7 +102,7 @@ def test_resume_is_bit_identical(tmp_path, data_dir, stop_at, capsys):
 
 
 def test_random_streams_never_share_a_seed():
-    seeds = {train.stream_seed(s, e, r, n) for s in range(3) for e in range(20) for r in range(8)
+    seeds = {checkpoint.stream_seed(s, e, r, n) for s in range(3) for e in range(20) for r in range(8)
              for n in ("drop-path", "augment", "corrupt")}
     assert len(seeds) == 3 * 20 * 8 * 3
 
