@@ -151,6 +151,14 @@ def loss_columns(args):
     return cols
 
 
+def val_columns(r):
+    """metrics.summarize's result -> the val columns of SUMMARY_FIELDS."""
+    h, cos = r["head_accuracy"], r["token_similarity"]
+    return {"val_accuracy": h["combined"], "val_cls": h.get("cls"), "val_dist": h.get("dist"),
+            "val_cls_corr": h.get("cls_corr"), "val_type": r["corruption_accuracy"],
+            "val_cos_cls_dist": cos["cls_dist"], "val_cos_cls_corr": cos["cls_corr"]}
+
+
 def _fmt(v, pct=False):
     if v is None:
         return "-"

@@ -27,28 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 import data
 import fileio
 import losses
 import teacher  # the teacher stage (thesis 4.1): cached features, fitted head, logits
 from augment import Augment, teacher_view
-from checkpoint import (
-    STOP,
-    Context,
-    FaultError,
-    Meter,
-    Run,
-    Streams,
-    Student,
-    TrainError,
-    check_out_dir,
-    environment,
-    fault_lines,
-    kept_note,
-    on_master_first,
-    prepare_out_dir,
-    stop_requests,
-)
+from checkpoint import STOP, FaultError, TrainError, on_master_first
 from cli import (
     FlagError,
     Parser,
@@ -72,7 +57,7 @@ from model import LAYOUTS, ModelFileError, ViTConfig, count_params, create_model
 # --dataset synthetic: what changes when the user did not set it (about 2,000 training images, so
 # the whole pipeline runs in a couple of minutes on a laptop CPU). Data and teacher are fake.
 SYNTHETIC_DEFAULTS = {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.25, "train_per_class": 20,
-                          "val_per_class": 5, "test_per_class": 5, "head_epochs": 50}
+                      "val_per_class": 5, "test_per_class": 5, "head_epochs": 50}
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 
 
@@ -99,11 +84,10 @@ def parser():
       help="the students' layout and init: thesis (the thesis's code: no final norm, PyTorch's "
            "default init, randn tokens, one drop-path rate, MLP vit head) or timm (final norm, "
            "trunc-normal 0.02, DeiT's drop-path ramp, linear vit head; loads into timm's DeiT)")
-    a("--depth", type=positive_int, default=None,
+    a("--depth", type=positive_int,
       help="transformer blocks (default 12, DeiT-Tiny; fewer: quick runs)")
-    a("--embed-dim", type=positive_int, default=None,
-      help="token width (default 192); divisible by --num-heads")
-    a("--num-heads", type=positive_int, default=None, help="attention heads (default 3)")
+    a("--embed-dim", type=positive_int, help="token width (default 192); divisible by --num-heads")
+    a("--num-heads", type=positive_int, help="attention heads (default 3)")
     a("--drop-path", type=rate, default=0.1, help="stochastic depth rate (thesis Table 1)")
     a("--drop", type=rate, default=0.0, help="dropout rate (thesis Table 4 ablation: 0.1)")
 
@@ -117,19 +101,17 @@ def parser():
            "smoke run")
     a("--data-dir", default="./data",
       help="where the CIFAR-10 / CIFAR-10-C files and the teacher are (or go)")
-    a("--mirror", type=url, default=None,
-      help="base URL for downloads, <URL>/<filename> (env CDEIT_MIRROR)")
-    a("--train-per-class", type=positive_int, default=None,
+    a("--mirror", type=url, help="base URL for downloads, <URL>/<filename> (env CDEIT_MIRROR)")
+    a("--train-per-class", type=positive_int,
       help="images per class per type: 4500 (synthetic: 20)")
-    a("--val-per-class", type=positive_int, default=None,
-      help="200; 500 for --split standard (synthetic: 5)")
-    a("--test-per-class", type=positive_int, default=None, help="200 (synthetic: 5)")
+    a("--val-per-class", type=positive_int, help="200; 500 for --split standard (synthetic: 5)")
+    a("--test-per-class", type=positive_int, help="200 (synthetic: 5)")
 
     g = p.add_argument_group("recipe (thesis Table 1 / Table 4 best row; crop and flip are ours, "
                              "off)")
     a = g.add_argument
-    a("--epochs", type=positive_int, default=None, help="15 (synthetic: 1)")
-    a("--batch-size", type=positive_int, default=None,
+    a("--epochs", type=positive_int, help="15 (synthetic: 1)")
+    a("--batch-size", type=positive_int,
       help="global batch, split across ranks: 1024 (synthetic: 64)")
     a("--lr", type=positive, default=5e-4,
       help="base learning rate, scaled by global batch / 512 (DeiT)")
@@ -140,10 +122,9 @@ def parser():
     a("--weight-decay", type=non_negative, default=0.05, help="AdamW / SGD weight decay")
     a("--opt", default="adamw", choices=["adamw", "sgd"],
       help="sgd: momentum 0.9 (thesis Table 4 ablation)")
-    a("--warmup-epochs", type=non_negative, default=None,
-      help="linear warmup, then cosine: 3 (synthetic: 0.25)")
+    a("--warmup-epochs", type=non_negative, help="linear warmup, then cosine: 3 (synthetic: 0.25)")
     a("--smoothing", type=rate, default=0.1, help="label smoothing of the label and type targets")
-    a("--clip-grad", type=positive, default=None, help="max gradient norm (default: off)")
+    a("--clip-grad", type=positive, help="max gradient norm (default: off)")
     a("--mixup", type=positive, default=1.0,
       help="Mixup alpha (torchvision MixUp's default, the thesis's code)")
     a("--mixup-prob", type=probability, default=0.3,
@@ -176,28 +157,24 @@ def parser():
     a("--tau", type=positive, default=3.0, help="soft distillation temperature (thesis Eq. 4)")
     a("--alpha", type=probability, default=0.5,
       help="weight of the teacher term, lambda (thesis Eq. 4-7)")
-    a("--teacher", default=None,
-      help="teacher safetensors (default: the downloaded DeiT-III Small)")
+    a("--teacher", help="teacher safetensors (default: the downloaded DeiT-III Small)")
     a("--teacher-view", default="cached", choices=["cached", "augmented"],
       help="cached: logits of the un-augmented 224px image, computed once (thesis 3.4); "
            "augmented: teacher runs live on the student's augmented batch (Beyer et al. 2022)")
     a("--teacher-resize", default="bilinear", choices=["bilinear", "bicubic"],
       help="the 224px teacher view: bilinear as the thesis's code; bicubic as timm's DeiT-III "
            "config")
-    a("--head-epochs", type=positive_int, default=None,
-      help="epochs of the teacher-head fit: 10 (synthetic: 50)")
+    a("--head-epochs", type=positive_int, help="epochs of the teacher-head fit: 10 (synthetic: 50)")
 
     g = p.add_argument_group("run")
     a = g.add_argument
     a("--seed", type=seed_int, default=0,
       help="seeds the mix's draw, the weights, the teacher head, every random stream")
-    a("--out-dir", default=None,
-      help="default: out/<model>-<distill>-<split>-s<seed>[-synthetic]")
+    a("--out-dir", help="default: out/<model>-<distill>-<split>-s<seed>[-synthetic]")
     a("--resume", action="store_true",
       help="continue <out-dir>/ckpt.pt; every recipe flag must be as it was")
-    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    a("--amp", default=None, choices=["bf16", "fp16", "off"],
-      help="autocast (default: bf16 on CUDA, off on CPU)")
+    a("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    a("--amp", choices=["bf16", "fp16", "off"], help="autocast (default: bf16 on CUDA, off on CPU)")
     a("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
       help="torch.compile the student and the loss: default (bare --compile), or reduce-overhead "
            "(CUDA graphs: each step replays the recorded forward, loss and backward launches)")
@@ -236,7 +213,7 @@ def check_args(args, world_size=1):
     if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         fail("--data-dir", args.data_dir, "is a file, not a folder")
     check_existing_file("--teacher", args.teacher)
-    check_out_dir(args)
+    checkpoint.check_out_dir(args)
     return notes
 
 
@@ -291,13 +268,13 @@ def setup(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     else:
         device = torch.device("cpu")
-    ctx = Context(ddp=ddp, rank=rank, local_rank=local_rank, world=world, device=device)
+    ctx = checkpoint.Context(ddp=ddp, rank=rank, local_rank=local_rank, world=world, device=device)
     if ddp:
         # long timeout: the other ranks wait while rank 0 runs the teacher over the whole mix once
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=60))
         try:  # a dead rank stops the others in seconds, not after that timeout
-            ctx.watch = PeerWatch(rank, world, note=lambda: kept_note(args.out_dir))
+            ctx.watch = PeerWatch(rank, world, note=lambda: checkpoint.kept_note(args.out_dir))
         except Exception as e:  # noqa: BLE001  (a launcher without MASTER_ADDR / MASTER_PORT)
             print(f"warning: rank {rank}: no heartbeat watch ({type(e).__name__}: {e}); a dead "
                   "rank may leave the others waiting until the process-group timeout",
@@ -486,21 +463,16 @@ def train_step(model, optimizer, scaler, loss_fn, x, y, t, teacher_logits, args,
     return loss, parts
 
 
-def evaluate(model, split, device):
-    """The val columns of checkpoint.SUMMARY_FIELDS, computed as eval.py reports them
-    (metrics.run_student and summarize; bf16 autocast on CUDA, fp32 on the CPU, whatever --amp)."""
-    outs, _ = run_student(model, split["images"], device, 512 if device.type == "cuda" else 256)
-    r = summarize(outs, split)
-    model.train()
-    h, cos = r["head_accuracy"], r["token_similarity"]
-    return {"val_accuracy": h["combined"], "val_cls": h.get("cls"), "val_dist": h.get("dist"),
-            "val_cls_corr": h.get("cls_corr"), "val_type": r["corruption_accuracy"],
-            "val_cos_cls_dist": cos["cls_dist"], "val_cos_cls_corr": cos["cls_corr"]}
-
-
 def validate(raw_model, split, ctx):
-    """evaluate() on rank 0; every rank gets val_accuracy (they must agree on "improved")."""
-    m = evaluate(raw_model, split, ctx.device) if ctx.master else {}
+    """The val columns of summary.csv, on rank 0, as eval.py reports them (run_student, summarize:
+    bf16 autocast on CUDA, fp32 on the CPU, whatever --amp). Every rank gets val_accuracy (they
+    must agree on "improved")."""
+    m = {}
+    if ctx.master:
+        batch = 512 if ctx.device.type == "cuda" else 256
+        outs, _ = run_student(raw_model, split["images"], ctx.device, batch)
+        m = checkpoint.val_columns(summarize(outs, split))
+        raw_model.train()
     val = torch.tensor([m.get("val_accuracy", 0.0)], device=ctx.device, dtype=torch.float64)
     if ctx.ddp:
         dist.broadcast(val, 0)
@@ -522,14 +494,14 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
     augment = build_augment(args)
     # --split standard: the per-rank generator of the fresh corruptions (saved with the others)
     cgen = torch.Generator(device=device) if args.split == "standard" else None
-    streams = Streams(device, torch.Generator(device=device), cgen)
+    streams = checkpoint.Streams(device, torch.Generator(device=device), cgen)
     loss_fn = pick_loss(args, device)
     spe = len(loader)  # steps per epoch
     if spe == 0:
         raise TrainError(f"--batch-size {args.batch_size} exceeds the {loader.n} training images")
     total, lr_of = args.epochs * spe, lr_schedule(args, spe, peak)
-    student = Student(raw_model, model_args, optimizer, scaler)
-    run = Run(args, ctx, student, streams, data_args, teacher_info)
+    student = checkpoint.Student(raw_model, model_args, optimizer, scaler)
+    run = checkpoint.Run(args, ctx, student, streams, data_args, teacher_info)
     if args.resume:
         run.resume(spe)
     model, loss_fn = compile_step(raw_model, loss_fn, args.compile)
@@ -549,8 +521,8 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
     if run.step == 0 and not run.history:
         run.record_untrained(validate(raw_model, splits["val"], ctx))
 
-    stopped, meter = None, Meter(run, total)
-    with stop_requests():
+    stopped, meter = None, checkpoint.Meter(run, total)
+    with checkpoint.stop_requests():
         while run.epoch < args.epochs and not stopped:
             run.seed_epoch()
             loader.set_epoch(run.epoch)
@@ -597,20 +569,21 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
 def run(args, stop_at_step=None):
     # recorded in config.json and the checkpoint's "config" (both write vars(args)); taken before
     # the process group starts its threads (git runs in a child process), on rank 0, which writes
-    args.environment = environment() if int(os.environ.get("RANK", "0")) == 0 else None
+    args.environment = checkpoint.environment() if int(os.environ.get("RANK", "0")) == 0 else None
     ctx = setup(args)
     error = None
     try:
         amp = args.amp or ("bf16" if ctx.device.type == "cuda" else "off")
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
         splits, data_args, tpath, targs = prepare_data(args, ctx)
-        on_master_first(ctx, lambda: prepare_out_dir(args))  # only once the data are there
+        # only once the data are there
+        on_master_first(ctx, lambda: checkpoint.prepare_out_dir(args))
         info, logits, live = None, None, None
         if tpath is not None:
             info, logits, live = prepare_teacher(args, ctx, splits, data_args, tpath, targs,
                                                  amp_dtype)
         t0 = time.time()
-        with fault_lines(ctx, args.batch_size, args.out_dir):
+        with checkpoint.fault_lines(ctx, args.batch_size, args.out_dir):
             res = train_student(args, ctx, splits, data_args, info, logits, live, amp_dtype,
                                 stop_at_step)
         if not res["stopped"]:

@@ -187,7 +187,7 @@ def _oom(*a, **k):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-@pytest.mark.parametrize("where", ["train_step", "evaluate"])
+@pytest.mark.parametrize("where", ["train_step", "run_student"])
 def test_out_of_memory_one_line_keeps_checkpoint(tmp_path, data_dir, monkeypatch, capsys, where):
     out = tmp_path / "o"
     assert train.main(_argv(data_dir, out, epochs=2), stop_at_step=10) == 0  # epoch 1 done and saved

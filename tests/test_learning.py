@@ -158,11 +158,11 @@ def test_history_logs_each_token(runs):
     """summary.csv and the checkpoint's history: row 0 is the untrained model (val heads and token
     cosines, no training losses); every epoch logs each token's loss, and the logged parts are the
     ones optimised (seed Eq. 6: loss = (CE(cls + corr_proj(corr)) + dist + type) / 3)."""
-    import train
+    import checkpoint
     for name, run in ((k, r) for (k, seed), r in runs.items() if seed == SEEDS[0]):  # one report each
         rows = _summary(run)
         ck = torch.load(run[0]["checkpoint"], map_location="cpu", weights_only=True)
-        assert list(rows[0]) == train.SUMMARY_FIELDS
+        assert list(rows[0]) == checkpoint.SUMMARY_FIELDS
         n = ck["config"]["epochs"]
         assert [int(r["epoch"]) for r in rows] == list(range(n + 1)) == [h["epoch"] for h in ck["history"]]
         assert rows[0]["step"] == "0" and rows[0]["train_loss"] == "" and rows[0]["val_accuracy"] != ""
