@@ -173,7 +173,7 @@ def scale_logits(logits, temperature, pred_types=None):
     return logits / torch.as_tensor(temperature, dtype=logits.dtype)[pred_types][:, None]
 
 
-# ----------------------------------------------------------------------------- a student over a split
+# ----------------------------------------------------------------------------- evaluation pass
 # What eval.py reports and train.py validates with, tied to this kit's inputs (augment.normalize)
 # and image types (data.TYPES, corruptions.SEEN / UNSEEN).
 
