@@ -1,14 +1,14 @@
-"""Vision transformers for the seed's experiments, from scratch (torch only).
+"""Vision transformers for the thesis's experiments, from scratch (torch only).
 
 One transformer serves four architectures, picked by name in `create_model`:
-  vit          the seed's baseline student: DeiT-Tiny sizes, one class token, a two-layer MLP head
-               (seed 2.1, 3.2)
-  deit         vit + a distillation token and its head (seed 2.3, Touvron et al. 2020)
-  cdeit        deit + a corruption token predicting the image type, strategies 1/2/3 (seed 3.3)
-  deit3_small  the teacher: DeiT-III Small, LayerScale, patch 16 at 224px (seed 3.2, 4.1)
+  vit          the thesis's baseline student: DeiT-Tiny sizes, one class token, a two-layer MLP head
+               (thesis 2.1, 3.2)
+  deit         vit + a distillation token and its head (thesis 2.3, Touvron et al. 2020)
+  cdeit        deit + a corruption token predicting the image type, strategies 1/2/3 (thesis 3.3)
+  deit3_small  the teacher: DeiT-III Small, LayerScale, patch 16 at 224px (thesis 3.2, 4.1)
 
 Two layouts (ViTConfig.layout), identical in shapes and keys except the final norm:
-  "thesis" (the students' default) where the seed's text is silent, its public code decides (the
+  "thesis" (the students' default) where the thesis's text is silent, its public code decides (the
            models module: `VisionTransformer`, `DistillVisionTransformer`,
            `CorruptDistillVisionTransformer`; the modules file: `PatchEmbedding`,
            `VisionTransformerEncoder`): pre-norm blocks and NO final LayerNorm (the heads read the
@@ -26,10 +26,10 @@ img_size=32, patch_size=4, num_classes=10, giving the same logits. CdeiT's extra
 
 Forward contract:
   eval mode  -> (B, num_classes) class logits; deit averages cls and dist, cdeit strategies 2/3
-                also average in corr_proj(corruption logits) (seed 3.3).
+                also average in corr_proj(corruption logits) (thesis 3.3).
   train mode -> Logits(cls, dist, corr, corr_cls), None where the model lacks the head.
   forward_tokens(x) -> the special tokens the heads read (after the final norm in the timm layout),
-                for the seed's 4.4 cosine analysis.
+                for thesis 4.4's cosine analysis.
 """
 import math
 from dataclasses import dataclass, replace
@@ -77,7 +77,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()  # exact (erf) GELU, as timm and the DeiT-III weights use
-        self.drop_hidden = nn.Dropout(drop_hidden)  # timm drops after the GELU too; the seed's code does not
+        self.drop_hidden = nn.Dropout(drop_hidden)  # timm drops after the GELU too; the thesis's code does not
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
@@ -96,7 +96,7 @@ class LayerScale(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop a whole residual branch per sample (Huang et al. 2016, seed 3.1)."""
+    """Stochastic depth: drop a whole residual branch per sample (Huang et al. 2016, thesis 3.1)."""
     def __init__(self, p):
         super().__init__()
         self.p = p
@@ -110,7 +110,7 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm encoder block: x + ls1(attn(norm1(x))), x + ls2(mlp(norm2(x))) (seed 2.1)."""
+    """Pre-norm encoder block: x + ls1(attn(norm1(x))), x + ls2(mlp(norm2(x))) (thesis 2.1)."""
     def __init__(self, dim, num_heads, mlp_ratio, init_values, drop, drop_path, fused_attn, drop_hidden):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -127,7 +127,7 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """A p x p, stride-p Conv2d (timm's key names). The seed's code applies nn.Linear(C*p*p, D) to the
+    """A p x p, stride-p Conv2d (timm's key names). The thesis's code applies nn.Linear(C*p*p, D) to the
     flattened patches: the same map, and PyTorch's default init draws both from the same
     distribution (kaiming-uniform a=sqrt(5), fan_in = C*p*p, bias bound 1/sqrt(fan_in))."""
     def __init__(self, img_size, patch_size, in_chans, dim):
@@ -146,19 +146,19 @@ class PatchEmbed(nn.Module):
 @dataclass
 class ViTConfig:
     img_size: int = 32            # CIFAR-10 resolution
-    patch_size: int = 4           # 32/4 -> 64 patches for the students (the seed never states P: ours)
+    patch_size: int = 4           # 32/4 -> 64 patches for the students (the thesis never states P: ours)
     in_chans: int = 3
     num_classes: int = 10
-    layout: str = "thesis"        # "thesis": the seed's code's layout and init; "timm" (module docstring)
+    layout: str = "thesis"        # "thesis": the thesis's code's layout and init; "timm" (module docstring)
     head: str = "linear"          # class head: "linear" (DeiT, timm) or "mlp": Linear(D, D), GELU, Linear
-    embed_dim: int = 192          # DeiT-Tiny D (seed 3.2)
+    embed_dim: int = 192          # DeiT-Tiny D (thesis 3.2)
     depth: int = 12
     num_heads: int = 3
     mlp_ratio: float = 4.0
     distilled: bool = False       # add the distillation token + head_dist (DeiT)
     corruption_token: bool = False  # add the corruption token + head_corr (CdeiT)
-    num_types: int = 11           # clean + the seed's 10 corruptions (seed 3.4)
-    strategy: int = 2             # CdeiT inference strategy 1/2/3 (seed 3.3); 2 is the seed's best
+    num_types: int = 11           # clean + the thesis's 10 corruptions (3.4)
+    strategy: int = 2             # CdeiT inference strategy 1/2/3 (thesis 3.3); 2 is the thesis's best
     corr_hidden: int = 0          # strategy 3 FFN width; 0 -> num_types
     no_embed_class: bool = False  # DeiT-III: pos_embed covers patches only, tokens get none
     init_values: float = 0.0      # LayerScale init (DeiT-III); 0 -> no LayerScale
@@ -168,7 +168,7 @@ class ViTConfig:
 
 
 MODELS = {
-    "vit": ViTConfig(head="mlp"),   # seed 2.1: the ViT baseline's two-layer MLP head
+    "vit": ViTConfig(head="mlp"),   # thesis 2.1: the ViT baseline's two-layer MLP head
     "deit": ViTConfig(distilled=True),
     "cdeit": ViTConfig(distilled=True, corruption_token=True),
     "deit3_small": ViTConfig(img_size=224, patch_size=16, num_classes=1000, embed_dim=384, num_heads=6,
@@ -193,7 +193,7 @@ class VisionTransformer(nn.Module):
         D = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
         self.num_prefix = 1 + int(cfg.distilled) + int(cfg.corruption_token)  # [cls, dist, corr]
-        # the seed's code (PatchEmbedding): cls_token and pos_embedding = nn.Parameter(torch.randn(...));
+        # the thesis's code (PatchEmbedding): cls_token and pos_embedding = nn.Parameter(torch.randn(...));
         # its dist / corr tokens live in a class no revision shows, drawn the same way here
         token = torch.zeros if timm_layout else torch.randn  # timm: trunc-normal(0.02) below
         self.cls_token = nn.Parameter(token(1, 1, D))
@@ -202,22 +202,22 @@ class VisionTransformer(nn.Module):
         n_pos = self.patch_embed.num_patches + (0 if cfg.no_embed_class else self.num_prefix)
         self.pos_embed = nn.Parameter(token(1, n_pos, D))
         self.pos_drop = nn.Dropout(cfg.drop if timm_layout else 0.0)
-        # DeiT ramps stochastic depth linearly over depth; the seed's code passes one drop_path to
+        # DeiT ramps stochastic depth linearly over depth; the thesis's code passes one drop_path to
         # every VisionTransformerEncoder
         dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist() if timm_layout else [cfg.drop_path] * cfg.depth
         self.blocks = nn.Sequential(*[
             Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.init_values, cfg.drop, dpr[i], cfg.fused_attn,
                   drop_hidden=cfg.drop if timm_layout else 0.0)
             for i in range(cfg.depth)])
-        # the seed's code: the heads read batch[:, 0] straight from the last encoder (no final norm)
+        # the thesis's code: the heads read batch[:, 0] straight from the last encoder (no final norm)
         self.norm = nn.LayerNorm(D, eps=1e-6) if timm_layout else nn.Identity()
-        # seed 2.1: ViT's class token feeds a two-layer MLP with a GELU between (hidden width D, as
-        # the seed's code, which used Tanh); DeiT's tokens feed single Linear heads (seed 2.3).
+        # thesis 2.1: ViT's class token feeds a two-layer MLP with a GELU between (hidden width D, as
+        # the thesis's code, which used Tanh); DeiT's tokens feed single Linear heads (thesis 2.3).
         self.head = nn.Linear(D, cfg.num_classes) if cfg.head == "linear" else \
             nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, cfg.num_classes))
         self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.distilled else None
         self.head_corr = nn.Linear(D, cfg.num_types) if cfg.corruption_token else None
-        # seed 3.3: strategy 2 projects the corruption logits to class space with one Linear,
+        # thesis 3.3: strategy 2 projects the corruption logits to class space with one Linear,
         # strategy 3 with Linear -> GELU -> Linear; strategy 1 has no projection.
         self.corr_proj = None
         if cfg.corruption_token and cfg.strategy == 2:
@@ -226,7 +226,7 @@ class VisionTransformer(nn.Module):
             hidden = cfg.corr_hidden or cfg.num_types
             self.corr_proj = nn.Sequential(nn.Linear(cfg.num_types, hidden), nn.GELU(),
                                            nn.Linear(hidden, cfg.num_classes))
-        if timm_layout:  # the seed's code has no init code: PyTorch's defaults stand
+        if timm_layout:  # the thesis's code has no init code: PyTorch's defaults stand
             self.apply(self._init_weights)
             for p in (self.pos_embed, self.cls_token, self.dist_token, self.corr_token):
                 if p is not None:
@@ -260,7 +260,7 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward_tokens(self, x):
-        """The special tokens the heads read, {cls, dist, corr} (B, D) each; the seed's 4.4 compares them."""
+        """The special tokens the heads read, {cls, dist, corr} (B, D) each; thesis 4.4 compares them."""
         f = self.forward_features(x)
         names = ["cls"] + ["dist"] * self.cfg.distilled + ["corr"] * self.cfg.corruption_token
         return {n: f[:, i] for i, n in enumerate(names)}
@@ -279,7 +279,7 @@ class VisionTransformer(nn.Module):
 
     @staticmethod
     def average_heads(out):
-        """The eval-mode class logits (B, num_classes) from Logits (seed 3.3)."""
+        """The eval-mode class logits (B, num_classes) from Logits (thesis 3.3)."""
         if out.dist is None:
             return out.cls
         if out.corr_cls is None:
@@ -325,8 +325,8 @@ def param_groups(model, weight_decay):
 def load_teacher(path, num_classes=10, **overrides):
     """DeiT-III Small from timm's `model.safetensors` (no pickle), every key and shape checked.
 
-    A 1000-way ImageNet head with num_classes != 1000 is dropped and a fresh head created: the
-    seed's 4.1 fits a new linear head on the frozen backbone. Any other mismatch raises
+    A 1000-way ImageNet head with num_classes != 1000 is dropped and a fresh head created:
+    thesis 4.1 fits a new linear head on the frozen backbone. Any other mismatch raises
     ModelFileError listing the missing, unexpected and mis-shaped keys. A smaller test teacher
     states its sizes in the file's metadata ("model_args": JSON of depth / embed_dim / num_heads);
     explicit overrides win over them.
@@ -355,7 +355,7 @@ def load_teacher(path, num_classes=10, **overrides):
     expected = model.state_dict()
     head = sd.get("head.weight")
     if head is not None and head.shape[0] != num_classes and head.shape[1:] == expected["head.weight"].shape[1:]:
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # refit a new head (seed 4.1)
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # refit a new head (thesis 4.1)
         for k in ("head.weight", "head.bias"):
             sd[k] = expected[k]
     check_weights(sd, expected, f"teacher file {path} does not match deit3_small")
@@ -504,7 +504,7 @@ def load_temperatures(ckpt_path, num_types=None):
 
 class Deployed(nn.Module):
     """A student as a user runs it: uint8 RGB images (B, 3, H, W) in, normalisation and the eval-mode
-    head averaging (seed 3.3) built in. -> class logits (B, num_classes), and for CdeiT also the
+    head averaging (thesis 3.3) built in. -> class logits (B, num_classes), and for CdeiT also the
     corruption logits (B, num_types). mean / std: the training normalisation (augment.MEAN / STD)."""
 
     def __init__(self, net, mean, std):
