@@ -222,3 +222,28 @@ def test_bad_teacher_files(tmp_path, timm_teacher_file):
         with pytest.raises(ModelFileError) as e:
             load_teacher(tmp_path / bad)
         assert bad in str(e.value) and "\n" not in str(e.value)
+
+
+def test_student_weights_checked_like_the_teacher(tmp_path):
+    """load_student runs the same validator as load_teacher: every missing, unexpected and
+    mis-shaped key named on one line, nothing loaded."""
+    net = create_model("deit", depth=1, embed_dim=32, num_heads=2)
+    args = {"depth": 1, "embed_dim": 32, "num_heads": 2, "layout": "thesis"}
+    sd = net.state_dict()
+    bad = {k: v for k, v in sd.items() if k != "dist_token"}
+    bad["pos_embed"] = torch.zeros(1, 3, 32)
+    bad["head_corr.weight"] = torch.zeros(11, 32)
+    ck = {"kind": model.STUDENT_KIND, "version": 1, "model_name": "deit", "model_args": args,
+          "model": bad, "data_args": {}}
+    torch.save(ck, tmp_path / "bad.pt")
+    with pytest.raises(ModelFileError) as e:
+        model.load_student(tmp_path / "bad.pt")
+    msg = str(e.value)
+    assert "\n" not in msg and "weights do not fit the model" in msg, msg
+    assert "missing: dist_token (1)" in msg and "unexpected: head_corr.weight (1)" in msg, msg
+    assert "mis-shaped: pos_embed (1, 3, 32) != (1, 66, 32) (1)" in msg, msg
+    torch.save({**ck, "model": sd}, tmp_path / "good.pt")
+    loaded, _ = model.load_student(tmp_path / "good.pt")
+    assert all(torch.equal(v, sd[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(ModelFileError, match="not a state dict"):
+        model.check_weights([1, 2], sd, "x")
