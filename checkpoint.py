@@ -1,16 +1,17 @@
-"""What train.py keeps beside its loop: the run's state, its checkpoints and resume, the random
-streams, interval logging, and stop / fault handling.
+"""What train.py keeps beside its loop: the run's state and files, exact resume, the random
+streams, interval logging, stop requests and faults.
 
-    Context      rank, world, device (torchrun's env, read by train.setup); log() on rank 0
-    Streams      the per-rank random generators: seeded per epoch, saved, restored
-    Run          a run's state (Student, counters, history); save() writes ckpt.pt / best.pt,
-                 resume() reads ckpt.pt back, end_epoch() records an epoch
-    Meter        the loss parts per step, read and logged once per interval
-    stop_requests, fault_lines
-                 SIGTERM / Ctrl-C as a request to save and stop; out of memory and a lost peer
-                 as one line naming the checkpoint kept
-
-Checkpoint format (torch.load(weights_only=True): tensors and plain values only): see Run.save.
+    Context, on_master_first   this process under torchrun (train.setup builds it); rank 0 first
+    Streams, stream_seed       the per-rank random generators: seeded per epoch, saved, restored
+    SUMMARY_FIELDS, ...        the per-epoch record: summary.csv and the checkpoint's history
+    Student, Run               a run's state; Run.save writes ckpt.pt / best.pt (the format eval.py
+                               reads), Run.resume reads ckpt.pt back, Run.end_epoch records an epoch
+    check_out_dir, RUN_ONLY    --out-dir and --resume checked before any work
+    prepare_out_dir            the out dir made, a killed save's temp file removed
+    environment                what a run ran on (config.json and the checkpoint's config)
+    stop_requests, STOP        SIGTERM / Ctrl-C as a request to save and stop
+    Meter                      the loss parts per step, read and logged once per interval
+    fault_lines, kept_note     out of memory or a lost peer as one line naming the checkpoint kept
 """
 import argparse
 import contextlib
