@@ -189,8 +189,8 @@ def fill_defaults(args):
     defaults = SYNTHETIC_DEFAULTS
     if args.dataset != "synthetic":  # standard: 45,000 / 5,000 of CIFAR-10 train
         defaults = {"epochs": 15, "batch_size": 1024, "warmup_epochs": 3, "train_per_class": 4500,
-                        "val_per_class": 500 if args.split == "standard" else 200,
-                        "test_per_class": 200, "head_epochs": 10}
+                    "val_per_class": 500 if args.split == "standard" else 200,
+                    "test_per_class": 200, "head_epochs": 10}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

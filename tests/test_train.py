@@ -92,8 +92,10 @@ def test_resume_is_bit_identical(tmp_path, data_dir, stop_at, capsys):
         assert torch.equal(a[k], b[k]), k
     sa = (tmp_path / "a" / "summary.csv").read_text().splitlines()
     sb = (tmp_path / "b" / "summary.csv").read_text().splitlines()
-    assert [x.rsplit(",", 1)[0] for x in sa] == [x.rsplit(",", 1)[0] for x in sb]  # epoch_time_s
+    assert [x.rsplit(",", 1)[0] for x in sa] == [x.rsplit(",", 1)[0] for x in sb]  # no timings
     capsys.readouterr()
+    assert train.main(base + ["--out-dir", str(tmp_path / "a"), "--resume"]) == 0  # finished
+    assert "already trained 2 epochs; nothing to do" in capsys.readouterr().out
     other = [f if f != "2" or base[i - 1] != "--depth" else "3" for i, f in enumerate(base)]
     assert train.main(other + ["--out-dir", str(tmp_path / "b"), "--resume"]) == 2
     assert "--depth 2 -> 3" in capsys.readouterr().err  # the refusal names what differs
