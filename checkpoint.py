@@ -47,10 +47,10 @@ class FaultError(TrainError):
 @dataclass
 class Context:
     """Where this process runs: one process, or one rank of torchrun."""
-    ddp: bool                # under torchrun (RANK set)
-    rank: int                # global rank; 0 prints and writes
-    local_rank: int          # the GPU index on this node
-    world: int               # number of processes
+    ddp: bool                       # under torchrun (RANK set)
+    rank: int                       # global rank; 0 prints and writes
+    local_rank: int                 # the GPU index on this node
+    world: int                      # number of processes
     device: torch.device
     watch: PeerWatch | None = None  # heartbeats between ranks (torchrun only)
 
@@ -210,18 +210,18 @@ def _weights_args(model_args):
 class Run:
     """A run's state, and what a checkpoint saves of it: model, optimizer, every rank's RNG, epoch,
     step, best val accuracy, the history and this epoch's loss sums (an exact mid-epoch resume)."""
-    args: argparse.Namespace       # the flags, saved as "config"
+    args: argparse.Namespace        # the flags, saved as "config"
     ctx: Context
     student: Student
     streams: Streams
-    data_args: dict                # data.build_mix's arguments: the mix trained on
-    teacher_info: dict | None   # the teacher file, its sha256 and fitted head; None for vit
-    epoch: int = 0                 # epochs finished
-    step: int = 0                  # optimiser steps taken
-    best_val: float = -1.0         # the best val accuracy so far (selects best.pt)
-    history: list = field(default_factory=list)  # SUMMARY_FIELDS rows, row 0 the untrained model
+    data_args: dict                 # data.build_mix's arguments: the mix trained on
+    teacher_info: dict | None       # the teacher file, its sha256 and fitted head; None for vit
+    epoch: int = 0                  # epochs finished
+    step: int = 0                   # optimiser steps taken
+    best_val: float = -1.0          # the best val accuracy so far (selects best.pt)
+    history: list = field(default_factory=list)  # SUMMARY_FIELDS rows; row 0: untrained
     resume_rng: dict | None = None  # this rank's saved generators, after a mid-epoch stop
-    cols: dict = field(init=False)     # loss_columns(args)
+    cols: dict = field(init=False)  # loss_columns(args)
     sums: torch.Tensor = field(init=False)  # (1 + len(cols),) float64: this epoch's loss sums
 
     def __post_init__(self):
