@@ -139,10 +139,8 @@ def test_disk_full_at_checkpoint_one_line_then_resume_exact(tmp_path, data_dir, 
     assert train.main(_argv(data_dir, out)) == 1
     err = capsys.readouterr().err
     assert re.fullmatch(rf"error: could not write checkpoint {re.escape(str(out / 'ckpt.pt'))}: "
-                        r"No space left on "
-                        r"device \([\d.]+ [KMG]?B free, [\d.]+ KB needed\); the previous file is "
-                        r"unchanged; "
-                        r"then continue with --resume\n", err), err
+                        r"No space left on device \([\d.]+ [KMG]?B free, [\d.]+ KB needed\); "
+                        r"the previous file is unchanged; then continue with --resume\n", err), err
     assert _load(out / "ckpt.pt")["epoch"] == 1 and fileio.temp_files(str(out)) == []
     monkeypatch.undo()  # space freed
     assert train.main(_argv(data_dir, out) + ["--resume"]) == 0
@@ -178,10 +176,8 @@ def test_real_full_disk_then_resume_exact(tmp_path, data_dir, reference, capsys)
         assert train.main(_argv(data_dir, out)) == 1
         err = capsys.readouterr().err
         assert re.fullmatch(r"error: could not write (best )?checkpoint \S+\.pt: No space left on "
-                            r"device "
-                            r"\([\d.]+ [KMG]?B free, [\d.]+ KB needed\); the previous file is "
-                            r"unchanged; "
-                            r"then continue with --resume\n", err), err
+                            r"device \([\d.]+ [KMG]?B free, [\d.]+ KB needed\); the previous file "
+                            r"is unchanged; then continue with --resume\n", err), err
         assert _load(out / "ckpt.pt")["epoch"] == 1 and fileio.temp_files(str(out)) == []
         assert train.main(_argv(data_dir, out) + ["--resume"]) == 1  # still full: the same one line
         assert re.fullmatch(r"error: could not write (best )?checkpoint .*--resume\n",
@@ -211,9 +207,8 @@ def test_out_of_memory_one_line_keeps_checkpoint(tmp_path, data_dir, monkeypatch
     assert train.main(_argv(data_dir, out, epochs=2) + ["--resume"]) == 1
     err = capsys.readouterr().err
     assert re.fullmatch(r"error: out of GPU memory on cpu at 44 images per GPU \(--batch-size\): "
-                        r"use a smaller "
-                        r"--batch-size \(e\.g\. 22\) in a new --out-dir \(--resume needs the same "
-                        r"flags\); "
+                        r"use a smaller --batch-size \(e\.g\. 22\) in a new --out-dir \(--resume "
+                        r"needs the same flags\); "
                         rf"the last checkpoint {re.escape(str(out / 'ckpt.pt'))} is kept\n",
                         err), err
     assert (out / "ckpt.pt").read_bytes() == before and fileio.temp_files(str(out)) == []
@@ -236,9 +231,9 @@ def test_eval_write_error_one_line_keeps_old_json(reference, tmp_path, monkeypat
     assert evaluate_cli.main([str(reference / "best.pt"), "--device", "cpu", "--json",
                               str(out)]) == 2
     err = capsys.readouterr().err
-    assert re.fullmatch(rf"eval.py: error: could not write results JSON {re.escape(str(out))}: No "
-                        r"space left on "
-                        r"device \(.* free, .* needed\); the previous file is unchanged\n",
+    assert re.fullmatch(rf"eval.py: error: could not write results JSON {re.escape(str(out))}: "
+                        r"No space left on device \(.* free, .* needed\); the previous file is "
+                        r"unchanged\n",
                         err), err
     assert json.loads(out.read_text()) == {"old": 1} and os.listdir(tmp_path) == ["r.json"]
 

@@ -89,17 +89,16 @@ def test_rank_killed_without_agent_survivor_names_it(tmp_path, data_dir, victim,
     if victim == 1:
         assert "Traceback" not in err and err.count("\n") == 1, err
         assert re.fullmatch(r"error: rank 0: rank 1 stopped responding \d+s ago \(killed, hung, "
-                            r"crashed or its machine "
-                            r"lost\); the last checkpoint \S+ckpt\.pt is kept", last), err
+                            r"crashed or its machine lost\); the last checkpoint \S+ckpt\.pt is "
+                            r"kept", last), err
         # no collective failed: the full silence limit, not the short confirmation
         if sig == signal.SIGSTOP:
             assert stopped >= heartbeat.PeerWatch.DEAD_AFTER_S, stopped
     else:  # rank 0 also held the rendezvous store
         assert "Traceback" not in err
         assert re.fullmatch(r"error: rank 1: lost the rendezvous store 127\.0\.0\.1:\d+, so rank "
-                            r"0 or torchrun's "
-                            r"agent is gone \(.*\); the last checkpoint \S+ckpt\.pt is kept",
-                            last), err
+                            r"0 or torchrun's agent is gone \(.*\); the last checkpoint "
+                            r"\S+ckpt\.pt is kept", last), err
 
 
 OOM_ON_RANK_1 = """
@@ -137,12 +136,9 @@ def test_out_of_memory_on_one_rank_stops_all_with_its_line(tmp_path, data_dir):
     assert [q.returncode for q in ps] == [1, 1], errs
     ckpt = re.escape(str(tmp_path / "o" / "ckpt.pt"))
     assert re.fullmatch(r"error: rank 1: out of GPU memory on cpu at 22 images per GPU "
-                        r"\(--batch-size 44 over 2 "
-                        r"processes\): use a smaller --batch-size \(e\.g\. 22\) in a new "
-                        r"--out-dir \(--resume needs "
-                        rf"the same flags\); the last checkpoint {ckpt} is kept\n",
-                        errs[1]), errs[1]
+                        r"\(--batch-size 44 over 2 processes\): use a smaller --batch-size "
+                        r"\(e\.g\. 22\) in a new --out-dir \(--resume needs the same flags\); "
+                        rf"the last checkpoint {ckpt} is kept\n", errs[1]), errs[1]
     assert re.fullmatch(r"error: rank 0: rank 1 stopped with an error \(out of GPU memory on cpu "
-                        r"at 22 images per GPU "
-                        rf"\(--batch-size 44 over 2 processes\)\); the last checkpoint {ckpt} is "
-                        r"kept\n", errs[0]), errs[0]
+                        r"at 22 images per GPU \(--batch-size 44 over 2 processes\)\); "
+                        rf"the last checkpoint {ckpt} is kept\n", errs[0]), errs[0]

@@ -49,8 +49,7 @@ def test_smoke_run_end_to_end(smoke_run):
     assert "SYNTHETIC" in stdout and "RANDOM" in stdout  # says plainly that nothing here is real
     assert re.search(r"teacher: head fitted .* val [\d.]+%, test [\d.]+%", stdout)
     assert re.search(r"step \d+/\d+ \| epoch 1 \| loss [\d.]+ \(cls [\d.]+ cls\+corr [\d.]+ dist "
-                     r"[\d.]+ "
-                     r"type [\d.]+\)", stdout)
+                     r"[\d.]+ type [\d.]+\)", stdout)
     for f in ("config.json", "summary.csv", "ckpt.pt", "best.pt"):
         assert (out / f).is_file(), f
     # header, untrained, epoch 1
@@ -191,8 +190,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, data_dir, cap
     assert train.main(argv + ["--resume"]) == 1
     err = capsys.readouterr().err
     assert re.fullmatch(r"error: non-finite loss at step (\d+); stopped, the last good checkpoint "
-                        r"is .*ckpt\.pt "
-                        r"\(epoch 1\)\n", err), err
+                        r"is .*ckpt\.pt \(epoch 1\)\n", err), err
     assert int(re.search(r"step (\d+)", err).group(1)) > 10  # a step of the second epoch
     after = _weights(tmp_path / "o" / "ckpt.pt")
     assert all(torch.equal(before[k], after[k]) for k in before)  # the NaN weights were never saved
