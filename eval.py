@@ -30,7 +30,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import augment
 import calibrate
@@ -42,22 +41,13 @@ import fileio
 import model as model_lib
 import plots
 import robustbench
+import scoring
 import tables
 import teacher as teacher_lib
 from metrics import (
-    calibration_bins,
-    confusion_matrix,
-    corruption_errors,
-    ece_from_bins,
     mce,
-    mean_corruption_error,
-    mean_or_none,
-    nll,
-    per_severity_accuracy,
-    per_type_accuracy,
     relative_mce,
     relative_mce_undefined,
-    topk_accuracy,
 )
 
 EVAL_KIND = "cdeit-kit/eval"
@@ -145,57 +135,6 @@ def check_baseline(base, res, path):
 
 # ----------------------------------------------------------------------------- 2. running a model
 
-def _autocast(device):
-    # bf16 autocast on CUDA (as in training); fp32 on CPU, where bf16 matmuls are slow
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def _now(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def combine(net, heads):
-    """The eval-mode class logits from per-head logits, as model.py's forward contract defines them:
-    vit cls; deit (cls + dist) / 2; cdeit strategy 1 the same, 2/3 (cls + dist + corr_proj(corr)) / 3."""
-    if "dist" not in heads:
-        return heads["cls"]
-    if getattr(net, "corr_proj", None) is None:
-        return (heads["cls"] + heads["dist"]) / 2
-    return (heads["cls"] + heads["dist"] + net.corr_proj(heads["corr"])) / 3
-
-
-@torch.no_grad()
-def run_student(net, images, device, batch_size):
-    """One pass of forward_tokens per batch gives every head, the combined logits and the token
-    cosines (seed 4.4). The first batch is checked against the model's own eval forward, so a change
-    in model.py's combination rule cannot go unnoticed. -> (dict of CPU tensors, images/s)."""
-    net = net.to(device).eval()
-    out = {}
-    images = images.to(device)  # the whole split on the device once, as uint8 (airbench style)
-    tol = 1e-2 if device.type == "cuda" else 1e-4
-    t0 = _now(device)
-    for i in range(0, len(images), batch_size):
-        x = augment.normalize(images[i:i + batch_size])
-        with _autocast(device):
-            tok = net.forward_tokens(x)
-            heads = {k: getattr(net, f"head{'' if k == 'cls' else '_' + k}")(tok[k])
-                     for k in ("cls", "dist", "corr") if k in tok}
-            heads["combined"] = combine(net, heads)
-            if net.corr_proj is not None:  # the class-token head as cdeit trains it (seed Eq. 6)
-                heads["cls_corr"] = heads["cls"] + net.corr_proj(heads["corr"])
-            if i == 0 and not torch.allclose(heads["combined"].float(), net(x).float(), atol=tol, rtol=tol):
-                raise EvalError("eval.py's combine() disagrees with model.py's eval forward; update combine()")
-        for k in [k for k in ("dist", "corr") if k in tok]:
-            heads[f"cos_cls_{k}"] = F.cosine_similarity(tok["cls"].float(), tok[k].float(), dim=-1)
-        for k, v in heads.items():
-            out.setdefault(k, []).append(v.float().cpu())
-    return {k: torch.cat(v) for k, v in out.items()}, len(images) / max(_now(device) - t0, 1e-9)
-
-
 @torch.no_grad()
 def run_teacher(head, split_name, split, device, batch_size):
     """The fitted teacher head (thesis 4.1) on the split: from the cached class-token features
@@ -228,53 +167,17 @@ def run_teacher(head, split_name, split, device, batch_size):
     net = net.to(device).eval()
     images = split["images"].to(device)
     out = []
-    t0 = _now(device)
+    t0 = scoring.synced_time(device)
     for i in range(0, len(images), batch_size):
         x = augment.teacher_view(images[i:i + batch_size], size=net.cfg.img_size,
                                  mode=head["resize"])
-        with _autocast(device):
+        with scoring.eval_autocast(device):
             out.append(net(x).float().cpu())
-    ips = len(images) / max(_now(device) - t0, 1e-9)
+    ips = len(images) / max(scoring.synced_time(device) - t0, 1e-9)
     return {"combined": torch.cat(out)}, ips, head["teacher_path"]
 
 
 # ------------------------------------------------------------------------- 3. metrics of one run
-
-def summarize(outs, split, names=data.TYPES):
-    """Every metric (seed 3.5) from run_student/run_teacher outputs and the split's bookkeeping
-    (split["types"] indexes names: the mix's 11 types, or clean + the 15 benchmark corruptions)."""
-    logits, y = outs["combined"], split["labels"]
-    types, sev = split["types"], split["severities"]
-    correct = logits.argmax(-1) == y
-    per_type = per_type_accuracy(correct, types, names)
-    count, acc, conf = calibration_bins(logits.double().softmax(-1).max(-1).values, correct)
-    r = {"n": len(y), "accuracy": topk_accuracy(logits, y, 1), "top5": topk_accuracy(logits, y, 5),
-         "nll": nll(logits, y), "ece": ece_from_bins(count, acc, conf),
-         "per_type": per_type, "per_severity": per_severity_accuracy(correct, types, sev),
-         "clean_error": _err(per_type["clean"]),
-         "mean_corruption_error": mean_corruption_error(per_type, names[1:]),
-         "seen_corruption_error": mean_corruption_error(per_type, corruptions.SEEN),
-         "unseen_corruption_error": mean_corruption_error(per_type, corruptions.UNSEEN),  # None on the mix
-         "corruption_errors": corruption_errors(correct, types, sev, names),
-         # the headline mCE: CIFAR-10-C papers' unnormalised mean corruption error (no baseline model)
-         "mce": mean_corruption_error(per_type, names[1:]),
-         "mce_vs_baseline": None, "relative_mce": None, "relative_mce_undefined": None, "robustbench_accuracy": None,
-         "head_accuracy": {k: topk_accuracy(outs[k], y, 1) for k in ("cls", "dist", "cls_corr", "combined") if k in outs},
-         "corruption_accuracy": None, "confusion_matrix": None,
-         "token_similarity": {"cls_dist": None, "cls_corr": None},
-         "calibration": {"count": count.tolist(), "accuracy": acc.tolist(), "confidence": conf.tolist()}}
-    if "corr" in outs:  # seed 4.3: how well the corruption token names the image type
-        # it names one of the 11 training types; images of an unseen corruption have no right answer
-        true_t = torch.tensor([data.TYPES.index(n) if n in data.TYPES else -1 for n in names])[types]
-        keep = true_t >= 0
-        pred_t = outs["corr"].argmax(-1)[keep]
-        r["corruption_accuracy"] = mean_or_none(pred_t == true_t[keep])
-        r["confusion_matrix"] = confusion_matrix(pred_t, true_t[keep], len(data.TYPES)).tolist()
-    for k in ("dist", "corr"):  # seed 4.4: final-layer class token vs the other special tokens
-        if f"cos_cls_{k}" in outs:
-            r["token_similarity"][f"cls_{k}"] = float(outs[f"cos_cls_{k}"].double().mean())
-    return r
-
 
 def add_mce(res, base, base_path):
     """Eq. 10 against --baseline ("mCE vs ViT" when the baseline is the ViT), beside the
@@ -315,7 +218,7 @@ def run_benchmark(net, root, device, batch_size, extra=False, temps=None):
         else:
             x = data.read_cifar10c(root, name, cifar["test_labels"])[0]
         images = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
-        o, _ = run_student(net, images, device, batch_size)
+        o, _ = scoring.run_student(net, images, device, batch_size)
         done += len(x)
         labels = y.repeat(len(x) // n)
         if name != "clean":  # rows (s-1)*n .. s*n are severity s
@@ -332,7 +235,7 @@ def run_benchmark(net, root, device, batch_size, extra=False, temps=None):
     ips = done / max(time.perf_counter() - t0, 1e-9)
     outs = {k: torch.cat(v) for k, v in outs.items()}
     book = {k: torch.cat(v) for k, v in book.items()}
-    r = summarize(outs, book, names)
+    r = scoring.summarize(outs, book, names)
 
     def cells(cs):  # equal-sized cells: their mean is the pooled accuracy too
         return float(np.mean([per[c] for c in cs]))
@@ -361,10 +264,6 @@ def cosine_history(ck):
 
 
 # ----------------------------------------------------------------------------- 5. labels, JSON
-
-def _err(acc):
-    return None if acc is None else 1.0 - acc
-
 
 # train.py flags that say how a run executed, not what it trained: never what tells two runs apart
 NOT_RECIPE = {"out_dir", "resume", "environment", "device", "data_dir", "mirror", "log_interval",
@@ -568,7 +467,7 @@ def split_of(r, name, args, mixes):
 def fit_on_val(r, net, args, device, mixes):
     """--calibrate: r's temperatures fitted on the val split of its mix (calibrate.py)."""
     val = split_of(r, "val", args, mixes)
-    outs, _ = run_student(net, val["images"], device, args.batch_size)
+    outs, _ = scoring.run_student(net, val["images"], device, args.batch_size)
     return calibrate.fit_temperatures(outs, val["labels"], r["checkpoint"], args.min_type_images)
 
 
@@ -590,8 +489,8 @@ def evaluate_one(r, obj, args, device, mixes):
         outs, ips, source = run_teacher(obj, args.split, split, device, args.batch_size)
         r["teacher_source"] = source
     else:
-        outs, ips = run_student(obj, split["images"], device, args.batch_size)
-    m = summarize(outs, split)
+        outs, ips = scoring.run_student(obj, split["images"], device, args.batch_size)
+    m = scoring.summarize(outs, split)
     if r.get("temperatures"):
         m["calibration_scaling"] = calibrate.report(outs, split, data.TYPES, r["temperatures"])
     r["_pred"] = outs["combined"].argmax(-1)  # for add_agreement, dropped before output
@@ -610,7 +509,6 @@ def evaluate(args):
             r["_fitted"] = True
         m, ips = evaluate_one(r, obj, args, device, mixes)
         r.update(m, images_per_s=ips)
-        r.pop("mean_corruption_error", None)  # eval.json keeps one key per metric: the mCE is "mce"
         if base is not None:
             add_mce(r, base, args.baseline)
         results.append(r)

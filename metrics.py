@@ -1,12 +1,13 @@
-"""Metrics of the seed's 3.5 (torch only: copy this file into another project).
+"""The metrics of thesis 3.5, each a pure function over whole-split tensors (torch only), tested
+on hand-computed values in tests/test_metrics.py:
 
-Accuracy, NLL, ECE (Guo et al. 2017, seed Eq. 8-9), mCE (Hendrycks & Dietterich 2019, seed
-Eq. 10) and temperature scaling (Guo et al. 2017, 4.2), each a pure function over whole-split tensors, each tested on hand-computed values in
-tests/test_eval.py. `names` lists the image types in index order (type 0 = clean), e.g. data.TYPES
-for the seed's 11-type mix or corruptions.TYPE_NAMES for the 16 types of CIFAR-10-C.
+    accuracy, NLL, ECE         Guo et al. 2017, thesis Eq. 8-9 (over the whole split at once)
+    mCE                        Hendrycks & Dietterich 2019, thesis Eq. 10
+    temperature scaling        Guo et al. 2017, 4.2
 
-ECE is the standard definition, over the whole split at once. The seed's ECEs (~0.0002) come from
-summing per-batch ECEs and dividing by the number of samples; they are not comparable to ours.
+`names` lists the image types in index order (type 0 = clean): data.TYPES for the thesis's
+11-type mix, corruptions.TYPE_NAMES for the 16 types of CIFAR-10-C. The thesis's ECEs (~0.0002)
+sum per-batch ECEs and divide by the number of samples; they are not comparable to these.
 """
 import math
 
@@ -31,9 +32,9 @@ def calibration_bins(confidences, correct, n_bins=15):
 
 
 def expected_calibration_error(logits, labels, n_bins=15):
-    """Guo et al. 2017, seed Eq. 9: sum_m |B_m|/n |acc(B_m) - conf(B_m)|, top-1 softmax confidence,
-    15 equal-width bins (lower, upper], empty bins skipped, the whole set at once."""
-    probs = logits.double().softmax(-1)  # float64: a 1.0 - 1e-9 confidence stays below the last edge
+    """Guo et al. 2017, thesis Eq. 9: sum_m |B_m|/n |acc(B_m) - conf(B_m)|, top-1 softmax
+    confidence, 15 equal-width bins (lower, upper], empty bins skipped, the whole set at once."""
+    probs = logits.double().softmax(-1)  # float64: 1.0 - 1e-9 stays below the last edge
     conf, pred = probs.max(-1)
     return ece_from_bins(*calibration_bins(conf, pred == labels, n_bins))
 
@@ -56,12 +57,12 @@ def mean_or_none(x):
 
 
 def per_type_accuracy(correct, types, names):
-    """{type name: accuracy}; types index names (the mix's 11, seed 3.4 order); None where absent."""
+    """{type name: accuracy}; types index names (the mix's 11, thesis 3.4 order); None if absent."""
     return {name: mean_or_none(correct[types == t]) for t, name in enumerate(names)}
 
 
 def per_severity_accuracy(correct, types, severities):
-    """{"1".."5": accuracy over the corrupted images of that severity} (clean images have severity 0)."""
+    """{"1".."5": accuracy over the corrupted images of that severity} (clean: severity 0)."""
     return {str(s): mean_or_none(correct[(types > 0) & (severities == s)]) for s in range(1, 6)}
 
 
@@ -80,8 +81,9 @@ def mean_corruption_error(per_type, names):
 
 
 def mce(errors, baseline_errors, clean=0.0, baseline_clean=0.0):
-    """Hendrycks & Dietterich, seed Eq. 10: CE_c = sum_s E_sc / sum_s E^base_sc, mCE = mean_c CE_c.
-    errors: {corruption: [E_1..E_5]}; severities missing on either side are left out of both sums.
+    """Hendrycks & Dietterich, thesis Eq. 10: CE_c = sum_s E_sc / sum_s E^base_sc,
+    mCE = mean_c CE_c. errors: {corruption: [E_1..E_5]}; severities missing on either side are
+    left out of both sums.
     Returned as a fraction (x100 for the percentages the literature prints)."""
     ratios = []
     for c, e in errors.items():
@@ -104,15 +106,17 @@ def relative_mce(errors, clean_error, baseline_errors, baseline_clean_error):
 
 def relative_mce_undefined(baseline_errors, baseline_clean_error):
     """Why relative mCE has no meaning against this baseline, or None. Each corruption's denominator
-    sum_s (E^base_sc - E^base_clean) must be positive: a baseline whose corrupted error is not above
-    its clean error (the seed's own regime, 4.4: clean ~0.25, corrupted < 0.02) degrades by nothing
-    or less, and the ratio's sign and size mean nothing."""
+    sum_s (E^base_sc - E^base_clean) must be positive: a baseline whose corrupted error is not
+    above its clean error (the thesis's own regime, 4.4: clean ~0.25, corrupted < 0.02) degrades
+    by nothing or less, and the ratio's sign and size mean nothing."""
     bad = [c for c, e in baseline_errors.items()
            if sum(b - baseline_clean_error for b in e if b is not None) <= 0]
     if not bad:
         return None
-    return (f"the baseline's corrupted error is not above its clean error ({100 * baseline_clean_error:.2f}%) "
-            f"for {len(bad)} of {len(baseline_errors)} corruptions ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})")
+    named = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
+    return (f"the baseline's corrupted error is not above its clean error "
+            f"({100 * baseline_clean_error:.2f}%) for {len(bad)} of {len(baseline_errors)} "
+            f"corruptions ({named})")
 
 
 def confusion_matrix(pred, target, n):
@@ -130,7 +134,7 @@ def fit_temperature(logits, labels, lo=1e-2, hi=1e2, iters=100):
     (a separable set drives T -> 0). Float64, deterministic."""
     z, y = logits.double(), labels
     zy = z.gather(1, y[:, None])[:, 0]
-    slope = lambda b: float(((b * z).softmax(-1) * z).sum(-1).sub(zy).mean())  # d NLL / d beta  # noqa: E731
+    slope = lambda b: float(((b * z).softmax(-1) * z).sum(-1).sub(zy).mean())  # d NLL / d beta
     a, b = math.log(1 / hi), math.log(1 / lo)   # log beta bracket
     if slope(math.exp(a)) >= 0:
         return hi
@@ -142,7 +146,8 @@ def fit_temperature(logits, labels, lo=1e-2, hi=1e2, iters=100):
     return 1 / math.exp((a + b) / 2)
 
 
-def type_temperatures(logits, labels, pred_types, num_types, global_t, min_count=50, lo=1e-2, hi=1e2):
+def type_temperatures(logits, labels, pred_types, num_types, global_t, min_count=50, lo=1e-2,
+                      hi=1e2):
     """One temperature per *predicted* corruption type (CdeiT's corruption-token argmax, so no label
     is needed at test time): fit_temperature on the held-out images the token assigns to type t,
     the global temperature for types with fewer than min_count of them, and for types whose fit

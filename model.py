@@ -1,14 +1,14 @@
-"""Vision transformers for the seed's experiments, from scratch (torch only).
+"""Vision transformers for the thesis's experiments, from scratch (torch only).
 
 One transformer serves four architectures, picked by name in `create_model`:
-  vit          the seed's baseline student: DeiT-Tiny sizes, one class token, a two-layer MLP head
-               (seed 2.1, 3.2)
-  deit         vit + a distillation token and its head (seed 2.3, Touvron et al. 2020)
-  cdeit        deit + a corruption token predicting the image type, strategies 1/2/3 (seed 3.3)
-  deit3_small  the teacher: DeiT-III Small, LayerScale, patch 16 at 224px (seed 3.2, 4.1)
+  vit          the thesis's baseline student: DeiT-Tiny sizes, one class token, a two-layer MLP head
+               (thesis 2.1, 3.2)
+  deit         vit + a distillation token and its head (thesis 2.3, Touvron et al. 2020)
+  cdeit        deit + a corruption token predicting the image type, strategies 1/2/3 (thesis 3.3)
+  deit3_small  the teacher: DeiT-III Small, LayerScale, patch 16 at 224px (thesis 3.2, 4.1)
 
 Two layouts (ViTConfig.layout), identical in shapes and keys except the final norm:
-  "thesis" (the students' default) where the seed's text is silent, its public code decides (the
+  "thesis" (the students' default) where the thesis's text is silent, its public code decides (the
            models module: `VisionTransformer`, `DistillVisionTransformer`,
            `CorruptDistillVisionTransformer`; the modules file: `PatchEmbedding`,
            `VisionTransformerEncoder`): pre-norm blocks and NO final LayerNorm (the heads read the
@@ -26,27 +26,26 @@ img_size=32, patch_size=4, num_classes=10, giving the same logits. CdeiT's extra
 
 Forward contract:
   eval mode  -> (B, num_classes) class logits; deit averages cls and dist, cdeit strategies 2/3
-                also average in corr_proj(corruption logits) (seed 3.3).
+                also average in corr_proj(corruption logits) (thesis 3.3).
   train mode -> Logits(cls, dist, corr, corr_cls), None where the model lacks the head.
   forward_tokens(x) -> the special tokens the heads read (after the final norm in the timm layout),
-                for the seed's 4.4 cosine analysis.
+                for thesis 4.4's cosine analysis.
 """
 import math
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
 
 from kernels import attention_packed, sdpa_packed  # Triton on CUDA; SDPA (torch only) otherwise
 
 
 class Logits(NamedTuple):
     cls: torch.Tensor                         # (B, num_classes) from the class token
-    dist: Optional[torch.Tensor] = None       # (B, num_classes) from the distillation token
-    corr: Optional[torch.Tensor] = None       # (B, num_types) from the corruption token
-    corr_cls: Optional[torch.Tensor] = None   # (B, num_classes) = corr_proj(corr), strategies 2/3
+    dist: torch.Tensor | None = None       # (B, num_classes) from the distillation token
+    corr: torch.Tensor | None = None       # (B, num_types) from the corruption token
+    corr_cls: torch.Tensor | None = None   # (B, num_classes) = corr_proj(corr), strategies 2/3
 
 
 class ModelFileError(RuntimeError):
@@ -65,7 +64,7 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(drop)
 
     def forward(self, x):
-        B, N, C = x.shape
+        B, N, _ = x.shape  # (B, N, C)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, hd)
         attend = attention_packed if self.fused_attn and x.is_cuda else sdpa_packed
         y = attend(qkv)  # (B, N, C), no transposes around the kernel
@@ -77,7 +76,8 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()  # exact (erf) GELU, as timm and the DeiT-III weights use
-        self.drop_hidden = nn.Dropout(drop_hidden)  # timm drops after the GELU too; the seed's code does not
+        # timm drops after the GELU too; the thesis's code does not
+        self.drop_hidden = nn.Dropout(drop_hidden)
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
@@ -96,7 +96,7 @@ class LayerScale(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop a whole residual branch per sample (Huang et al. 2016, seed 3.1)."""
+    """Stochastic depth: drop a whole residual branch per sample (Huang et al. 2016, thesis 3.1)."""
     def __init__(self, p):
         super().__init__()
         self.p = p
@@ -110,8 +110,9 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm encoder block: x + ls1(attn(norm1(x))), x + ls2(mlp(norm2(x))) (seed 2.1)."""
-    def __init__(self, dim, num_heads, mlp_ratio, init_values, drop, drop_path, fused_attn, drop_hidden):
+    """Pre-norm encoder block: x + ls1(attn(norm1(x))), x + ls2(mlp(norm2(x))) (thesis 2.1)."""
+    def __init__(self, dim, num_heads, mlp_ratio, init_values, drop, drop_path, fused_attn,
+                 drop_hidden):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, drop, fused_attn)
@@ -127,8 +128,8 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """A p x p, stride-p Conv2d (timm's key names). The seed's code applies nn.Linear(C*p*p, D) to the
-    flattened patches: the same map, and PyTorch's default init draws both from the same
+    """A p x p, stride-p Conv2d (timm's key names). The thesis's code applies nn.Linear(C*p*p, D)
+    to the flattened patches: the same map, and PyTorch's default init draws both from the same
     distribution (kaiming-uniform a=sqrt(5), fan_in = C*p*p, bias bound 1/sqrt(fan_in))."""
     def __init__(self, img_size, patch_size, in_chans, dim):
         super().__init__()
@@ -146,33 +147,33 @@ class PatchEmbed(nn.Module):
 @dataclass
 class ViTConfig:
     img_size: int = 32            # CIFAR-10 resolution
-    patch_size: int = 4           # 32/4 -> 64 patches for the students (the seed never states P: ours)
+    patch_size: int = 4           # 32/4 -> 64 patches (the thesis never states P: ours)
     in_chans: int = 3
     num_classes: int = 10
-    layout: str = "thesis"        # "thesis": the seed's code's layout and init; "timm" (module docstring)
-    head: str = "linear"          # class head: "linear" (DeiT, timm) or "mlp": Linear(D, D), GELU, Linear
-    embed_dim: int = 192          # DeiT-Tiny D (seed 3.2)
+    layout: str = "thesis"        # "thesis": the thesis's code's layout and init; "timm" (above)
+    head: str = "linear"          # class head: "linear" (DeiT, timm) or "mlp" (Linear-GELU-Linear)
+    embed_dim: int = 192          # DeiT-Tiny D (thesis 3.2)
     depth: int = 12
     num_heads: int = 3
     mlp_ratio: float = 4.0
     distilled: bool = False       # add the distillation token + head_dist (DeiT)
     corruption_token: bool = False  # add the corruption token + head_corr (CdeiT)
-    num_types: int = 11           # clean + the seed's 10 corruptions (seed 3.4)
-    strategy: int = 2             # CdeiT inference strategy 1/2/3 (seed 3.3); 2 is the seed's best
+    num_types: int = 11           # clean + the thesis's 10 corruptions (3.4)
+    strategy: int = 2             # CdeiT inference strategy 1/2/3 (thesis 3.3); 2 is its best
     corr_hidden: int = 0          # strategy 3 FFN width; 0 -> num_types
     no_embed_class: bool = False  # DeiT-III: pos_embed covers patches only, tokens get none
     init_values: float = 0.0      # LayerScale init (DeiT-III); 0 -> no LayerScale
-    drop_path: float = 0.0        # stochastic depth: every block (thesis), the last one of a ramp (timm)
-    drop: float = 0.0             # dropout after each residual branch (timm: also after pos_embed and the GELU)
+    drop_path: float = 0.0        # stochastic depth: every block (thesis), a ramp's last (timm)
+    drop: float = 0.0             # dropout after each residual branch (timm: also pos_embed, GELU)
     fused_attn: bool = True       # use kernels.attention_packed on CUDA
 
 
 MODELS = {
-    "vit": ViTConfig(head="mlp"),   # seed 2.1: the ViT baseline's two-layer MLP head
+    "vit": ViTConfig(head="mlp"),   # thesis 2.1: the ViT baseline's two-layer MLP head
     "deit": ViTConfig(distilled=True),
     "cdeit": ViTConfig(distilled=True, corruption_token=True),
-    "deit3_small": ViTConfig(img_size=224, patch_size=16, num_classes=1000, embed_dim=384, num_heads=6,
-                             no_embed_class=True, init_values=1e-6, layout="timm"),
+    "deit3_small": ViTConfig(img_size=224, patch_size=16, num_classes=1000, embed_dim=384,
+                             num_heads=6, no_embed_class=True, init_values=1e-6, layout="timm"),
 }
 LAYOUTS = ("thesis", "timm")
 
@@ -187,13 +188,15 @@ class VisionTransformer(nn.Module):
         if cfg.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {cfg.layout!r}")
         if cfg.corruption_token and not cfg.distilled:
-            raise ValueError("the corruption token needs the distillation token (CdeiT extends DeiT)")
+            raise ValueError("the corruption token needs the distillation token (CdeiT extends "
+                             "DeiT)")
         self.cfg = cfg
         timm_layout = cfg.layout == "timm"
         D = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
         self.num_prefix = 1 + int(cfg.distilled) + int(cfg.corruption_token)  # [cls, dist, corr]
-        # the seed's code (PatchEmbedding): cls_token and pos_embedding = nn.Parameter(torch.randn(...));
+        # the thesis's code (PatchEmbedding): cls_token and pos_embedding =
+        # nn.Parameter(torch.randn(...));
         # its dist / corr tokens live in a class no revision shows, drawn the same way here
         token = torch.zeros if timm_layout else torch.randn  # timm: trunc-normal(0.02) below
         self.cls_token = nn.Parameter(token(1, 1, D))
@@ -202,22 +205,24 @@ class VisionTransformer(nn.Module):
         n_pos = self.patch_embed.num_patches + (0 if cfg.no_embed_class else self.num_prefix)
         self.pos_embed = nn.Parameter(token(1, n_pos, D))
         self.pos_drop = nn.Dropout(cfg.drop if timm_layout else 0.0)
-        # DeiT ramps stochastic depth linearly over depth; the seed's code passes one drop_path to
+        # DeiT ramps stochastic depth linearly over depth; the thesis's code passes one drop_path to
         # every VisionTransformerEncoder
-        dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist() if timm_layout else [cfg.drop_path] * cfg.depth
+        dpr = [cfg.drop_path] * cfg.depth
+        if timm_layout:
+            dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.blocks = nn.Sequential(*[
-            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.init_values, cfg.drop, dpr[i], cfg.fused_attn,
-                  drop_hidden=cfg.drop if timm_layout else 0.0)
+            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.init_values, cfg.drop, dpr[i],
+                  cfg.fused_attn, drop_hidden=cfg.drop if timm_layout else 0.0)
             for i in range(cfg.depth)])
-        # the seed's code: the heads read batch[:, 0] straight from the last encoder (no final norm)
+        # the thesis's code: the heads read batch[:, 0] straight from the last encoder (no norm)
         self.norm = nn.LayerNorm(D, eps=1e-6) if timm_layout else nn.Identity()
-        # seed 2.1: ViT's class token feeds a two-layer MLP with a GELU between (hidden width D, as
-        # the seed's code, which used Tanh); DeiT's tokens feed single Linear heads (seed 2.3).
+        # thesis 2.1: ViT's class token feeds a two-layer MLP with a GELU between (hidden width D,
+        # as the thesis's code, which used Tanh); DeiT's tokens feed single Linear heads (2.3).
         self.head = nn.Linear(D, cfg.num_classes) if cfg.head == "linear" else \
             nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, cfg.num_classes))
         self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.distilled else None
         self.head_corr = nn.Linear(D, cfg.num_types) if cfg.corruption_token else None
-        # seed 3.3: strategy 2 projects the corruption logits to class space with one Linear,
+        # thesis 3.3: strategy 2 projects the corruption logits to class space with one Linear,
         # strategy 3 with Linear -> GELU -> Linear; strategy 1 has no projection.
         self.corr_proj = None
         if cfg.corruption_token and cfg.strategy == 2:
@@ -226,7 +231,7 @@ class VisionTransformer(nn.Module):
             hidden = cfg.corr_hidden or cfg.num_types
             self.corr_proj = nn.Sequential(nn.Linear(cfg.num_types, hidden), nn.GELU(),
                                            nn.Linear(hidden, cfg.num_classes))
-        if timm_layout:  # the seed's code has no init code: PyTorch's defaults stand
+        if timm_layout:  # the thesis's code has no init code: PyTorch's defaults stand
             self.apply(self._init_weights)
             for p in (self.pos_embed, self.cls_token, self.dist_token, self.corr_token):
                 if p is not None:
@@ -234,7 +239,8 @@ class VisionTransformer(nn.Module):
 
     @staticmethod
     def _init_weights(m):
-        """timm's init: trunc-normal(0.02) Linear weights, zero biases (the patch Conv2d keeps PyTorch's)."""
+        """timm's init: trunc-normal(0.02) Linear weights, zero biases (the patch Conv2d keeps
+        PyTorch's)."""
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
@@ -247,8 +253,8 @@ class VisionTransformer(nn.Module):
         return {"pos_embed", "cls_token", "dist_token", "corr_token"}
 
     def forward_features(self, x):
-        """(B, C, H, W) normalised images -> (B, num_prefix + num_patches, D): the last block's tokens,
-        after the final norm in the timm layout."""
+        """(B, C, H, W) normalised images -> (B, num_prefix + num_patches, D): the last block's
+        tokens, after the final norm in the timm layout."""
         x = self.patch_embed(x)  # (B, P, D)
         prefix = [t.expand(x.shape[0], -1, -1)
                   for t in (self.cls_token, self.dist_token, self.corr_token) if t is not None]
@@ -260,23 +266,27 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward_tokens(self, x):
-        """The special tokens the heads read, {cls, dist, corr} (B, D) each; the seed's 4.4 compares them."""
+        """The special tokens the heads read, {cls, dist, corr}, (B, D) each (thesis 4.4 compares
+        them)."""
         f = self.forward_features(x)
         names = ["cls"] + ["dist"] * self.cfg.distilled + ["corr"] * self.cfg.corruption_token
         return {n: f[:, i] for i, n in enumerate(names)}
 
     def forward_heads(self, x):
         """Every head's logits, in either mode: Logits(cls, dist, corr, corr_cls)."""
-        f = self.forward_features(x)
-        cls = self.head(f[:, 0])
-        dist = self.head_dist(f[:, 1]) if self.head_dist is not None else None
-        corr = self.head_corr(f[:, 2]) if self.head_corr is not None else None
+        return self.read_heads(self.forward_tokens(x))
+
+    def read_heads(self, tok):
+        """forward_tokens' tokens -> Logits(cls, dist, corr, corr_cls)."""
+        cls = self.head(tok["cls"])
+        dist = self.head_dist(tok["dist"]) if self.head_dist is not None else None
+        corr = self.head_corr(tok["corr"]) if self.head_corr is not None else None
         corr_cls = self.corr_proj(corr) if self.corr_proj is not None else None
         return Logits(cls, dist, corr, corr_cls)
 
     @staticmethod
     def average_heads(out):
-        """The eval-mode class logits (B, num_classes) from Logits (seed 3.3)."""
+        """The eval-mode class logits (B, num_classes) from Logits (thesis 3.3)."""
         if out.dist is None:
             return out.cls
         if out.corr_cls is None:
@@ -309,7 +319,8 @@ def saved_model_args(model_args):
 
 
 def param_groups(model, weight_decay):
-    """AdamW groups: decay matrices, not biases, norms, LayerScale, tokens or pos_embed (nanoGPT/timm)."""
+    """AdamW groups: decay matrices, not biases, norms, LayerScale, tokens or pos_embed (nanoGPT,
+    timm)."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -322,20 +333,22 @@ def param_groups(model, weight_decay):
 def load_teacher(path, num_classes=10, **overrides):
     """DeiT-III Small from timm's `model.safetensors` (no pickle), every key and shape checked.
 
-    A 1000-way ImageNet head with num_classes != 1000 is dropped and a fresh head created: the
-    seed's 4.1 fits a new linear head on the frozen backbone. Any other mismatch raises
+    A 1000-way ImageNet head with num_classes != 1000 is dropped and a fresh head created:
+    thesis 4.1 fits a new linear head on the frozen backbone. Any other mismatch raises
     ModelFileError listing the missing, unexpected and mis-shaped keys. A smaller test teacher
     states its sizes in the file's metadata ("model_args": JSON of depth / embed_dim / num_heads);
     explicit overrides win over them.
     """
     import json
     import os
+
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ModelFileError(f"teacher file {path}: not found (train.py downloads it into --data-dir)")
+        raise ModelFileError(f"teacher file {path}: not found (train.py downloads it into "
+                             "--data-dir)")
     try:
         sd = load_file(path, device="cpu")
         with safe_open(path, "pt") as f:
@@ -343,7 +356,8 @@ def load_teacher(path, num_classes=10, **overrides):
         sizes = json.loads(meta.get("model_args", "{}"))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelFileError(f"teacher file {path}: not a readable safetensors file ({msg})") from None
+        raise ModelFileError(f"teacher file {path}: not a readable safetensors file "
+                             f"({msg})") from None
     if not isinstance(sizes, dict) or not set(sizes) <= {"depth", "embed_dim", "num_heads"} \
             or not all(type(v) is int and v > 0 for v in sizes.values()):
         raise ModelFileError(f"teacher file {path}: metadata model_args must give positive integer "
@@ -351,19 +365,12 @@ def load_teacher(path, num_classes=10, **overrides):
     model = create_model("deit3_small", num_classes=num_classes, **{**sizes, **overrides})
     expected = model.state_dict()
     head = sd.get("head.weight")
-    if head is not None and head.shape[0] != num_classes and head.shape[1:] == expected["head.weight"].shape[1:]:
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # refit a new head (seed 4.1)
+    width = expected["head.weight"].shape[1:]
+    if head is not None and head.shape[0] != num_classes and head.shape[1:] == width:
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # a new head (thesis 4.1)
         for k in ("head.weight", "head.bias"):
             sd[k] = expected[k]
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    misshaped = sorted(f"{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}"
-                       for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
-    if missing or unexpected or misshaped:
-        parts = [f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} ({len(keys)})"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                     ("mis-shaped", misshaped)) if keys]
-        raise ModelFileError(f"teacher file {path} does not match deit3_small: " + "; ".join(parts))
+    check_weights(sd, expected, f"teacher file {path} does not match deit3_small")
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model
 
@@ -449,32 +456,37 @@ def load_checked(path, what, kind, fields, hints=None):
     return ck
 
 
-def _load_weights(net, sd, path):
-    """load_state_dict with every key and shape checked first, reported on one line."""
-    want = net.state_dict()
+def check_weights(sd, want, where):
+    """Raise ModelFileError unless state dict sd has exactly want's keys and shapes; the one line
+    (opened by `where`) names the missing, unexpected and mis-shaped keys, 8 of each at most."""
     if not isinstance(sd, dict):
-        raise ModelFileError(f"{path}: 'model' is not a state dict")
+        raise ModelFileError(f"{where}: not a state dict ({type(sd).__name__})")
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    shaped = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != tuple(want[k].shape))
-    if missing or unexpected or shaped:
-        parts = [f"{n}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
-                 for n, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if v]
-        raise ModelFileError(f"{path}: weights do not fit the model ({'; '.join(parts)})")
-    net.load_state_dict(sd)
+    misshaped = sorted(f"{k} {tuple(sd[k].shape)} != {tuple(want[k].shape)}"
+                       for k in set(sd) & set(want) if tuple(sd[k].shape) != tuple(want[k].shape))
+    parts = [f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} ({len(keys)})"
+             for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                 ("mis-shaped", misshaped)) if keys]
+    if parts:
+        raise ModelFileError(f"{where}: " + "; ".join(parts))
 
 
 def load_student(path, hints=None):
     """A train.py checkpoint -> (model on CPU in eval mode, checkpoint dict without the optimizer).
     The one loader of a student: eval.py, predict.py and export.py all read checkpoints here."""
-    ck = load_checked(path, "checkpoint", STUDENT_KIND, ("model_name", "model_args", "model", "data_args"), hints)
+    fields = ("model_name", "model_args", "model", "data_args")
+    ck = load_checked(path, "checkpoint", STUDENT_KIND, fields, hints)
     if ck["model_name"] not in ("vit", "deit", "cdeit"):
-        raise ModelFileError(f"{path}: model_name {ck['model_name']!r} is not a student (vit, deit, cdeit)")
+        raise ModelFileError(f"{path}: model_name {ck['model_name']!r} is not a student (vit, "
+                             "deit, cdeit)")
     try:
-        ck["model_args"] = saved_model_args(ck["model_args"])  # an older file: the timm layout, as it was built
+        # an older file: the timm layout, as it was built
+        ck["model_args"] = saved_model_args(ck["model_args"])
         net = create_model(ck["model_name"], **ck["model_args"])
     except (TypeError, ValueError) as e:
         raise ModelFileError(f"{path}: model_args do not build a {ck['model_name']}: {e}") from None
-    _load_weights(net, ck["model"], path)
+    check_weights(ck["model"], net.state_dict(), f"{path}: weights do not fit the model")
+    net.load_state_dict(ck["model"])
     ck.pop("optimizer", None)
     return net.eval(), ck
 
@@ -500,25 +512,31 @@ def load_temperatures(ckpt_path, num_types=None):
         with open(path) as f:
             t = json.load(f)
     except (OSError, ValueError) as e:
-        raise ModelFileError(f"{path}: not a readable temperatures file ({first_line(e)})") from None
+        raise ModelFileError(f"{path}: not a readable temperatures file "
+                             f"({first_line(e)})") from None
     if not isinstance(t, dict) or t.get("kind") != TEMPERATURE_KIND or t.get("version") != 1:
-        raise ModelFileError(f"{path}: not a temperatures file written by eval.py --calibrate (kind {TEMPERATURE_KIND!r})")
-    pos = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf  # noqa: E731
+        raise ModelFileError(f"{path}: not a temperatures file written by eval.py --calibrate "
+                             f"(kind {TEMPERATURE_KIND!r})")
+
+    def pos(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
     per = t.get("per_type")
-    if not pos(t.get("global")) or not (per is None or (isinstance(per, list) and all(map(pos, per))
-                                                        and (num_types is None or len(per) == num_types))):
+    per_ok = per is None or (isinstance(per, list) and all(map(pos, per))
+                             and (num_types is None or len(per) == num_types))
+    if not pos(t.get("global")) or not per_ok:
         raise ModelFileError(f"{path}: 'global' must be a positive number and 'per_type' None or "
                              f"{num_types or 'one'} positive numbers per corruption type")
     if t.get("checkpoint_sha256") != fileio.sha256_file(ckpt_path):
-        raise ModelFileError(f"{path}: fitted on another version of {ckpt_path} (sha256 differs); rerun "
-                             f"eval.py {ckpt_path} --calibrate, or delete it")
+        raise ModelFileError(f"{path}: fitted on another version of {ckpt_path} (sha256 "
+                             f"differs); rerun eval.py {ckpt_path} --calibrate, or delete it")
     return t
 
 
 class Deployed(nn.Module):
-    """A student as a user runs it: uint8 RGB images (B, 3, H, W) in, normalisation and the eval-mode
-    head averaging (seed 3.3) built in. -> class logits (B, num_classes), and for CdeiT also the
-    corruption logits (B, num_types). mean / std: the training normalisation (augment.MEAN / STD)."""
+    """A student as a user runs it: uint8 RGB images (B, 3, H, W) in, normalisation and the
+    eval-mode head averaging (thesis 3.3) built in. -> class logits (B, num_classes), and for
+    CdeiT also the corruption logits (B, num_types). mean / std: the training normalisation
+    (augment.MEAN / STD)."""
 
     def __init__(self, net, mean, std):
         super().__init__()
@@ -526,7 +544,8 @@ class Deployed(nn.Module):
         std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         # x * 1/(255 std) - mean/std: augment.normalize's arithmetic, so the logits match it exactly
         self.register_buffer("scale", 1 / (255 * std))
-        self.register_buffer("shift", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std)
+        mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("shift", mean / std)
 
     def forward(self, images):
         out = self.net.forward_heads(images.float() * self.scale - self.shift)

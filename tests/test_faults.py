@@ -12,7 +12,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,13 +21,13 @@ import torch
 
 import eval as evaluate_cli
 import fileio
-import heartbeat
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--train-per-class", "4", "--val-per-class", "2",
-        "--test-per-class", "2", "--batch-size", "44", "--head-epochs", "2", "--dataset", "synthetic",
-        "--device", "cpu", "--model", "cdeit", "--distill", "hard"]  # 440 images -> 10 steps per epoch
+TINY = ["--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--train-per-class", "4",
+        "--val-per-class", "2", "--test-per-class", "2", "--batch-size", "44", "--head-epochs", "2",
+        "--dataset", "synthetic", "--device", "cpu", "--model", "cdeit",
+        "--distill", "hard"]  # 440 images -> 10 steps per epoch
 EPOCHS = 3
 STEPS = 10 * EPOCHS
 
@@ -41,7 +40,8 @@ def _env():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))  # synthetic files + teacher cache, shared by the tests
+    # synthetic files + teacher cache, shared by the tests
+    return str(tmp_path_factory.mktemp("data"))
 
 
 def _argv(data_dir, out, epochs=EPOCHS, log_interval=1):
@@ -66,10 +66,12 @@ def reference(data_dir, tmp_path_factory):
 
 
 def _same_run(a, b):
-    """b's files equal a's: weights, optimizer state and counters of ckpt.pt and best.pt, and summary.csv."""
+    """b's files equal a's: weights, optimizer state and counters of ckpt.pt and best.pt, and
+    summary.csv."""
     for name in ("ckpt.pt", "best.pt"):
         ca, cb = _load(a / name), _load(b / name)
-        assert (ca["epoch"], ca["step"], ca["best_val_accuracy"]) == (cb["epoch"], cb["step"], cb["best_val_accuracy"])
+        assert (ca["epoch"], ca["step"], ca["best_val_accuracy"]) == (cb["epoch"], cb["step"],
+                                                                      cb["best_val_accuracy"])
         assert ca["model"].keys() == cb["model"].keys()
         for k in ca["model"]:
             assert torch.equal(ca["model"][k], cb["model"][k]), (name, k)
@@ -92,7 +94,8 @@ def test_atomic_write_error_is_one_line_and_keeps_old_file(tmp_path, monkeypatch
     with pytest.raises(fileio.WriteError) as e:
         fileio.atomic_write(path, {"w": torch.zeros(3)}, "checkpoint")
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"could not write checkpoint {path}: {os.strerror(code)}"), msg
+    assert "\n" not in msg and msg.startswith(f"could not write checkpoint {path}: "
+                                              f"{os.strerror(code)}"), msg
     assert msg.endswith("the previous file is unchanged")
     if code == errno.ENOSPC:
         assert re.search(r"\([\d.]+ [KMG]?B free, [\d.]+ KB needed\)", msg), msg
@@ -113,7 +116,7 @@ def test_atomic_write_serialising_error_touches_nothing(tmp_path):
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["a.bin"]
 
 
-# ----------------------------------------------------------------------------- disk full during training
+# ----------------------------------------------------------------------------- disk full
 
 def _fail_nth_write(monkeypatch, name, n, code=errno.ENOSPC):
     """The n-th atomic write of `name` fails in fsync with OSError(code), as a full disk does."""
@@ -128,15 +131,16 @@ def _fail_nth_write(monkeypatch, name, n, code=errno.ENOSPC):
     monkeypatch.setattr(os, "fsync", fsync)
 
 
-def test_disk_full_at_checkpoint_one_line_then_resume_exact(tmp_path, data_dir, reference, monkeypatch, capsys):
+def test_disk_full_at_checkpoint_one_line_then_resume_exact(tmp_path, data_dir, reference,
+                                                            monkeypatch, capsys):
     out = tmp_path / "o"
     _fail_nth_write(monkeypatch, "ckpt.pt", 2)  # the end of epoch 2
     capsys.readouterr()
     assert train.main(_argv(data_dir, out)) == 1
     err = capsys.readouterr().err
-    assert re.fullmatch(rf"error: could not write checkpoint {re.escape(str(out / 'ckpt.pt'))}: No space left on "
-                        r"device \([\d.]+ [KMG]?B free, [\d.]+ KB needed\); the previous file is unchanged; "
-                        r"then continue with --resume\n", err), err
+    assert re.fullmatch(rf"error: could not write checkpoint {re.escape(str(out / 'ckpt.pt'))}: "
+                        r"No space left on device \([\d.]+ [KMG]?B free, [\d.]+ KB needed\); "
+                        r"the previous file is unchanged; then continue with --resume\n", err), err
     assert _load(out / "ckpt.pt")["epoch"] == 1 and fileio.temp_files(str(out)) == []
     monkeypatch.undo()  # space freed
     assert train.main(_argv(data_dir, out) + ["--resume"]) == 0
@@ -145,21 +149,25 @@ def test_disk_full_at_checkpoint_one_line_then_resume_exact(tmp_path, data_dir, 
 
 def _mount_tmpfs(path, size):
     path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, check=False)
     return r.returncode == 0
 
 
 def test_real_full_disk_then_resume_exact(tmp_path, data_dir, reference, capsys):
-    """A real filesystem that fills up mid-run (a tmpfs, so root only): one line, old checkpoint intact,
+    """A real filesystem that fills up mid-run (a tmpfs, so root only): one line, old checkpoint
+    intact,
     no temp file; after space is freed --resume reproduces the uninterrupted run."""
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "4m"):
-        pytest.skip("cannot mount a tmpfs here (needs root); the injected ENOSPC test covers the message")
+        pytest.skip("cannot mount a tmpfs here (needs root); the injected ENOSPC test covers the "
+                    "message")
     try:
         ck = os.path.getsize(reference / "ckpt.pt")
         page = os.statvfs(disk).f_frsize
-        pages = lambda n: -(-n // page) * page  # noqa: E731
-        # room for config, summary, ckpt and best of epoch 1 plus half a checkpoint: epoch 2's save fails
+        pages = lambda n: -(-n // page) * page
+        # room for config, summary, ckpt and best of epoch 1 plus half a checkpoint: epoch 2's
+        # save fails
         room = pages(4096) * 2 + 2 * pages(ck) + ck // 2
         st = os.statvfs(disk)
         (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - room))
@@ -167,18 +175,19 @@ def test_real_full_disk_then_resume_exact(tmp_path, data_dir, reference, capsys)
         capsys.readouterr()
         assert train.main(_argv(data_dir, out)) == 1
         err = capsys.readouterr().err
-        assert re.fullmatch(r"error: could not write (best )?checkpoint \S+\.pt: No space left on device "
-                            r"\([\d.]+ [KMG]?B free, [\d.]+ KB needed\); the previous file is unchanged; "
-                            r"then continue with --resume\n", err), err
+        assert re.fullmatch(r"error: could not write (best )?checkpoint \S+\.pt: No space left on "
+                            r"device \([\d.]+ [KMG]?B free, [\d.]+ KB needed\); the previous file "
+                            r"is unchanged; then continue with --resume\n", err), err
         assert _load(out / "ckpt.pt")["epoch"] == 1 and fileio.temp_files(str(out)) == []
         assert train.main(_argv(data_dir, out) + ["--resume"]) == 1  # still full: the same one line
-        assert re.fullmatch(r"error: could not write (best )?checkpoint .*--resume\n", capsys.readouterr().err)
+        assert re.fullmatch(r"error: could not write (best )?checkpoint .*--resume\n",
+                            capsys.readouterr().err)
         assert _load(out / "ckpt.pt")["epoch"] == 1 and fileio.temp_files(str(out)) == []
         (disk / "filler").unlink()  # space freed
         assert train.main(_argv(data_dir, out) + ["--resume"]) == 0
         _same_run(reference, out)
     finally:
-        subprocess.run(["umount", str(disk)])
+        subprocess.run(["umount", str(disk)], check=False)
 
 
 # ----------------------------------------------------------------------------- out of memory
@@ -187,26 +196,31 @@ def _oom(*a, **k):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-@pytest.mark.parametrize("where", ["train_step", "evaluate"])
+@pytest.mark.parametrize("where", ["train_step", "run_student"])
 def test_out_of_memory_one_line_keeps_checkpoint(tmp_path, data_dir, monkeypatch, capsys, where):
     out = tmp_path / "o"
-    assert train.main(_argv(data_dir, out, epochs=2), stop_at_step=10) == 0  # epoch 1 done and saved
+    # epoch 1 done and saved
+    assert train.main(_argv(data_dir, out, epochs=2), stop_at_step=10) == 0
     before = (out / "ckpt.pt").read_bytes()
     monkeypatch.setattr(train, where, _oom)
     capsys.readouterr()
     assert train.main(_argv(data_dir, out, epochs=2) + ["--resume"]) == 1
     err = capsys.readouterr().err
-    assert re.fullmatch(r"error: out of GPU memory on cpu at 44 images per GPU \(--batch-size\): use a smaller "
-                        r"--batch-size \(e\.g\. 22\) in a new --out-dir \(--resume needs the same flags\); "
-                        rf"the last checkpoint {re.escape(str(out / 'ckpt.pt'))} is kept\n", err), err
+    assert re.fullmatch(r"error: out of GPU memory on cpu at 44 images per GPU \(--batch-size\): "
+                        r"use a smaller --batch-size \(e\.g\. 22\) in a new --out-dir \(--resume "
+                        r"needs the same flags\); "
+                        rf"the last checkpoint {re.escape(str(out / 'ckpt.pt'))} is kept\n",
+                        err), err
     assert (out / "ckpt.pt").read_bytes() == before and fileio.temp_files(str(out)) == []
 
 
 def test_eval_out_of_memory_one_line(reference, monkeypatch, capsys):
     monkeypatch.setattr(evaluate_cli, "run_student", _oom)
-    assert evaluate_cli.main([str(reference / "best.pt"), "--device", "cpu", "--batch-size", "64"]) == 2
+    assert evaluate_cli.main([str(reference / "best.pt"), "--device", "cpu", "--batch-size",
+                              "64"]) == 2
     err = capsys.readouterr().err
-    assert err == ("eval.py: error: out of GPU memory at --batch-size 64 (images per step): use a smaller "
+    assert err == ("eval.py: error: out of GPU memory at --batch-size 64 (images per step): use a "
+                   "smaller "
                    "--batch-size, e.g. --batch-size 32\n"), err
 
 
@@ -214,14 +228,17 @@ def test_eval_write_error_one_line_keeps_old_json(reference, tmp_path, monkeypat
     out = tmp_path / "r.json"
     out.write_text('{"old": 1}')
     _fail_nth_write(monkeypatch, "r.json", 1)
-    assert evaluate_cli.main([str(reference / "best.pt"), "--device", "cpu", "--json", str(out)]) == 2
+    assert evaluate_cli.main([str(reference / "best.pt"), "--device", "cpu", "--json",
+                              str(out)]) == 2
     err = capsys.readouterr().err
-    assert re.fullmatch(rf"eval.py: error: could not write results JSON {re.escape(str(out))}: No space left on "
-                        r"device \(.* free, .* needed\); the previous file is unchanged\n", err), err
+    assert re.fullmatch(rf"eval.py: error: could not write results JSON {re.escape(str(out))}: "
+                        r"No space left on device \(.* free, .* needed\); the previous file is "
+                        r"unchanged\n",
+                        err), err
     assert json.loads(out.read_text()) == {"old": 1} and os.listdir(tmp_path) == ["r.json"]
 
 
-# ----------------------------------------------------------------------------- SIGKILL at any moment
+# ----------------------------------------------------------------------------- SIGKILL
 
 def _killed_child(argv, how, at, phase):
     """Fork (torch is already imported here, so a trial costs about a second), run train.main in the
@@ -233,7 +250,7 @@ def _killed_child(argv, how, at, phase):
         try:
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 1), os.dup2(null, 2)
-            die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
+            die = lambda: os.kill(os.getpid(), signal.SIGKILL)
             seen, real_fsync, real_replace, real_step = [0], os.fsync, os.replace, train.train_step
 
             def fsync(fd):
@@ -273,7 +290,8 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, data_dir, refer
     against the uninterrupted run."""
     vals = [row["val_accuracy"] for row in _load(reference / "ckpt.pt")["history"]]
     improved = sum(v > max(vals[:i], default=-1) for i, v in enumerate(vals))
-    writes = 1 + 2 * EPOCHS + improved  # config.json, then per epoch best.pt if improved, summary.csv, ckpt.pt
+    # config.json, then per epoch best.pt if improved, summary.csv, ckpt.pt
+    writes = 1 + 2 * EPOCHS + improved
     rng = random.Random(int(os.environ.get("CDEIT_FAULT_SEED", "0")))
     phases, first = ["write", "sync", "rename"], rng.randrange(3)
     trials = [("step", k, None) for k in sorted(rng.sample(range(1, STEPS), 3))]
@@ -284,7 +302,8 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, data_dir, refer
         out = tmp_path / f"t{i}"
         argv = _argv(data_dir, out)
         if how == "outside":  # a separate process, killed from here while it trains
-            p = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+            p = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT,
+                                 stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, env=_env())
             for line in p.stdout:
                 if line.startswith(f"step {at}/"):
@@ -295,7 +314,8 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, data_dir, refer
             assert p.wait(timeout=120) == -signal.SIGKILL, (how, at)
         else:
             status = _killed_child(argv, how, at, extra)
-            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (how, at, extra, status)
+            killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            assert killed, (how, at, extra, status)
         resume = ["--resume"] if (out / "ckpt.pt").exists() else []
         assert train.main(argv + resume) == 0, (how, at, extra)
         _same_run(reference, out)
@@ -304,19 +324,23 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, data_dir, refer
     assert exact == len(trials) >= 10
 
 
-# ----------------------------------------------------------------------------- torchrun: a rank dies
+# ----------------------------------------------------------------------------- torchrun
 
-VIT = ["--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--train-per-class", "4", "--val-per-class", "2",
-       "--test-per-class", "2", "--batch-size", "44", "--dataset", "synthetic", "--device", "cpu", "--model", "vit",
-       "--distill", "none", "--epochs", "1000", "--log-interval", "1"]
+VIT = ["--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--train-per-class", "4",
+       "--val-per-class", "2", "--test-per-class", "2", "--batch-size", "44", "--dataset",
+       "synthetic", "--device", "cpu", "--model", "vit", "--distill", "none", "--epochs", "1000",
+       "--log-interval", "1"]
 
 
 def _children(pid):
     kids = {}
     for d in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
-                env = open(f"/proc/{d}/environ", "rb").read().split(b"\0")
+            with open(f"/proc/{d}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            if parent == pid:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
                 rank = [e[5:] for e in env if e.startswith(b"RANK=")]
                 if rank:
                     kids[int(rank[0])] = int(d)
@@ -328,9 +352,11 @@ def _children(pid):
 def test_torchrun_rank_killed_others_stop_in_seconds(tmp_path, data_dir):
     """torchrun, 2 gloo ranks, rank 1 SIGKILLed mid-training: everything stops within seconds and
     torchrun names rank 1 as the first failure (its agent stops the surviving rank)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *VIT,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train.py", *VIT,
            "--data-dir", data_dir, "--out-dir", str(tmp_path / "o")]
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=_env(),
                          start_new_session=True)
     try:
         lines, t_kill = [], None
@@ -354,94 +380,7 @@ def test_torchrun_rank_killed_others_stop_in_seconds(tmp_path, data_dir):
 
 def _kill_group(p):
     try:
-        os.killpg(p.pid, signal.SIGKILL)  # only if the test failed half way: no stray run keeps going
+        # only if the test failed half way: no stray run keeps going
+        os.killpg(p.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.parametrize("victim,sig", [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)],
-                         ids=["rank1-killed", "rank0-killed", "rank1-hung"])
-def test_rank_killed_without_agent_survivor_names_it(tmp_path, data_dir, victim, sig):
-    """The same with each rank a separate process (as ranks on another node see it: no local agent
-    to stop them): the survivor stops within seconds with one line naming what died. SIGSTOP is a
-    rank that hangs: no connection closes, the survivor's collective would wait out the 60-minute
-    process-group timeout (as NCCL does for a dead peer); the heartbeat stops it instead."""
-    port, ps = _free_port(), []
-    for r in range(2):
-        env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r),
-                   WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-        ps.append(subprocess.Popen([sys.executable, "train.py", *VIT, "--data-dir", data_dir, "--out-dir",
-                                    str(tmp_path / "o")], cwd=ROOT, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, env=env, start_new_session=True))
-    try:
-        t_kill = None
-        for line in ps[0].stdout:
-            if line.startswith("step 12/"):
-                ps[victim].send_signal(sig)
-                t_kill = time.time()
-                break
-        survivor = ps[1 - victim]
-        err = survivor.communicate(timeout=120)[1]
-        stopped = time.time() - t_kill
-    finally:
-        for q in ps:
-            _kill_group(q)
-            q.communicate(timeout=30)
-    print(f"\nrank {victim} got {sig.name}, rank {1 - victim} stopped {stopped:.1f} s later: {err.splitlines()[-1]}")
-    assert survivor.returncode == 1 and stopped < 30, err[-3000:]
-    last = err.strip().splitlines()[-1]
-    if victim == 1:
-        assert "Traceback" not in err and err.count("\n") == 1, err
-        assert re.fullmatch(r"error: rank 0: rank 1 stopped responding \d+s ago \(killed, hung, crashed or its machine "
-                            r"lost\); the last checkpoint \S+ckpt\.pt is kept", last), err
-        if sig == signal.SIGSTOP:  # no collective failed: the full silence limit, not the short confirmation
-            assert stopped >= heartbeat.PeerWatch.DEAD_AFTER_S, stopped
-    else:  # rank 0 also held the rendezvous store
-        assert "Traceback" not in err
-        assert re.fullmatch(r"error: rank 1: lost the rendezvous store 127\.0\.0\.1:\d+, so rank 0 or torchrun's "
-                            r"agent is gone \(.*\); the last checkpoint \S+ckpt\.pt is kept", last), err
-
-
-OOM_ON_RANK_1 = """
-import os, runpy, sys, torch, train
-real, seen = train.train_step, [0]
-def step(*a, **k):
-    seen[0] += 1
-    if os.environ["RANK"] == "1" and seen[0] == 12:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    return real(*a, **k)
-train.train_step = step
-sys.argv = ["train.py"] + sys.argv[1:]
-sys.exit(train.main())
-"""
-
-
-def test_out_of_memory_on_one_rank_stops_all_with_its_line(tmp_path, data_dir):
-    """Rank 1 runs out of memory (no agent: separate processes): rank 1 says so with its per-GPU
-    batch, rank 0 stops too and names rank 1 and the reason."""
-    port, ps = _free_port(), []
-    for r in range(2):
-        env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r),
-                   WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-        ps.append(subprocess.Popen([sys.executable, "-c", OOM_ON_RANK_1, *VIT, "--data-dir", data_dir, "--out-dir",
-                                    str(tmp_path / "o")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, env=env, start_new_session=True))
-    try:
-        errs = [q.communicate(timeout=180)[1] for q in ps]
-    finally:
-        for q in ps:
-            _kill_group(q)
-    print(f"\nrank 0: {errs[0].strip()}\nrank 1: {errs[1].strip()}")
-    assert [q.returncode for q in ps] == [1, 1], errs
-    ckpt = re.escape(str(tmp_path / "o" / "ckpt.pt"))
-    assert re.fullmatch(r"error: rank 1: out of GPU memory on cpu at 22 images per GPU \(--batch-size 44 over 2 "
-                        r"processes\): use a smaller --batch-size \(e\.g\. 22\) in a new --out-dir \(--resume needs "
-                        rf"the same flags\); the last checkpoint {ckpt} is kept\n", errs[1]), errs[1]
-    assert re.fullmatch(r"error: rank 0: rank 1 stopped with an error \(out of GPU memory on cpu at 22 images per GPU "
-                        rf"\(--batch-size 44 over 2 processes\)\); the last checkpoint {ckpt} is kept\n", errs[0]), errs[0]

@@ -167,14 +167,14 @@ def test_history_logs_each_token(runs):
     """summary.csv and the checkpoint's history: row 0 is the untrained model (val heads and token
     cosines, no training losses); every epoch logs each token's loss, and the logged parts are the
     ones optimised (thesis Eq. 6: loss = (CE(cls + corr_proj(corr)) + dist + type) / 3)."""
-    import train
+    import checkpoint
 
     for (name, seed), run in runs.items():
         if seed != SEEDS[0]:
             continue  # one report each
         rows = _summary(run)
         ck = torch.load(run[0]["checkpoint"], map_location="cpu", weights_only=True)
-        assert list(rows[0]) == train.SUMMARY_FIELDS
+        assert list(rows[0]) == checkpoint.SUMMARY_FIELDS
         n = ck["config"]["epochs"]
         epochs = [h["epoch"] for h in ck["history"]]
         assert [int(r["epoch"]) for r in rows] == list(range(n + 1)) == epochs

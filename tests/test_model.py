@@ -1,4 +1,4 @@
-"""model.py against timm as the oracle, plus the forward contract and the teacher loader's errors."""
+"""model.py against timm as the oracle, plus the forward contract and the loaders' errors."""
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -8,15 +8,17 @@ from model import Logits, ModelFileError, create_model, load_teacher
 
 timm = pytest.importorskip("timm")  # test-only oracle (requirements-test.txt)
 
-STUDENT_KW = dict(img_size=32, patch_size=4, num_classes=10)
+STUDENT_KW = {"img_size": 32, "patch_size": 4, "num_classes": 10}
 
 
 def _randomize(m, seed=0):
-    """Non-trivial values everywhere (timm inits LayerScale at 1e-6 and biases at 0, which hides bugs)."""
+    """Non-trivial values everywhere (timm inits LayerScale at 1e-6 and biases at 0, which hides
+    bugs)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (1.0 if p.ndim == 1 and p.numel() > 1 else 0))
+            shift = 1.0 if p.ndim == 1 and p.numel() > 1 else 0
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + shift)
     return m
 
 
@@ -38,10 +40,11 @@ def test_parameter_counts():
         "deit_tiny_distilled_patch16_224", pretrained=False, **STUDENT_KW).parameters())
     assert model.count_params(create_model("vit", layout="timm")) == timm_vit == 5_362_762  # README
     assert model.count_params(create_model("deit", layout="timm")) == timm_deit
-    assert (counts["vit"], counts["deit"], counts["cdeit"]) == (5_399_434, 5_364_692, 5_367_319)  # README
+    assert (counts["vit"], counts["deit"], counts["cdeit"]) == (5_399_434, 5_364_692,
+                                                                5_367_319)  # README
     # the thesis layout has no final LayerNorm (192 weights + 192 biases)
     assert counts["deit"] == timm_deit - 2 * 192
-    # seed 2.1's MLP head: Linear(192, 192) + GELU + Linear(192, 10) in place of Linear(192, 10)
+    # thesis 2.1's MLP head: Linear(192, 192) + GELU + Linear(192, 10) in place of Linear(192, 10)
     assert counts["vit"] - (timm_vit - 2 * 192) == 192 * 192 + 192
     # cdeit = deit + corr_token (192) + its pos_embed row (192) + head_corr (192*11+11)
     #         + the strategy-2 Linear(11 -> 10)
@@ -66,7 +69,8 @@ def test_teacher_new_head_keeps_backbone(timm_teacher_file):
     assert ours.head.weight.shape == (10, 384)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        assert torch.allclose(ours.forward_features(x)[:, 0], t.forward_features(x)[:, 0], atol=1e-5)
+        assert torch.allclose(ours.forward_features(x)[:, 0], t.forward_features(x)[:, 0],
+                              atol=1e-5)
 
 
 @pytest.mark.parametrize("name,timm_name", [("vit", "deit_tiny_patch16_224"),
@@ -82,10 +86,12 @@ def test_student_loads_into_timm(name, timm_name):
 
 
 def test_vit_mlp_head():
-    """seed 2.1: the class token -> Linear(D, D) -> GELU -> Linear(D, classes); deit keeps Linear heads."""
+    """thesis 2.1: the class token -> Linear(D, D) -> GELU -> Linear(D, classes); deit keeps
+    Linear heads."""
     m = _randomize(create_model("vit", depth=1), seed=4).eval()
     lin1, act, lin2 = m.head
-    assert isinstance(act, torch.nn.GELU) and lin1.weight.shape == (192, 192) and lin2.weight.shape == (10, 192)
+    assert isinstance(act, torch.nn.GELU)
+    assert lin1.weight.shape == (192, 192) and lin2.weight.shape == (10, 192)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         cls = m.forward_features(x)[:, 0]
@@ -102,7 +108,7 @@ def test_vit_mlp_head():
 
 @pytest.mark.parametrize("name", ["vit", "deit", "cdeit"])
 def test_thesis_layout(name):
-    """The seed's code where its text is silent: no final norm (the heads read the last block's
+    """The thesis's code where its text is silent: no final norm (the heads read the last block's
     tokens), PyTorch's default Linear init, randn tokens, one drop-path rate in every block."""
     torch.manual_seed(0)
     m = create_model(name, drop_path=0.1)
@@ -120,12 +126,14 @@ def test_thesis_layout(name):
     assert m.patch_embed.proj.weight.abs().max() <= 1 / (3 * 4 * 4) ** 0.5
     for t in (m.cls_token, m.pos_embed, m.dist_token, m.corr_token):
         if t is not None:
-            assert t.abs().max() > 2 and t.std().item() == pytest.approx(1.0, rel=0.3)  # randn, not 0.02
+            # randn, not 0.02
+            assert t.abs().max() > 2 and t.std().item() == pytest.approx(1.0, rel=0.3)
     x = torch.randn(2, 3, 32, 32)
     m.eval()
     with torch.no_grad():  # the heads read the last block's output itself
-        f = m.blocks(torch.cat([t.expand(2, -1, -1) for t in (m.cls_token, m.dist_token, m.corr_token)
-                                if t is not None] + [m.patch_embed(x)], 1) + m.pos_embed)
+        tokens = [t.expand(2, -1, -1) for t in (m.cls_token, m.dist_token, m.corr_token)
+                  if t is not None]
+        f = m.blocks(torch.cat(tokens + [m.patch_embed(x)], 1) + m.pos_embed)
         assert torch.allclose(m.forward_features(x), f, atol=1e-6)
         assert torch.allclose(m.forward_tokens(x)["cls"], f[:, 0], atol=1e-6)
 
@@ -139,11 +147,14 @@ def test_timm_layout_and_old_checkpoints():
     rates = [b.drop_path.p for b in m.blocks]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)
     assert m.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
-    assert not m.blocks[0].attn.qkv.bias.any() and m.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)
+    assert not m.blocks[0].attn.qkv.bias.any()
+    assert m.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)
     assert create_model("vit", layout="timm").cfg.head == "linear"
     assert create_model("vit", layout="timm", head="mlp").cfg.head == "mlp"
-    old = create_model("vit", **model.saved_model_args({"head": "mlp", "depth": 1}))  # an old vit file
-    assert old.cfg.layout == "timm" and old.cfg.head == "mlp" and isinstance(old.norm, torch.nn.LayerNorm)
+    # an old vit file
+    old = create_model("vit", **model.saved_model_args({"head": "mlp", "depth": 1}))
+    assert old.cfg.layout == "timm" and old.cfg.head == "mlp"
+    assert isinstance(old.norm, torch.nn.LayerNorm)
     assert model.saved_model_args({"layout": "thesis"}) == {"layout": "thesis"}
     with pytest.raises(ValueError, match="layout"):
         create_model("deit", layout="jax")
@@ -151,7 +162,7 @@ def test_timm_layout_and_old_checkpoints():
 
 def test_forward_contract():
     x = torch.randn(3, 3, 32, 32)
-    small = dict(depth=2, embed_dim=48, num_heads=2)
+    small = {"depth": 2, "embed_dim": 48, "num_heads": 2}
     for name, strategy in [("vit", 2), ("deit", 2), ("cdeit", 1), ("cdeit", 2), ("cdeit", 3)]:
         m = create_model(name, strategy=strategy, **small)
         out = m.train()(x)
@@ -174,7 +185,8 @@ def test_forward_contract():
                 expect = (cls + dist + m.corr_proj(m.head_corr(f[:, 2]))) / 3
         assert y.shape == (3, 10) and torch.allclose(y, expect, atol=1e-6)
         toks = m.forward_tokens(x)
-        assert set(toks) == {"vit": {"cls"}, "deit": {"cls", "dist"}, "cdeit": {"cls", "dist", "corr"}}[name]
+        want = {"vit": {"cls"}, "deit": {"cls", "dist"}, "cdeit": {"cls", "dist", "corr"}}
+        assert set(toks) == want[name]
         assert torch.allclose(toks["cls"], f[:, 0])
 
 
@@ -222,3 +234,28 @@ def test_bad_teacher_files(tmp_path, timm_teacher_file):
         with pytest.raises(ModelFileError) as e:
             load_teacher(tmp_path / bad)
         assert bad in str(e.value) and "\n" not in str(e.value)
+
+
+def test_student_weights_checked_like_the_teacher(tmp_path):
+    """load_student runs the same validator as load_teacher: every missing, unexpected and
+    mis-shaped key named on one line, nothing loaded."""
+    net = create_model("deit", depth=1, embed_dim=32, num_heads=2)
+    args = {"depth": 1, "embed_dim": 32, "num_heads": 2, "layout": "thesis"}
+    sd = net.state_dict()
+    bad = {k: v for k, v in sd.items() if k != "dist_token"}
+    bad["pos_embed"] = torch.zeros(1, 3, 32)
+    bad["head_corr.weight"] = torch.zeros(11, 32)
+    ck = {"kind": model.STUDENT_KIND, "version": 1, "model_name": "deit", "model_args": args,
+          "model": bad, "data_args": {}}
+    torch.save(ck, tmp_path / "bad.pt")
+    with pytest.raises(ModelFileError) as e:
+        model.load_student(tmp_path / "bad.pt")
+    msg = str(e.value)
+    assert "\n" not in msg and "weights do not fit the model" in msg, msg
+    assert "missing: dist_token (1)" in msg and "unexpected: head_corr.weight (1)" in msg, msg
+    assert "mis-shaped: pos_embed (1, 3, 32) != (1, 66, 32) (1)" in msg, msg
+    torch.save({**ck, "model": sd}, tmp_path / "good.pt")
+    loaded, _ = model.load_student(tmp_path / "good.pt")
+    assert all(torch.equal(v, sd[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(ModelFileError, match="not a state dict"):
+        model.check_weights([1, 2], sd, "x")
