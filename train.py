@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import data
 import fileio
+import kernels
 import losses
 import teacher  # the teacher stage (thesis 4.1): cached features, fitted head, logits
 from augment import Augment, teacher_view
@@ -178,7 +179,10 @@ def parser():
     a("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
       help="torch.compile the student and the loss: default (bare --compile), or reduce-overhead "
            "(CUDA graphs: each step replays the recorded forward, loss and backward launches)")
-    a("--fused", action=argparse.BooleanOptionalAction, default=True, help="Triton kernels on CUDA")
+    a("--fused", nargs="?", const="verify", default="verify", choices=("verify", "trust"),
+      help="Triton kernels on CUDA, each checked against PyTorch at first use (verify, the "
+           "default; bare --fused) or not (trust)")
+    a("--no-fused", dest="fused", action="store_const", const=False, help="PyTorch only, no Triton")
     a("--log-interval", type=positive_int, default=20, help="steps per log line")
     return p
 
@@ -371,7 +375,7 @@ def teacher_targets(args, batch, images, x, cached, live, amp_dtype):
 def build_student(args, device):
     """The student on the device and create_model's overrides (saved to rebuild it)."""
     model_args = {"num_classes": 10, "num_types": len(data.TYPES), "drop_path": args.drop_path,
-                      "drop": args.drop, "fused_attn": args.fused, "layout": args.layout}
+                      "drop": args.drop, "fused_attn": bool(args.fused), "layout": args.layout}
     if args.model == "cdeit":
         model_args["strategy"] = args.strategy
     model_args.update({k: getattr(args, k) for k in ("depth", "embed_dim", "num_heads")
@@ -405,8 +409,9 @@ def build_augment(args):
 def pick_loss(args, device):
     """losses.distillation_loss, or its Triton kernel on CUDA with --fused."""
     loss_fn = losses.distillation_loss
+    if args.fused:
+        kernels.verify.set_mode(args.fused)
     if args.fused and device.type == "cuda":
-        import kernels
         loss_fn = getattr(kernels, "distillation_loss", loss_fn)
     return loss_fn
 
@@ -509,8 +514,7 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     if ctx.master:
-        fileio.atomic_write(os.path.join(args.out_dir, "config.json"),
-                            json.dumps(vars(args), indent=2) + "\n", "run config")
+        write_config(args)
     cfg = raw_model.cfg
     kernel = "PyTorch (losses.py)" if loss_fn is losses.distillation_loss \
         else "fused Triton kernel (kernels/)"
@@ -544,6 +548,8 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
                                          amp_dtype)
                 meter.add(loss, parts)
                 run.step += 1
+                if meter.steps_done == 1 and args.fused:  # kernels checked: one path on all ranks
+                    record_kernels(args, ctx)
                 if stop_at_step is not None and run.step >= stop_at_step:
                     STOP.why = STOP.why or f"stop_at_step={stop_at_step}"
                 if meter.due(i == spe - 1) and meter.flush(lr):  # True: some rank asked to stop
@@ -565,6 +571,20 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
 
 
 # ----------------------------------------------------------------------------- main
+
+def write_config(args):
+    fileio.atomic_write(os.path.join(args.out_dir, "config.json"),
+                        json.dumps(vars(args), indent=2) + "\n", "run config")
+
+
+def record_kernels(args, ctx):
+    """Every rank takes the strictest of all ranks' kernel verdicts (kernels/verify.py); rank 0
+    records them in config.json's environment."""
+    verdicts = kernels.verify.agree()
+    if ctx.master:
+        args.environment["kernels"] = verdicts
+        write_config(args)
+
 
 def run(args, stop_at_step=None):
     # recorded in config.json and the checkpoint's "config" (both write vars(args)); taken before

@@ -206,3 +206,25 @@ def test_two_ranks_that_disagree_end_on_the_same_path(tmp_path):
     assert [r["local"] for r in results] == [[], ["attention forward"]]  # they disagreed
     assert [r["failed"] for r in results] == [["attention forward"]] * 2  # the strictest won
     assert [r["pytorch"] for r in results] == [True, True]  # both ran SDPA after
+
+
+def test_train_records_the_verdicts_in_config_json(lines, tmp_path):
+    """train.py's flags set the mode; after its first step every rank agrees and rank 0 writes
+    the verdicts into config.json's environment."""
+    import argparse
+
+    import checkpoint
+    import train
+
+    p = train.parser()
+    flags = ([], ["--fused"], ["--fused", "trust"], ["--no-fused"])
+    assert [p.parse_args(a).fused for a in flags] == ["verify", "verify", "trust", False]
+    kernels.attention_packed(torch.randn(B, N, 3, H, D, device=DEVICE).half())  # one check runs
+    args = argparse.Namespace(fused="verify", out_dir=str(tmp_path), environment={"torch": "x"})
+    ctx = checkpoint.Context(ddp=False, rank=0, local_rank=0, world=1, device=torch.device("cpu"))
+    train.record_kernels(args, ctx)
+    recorded = json.loads((tmp_path / "config.json").read_text())["environment"]["kernels"]
+    assert recorded["mode"] == "verify" and recorded["failed"] == {}
+    (name, record), = recorded["kernels"].items()
+    assert name.startswith("attention forward (B, 17, 3, 2, 32) float16")
+    assert record["path"] == "triton" and set(record["errors"]) == {"o"}
