@@ -20,6 +20,7 @@ import io
 import json
 import os
 import socket
+import sys
 import time
 
 import torch
@@ -199,6 +200,15 @@ def _digest(path):
     return sha256_file(path) if os.path.isfile(path) else None
 
 
+def _ship(path, ranks, what):
+    """Rank 0's path broadcast; written atomically by `ranks`. Returns the bytes they received."""
+    data = {}
+    on_rank0_first(lambda: data.update(b=_read(path)))
+    blob = broadcast_bytes(data.get("b"))
+    _together(lambda: atomic_write(path, blob, what), dist.get_rank() in ranks)
+    return len(blob) * len(ranks)
+
+
 def share_files(folder, names, what="file", log=print):
     """Rank 0's folder/<name> for each name on every node, in the order given (write a file that
     marks a folder complete last): a node whose copy is missing or differs (sha256) receives rank
@@ -215,13 +225,8 @@ def share_files(folder, names, what="file", log=print):
     ref = got[0]
     for i, path in enumerate(paths):
         need = [r for r, d in enumerate(got) if d is not None and d[i] != ref[i]]
-        if not need:
-            continue
-        data = {}
-        on_rank0_first(lambda: data.update(b=_read(path)))  # called at once: no late binding
-        blob = broadcast_bytes(data.get("b"))
-        sent += len(blob) * len(need)
-        _together(lambda: atomic_write(path, blob, what), w["rank"] in need)
+        if need:
+            sent += _ship(path, need, what)
     seconds = time.time() - t0
     if sent and w["rank"] == 0:
         log(f"{what}: sent {', '.join(names)} ({sent / 1e6:.1f} MB) to the nodes lacking them "
@@ -245,3 +250,17 @@ def load_shared(path):
     same_data(key, os.path.dirname(os.path.abspath(path)), what="out folder")
     blob = broadcast_bytes(data.get("b"))
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- launching
+
+def slurm_launch(n_nodes, nproc_per_node, env=os.environ):
+    """The command prefix that runs a script on every node of a Slurm allocation: one torchrun
+    agent per node (srun), c10d rendezvous on this host (the batch host, the allocation's first
+    node), the job's id as the rendezvous id and a port derived from it."""
+    job = env.get("SLURM_JOB_ID", "0")
+    port = 29400 + int(job) % 1000 if job.isdigit() else 29400
+    return ["srun", f"--nodes={n_nodes}", "--ntasks-per-node=1", sys.executable, "-m",
+            "torch.distributed.run", f"--nnodes={n_nodes}", f"--nproc-per-node={nproc_per_node}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={socket.gethostname()}:{port}",
+            f"--rdzv-id=cdeit-{job}"]
