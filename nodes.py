@@ -171,9 +171,9 @@ def _comm_device():
     return torch.device("cpu")
 
 
-def broadcast_bytes(data=None, src=0, chunk=CHUNK):
-    """src's bytes on every rank, sent as uint8 tensors of at most `chunk` bytes each."""
-    dev, mine = _comm_device(), dist.get_rank() == src
+def broadcast_bytes(data=None, src=0, chunk=None):
+    """src's bytes on every rank, sent as uint8 tensors of at most `chunk` (CHUNK) bytes each."""
+    dev, mine, chunk = _comm_device(), dist.get_rank() == src, chunk or CHUNK
     n = torch.tensor([len(data) if mine else 0], dtype=torch.int64, device=dev)
     dist.broadcast(n, src)
     n = int(n.item())
@@ -223,13 +223,15 @@ def share_files(folder, names, what="file", log=print):
               w["rank"] == 0 or (w["local_rank"] == 0 and w["node"] != 0))
     got = _gather(digests.get("d"))
     ref = got[0]
+    shipped = []
     for i, path in enumerate(paths):
         need = [r for r, d in enumerate(got) if d is not None and d[i] != ref[i]]
         if need:
             sent += _ship(path, need, what)
+            shipped.append(names[i])
     seconds = time.time() - t0
     if sent and w["rank"] == 0:
-        log(f"{what}: sent {', '.join(names)} ({sent / 1e6:.1f} MB) to the nodes lacking them "
+        log(f"{what}: sent {', '.join(shipped)} ({sent / 1e6:.1f} MB) to the nodes lacking them "
             f"in {seconds:.1f}s")
     return sent, seconds
 
