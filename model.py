@@ -401,19 +401,23 @@ def first_line(e):
 
 
 # what each kind of file is, for the line that refuses a wrong one
-EXPECTS = {"checkpoint": "a student checkpoint written by train.py (<out-dir>/best.pt or ckpt.pt)",
-           "teacher head": "a teacher head written by train.py (data/cache/teacher-.../teacher_head.pt)"}
+EXPECTS = {
+    "checkpoint": "a student checkpoint written by train.py (<out-dir>/best.pt or ckpt.pt)",
+    "teacher head": "a teacher head written by train.py (data/cache/teacher-.../teacher_head.pt)",
+}
 
 
 def load_checked(path, what, kind, fields, hints=None):
-    """torch.load(weights_only=True), then kind, version and fields checked: one clear line for each
-    way a file can be bad (missing, truncated, tampered, another kind). hints: {other kind: advice}."""
+    """torch.load(weights_only=True), then kind, version and fields checked: one clear line for
+    each way a file can be bad (missing, truncated, tampered, another kind).
+    hints: {other kind: advice}."""
     import os
     import pickle
     import re
     expects = EXPECTS.get(what, f"a {what}")
     if os.path.isdir(path):
-        inside = [n for n in ("best.pt", "ckpt.pt", "teacher_head.pt") if os.path.isfile(os.path.join(path, n))]
+        names = ("best.pt", "ckpt.pt", "teacher_head.pt")
+        inside = [n for n in names if os.path.isfile(os.path.join(path, n))]
         raise ModelFileError(f"{path}: a folder; expected {expects}"
                              + (f", e.g. {os.path.join(path, inside[0])}" if inside else ""))
     if not os.path.isfile(path):
@@ -438,7 +442,7 @@ def load_checked(path, what, kind, fields, hints=None):
                                  f"from another program or a tampered file; expected {expects}"
                                  ) from None
         raise ModelFileError(f"{path}: not a torch {what} ({first_line(e)})") from None
-    except Exception as e:  # truncated zip, not a zip, bad records, ...
+    except Exception as e:  # noqa: BLE001 (truncated zip, bad records, ...: any failure is one line)
         raise ModelFileError(f"{path}: unreadable {what}, truncated or not a torch file "
                              f"({first_line(e)}); expected {expects}") from None
     if not isinstance(ck, dict) or "kind" not in ck:
