@@ -23,6 +23,7 @@ import pytest
 
 import metrics
 import reproduce
+import results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--train-per-class", "2",
@@ -146,7 +147,7 @@ def test_written_mean_std_equal_the_per_run_json(session):
                                    for e, b in zip(evals, bases)]
         md_row = next(ln for ln in md.splitlines() if ln.startswith(f"| {row['config']} | 2 |"))
         for m, vals in mine.items():
-            scale = reproduce.METRICS[m][1]
+            scale = results.METRICS[m][1]
             xs = [scale * v for v in vals]
             cell = row["metrics"][m]
             where = (row["config"], m)
@@ -252,11 +253,3 @@ def test_sigterm_mid_run_then_rerun_resumes_it(session, tmp_path):
     test = json.loads((log.parent / "teacher-test.json").read_text())
     assert cell["mean"] == pytest.approx(100 * test["accuracy"]) and cell["thesis"]["value"] == 87.4
 
-
-def test_headline_mce_reads_every_eval_json_generation():
-    """eval.json's mCE (mean corruption error, no baseline): "mce" now; files written before it
-    was the only key hold it as "mean_corruption_error", the oldest with "mce" = Eq. 10."""
-    assert reproduce.headline_mce({"mce": 0.25}) == 0.25
-    assert reproduce.headline_mce({"mean_corruption_error": 0.25, "mce": 0.25}) == 0.25
-    assert reproduce.headline_mce({"mean_corruption_error": 0.25, "mce": 1.1}) == 0.25
-    assert reproduce.headline_mce({"accuracy": 0.9}) is None
