@@ -66,7 +66,6 @@ class Context:
             print(*msg, flush=True)
 
 
-
 # ----------------------------------------------------------------------------- random streams
 
 def stream_seed(seed, epoch, rank, stream):
@@ -404,7 +403,6 @@ def write_config(args):
     """config.json: every flag and args.environment, as the run records them."""
     fileio.atomic_write(os.path.join(args.out_dir, "config.json"),
                         json.dumps(vars(args), indent=2) + "\n", "run config")
-
 
 
 # ----------------------------------------------------------------------------- stop requests
