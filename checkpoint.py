@@ -1,23 +1,25 @@
 """What train.py keeps beside its loop: the run's state and files, exact resume, the random
 streams, interval logging, stop requests and faults.
 
-    Context, on_master_first   this process under torchrun (train.setup builds it); rank 0 first
+    Context                    this process under torchrun (train.setup builds it)
     Streams, stream_seed       the per-rank random generators: seeded per epoch, saved, restored
     SUMMARY_FIELDS, ...        the per-epoch record: summary.csv and the checkpoint's history
     Student, Run               a run's state; Run.save writes ckpt.pt / best.pt (the format eval.py
                                reads), Run.resume reads ckpt.pt back, Run.end_epoch records an epoch
     check_out_dir, RUN_ONLY    --out-dir and --resume checked before any work
     prepare_out_dir            the out dir made, a killed save's temp file removed
-    environment                what a run ran on (config.json and the checkpoint's config)
+    environment, write_config  what a run ran on (config.json and the checkpoint's config)
     stop_requests, STOP        SIGTERM / Ctrl-C as a request to save and stop
     Meter                      the loss parts per step, read and logged once per interval
     fault_lines, kept_note     out of memory or a lost peer as one line naming the checkpoint kept
+    error_line                 a run's error as the one line this rank prints (or None)
 """
 import argparse
 import contextlib
 import csv
 import hashlib
 import io
+import json
 import os
 import signal
 import sys
@@ -30,10 +32,11 @@ import torch.distributed as dist
 from torch import nn
 
 import fileio
+import nodes
 from cli import check_writable_dir, fail
 from download import DataError
 from heartbeat import PeerWatch
-from model import STUDENT_KIND, ModelFileError, saved_model_args
+from model import STUDENT_KIND, saved_model_args
 
 
 class TrainError(RuntimeError):
@@ -61,24 +64,6 @@ class Context:
     def log(self, *msg):
         if self.master:
             print(*msg, flush=True)
-
-
-def on_master_first(ctx, fn):
-    """Run fn on rank 0 while the others wait; a failure there stops every rank (no hang)."""
-    err = None
-    if ctx.master:
-        try:
-            fn()
-        except (TrainError, DataError, ModelFileError, OSError) as e:
-            err = e
-    if ctx.ddp:
-        msg = [str(err) if err else None]
-        dist.broadcast_object_list(msg, src=0)
-        if msg[0] and not ctx.master:
-            raise SystemExit(1)  # rank 0 prints the reason
-    if err:
-        raise err
-
 
 
 # ----------------------------------------------------------------------------- random streams
@@ -247,11 +232,14 @@ class Run:
         """--resume: model, optimizer, counters and history from ckpt.pt; after a mid-epoch stop
         also this epoch's loss sums so far and this rank's RNG states (replayed by seed_epoch)."""
         args, ctx, path, student = self.args, self.ctx, self.ckpt_path, self.student
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = nodes.load_shared(path)  # rank 0's file, sent to every rank
         saved = saved_model_args(ck.get("model_args", {}))  # an older file: the timm layout
+        data_args = self.data_args  # across nodes each holds its own folder: rank 0's root counts
+        if nodes.where()["nodes"] > 1:
+            data_args = dict(data_args, root=ck.get("data_args", {}).get("root"))
         was = dict(model=ck.get("model_name"), **_weights_args(saved), **ck.get("data_args", {}))
-        now = dict(model=args.model, **_weights_args(student.model_args), **self.data_args)
-        if ck.get("kind") != STUDENT_KIND or ck.get("data_args") != self.data_args or was != now:
+        now = dict(model=args.model, **_weights_args(student.model_args), **data_args)
+        if ck.get("kind") != STUDENT_KIND or ck.get("data_args") != data_args or was != now:
             diff = ", ".join(f"{k} {was.get(k)} -> {now.get(k)}"
                              for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k))
             raise TrainError(f"{path} was trained with another model or data configuration "
@@ -349,6 +337,8 @@ def check_out_dir(args):
     if not args.resume:
         return
     if not os.path.exists(ckpt):
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # another node: rank 0 reads its ckpt.pt and sends the state (Run.resume)
         fail("--resume", ckpt, "no checkpoint there")
     try:
         was = torch.load(ckpt, map_location="cpu", weights_only=True).get("config") or {}
@@ -408,6 +398,11 @@ def environment():
             "gpu": torch.cuda.get_device_name(0) if gpus else None, "gpu_count": gpus,
             "python": sys.version.split()[0]}
 
+
+def write_config(args):
+    """config.json: every flag and args.environment, as the run records them."""
+    fileio.atomic_write(os.path.join(args.out_dir, "config.json"),
+                        json.dumps(vars(args), indent=2) + "\n", "run config")
 
 
 # ----------------------------------------------------------------------------- stop requests
@@ -527,3 +522,24 @@ def fault_lines(ctx, batch_size, out_dir):
         if why is None:
             raise
         raise FaultError(f"{why}; {kept_note(out_dir)}") from None
+
+
+def error_line(e, out_dir):
+    """The line this rank prints for a run's error e, or None where another rank speaks for it:
+    a fault or a RankError by the rank that met it, Stopped by rank 0, any other error by rank 0
+    and by every other node's local rank 0 (each on its own console), named with nodes.who()."""
+    here, who = nodes.where(), nodes.who() + ": "
+    if isinstance(e, nodes.RankError):
+        return f"error: {e}"  # already named
+    if isinstance(e, FaultError):
+        return f"error: {who if 'RANK' in os.environ else ''}{e}"
+    if isinstance(e, nodes.Stopped):
+        return f"error: {who}stopped: {e}" if here["rank"] == 0 else None
+    if here["rank"] != 0 and (here["local_rank"] != 0 or here["node"] == 0):
+        return None
+    more = ""
+    if isinstance(e, fileio.WriteError) and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        more = "; then continue with --resume"
+    # the download instructions are several lines (one per file); every other error is one
+    text = str(e).strip() if isinstance(e, DataError) else " ".join(str(e).split())
+    return f"error: {who if here['rank'] != 0 else ''}{text}{more}"

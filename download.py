@@ -279,20 +279,22 @@ def _missing_message(data_dir, failed, base_url):
 # ----------------------------------------------------------------------------------------------
 # 4. The entry point: every rank calls it, only rank 0 downloads
 
-def download(data_dir, base_url=None, teacher=True, quiet=False, files=None, retries=3, poll_s=2.0):
+def download(data_dir, base_url=None, teacher=True, quiet=False, files=None, retries=3, poll_s=2.0,
+             node_local=False):
     """Fetch into data_dir whatever is missing: CIFAR-10 and CIFAR-10-C (extracted, archives then
     deleted) and, with teacher=True, the DeiT-III weights as deit3_small_patch16_224.safetensors.
     base_url (or env CDEIT_MIRROR) points at a mirror holding the files under those names,
     <base>/<filename>. A .part file is resumed with an HTTP Range request; a file is renamed into
     place only after its checksum passed. Under torchrun only rank 0 downloads: with a process
     group the others wait at a broadcast, without one they poll until the files are in place
-    (rank 0 leaves a marker on failure). Multi-node runs need a shared data_dir."""
+    (rank 0 leaves a marker on failure). node_local=True: this process fetches whatever its rank
+    (train.py calls it on each node's local rank 0 while that node's other ranks wait)."""
     base_url = base_url or os.environ.get("CDEIT_MIRROR") or None
     if files is None:
         files = [FILES["cifar10"], FILES["cifar10c"]] + ([FILES["teacher"]] if teacher else [])
     specs = list(files)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 or node_local:
         return _download_all(data_dir, specs, base_url, quiet, retries)
     dist = sys.modules.get("torch.distributed")   # a process group implies torch is imported
     if dist is not None and dist.is_available() and dist.is_initialized():

@@ -16,6 +16,8 @@ import time
 
 import torch.distributed as dist
 
+import nodes
+
 
 class PeerWatch:
     """Heartbeats through torchrun's store, so a rank that dies stops the others in seconds.
@@ -41,6 +43,7 @@ class PeerWatch:
         self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                    is_master=False,
                                    timeout=datetime.timedelta(seconds=self.DEAD_AFTER_S))
+        self.store.set(self.key(f"who/{rank}"), nodes.who())  # named with its host across nodes
         self.found, self.quit = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="peer-watch")
         self.thread.start()
@@ -64,7 +67,8 @@ class PeerWatch:
                     if n is None or n != last:
                         last, since = n, now
                     elif now - since > self.limit:
-                        why = (f"rank {peer} stopped responding {now - since:.0f}s ago "
+                        name = self._get(self.key(f"who/{peer}")) or f"rank {peer}"
+                        why = (f"{name} stopped responding {now - since:.0f}s ago "
                                "(killed, hung, crashed or its machine lost)")
                         # the first finder names it for all
                         self.store.compare_set(self.key("abort"), "", why)
@@ -81,7 +85,7 @@ class PeerWatch:
         self.dead = why
         self.found.set()
         if not self.quit.wait(2.0):  # the main thread may be blocked in a collective: 2 s for it
-            print(f"error: rank {self.rank}: {why}; {self.note()}", file=sys.stderr, flush=True)
+            print(f"error: {nodes.who()}: {why}; {self.note()}", file=sys.stderr, flush=True)
             os._exit(1)
 
     def verdict(self):
@@ -98,7 +102,7 @@ class PeerWatch:
             self.thread.join(self.DEAD_AFTER_S + 1)
         with contextlib.suppress(Exception):
             if error:
-                why = f"rank {self.rank} stopped with an error ({error})"
+                why = f"{nodes.who()} stopped with an error ({error})"
                 self.store.compare_set(self.key("abort"), "", why)
             self.store.set(self.key(f"end/{self.rank}"), "ok" if not error else "error")
         self.store = None  # the client closes now, before the process group and the interpreter go

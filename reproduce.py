@@ -121,11 +121,15 @@ def plan(args):
 
 
 def train_cmd(run, args, resume=False):
-    """The train.py command line of one run (under torchrun with --nproc-per-node)."""
+    """The train.py command line of one run (under torchrun with --nproc-per-node; with --nodes N
+    under srun, one torchrun agent per node)."""
     launch = [sys.executable]
     if args.nproc_per_node:
         launch += ["-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={args.nproc_per_node}"]
+    if args.nodes > 1:  # a Slurm task on several nodes: one torchrun agent per node
+        import nodes  # torch: only for this launch
+        launch = nodes.slurm_launch(args.nodes, args.nproc_per_node or 1)
     cmd = launch + [TRAIN] + run["flags"] + ["--out-dir", run["dir"]]
     if args.device:
         cmd += ["--device", args.device]
@@ -399,10 +403,13 @@ def write_slurm(path, runs, args, argv):
                  else "#SBATCH --cpus-per-task=4")
     submit = (f"jid=$(sbatch --parsable {path}) && sbatch --dependency=afterok:$jid --array=0 "
               f"--export=ALL,TASK=aggregate {path}")
+    nodes_lines = ([f"#SBATCH --nodes={args.nodes}", "#SBATCH --ntasks-per-node=1"]
+                   if args.nodes > 1 else [])
     one_task = shlex.join(task("__I__")).replace("__I__", '"$1"')
     lines = ["#!/bin/bash",
              f"#SBATCH --job-name=cdeit-{args.experiment}",
              f"#SBATCH --array=0-{n - 1}",
+             *nodes_lines,
              resources,
              f"#SBATCH --output={os.path.abspath(out_dir)}/%x-%A_%a.out",
              ("# written by reproduce.py; submit the tasks, then the aggregation once they all "
@@ -474,6 +481,9 @@ def get_args(argv):
       help="results (<out>/<experiment>.md) and run folders (<out>/runs/)")
     a("--dry-run", action="store_true", help="print the commands that would run, run nothing")
     a("--slurm", metavar="SCRIPT", help="write a Slurm job-array script instead of running")
+    a("--nodes", type=cli.positive_int, default=1,
+      help="with --slurm: each run on N nodes (srun torchrun --nnodes N, c10d); "
+           "--data-dir may be node-local, --out must be shared")
     a("--no-plots", action="store_true", help="write the tables only")
     a("--task", help=argparse.SUPPRESS)  # the slurm script's: a run index, or "aggregate"
     own, extra = argv, []
@@ -504,6 +514,9 @@ def check_args(args):
     cli.check_writable_dir("--out", args.out)
     if args.slurm:
         cli.check_writable_file("--slurm", args.slurm)
+    if args.nodes > 1 and not (args.slurm or args.task):
+        cli.fail("--nodes", args.nodes,
+                 "needs --slurm (the script's tasks run on the nodes Slurm gives them)")
     check_passthrough(args)
 
 
@@ -523,7 +536,7 @@ def check_passthrough(args):
     if not args.extra:
         return  # the configurations alone are train.py's defaults plus tested flags
     import train  # torch: only to check a user's flags
-    world = args.nproc_per_node or 1
+    world = (args.nproc_per_node or 1) * args.nodes
     for run in plan(args):
         p = train.parser()
         p.raise_errors = True

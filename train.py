@@ -10,12 +10,12 @@ Top to bottom: flags (defaults: thesis Table 1 / Table 4 best row), setup (torch
 fitted 10-way head, thesis 4.1), the student, and the loop (device-resident batches, batched
 augmentation, bf16 autocast, AdamW, warmup + cosine, DDP). checkpoint.py holds the run's state:
 checkpoints, exact resume, random streams, interval logging, stop requests and faults.
-Only rank 0 prints and writes.
+Rank 0 prints and writes the out dir; across nodes (nodes.py) each node's local rank 0 prepares
+its own data folder and teacher cache, checked against rank 0's.
 """
 import argparse
 import contextlib
 import datetime
-import json
 import math
 import os
 import sys
@@ -32,9 +32,10 @@ import data
 import fileio
 import kernels
 import losses
+import nodes  # torchrun across nodes whose disks are their own
 import teacher  # the teacher stage (thesis 4.1): cached features, fitted head, logits
 from augment import Augment, teacher_view
-from checkpoint import STOP, FaultError, TrainError, on_master_first
+from checkpoint import STOP, TrainError
 from cli import (
     FlagError,
     Parser,
@@ -250,17 +251,13 @@ def check_flags(args, world_size=1):
             if getattr(args, k) != getattr(default, k) and args.model not in m.split("/")]
 
 
-
-
 # ----------------------------------------------------------------------------- setup
 
 def setup(args):
     """DDP from torchrun's env (RANK, LOCAL_RANK, WORLD_SIZE), nanoGPT style -> Context."""
     ddp = int(os.environ.get("RANK", "-1")) != -1
-    rank, local_rank, world = 0, 0, 1
-    if ddp:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world = int(os.environ["WORLD_SIZE"])
+    w = nodes.where()  # rank 0 of 1 without torchrun
+    rank, local_rank, world = w["rank"], w["local_rank"], int(os.environ.get("WORLD_SIZE", "1"))
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -280,12 +277,10 @@ def setup(args):
         try:  # a dead rank stops the others in seconds, not after that timeout
             ctx.watch = PeerWatch(rank, world, note=lambda: checkpoint.kept_note(args.out_dir))
         except Exception as e:  # noqa: BLE001  (a launcher without MASTER_ADDR / MASTER_PORT)
-            print(f"warning: rank {rank}: no heartbeat watch ({type(e).__name__}: {e}); a dead "
+            print(f"warning: {nodes.who()}: no heartbeat watch ({type(e).__name__}: {e}); a dead "
                   "rank may leave the others waiting until the process-group timeout",
                   file=sys.stderr)
     return ctx
-
-
 
 
 # ----------------------------------------------------------------------------- data
@@ -303,7 +298,7 @@ def prepare_data(args, ctx):
                 data.write_synthetic(root)
             if needs_teacher and not args.teacher and not os.path.exists(tpath):
                 teacher.write_synthetic_teacher(tpath, args.seed)
-        on_master_first(ctx, make)
+        nodes.on_node_first(make)  # each node's local rank 0, in its own --data-dir
         ctx.log(f"NOTE: --dataset synthetic: the images are SYNTHETIC (written by "
                 f"data.write_synthetic into {root}) and the teacher weights are RANDOM (a 1-block "
                 f"deit3_small); accuracies say nothing about CIFAR-10. Small defaults unless set: "
@@ -312,8 +307,15 @@ def prepare_data(args, ctx):
         root = args.data_dir
         tpath = args.teacher or teacher_path(root)
         teacher_args = {}
-        # every rank calls download: rank 0 fetches while the others wait; a failure raises on all
-        download(root, args.mirror, teacher=needs_teacher and not args.teacher)
+        fetch = needs_teacher and not args.teacher  # each node's local rank 0, its own --data-dir
+        nodes.on_node_first(lambda: download(root, args.mirror, teacher=fetch, node_local=True))
+
+    def key():  # what every node must hold alike, compared before any long stage
+        if needs_teacher and not os.path.isfile(tpath):
+            raise TrainError(f"teacher file {tpath} not found")
+        sha = {"teacher": fileio.sha256_file(tpath)[:16]} if needs_teacher else {}
+        return {**data.files_identity(root, args.split), **sha}
+    nodes.same_data(key, root)
     if needs_teacher and not os.path.isfile(tpath):
         raise TrainError(f"teacher file {tpath} not found (python data.py --data-dir "
                          f"{args.data_dir} downloads it, or pass --teacher PATH)")
@@ -321,8 +323,7 @@ def prepare_data(args, ctx):
                      "train_per_class": args.train_per_class, "val_per_class": args.val_per_class,
                      "test_per_class": args.test_per_class}
     splits = {}
-    # rank 0 builds the cache, then the other ranks read it
-    on_master_first(ctx, lambda: splits.update(data.build_mix(**data_args)))
+    nodes.on_node_first(lambda: splits.update(data.build_mix(**data_args)))  # each node's cache
     if not splits:
         splits = data.build_mix(**data_args)
     sizes = ", ".join(f"{k} {len(v['labels']):,}" for k, v in splits.items())
@@ -341,8 +342,10 @@ def prepare_teacher(args, ctx, splits, data_args, path, teacher_args, amp_dtype)
     ident = teacher.identity(sha, teacher_args, splits, data_args, args.teacher_resize,
                              args.head_epochs, args.seed, amp_dtype)
     cache = teacher.cache_dir(data_args["root"], ident)
-    on_master_first(ctx, lambda: teacher.build(path, teacher_args, splits, data_args, ident, device,
-                                               amp_dtype, log=ctx.log))
+    nodes.on_rank0_first(lambda: teacher.build(path, teacher_args, splits, data_args, ident,
+                                               device, amp_dtype, log=ctx.log))
+    names = ["logits_train.pt"] * (args.split != "standard") + ["teacher_head.pt"]  # head last
+    nodes.share_files(cache, names, "teacher cache", log=ctx.log)  # to nodes without a copy
     info = {"path": os.path.abspath(path), "sha256": sha,
             "head": os.path.abspath(os.path.join(cache, "teacher_head.pt"))}
     logits, live = None, None
@@ -514,7 +517,7 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     if ctx.master:
-        write_config(args)
+        checkpoint.write_config(args)
     cfg = raw_model.cfg
     kernel = "PyTorch (losses.py)" if loss_fn is losses.distillation_loss \
         else "fused Triton kernel (kernels/)"
@@ -572,18 +575,13 @@ def train_student(args, ctx, splits, data_args, teacher_info, teacher_logits, li
 
 # ----------------------------------------------------------------------------- main
 
-def write_config(args):
-    fileio.atomic_write(os.path.join(args.out_dir, "config.json"),
-                        json.dumps(vars(args), indent=2) + "\n", "run config")
-
-
 def record_kernels(args, ctx):
     """Every rank takes the strictest of all ranks' kernel verdicts (kernels/verify.py); rank 0
     records them in config.json's environment."""
     verdicts = kernels.verify.agree()
     if ctx.master:
         args.environment["kernels"] = verdicts
-        write_config(args)
+        checkpoint.write_config(args)
 
 
 def run(args, stop_at_step=None):
@@ -597,7 +595,7 @@ def run(args, stop_at_step=None):
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
         splits, data_args, tpath, targs = prepare_data(args, ctx)
         # only once the data are there
-        on_master_first(ctx, lambda: checkpoint.prepare_out_dir(args))
+        nodes.on_rank0_first(lambda: checkpoint.prepare_out_dir(args))
         info, logits, live = None, None, None
         if tpath is not None:
             info, logits, live = prepare_teacher(args, ctx, splits, data_args, tpath, targs,
@@ -627,30 +625,23 @@ def run(args, stop_at_step=None):
 
 def main(argv=None, stop_at_step=None):
     args = get_args(argv)  # a bad value of one flag: one line from cli.Parser, exit 2
-    rank = int(os.environ.get("RANK", "0"))
     try:  # flag combinations, the device and the paths, before any file is read or written
-        notes = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+        notes, flag_error = check_args(args, int(os.environ.get("WORLD_SIZE", "1"))), None
     except FlagError as e:
-        if rank == 0:  # under torchrun every rank checks; one copy of the line
-            print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        notes, flag_error = [], str(e)
+    line, stop = nodes.flag_verdict(flag_error)  # under torchrun: every rank's check, agreed
+    if line:
+        print(f"train.py: error: {line}", file=sys.stderr, flush=True)
+    if stop:
         return 2
-    for n in notes if rank == 0 else []:
+    for n in notes if nodes.where()["rank"] == 0 else []:
         print(f"note: {n}", file=sys.stderr, flush=True)
     try:
         run(args, stop_at_step)
-    except FaultError as e:  # met by this rank alone: it says so
-        where = f"rank {rank}: " if "RANK" in os.environ else ""
-        print(f"error: {where}{e}", file=sys.stderr, flush=True)
-        return 1
-    except (TrainError, DataError, ModelFileError, OSError) as e:  # OSError: fileio.WriteError
-        if rank == 0:  # under torchrun, one copy of the message
-            ckpt = os.path.join(args.out_dir, "ckpt.pt")
-            more = ""
-            if isinstance(e, fileio.WriteError) and os.path.exists(ckpt):
-                more = "; then continue with --resume"
-            # the download instructions are several lines (one per file); every other error is one
-            text = str(e).strip() if isinstance(e, DataError) else " ".join(str(e).split())
-            print(f"error: {text}{more}", file=sys.stderr, flush=True)
+    except (TrainError, DataError, ModelFileError, OSError, nodes.RankError, nodes.Stopped) as e:
+        line = checkpoint.error_line(e, args.out_dir)  # OSError: fileio.WriteError and kin
+        if line:  # one line per failure, from the rank (or node) that can say it
+            print(line, file=sys.stderr, flush=True)
         return 1
     return 0
 
