@@ -21,6 +21,7 @@ import torch
 
 import eval as evaluate_cli
 import fileio
+import scoring
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,13 +216,12 @@ def test_out_of_memory_one_line_keeps_checkpoint(tmp_path, data_dir, monkeypatch
 
 
 def test_eval_out_of_memory_one_line(reference, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate_cli, "run_student", _oom)
+    monkeypatch.setattr(scoring, "run_student", _oom)
     assert evaluate_cli.main([str(reference / "best.pt"), "--device", "cpu", "--batch-size",
                               "64"]) == 2
     err = capsys.readouterr().err
     assert err == ("eval.py: error: out of GPU memory at --batch-size 64 (images per step): use a "
-                   "smaller "
-                   "--batch-size, e.g. --batch-size 32\n"), err
+                   "smaller --batch-size, e.g. --batch-size 32\n"), err
 
 
 def test_eval_write_error_one_line_keeps_old_json(reference, tmp_path, monkeypatch, capsys):
