@@ -76,8 +76,8 @@ def smoke_run(tmp_path_factory):
         sys.executable, "train.py", "--model", "cdeit", "--distill", "hard", "--dataset",
         "synthetic", "--device", "cpu", "--data-dir", str(base / "data"), "--out-dir", str(out)
     ]
-    # torch's own thread count, as a user runs it: the suite runs it alone, one test at a time
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # one thread: the run is tiny, and OpenMP threads waiting on busy cores only slow it down
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     r = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env, check=False
     )

@@ -74,7 +74,7 @@ def fresh_copy(dest):
 def run_blocks(text, cwd, timeout=600):
     """Run every block's runnable lines in order; return the skipped (line, reasons). A block that
     exits non-zero fails the test with its command and the tail of its output."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1",  # torch's own thread count, as a user's shell
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     skipped = []
     for start, lines in bash_blocks(text):
