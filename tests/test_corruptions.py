@@ -249,21 +249,17 @@ def ref_contrast(x, s, rng=None):
     return _u8(np.clip((x - m) * c + m, 0, 1) * 255)
 
 
+# CIFAR-10-C's elastic_transform (alpha, sigma, affine) per severity, in units of the 32 px side
+ELASTIC = [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05),
+           (0.1, 0.03, 0.03)]
+
+
 def ref_elastic_transform(x, s, rng, shift=None, ux=None, uy=None, use_cv2=False):
     """use_cv2: the release's own cv2.getAffineTransform + warpAffine (whose coordinates are
     quantised to 1/32 px); otherwise scipy's affine_transform with exact coordinates."""
     from skimage.filters import gaussian
 
-    alpha, sigma, aff = [
-        32 * v
-        for v in [
-            (0, 0, 0.08),
-            (0.05, 0.2, 0.07),
-            (0.08, 0.06, 0.06),
-            (0.1, 0.04, 0.05),
-            (0.1, 0.03, 0.03),
-        ][s - 1]
-    ]
+    alpha, sigma, aff = [32 * v for v in ELASTIC[s - 1]]
     img = x.astype(np.float32) / 255.0
     p1 = np.float32([[26, 26], [26, 6], [6, 6]])  # (x, y) points
     if shift is None:
@@ -521,16 +517,7 @@ def test_parity_elastic_given_draws(use_cv2):
     x = torch.from_numpy(PHOTOS).permute(0, 3, 1, 2).float() / 255
     B = len(PHOTOS)
     for s in range(1, 6):
-        alpha, sigma, aff = [
-            32 * v
-            for v in [
-                (0, 0, 0.08),
-                (0.05, 0.2, 0.07),
-                (0.08, 0.06, 0.06),
-                (0.1, 0.04, 0.05),
-                (0.1, 0.03, 0.03),
-            ][s - 1]
-        ]
+        alpha, sigma, aff = [32 * v for v in ELASTIC[s - 1]]
         shift = rng.uniform(-aff, aff, size=(B, 3, 2))
         ux, uy = rng.uniform(-1, 1, size=(2, B, 32, 32))
         y = C._elastic(
